@@ -1,0 +1,106 @@
+"""The family table: how each ``loss_type``'s parameters reach the kernels.
+
+One row per family: a function from the family's parameter dataclass to a
+``KernelFamily`` (the FAMILY/OPT constexprs, the seven runtime floats p0..p6 in
+the order the family's device function in ``kernels/families.py`` reads them,
+the γ rule and which statistics it needs). Float parameters are runtime
+arguments, so changing them never recompiles a kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .kernels import families as kf
+from .kernels import gamma as kg
+from .params import (IsReshapeParams, IsReshapeSignParams, IsReshapeTRParams, IsReshapeVarParams,
+                     PPOClipParams, SAPOParams, VESPOParams)
+
+ESS_GRID_POINTS = 32  # G of the ess_exact grid (cubic Hermite refinement inside the bracket)
+SIGN_GAMMA_POS_RANGE = (0.05, 0.99)  # γ+ interval (SPEC §4)
+SIGN_DELTA_NEG_RANGE = (0.01, 0.99)  # γ− = 1 + δ, δ interval (SPEC §4)
+_NEG_SATURATION = {"none": 0, "soft": 1, "truncate": 2, "michaelis_menten": 3}
+
+
+@dataclass(frozen=True)
+class KernelFamily:
+    family: int
+    floats: tuple  # p0..p6
+    opt: int = 0
+    gamma_mode: int = 0  # kernels.gamma.GAMMA_FIXED / GAMMA_ESS / GAMMA_ESS_EXACT
+    needs_stats: bool = False  # pass 1 must run
+    per_row: bool = False  # statistics per row (per-sequence γ, VESPO) rather than per batch
+    sign_groups: bool = False  # A>0 / A<0 groups in pass 1
+    range_a: tuple = (0.0, 1.0)  # γ interval of group a (all tokens, or A>0)
+    range_b: tuple = (0.0, 1.0)  # γ interval of group b (A<0)
+
+    @property
+    def ess_exact(self) -> bool:
+        return self.gamma_mode == kg.GAMMA_ESS_EXACT
+
+
+def _pad(*floats) -> tuple:
+    return tuple(float(f) for f in floats) + (0.0,) * (7 - len(floats))
+
+
+def _gamma_mode(gamma) -> int:
+    if isinstance(gamma, str):
+        return {"ess": kg.GAMMA_ESS, "ess_exact": kg.GAMMA_ESS_EXACT}[gamma]
+    return kg.GAMMA_FIXED
+
+
+def _is_reshape(p: IsReshapeParams, family=kf.IS_RESHAPE, extra=()) -> KernelFamily:
+    mode = _gamma_mode(p.gamma)
+    fixed = 0.0 if isinstance(p.gamma, str) else p.gamma
+    return KernelFamily(family, _pad(p.rho_min, fixed, 0.0, *extra), gamma_mode=mode,
+                        needs_stats=mode != kg.GAMMA_FIXED,
+                        per_row=p.gamma_granularity == "sequence" and mode != kg.GAMMA_FIXED,
+                        range_a=(p.gamma_min, p.gamma_max))
+
+
+def _is_reshape_var(p: IsReshapeVarParams) -> KernelFamily:
+    return _is_reshape(p, kf.IS_RESHAPE_VAR, extra=(0.0, p.temperature))
+
+
+def _is_reshape_sign(p: IsReshapeSignParams) -> KernelFamily:
+    fixed = p.gamma_pos is not None and p.gamma_neg is not None
+    opt = _NEG_SATURATION[p.neg_saturation] + 4 * (p.pos_weight == "michaelis_menten")
+    floats = _pad(p.rho_min, -1.0 if p.gamma_pos is None else p.gamma_pos,
+                  -1.0 if p.gamma_neg is None else p.gamma_neg,
+                  p.saturation_lambda, p.saturation_w_th, p.truncate_max, p.mm_tau)
+    return KernelFamily(kf.IS_RESHAPE_SIGN, floats, opt=opt, gamma_mode=_gamma_mode(p.gamma),
+                        needs_stats=not fixed, per_row=p.gamma_granularity == "sequence" and not fixed,
+                        sign_groups=True, range_a=SIGN_GAMMA_POS_RANGE, range_b=SIGN_DELTA_NEG_RANGE)
+
+
+def _is_reshape_tr(p: IsReshapeTRParams) -> KernelFamily:
+    return KernelFamily(kf.IS_RESHAPE_TR, _pad(p.tau_h, p.tau_c, p.gamma_base, p.gamma_max))
+
+
+def _ppo_clip(p: PPOClipParams) -> KernelFamily:
+    dual = p.clip_ratio_c is not None
+    return KernelFamily(kf.PPO_CLIP, _pad(p.clip_ratio_low, p.clip_ratio_high,
+                                                p.clip_ratio_c if dual else 0.0), opt=int(dual))
+
+
+def _sapo(p: SAPOParams) -> KernelFamily:
+    return KernelFamily(kf.SAPO, _pad(p.tau_pos, p.tau_neg))
+
+
+def _vespo(p: VESPOParams) -> KernelFamily:
+    return KernelFamily(kf.VESPO, _pad(p.k_pos, p.lambda_pos, p.k_neg, p.lambda_neg),
+                        needs_stats=True, per_row=True)
+
+
+FAMILY_TABLE = {
+    "is_reshape": _is_reshape,
+    "is_reshape_sign": _is_reshape_sign,
+    "is_reshape_tr": _is_reshape_tr,
+    "is_reshape_var": _is_reshape_var,
+    "ppo_clip": _ppo_clip,
+    "sapo": _sapo,
+    "vespo": _vespo,
+}
+
+
+def kernel_family(loss_type: str, params) -> KernelFamily:
+    return FAMILY_TABLE[loss_type](params)

@@ -1,0 +1,54 @@
+"""The metrics contract (SPEC §6): names and definitions shared by every path.
+
+All metrics are 0-dim tensors on the input's device (float32, float64 for
+float64 inputs). Sums and extrema run over the *counted* tokens (mask ≠ 0);
+n is their number. An empty batch gives 0 for every metric except ``gamma*``
+batch values, which follow their rule with σ² = 0.
+
+common to every family
+  token_count     n
+  ppo_kl          Σ(−ℓ)/n
+  w_mean, w_max   Σw/n, max w                          (w = exp(ℓ), ℓ clamped)
+  phi_mean        Σφ/n                                  (φ includes A)
+  phi_abs_max     max |φ|
+  sigma_sq        unbiased variance of ℓ (n < 2 → 0)
+  ess, ess_ratio  (Σω)²/Σω² and ess/n with ω = w^γ_t, γ_t the token's effective
+                  exponent (see below; 1 for ppo_clip, sapo, vespo)
+
+effective exponent γ_t, with gamma_mean/gamma_min/gamma_max over counted tokens
+  is_reshape       the batch γ (or the row's γ with gamma_granularity="sequence")
+  is_reshape_sign  γ+ where A ≥ 0, γ− where A < 0
+  is_reshape_tr    γ_t = γ_base + (γ_max−γ_base)·σ(−A·ℓ/τ_c)
+  is_reshape_var   γ_t = clip(γ_base·(p2+p3) + p4, 0, 1)
+
+family extras
+  is_reshape       gamma: the batch γ ("sequence": = gamma_mean)
+  is_reshape_sign  gamma_pos, gamma_neg: the batch values ("sequence": token
+                   means over the group's counted tokens, 0 when the group is
+                   empty); sigma_sq_pos, sigma_sq_neg: variances of ℓ over A>0
+                   and A<0 tokens
+  is_reshape_var   gamma_base: the batch γ_base ("sequence": token mean of the
+                   row values); p_case1..p_case4: means of p1..p4
+  ppo_clip         clipfrac: mean of [−A·clip(w) > −A·w];
+                   clipfrac_lower: mean of [A < 0 and max(−A·w, −A·clip(w)) > −A·c]
+                   (0 when clip_ratio_c is None)
+"""
+from __future__ import annotations
+
+COMMON = ("token_count", "ppo_kl", "w_mean", "w_max", "phi_mean", "phi_abs_max",
+          "sigma_sq", "ess", "ess_ratio")
+GAMMA_STATS = ("gamma_mean", "gamma_min", "gamma_max")
+EXTRAS = {
+    "is_reshape": GAMMA_STATS + ("gamma",),
+    "is_reshape_sign": GAMMA_STATS + ("gamma_pos", "gamma_neg", "sigma_sq_pos", "sigma_sq_neg"),
+    "is_reshape_tr": GAMMA_STATS,
+    "is_reshape_var": GAMMA_STATS + ("gamma_base", "p_case1", "p_case2", "p_case3", "p_case4"),
+    "ppo_clip": ("clipfrac", "clipfrac_lower"),
+    "sapo": (),
+    "vespo": (),
+}
+
+
+def metric_names(loss_type: str) -> tuple:
+    """The metric keys every path returns for ``loss_type``, in a fixed order."""
+    return COMMON + EXTRAS[loss_type]

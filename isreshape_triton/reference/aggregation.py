@@ -1,0 +1,66 @@
+"""Loss aggregation (SPEC §5): verl's ``agg_loss`` modes, written literally.
+
+``aggregate(L, mask, agg)`` is the value; ``agg_scale(mask, agg)`` is
+s_t = ∂aggregate/∂L_t, the scale in the gradient convention
+∂loss/∂log_prob_t = −s_t·m_t·φ_t. Defaults (``None`` in :class:`AggConfig`):
+global_token_count = local Σm, global_batch_size = local number of rows with
+n_b > 0, loss_scale_factor = T. An empty (zero) denominator gives 0, never NaN.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..params import AggConfig
+
+
+def _safe_div(num: torch.Tensor, den) -> torch.Tensor:
+    """num/den, 0 where den == 0 (gradient 0 there too)."""
+    den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
+    ok = den != 0
+    return torch.where(ok, num / torch.where(ok, den, 1.0), 0.0)
+
+
+def _denominators(mask: torch.Tensor, agg: AggConfig, dtype):
+    mf = mask.to(dtype)
+    n_b = mf.sum(dim=-1)  # [R]
+    gtc = mf.sum() if agg.global_token_count is None else agg.global_token_count
+    gbs = (n_b > 0).to(dtype).sum() if agg.global_batch_size is None else agg.global_batch_size
+    lsf = mask.shape[-1] if agg.loss_scale_factor is None else agg.loss_scale_factor
+    return mf, n_b, gtc, gbs, lsf
+
+
+def aggregate(L: torch.Tensor, mask: torch.Tensor, agg: AggConfig) -> torch.Tensor:
+    """The aggregated loss (0-dim) of per-token losses ``L`` ``[R, T]`` (finite everywhere)."""
+    mf, n_b, gtc, gbs, lsf = _denominators(mask, agg, L.dtype)
+    Lm = L * mf
+    mode, dp = agg.loss_agg_mode, agg.dp_size
+    if mode == "token-mean":
+        return _safe_div(Lm.sum(), gtc) * dp
+    if mode == "token-sum":
+        return Lm.sum() * dp
+    row_sum = Lm.sum(dim=-1)  # Σ_t L·m per row
+    if mode == "seq-mean-token-sum":
+        return _safe_div(row_sum.sum(), gbs) * dp
+    if mode == "seq-mean-token-mean":
+        return _safe_div(_safe_div(row_sum, n_b).sum(), gbs) * dp
+    if mode == "seq-mean-token-sum-norm":
+        return _safe_div(_safe_div(row_sum.sum(), gbs), lsf) * dp
+    raise ValueError(f"unknown loss_agg_mode {mode!r}")  # pragma: no cover
+
+
+def agg_scale(mask: torch.Tensor, agg: AggConfig, dtype=torch.float64) -> torch.Tensor:
+    """s_t·m_t = ∂aggregate/∂L_t, shape ``[R, T]`` (0 at masked tokens)."""
+    mf, n_b, gtc, gbs, lsf = _denominators(mask, agg, dtype)
+    one = torch.ones((), dtype=dtype, device=mask.device)
+    mode, dp = agg.loss_agg_mode, agg.dp_size
+    if mode == "token-mean":
+        s = _safe_div(one, gtc)
+    elif mode == "token-sum":
+        s = one
+    elif mode == "seq-mean-token-sum":
+        s = _safe_div(one, gbs)
+    elif mode == "seq-mean-token-mean":
+        s = _safe_div(_safe_div(one, n_b), gbs)[:, None]
+    else:
+        s = _safe_div(_safe_div(one, gbs), lsf)
+    return mf * s * dp

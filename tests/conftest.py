@@ -1,0 +1,27 @@
+"""The whole test session runs the real Triton kernels on the CPU through the
+interpreter: TRITON_INTERPRET must be set before anything imports triton."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import Phase, settings  # noqa: E402
+from torch.utils._python_dispatch import _disable_current_modes  # noqa: E402
+
+settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # bounded: no shrinking
+settings.load_profile("ci")
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every buffer the fused op allocates starts as NaN, so an unwritten element shows."""
+    from isreshape_triton import ops
+
+    def nan_empty(shape, dtype, device):
+        with _disable_current_modes():  # the poison fill is the test's work, not the op's
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(ops, "_empty", nan_empty)

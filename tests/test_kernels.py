@@ -1,0 +1,253 @@
+"""The fused Triton op (run by the interpreter) against the PyTorch reference.
+
+Every test asserts that the Triton kernels ran (launch counter), that the
+whole forward + backward stays within the launch budget, and that no host
+sync happened (strict sync detector). Outputs start as NaN (poisoned), so an
+element a kernel forgets to write fails the comparison.
+"""
+import inspect
+import math
+
+import pytest
+import torch
+import triton.language as tl
+from hypothesis import given
+from hypothesis import strategies as st
+
+import isreshape_triton as irt
+from isreshape_triton.families import kernel_family
+from isreshape_triton.kernels.finalize import finalize_kernel
+from isreshape_triton.kernels.loss import token_loss_kernel
+from isreshape_triton.kernels.stats import batch_stats_kernel
+from isreshape_triton.ops import fused_policy_loss
+from isreshape_triton.profiling import count_work
+
+from _cases import (ADVANTAGES, AGG_MODES, DTYPES, FAMILY_CONFIGS, LAYOUTS, MASKS, SPECIALS,
+                    make_batch, pairwise)
+
+CASES = pairwise({"family": FAMILY_CONFIGS, "agg": AGG_MODES, "dtype": DTYPES,
+                  "adv": ADVANTAGES, "mask": MASKS, "layout": LAYOUTS, "special": SPECIALS})
+GRAD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def _case_id(case):
+    lt, opts = case["family"]
+    opt = ",".join(f"{k}={v}" for k, v in opts.items())
+    return f"{lt}[{opt}]-{case['agg']}-{str(case['dtype'])[6:]}-adv{case['adv']}-{case['mask']}-" \
+           f"{case['layout']}-{case['special']}"
+
+
+def fused_with_counts(lp, olp, adv, mask, loss_type, agg, **opts):
+    """Fused forward + backward under the strict sync detector and the launch counter."""
+    x = lp.detach().clone().requires_grad_()
+    with count_work(strict=True, track_memory=False) as work:
+        loss, metrics = fused_policy_loss(x, olp, adv, mask, loss_type, agg, **opts)
+        loss.backward()
+    return loss.detach(), metrics, x.grad, work
+
+
+def reference(lp, olp, adv, mask, loss_type, agg, **opts):
+    x = lp.detach().clone().requires_grad_()
+    loss, metrics = irt.reference.policy_loss(x, olp, adv, mask, loss_type, agg, **opts)
+    loss.backward()
+    return loss.detach(), metrics, x.grad
+
+
+def pinned_gamma(loss_type, opts, metrics):
+    """The reference options with ess_exact's γ pinned to the kernel's value
+    (the bracket refinement is checked to 1e-3 separately)."""
+    if opts.get("gamma") != "ess_exact" or opts.get("gamma_granularity") == "sequence":
+        return opts
+    pinned = dict(opts)
+    if loss_type == "is_reshape_sign":
+        del pinned["gamma"]
+        return {**pinned, "gamma_pos": float(metrics["gamma_pos"]), "gamma_neg": float(metrics["gamma_neg"])}
+    key = "gamma_base" if loss_type == "is_reshape_var" else "gamma"
+    return {**pinned, "gamma": float(metrics[key])}
+
+
+def check_against_reference(lp, olp, adv, mask, loss_type, agg, opts, rtol=None):
+    loss, metrics, grad, work = fused_with_counts(lp, olp, adv, mask, loss_type, agg, **opts)
+    family_opts = {k: v for k, v in opts.items() if k != "log_ratio_clamp"}
+    fam = kernel_family(loss_type, irt.make_params(loss_type, **family_opts))
+    # the kernel path ran, within budget, without syncs
+    assert work.triton_launches == (3 if fam.needs_stats else 2), work.kernels
+    assert work.torch_launches <= 4, work.ops.ops
+    assert work.syncs == 0
+    ref_opts = pinned_gamma(loss_type, opts, metrics)
+    r_loss, r_metrics, r_grad = reference(lp, olp, adv, mask, loss_type, agg, **ref_opts)
+    if rtol is None:
+        rtol = 1e-6 if lp.dtype == torch.float64 else 1e-5
+    assert loss.dtype == r_loss.dtype and loss.shape == ()
+    torch.testing.assert_close(loss, r_loss, rtol=rtol, atol=rtol * (1 + r_loss.abs().item()))
+    assert set(metrics) == set(r_metrics) == set(irt.metric_names(loss_type))
+    for name, value in metrics.items():
+        assert value.shape == () and value.device == lp.device, name
+        assert torch.isfinite(value), name
+        torch.testing.assert_close(value, r_metrics[name], rtol=rtol, atol=rtol, msg=name)
+    if opts.get("gamma") == "ess_exact":  # the kernel's γ is the reference's to 1e-3
+        for name in ("gamma", "gamma_pos", "gamma_neg", "gamma_base", "gamma_mean"):
+            if name in metrics:
+                unpinned = irt.reference.policy_loss(lp, olp, adv, mask, loss_type, agg, **opts)[1]
+                assert abs(float(metrics[name]) - float(unpinned[name])) < 1e-3, name
+    # the gradient: dtype, structure (exact zeros where masked), values
+    assert grad.dtype == lp.dtype and grad.shape == lp.shape
+    assert torch.isfinite(grad).all()
+    counted = torch.ones_like(grad, dtype=torch.bool) if mask is None else mask != 0
+    assert (grad[~counted] == 0).all()
+    g_rtol = max(GRAD_RTOL[lp.dtype], rtol)
+    scale = r_grad.float().abs().max().item() if r_grad.numel() else 0.0
+    torch.testing.assert_close(grad.float(), r_grad.float(), rtol=g_rtol, atol=g_rtol * (1e-3 + scale))
+    return loss, metrics, grad
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_parity_pairwise(case, poisoned_outputs):
+    loss_type, opts = case["family"]
+    lp, olp, adv, mask = make_batch(5, 37, case["dtype"], case["adv"], case["mask"], case["layout"],
+                                    case["special"], seed=hash(_case_id(case)) % 1000)
+    seq_exact = opts.get("gamma") == "ess_exact" and opts.get("gamma_granularity") == "sequence"
+    check_against_reference(lp, olp, adv, mask, loss_type, case["agg"], opts,
+                            rtol=2e-3 if seq_exact else None)
+
+
+@given(B=st.integers(1, 6), T=st.integers(1, 70), family=st.integers(0, len(FAMILY_CONFIGS) - 1),
+       agg=st.sampled_from(AGG_MODES), rho=st.floats(0.05, 0.95), clamp=st.floats(0.5, 30.0),
+       spread=st.floats(0.0, 3.0), seed=st.integers(0, 2**16))
+def test_parity_property(B, T, family, agg, rho, clamp, spread, seed):
+    loss_type, opts = FAMILY_CONFIGS[family]
+    opts = dict(opts)
+    if "rho_min" in {f for f in irt.make_params(loss_type).__dataclass_fields__}:
+        opts["rho_min"] = rho
+    lp, olp, adv, mask = make_batch(B, T, torch.float32, "BT", "bool", seed=seed, spread=spread)
+    seq_exact = opts.get("gamma") == "ess_exact" and opts.get("gamma_granularity") == "sequence"
+    check_against_reference(lp, olp, adv, mask, loss_type, agg, {**opts, "log_ratio_clamp": clamp},
+                            rtol=2e-3 if seq_exact else None)
+
+
+@pytest.mark.parametrize("loss_type,opts", FAMILY_CONFIGS[::3])
+def test_sft_and_shapes(loss_type, opts):
+    """advantages=None is SFT (A ≡ 1); leading shapes flatten to rows; B = 1, T = 1."""
+    for shape in ((1, 1), (1, 17), (2, 3, 9)):
+        lp, olp, _, _ = make_batch(math.prod(shape[:-1]), shape[-1], seed=len(shape))
+        mask = torch.ones(shape, dtype=torch.bool)
+        lp, olp = lp.reshape(shape), olp.reshape(shape)
+        loss, metrics, grad = check_against_reference(lp, olp, None, mask, loss_type, "token-mean", opts)
+        ones = torch.ones(shape)
+        r_loss, _, r_grad = reference(lp, olp, ones, mask, loss_type, "token-mean", **opts)
+        torch.testing.assert_close(loss, r_loss, rtol=1e-5, atol=1e-6)
+        assert grad.shape == shape
+
+
+@pytest.mark.parametrize("loss_type", irt.LOSS_TYPES)
+def test_deterministic_bitwise(loss_type):
+    lp, olp, adv, mask = make_batch(7, 300, seed=3)
+    first = fused_with_counts(lp, olp, adv, mask, loss_type, "seq-mean-token-mean")
+    second = fused_with_counts(lp, olp, adv, mask, loss_type, "seq-mean-token-mean")
+    assert torch.equal(first[0], second[0])
+    assert torch.equal(first[2], second[2])
+    for name in first[1]:
+        assert torch.equal(first[1][name], second[1][name]), name
+
+
+@pytest.mark.parametrize("loss_type", irt.LOSS_TYPES)
+@pytest.mark.parametrize("shape,masked", [((0, 5), False), ((3, 0), False), ((3, 6), True)])
+def test_empty_and_all_masked(loss_type, shape, masked, poisoned_outputs):
+    lp = torch.randn(shape)
+    mask = torch.zeros(shape, dtype=torch.bool) if masked else None
+    for agg in AGG_MODES:
+        loss, metrics, grad, work = fused_with_counts(lp, lp + 1.0, torch.randn(shape), mask, loss_type, agg)
+        assert work.triton_launches >= 2
+        assert loss.item() == 0.0
+        assert all(torch.isfinite(v) for v in metrics.values())
+        assert metrics["token_count"].item() == 0.0
+        assert grad.shape == shape and (grad == 0).all()
+
+
+def _brute_force_ess_gamma(ell, rho, lo, hi):
+    grid = torch.linspace(lo, hi, 20001, dtype=torch.float64)
+    e = torch.exp(grid[:, None] * ell[None, :].double())
+    ratio = e.sum(1) ** 2 / (e * e).sum(1) / ell.numel()
+    ok = ratio >= rho
+    return hi if ok.all() else (lo if not ok[0] else grid[ok.nonzero().max()].item())
+
+
+@pytest.mark.parametrize("dist", ["normal_0.3", "normal_1", "normal_2", "student_t3", "bimodal", "clamped"])
+@pytest.mark.parametrize("rho", [0.1, 0.3, 0.8])
+def test_ess_exact_matches_brute_force(dist, rho):
+    g = torch.Generator().manual_seed(11)
+    n = 4000
+    ell = {"normal_0.3": 0.3 * torch.randn(n, generator=g), "normal_1": torch.randn(n, generator=g),
+           "normal_2": 2 * torch.randn(n, generator=g),
+           "student_t3": torch.distributions.StudentT(3.0).sample((n,)),
+           "bimodal": torch.where(torch.rand(n, generator=g) < 0.9, -0.2, 3.0) + 0.1 * torch.randn(n, generator=g),
+           "clamped": (8 * torch.randn(n, generator=g)).clamp(-20, 20)}[dist].double()
+    lp = ell.reshape(8, n // 8).float()
+    _, metrics, _, _ = fused_with_counts(lp, torch.zeros_like(lp), None, None, "is_reshape", "token-mean",
+                                        gamma="ess_exact", rho_min=rho)
+    expected = _brute_force_ess_gamma(lp.double().flatten(), rho, 0.05, 1.0)
+    assert abs(metrics["gamma"].item() - expected) < 1e-3
+
+
+def test_sigma_sq_far_from_zero_mean():
+    """ℓ = 5 + 1e-3·N(0,1) over 10⁶ tokens: σ² and γ exact to 1e-3 relative."""
+    g = torch.Generator().manual_seed(0)
+    ell = 5.0 + 1e-3 * torch.randn(1000, 1000, generator=g, dtype=torch.float64)
+    lp = torch.zeros(1000, 1000)
+    _, metrics, _, _ = fused_with_counts(lp, (lp.double() - ell).float(), None, None, "is_reshape",
+                                        "token-mean", gamma_max=1e6)
+    ell32 = (lp.double() - (lp.double() - ell).float().double())
+    var = ell32.var().item()
+    assert abs(metrics["sigma_sq"].item() / var - 1) < 1e-3
+    assert abs(metrics["gamma"].item() / math.sqrt(-math.log(0.3) / var) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("n_tokens", [1, 50])
+def test_constant_log_ratio_gives_gamma_max(n_tokens):
+    lp = torch.zeros(1, n_tokens)
+    for gamma in ("ess", "ess_exact"):
+        _, metrics, grad, _ = fused_with_counts(lp, lp - 0.7, None, None, "is_reshape", "token-mean",
+                                                gamma=gamma)
+        assert metrics["gamma"].item() == 1.0 and metrics["sigma_sq"].item() == 0.0
+        assert torch.isfinite(grad).all()
+
+
+def test_float_parameters_are_runtime_arguments():
+    """Changing τ, ρ, γ bounds, clip ranges, B, T or N never recompiles: floats are
+    not constexpr and integer sizes/strides are not specialised."""
+    structural = {"ACC", "HAS_ADV", "HAS_MASK", "SIGN_GROUPS", "ESS_EXACT", "G", "KS", "WRITE_ROWS",
+                  "WRITE_PROGRAMS", "BLOCK_T", "FAMILY", "OPT", "GAMMA_MODE", "BATCH_STATS",
+                  "ROW_STATS", "WRITE_GRAD", "BLOCK_REC", "SEQ_GAMMA", "AGG", "BLOCK_P", "BLOCK_R"}
+    for kernel in (batch_stats_kernel, token_loss_kernel, finalize_kernel):
+        params = inspect.signature(kernel.fn).parameters
+        constexprs = {n for n, p in params.items() if p.annotation is tl.constexpr}
+        assert constexprs <= structural, constexprs - structural
+        unspecialised = set(kernel.kwargs.get("do_not_specialize") or ())
+        for name in ("R", "T", "n_rec"):
+            if name in params and kernel is not finalize_kernel:
+                assert name in unspecialised, (kernel.fn.__name__, name)
+
+
+def test_bad_input_on_the_kernel_path():
+    lp = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="old_log_prob"):
+        irt.policy_loss(lp, torch.randn(2, 4))
+    with pytest.raises(TypeError, match="log_prob"):
+        irt.policy_loss(torch.ones(2, 3, dtype=torch.int64), lp)
+    with pytest.raises(ValueError, match="rho_min"):
+        irt.policy_loss(lp, lp, rho_min=1.5)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        irt.policy_loss(lp, lp, loss_agg_mode="mean")
+
+
+def test_policy_loss_module_runs_kernels():
+    lp, olp, adv, mask = make_batch(3, 20)
+    module = irt.PolicyLoss("ppo_clip", "seq-mean-token-mean", clip_ratio_c=None)
+    x = lp.clone().requires_grad_()
+    with count_work(strict=True) as work:
+        loss, metrics = module(x, olp, adv, mask)
+        loss.backward()
+    assert work.triton_launches == 2
+    r_loss, _, r_grad = reference(lp, olp, adv, mask, "ppo_clip", "seq-mean-token-mean", clip_ratio_c=None)
+    torch.testing.assert_close(loss.detach(), r_loss)
+    torch.testing.assert_close(x.grad, r_grad)
