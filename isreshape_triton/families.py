@@ -26,7 +26,7 @@ class KernelFamily:
     family: int
     floats: tuple  # p0..p6
     opt: int = 0
-    gamma_mode: int = 0  # kernels.gamma.GAMMA_FIXED / GAMMA_ESS / GAMMA_ESS_EXACT
+    gamma_mode: int = 0  # kernels.gamma.GAMMA_FIXED / _ESS / _ESS_EXACT / _GIVEN (psis)
     needs_stats: bool = False  # pass 1 must run
     per_row: bool = False  # statistics per row (per-sequence γ, VESPO) rather than per batch
     sign_groups: bool = False  # A>0 / A<0 groups in pass 1
@@ -35,7 +35,11 @@ class KernelFamily:
 
     @property
     def ess_exact(self) -> bool:
-        return self.gamma_mode == kg.GAMMA_ESS_EXACT
+        return self.gamma_mode == kg.GAMMA_ESS_EXACT.value
+
+    @property
+    def psis(self) -> bool:
+        return self.gamma_mode == kg.GAMMA_GIVEN.value
 
 
 def _pad(*floats) -> tuple:
@@ -44,21 +48,22 @@ def _pad(*floats) -> tuple:
 
 def _gamma_mode(gamma) -> int:
     if isinstance(gamma, str):
-        return {"ess": kg.GAMMA_ESS, "ess_exact": kg.GAMMA_ESS_EXACT}[gamma]
-    return kg.GAMMA_FIXED
+        return {"ess": kg.GAMMA_ESS.value, "ess_exact": kg.GAMMA_ESS_EXACT.value, "psis": kg.GAMMA_GIVEN.value}[gamma]
+    return kg.GAMMA_FIXED.value
 
 
-def _is_reshape(p: IsReshapeParams, family=kf.IS_RESHAPE, extra=()) -> KernelFamily:
+def _is_reshape(p: IsReshapeParams, family=kf.IS_RESHAPE.value, extra=()) -> KernelFamily:
     mode = _gamma_mode(p.gamma)
     fixed = 0.0 if isinstance(p.gamma, str) else p.gamma
+    from_stats = mode in (kg.GAMMA_ESS.value, kg.GAMMA_ESS_EXACT.value)
     return KernelFamily(family, _pad(p.rho_min, fixed, 0.0, *extra), gamma_mode=mode,
-                        needs_stats=mode != kg.GAMMA_FIXED,
-                        per_row=p.gamma_granularity == "sequence" and mode != kg.GAMMA_FIXED,
+                        needs_stats=from_stats,
+                        per_row=p.gamma_granularity == "sequence" and mode != kg.GAMMA_FIXED.value,
                         range_a=(p.gamma_min, p.gamma_max))
 
 
 def _is_reshape_var(p: IsReshapeVarParams) -> KernelFamily:
-    return _is_reshape(p, kf.IS_RESHAPE_VAR, extra=(0.0, p.temperature))
+    return _is_reshape(p, kf.IS_RESHAPE_VAR.value, extra=(0.0, p.temperature))
 
 
 def _is_reshape_sign(p: IsReshapeSignParams) -> KernelFamily:
@@ -67,27 +72,29 @@ def _is_reshape_sign(p: IsReshapeSignParams) -> KernelFamily:
     floats = _pad(p.rho_min, -1.0 if p.gamma_pos is None else p.gamma_pos,
                   -1.0 if p.gamma_neg is None else p.gamma_neg,
                   p.saturation_lambda, p.saturation_w_th, p.truncate_max, p.mm_tau)
-    return KernelFamily(kf.IS_RESHAPE_SIGN, floats, opt=opt, gamma_mode=_gamma_mode(p.gamma),
-                        needs_stats=not fixed, per_row=p.gamma_granularity == "sequence" and not fixed,
+    mode = _gamma_mode(p.gamma)
+    return KernelFamily(kf.IS_RESHAPE_SIGN.value, floats, opt=opt, gamma_mode=mode,
+                        needs_stats=not fixed and mode != kg.GAMMA_GIVEN.value,
+                        per_row=p.gamma_granularity == "sequence" and not fixed,
                         sign_groups=True, range_a=SIGN_GAMMA_POS_RANGE, range_b=SIGN_DELTA_NEG_RANGE)
 
 
 def _is_reshape_tr(p: IsReshapeTRParams) -> KernelFamily:
-    return KernelFamily(kf.IS_RESHAPE_TR, _pad(p.tau_h, p.tau_c, p.gamma_base, p.gamma_max))
+    return KernelFamily(kf.IS_RESHAPE_TR.value, _pad(p.tau_h, p.tau_c, p.gamma_base, p.gamma_max))
 
 
 def _ppo_clip(p: PPOClipParams) -> KernelFamily:
     dual = p.clip_ratio_c is not None
-    return KernelFamily(kf.PPO_CLIP, _pad(p.clip_ratio_low, p.clip_ratio_high,
+    return KernelFamily(kf.PPO_CLIP.value, _pad(p.clip_ratio_low, p.clip_ratio_high,
                                                 p.clip_ratio_c if dual else 0.0), opt=int(dual))
 
 
 def _sapo(p: SAPOParams) -> KernelFamily:
-    return KernelFamily(kf.SAPO, _pad(p.tau_pos, p.tau_neg))
+    return KernelFamily(kf.SAPO.value, _pad(p.tau_pos, p.tau_neg))
 
 
 def _vespo(p: VESPOParams) -> KernelFamily:
-    return KernelFamily(kf.VESPO, _pad(p.k_pos, p.lambda_pos, p.k_neg, p.lambda_neg),
+    return KernelFamily(kf.VESPO.value, _pad(p.k_pos, p.lambda_pos, p.k_neg, p.lambda_neg),
                         needs_stats=True, per_row=True)
 
 

@@ -14,6 +14,9 @@ common to every family
   sigma_sq        unbiased variance of ℓ (n < 2 → 0)
   ess, ess_ratio  (Σω)²/Σω² and ess/n with ω = w^γ_t, γ_t the token's effective
                   exponent (see below; 1 for ppo_clip, sapo, vespo)
+  skewness        m3/m2^1.5 of ℓ, biased moments (scipy.stats.skew), 0 if m2 = 0
+  kurtosis        m4/m2² − 3 of ℓ, biased (scipy.stats.kurtosis), 0 if m2 = 0
+  max_weight_ratio  max w / Σw
 
 effective exponent γ_t, with gamma_mean/gamma_min/gamma_max over counted tokens
   is_reshape       the batch γ (or the row's γ with gamma_granularity="sequence")
@@ -26,21 +29,28 @@ family extras
   is_reshape_sign  gamma_pos, gamma_neg: the batch values ("sequence": token
                    means over the group's counted tokens, 0 when the group is
                    empty); sigma_sq_pos, sigma_sq_neg: variances of ℓ over A>0
-                   and A<0 tokens
+                   and A<0 tokens; ess_pos, ess_ratio_pos, ess_neg, ess_ratio_neg:
+                  ess and ess/n over the A>0 and A<0 groups
   is_reshape_var   gamma_base: the batch γ_base ("sequence": token mean of the
                    row values); p_case1..p_case4: means of p1..p4
   ppo_clip         clipfrac: mean of [−A·clip(w) > −A·w];
                    clipfrac_lower: mean of [A < 0 and max(−A·w, −A·clip(w)) > −A·c]
                    (0 when clip_ratio_c is None)
+
+gamma="psis" (is_reshape, is_reshape_var; is_reshape_sign per group)
+  psis_k           Pareto k̂ of the log-weights ℓ (sign: the max over both groups;
+                   "sequence": the max over rows), 0 when too few tokens to fit
+  psis_unreliable  1.0 if k̂ > 0.7 anywhere (γ fell back to gamma_fallback), else 0.0
 """
 from __future__ import annotations
 
 COMMON = ("token_count", "ppo_kl", "w_mean", "w_max", "phi_mean", "phi_abs_max",
-          "sigma_sq", "ess", "ess_ratio")
+          "sigma_sq", "ess", "ess_ratio", "skewness", "kurtosis", "max_weight_ratio")
 GAMMA_STATS = ("gamma_mean", "gamma_min", "gamma_max")
 EXTRAS = {
     "is_reshape": GAMMA_STATS + ("gamma",),
-    "is_reshape_sign": GAMMA_STATS + ("gamma_pos", "gamma_neg", "sigma_sq_pos", "sigma_sq_neg"),
+    "is_reshape_sign": GAMMA_STATS + ("gamma_pos", "gamma_neg", "sigma_sq_pos", "sigma_sq_neg",
+                                      "ess_pos", "ess_ratio_pos", "ess_neg", "ess_ratio_neg"),
     "is_reshape_tr": GAMMA_STATS,
     "is_reshape_var": GAMMA_STATS + ("gamma_base", "p_case1", "p_case2", "p_case3", "p_case4"),
     "ppo_clip": ("clipfrac", "clipfrac_lower"),
@@ -49,6 +59,10 @@ EXTRAS = {
 }
 
 
-def metric_names(loss_type: str) -> tuple:
-    """The metric keys every path returns for ``loss_type``, in a fixed order."""
-    return COMMON + EXTRAS[loss_type]
+PSIS = ("psis_k", "psis_unreliable")
+
+
+def metric_names(loss_type: str, params=None) -> tuple:
+    """The metric keys every path returns for ``loss_type`` (and its params), in a fixed order."""
+    psis = params is not None and getattr(params, "gamma", None) == "psis"
+    return COMMON + EXTRAS[loss_type] + (PSIS if psis else ())

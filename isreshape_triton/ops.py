@@ -3,13 +3,18 @@ autograd Function.
 
 Forward: ``batch_stats_kernel`` (only families whose γ or weight needs batch or
 row statistics), ``token_loss_kernel`` (φ, F, −m·φ, partial sums) and
-``finalize_kernel`` (loss, metrics, per-row scale s_b). Backward: one torch
-multiply, grad = (−m·φ)·(s_b·grad_out), written in log_prob's dtype. No host
-sync: every count, γ and denominator stays on the device.
+``finalize_kernel`` (loss, metrics, per-row scale s_b). Backward: two torch
+multiplies, grad = (−m·φ)·(s_b·grad_out), written in log_prob's dtype. No host
+sync: every count, γ and denominator stays on the device (``gamma="psis"`` is
+the documented exception: its tail sizes need the token counts on the host).
+
+Float parameters reach the kernels as fp32 scalars (Triton's scalar ABI), also
+for fp64 inputs, whose arithmetic is otherwise fp64.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -30,32 +35,46 @@ from .params import AGG_MODES, AggConfig, make_params
 MAX_PROGRAMS = 256  # persistent grid size cap = number of partial records
 BLOCK_REC = 64
 _AGG_CODE = {name: i for i, name in enumerate(AGG_MODES)}
-assert _AGG_CODE["seq-mean-token-mean"] == kfin.SEQ_MEAN_TOKEN_MEAN
+assert _AGG_CODE["seq-mean-token-mean"] == kfin.SEQ_MEAN_TOKEN_MEAN.value
 _METRIC_INDEX = {name: i for i, name in enumerate(layout.METRIC_SLOTS)}
+
+
+def launch_options(kernel, block: int, fp64: bool) -> dict:
+    """num_warps / num_stages of the two streaming kernels for tiles of ``block`` tokens.
+
+    No software pipelining: it buys nothing for these masked row walks and costs minutes
+    of compile time (measured: 40-560 s per specialization with num_stages=3 against
+    0.5-2 s with 1). The warp counts are the spill-free choice of an sm_90 sweep over
+    2/4/8 warps (``python -m isreshape_triton.aot`` checks every specialization).
+    """
+    if kernel is batch_stats_kernel:
+        warps = 8 if fp64 else 4
+    else:
+        warps = 8 if (not fp64 and block >= 256) else 4
+    return {"num_warps": warps, "num_stages": 1}
 
 
 @dataclass
 class Launch:
-    """One kernel launch: grid, tensor/scalar arguments and constexprs (also used by ``aot``)."""
+    """One kernel launch: grid, arguments, constexprs and options (also used by ``aot``)."""
 
     kernel: object
     grid: tuple
     args: dict
     constexprs: dict
+    options: dict
 
     def __call__(self):
-        self.kernel[self.grid](**self.args, **self.constexprs)
+        self.kernel[self.grid](**self.args, **self.constexprs, **self.options)
 
 
 @dataclass
 class Plan:
-    launches: list
+    steps: list  # Launch objects, and the all-gather of the records with a process group
     loss: torch.Tensor
     metrics: torch.Tensor
     grad: Optional[torch.Tensor]
     row_scale: torch.Tensor
-    stats_records: Optional[torch.Tensor] = None
-    extra: dict = field(default_factory=dict)
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -79,9 +98,14 @@ def _block_t(T: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(T, 1))))
 
 
-def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float,
-                  write_grad: bool) -> Plan:
-    """Allocate the outputs and describe the 2-3 launches of the forward pass."""
+def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, write_grad: bool,
+                  gamma: Optional[torch.Tensor] = None, process_group=None) -> Plan:
+    """Allocate the outputs and list the steps of the forward pass: 2-3 kernel launches,
+    plus one all-gather of the statistics records with ``process_group``.
+
+    ``gamma``: the (c0, c1) context computed on the device beforehand (PSIS), shape
+    [2] for the batch or [R, 2] per row.
+    """
     lp, olp, adv, mask = x.log_prob, x.old_log_prob, x.advantages, x.response_mask
     R, T = lp.shape
     dev = lp.device
@@ -94,13 +118,16 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float,
     row_stats = fam.needs_stats and fam.per_row
     empty = torch.empty(0, device=dev, dtype=acc)
     row_rec = _empty((R, KS), acc, dev) if row_stats else empty
-    prog_rec = _empty((programs, KS), acc, dev) if batch_stats else empty
+    prog_rec = empty
+    if batch_stats:  # distributed: a fixed number of records per rank, unused ones neutral (n = 0)
+        prog_rec = (_empty((programs, KS), acc, dev) if process_group is None
+                    else torch.zeros((MAX_PROGRAMS, KS), device=dev, dtype=acc))
     grad = _empty((R, T), acc, dev) if write_grad else None
     row_count = _empty((R,), acc, dev)
-    partial = _empty((programs, layout.PARTIAL_WIDTH), acc, dev)
+    partial = _empty((programs, layout.PARTIAL_WIDTH.value), acc, dev)
     ctx = _empty((2,), acc, dev)
     loss = _empty((), acc, dev)
-    metrics = _empty((layout.METRIC_WIDTH,), acc, dev)
+    metrics = _empty((layout.METRIC_WIDTH.value,), acc, dev)
     row_scale = _empty((R,), acc, dev)
 
     (s_lp_r, s_lp_t), (s_olp_r, s_olp_t) = _strides(lp), _strides(olp)
@@ -114,58 +141,112 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float,
                   gb_lo=float(fam.range_b[0]), gb_hi=float(fam.range_b[1]))
     flags = dict(ACC=_tl_dtype(lp.dtype), HAS_ADV=adv is not None, HAS_MASK=mask is not None,
                  KS=KS, G=G)
-    launches = []
+    fp64 = acc == torch.float64
+    steps = []
     if fam.needs_stats:
-        launches.append(Launch(batch_stats_kernel, (programs,),
-                               dict(**tokens, row_rec_ptr=row_rec, prog_rec_ptr=prog_rec, **ranges),
-                               dict(**flags, SIGN_GROUPS=fam.sign_groups, ESS_EXACT=ess_exact,
-                                    WRITE_ROWS=row_stats, WRITE_PROGRAMS=batch_stats,
-                                    BLOCK_T=_block_t(T, 128 if ess_exact else 1024))))
+        block = _block_t(T, 32 if ess_exact else (256 if fp64 else 1024))
+        steps.append(Launch(batch_stats_kernel, (programs,),
+                            dict(**tokens, row_rec_ptr=row_rec, prog_rec_ptr=prog_rec, **ranges),
+                            dict(**flags, SIGN_GROUPS=fam.sign_groups, ESS_EXACT=ess_exact,
+                                 WRITE_ROWS=row_stats, WRITE_PROGRAMS=batch_stats, BLOCK_T=block),
+                            launch_options(batch_stats_kernel, block, fp64)))
+    records = prog_rec
+    if batch_stats and process_group is not None:
+        world = torch.distributed.get_world_size(process_group)
+        records = torch.empty((world * MAX_PROGRAMS, KS), device=dev, dtype=acc)
+        steps.append(functools.partial(torch.distributed.all_gather_into_tensor, records, prog_rec,
+                                       group=process_group))
     p = dict(zip(("p0", "p1", "p2", "p3", "p4", "p5", "p6"), fam.floats))
-    launches.append(Launch(token_loss_kernel, (programs,),
-                           dict(**tokens, rec_ptr=prog_rec, n_rec=programs if batch_stats else 0,
-                                row_rec_ptr=row_rec, grad_ptr=grad if write_grad else row_count,
-                                row_count_ptr=row_count, partial_ptr=partial, ctx_ptr=ctx,
-                                **p, **ranges),
-                           dict(**flags, FAMILY=fam.family, OPT=fam.opt, GAMMA_MODE=fam.gamma_mode,
-                                BATCH_STATS=batch_stats, ROW_STATS=row_stats, WRITE_GRAD=write_grad,
-                                BLOCK_REC=BLOCK_REC, BLOCK_T=_block_t(T, 512))))
+    block = _block_t(T, 128 if fp64 else 256)
+    steps.append(Launch(token_loss_kernel, (programs,),
+                        dict(**tokens, rec_ptr=records, n_rec=records.shape[0] if batch_stats else 0,
+                             row_rec_ptr=row_rec, gamma_ptr=ctx if gamma is None else gamma,
+                             gamma_row_stride=2 if gamma is not None and gamma.dim() == 2 else 0,
+                             grad_ptr=grad if write_grad else row_count,
+                             row_count_ptr=row_count, partial_ptr=partial, ctx_ptr=ctx, **p, **ranges),
+                        dict(**flags, FAMILY=fam.family, OPT=fam.opt, GAMMA_MODE=fam.gamma_mode,
+                             BATCH_STATS=batch_stats, ROW_STATS=row_stats, WRITE_GRAD=write_grad,
+                             BLOCK_REC=BLOCK_REC, BLOCK_T=block),
+                        launch_options(token_loss_kernel, block, fp64)))
 
     def given(v):
         return -1.0 if v is None else float(v)
 
-    launches.append(Launch(finalize_kernel, (1,),
-                           dict(partial_ptr=partial, n_part=programs, ctx_ptr=ctx, row_count_ptr=row_count,
-                                row_scale_ptr=row_scale, loss_ptr=loss, metrics_ptr=metrics, R=R, T=T,
-                                dp_size=float(agg.dp_size),
-                                global_token_count=given(agg.global_token_count),
-                                global_batch_size=given(agg.global_batch_size),
-                                loss_scale_factor=given(agg.loss_scale_factor)),
-                           dict(SEQ_GAMMA=row_stats and fam.family != kf.VESPO, AGG=_AGG_CODE[agg.loss_agg_mode],
-                                BLOCK_P=MAX_PROGRAMS, BLOCK_R=1024)))
-    return Plan(launches, loss, metrics, grad, row_scale, prog_rec if batch_stats else None)
+    steps.append(Launch(finalize_kernel, (1,),
+                        dict(partial_ptr=partial, n_part=programs, ctx_ptr=ctx, row_count_ptr=row_count,
+                             row_scale_ptr=row_scale, loss_ptr=loss, metrics_ptr=metrics, R=R, T=T,
+                             dp_size=float(agg.dp_size),
+                             global_token_count=given(agg.global_token_count),
+                             global_batch_size=given(agg.global_batch_size),
+                             loss_scale_factor=given(agg.loss_scale_factor)),
+                        dict(SEQ_GAMMA=fam.per_row and fam.family != kf.VESPO.value,
+                             AGG=_AGG_CODE[agg.loss_agg_mode], BLOCK_P=MAX_PROGRAMS, BLOCK_R=1024),
+                        {"num_warps": 4, "num_stages": 1}))
+    return Plan(steps, loss, metrics, grad, row_scale)
+
+
+def _psis_context(x: Inputs, loss_type: str, params, fam: KernelFamily, clamp: float):
+    """(c0, c1) per batch ([2]) or per row ([R, 2]) from Pareto-smoothed IS, and the
+    psis_k / psis_unreliable metrics. Torch ops on the device; ``psis_gamma`` holds the
+    one host sync PSIS needs per group (the tail sizes depend on the token counts)."""
+    from .psis import psis_gamma
+
+    acc = _acc_dtype(x.log_prob.dtype)
+    counted = (torch.ones_like(x.log_prob, dtype=torch.bool) if x.response_mask is None
+               else x.response_mask != 0)
+    diff = x.log_prob.detach().to(acc) - x.old_log_prob.to(acc)
+    ell = torch.where(counted, diff, 0.0).clamp(-clamp, clamp)
+    per_row = fam.per_row
+    dims = (1,) if per_row else (0, 1)
+    if loss_type == "is_reshape_sign":
+        adv = x.advantages.to(acc) if x.advantages is not None else torch.ones_like(ell)
+        groups = (counted & (adv > 0), counted & (adv < 0))
+        (g_pos, k_pos), (d_neg, k_neg) = (
+            psis_gamma(ell, grp, rho_min=params.rho_min, lo=lo, hi=hi,
+                       fallback=params.gamma_fallback, per_row=per_row)
+            for grp, (lo, hi) in zip(groups, (fam.range_a, fam.range_b)))
+        c0 = torch.where(groups[0].sum(dims) > 0, g_pos.to(acc), 0.5)
+        c1 = torch.where(groups[1].sum(dims) > 0, 1.0 + d_neg.to(acc), 1.5)
+        if params.gamma_pos is not None:
+            c0 = torch.full_like(c0, params.gamma_pos)
+        if params.gamma_neg is not None:
+            c1 = torch.full_like(c1, params.gamma_neg)
+        k_hat = torch.maximum(k_pos, k_neg)
+    else:
+        g, k_hat = psis_gamma(ell, counted, rho_min=params.rho_min, lo=params.gamma_min,
+                              hi=params.gamma_max, fallback=params.gamma_fallback, per_row=per_row)
+        c0 = g.to(acc)
+        c1 = torch.zeros_like(c0)
+    k_hat = torch.nan_to_num(k_hat.to(acc), nan=0.0, posinf=float("inf"), neginf=0.0)
+    extra = {"psis_k": k_hat.max() if per_row and k_hat.numel() else k_hat.reshape(-1)[:1].sum(),
+             "psis_unreliable": (k_hat > 0.7).any().to(acc)}
+    return torch.stack([c0, c1], dim=-1).contiguous(), extra
 
 
 class _FusedPolicyLoss(torch.autograd.Function):
-    """Forward runs the planned launches; backward scales the saved −m·φ."""
+    """Forward runs the planned steps; backward scales the saved −m·φ."""
 
     @staticmethod
-    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, config):
+    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, config, gamma):
         x = Inputs(log_prob, old_log_prob, advantages, response_mask, log_prob.shape)
-        plan = plan_launches(x, config.family, config.agg, config.clamp, config.write_grad)
-        for launch in plan.launches:
-            launch()
+        plan = plan_launches(x, config.family, config.agg, config.clamp, config.write_grad,
+                             gamma, config.process_group)
+        for step in plan.steps:
+            step()
         ctx.grad_dtype = log_prob.dtype
         ctx.save_for_backward(plan.grad, plan.row_scale)
         ctx.mark_non_differentiable(plan.metrics)
+        ctx.set_materialize_grads(False)
         return plan.loss, plan.metrics
 
     @staticmethod
     def backward(ctx, grad_loss, grad_metrics):
+        if grad_loss is None:
+            return None, None, None, None, None, None
         neg_phi, row_scale = ctx.saved_tensors
         grad = _empty(neg_phi.shape, ctx.grad_dtype, neg_phi.device)
         torch.mul(neg_phi, (row_scale * grad_loss).unsqueeze(1), out=grad)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 @dataclass(frozen=True)
@@ -174,23 +255,35 @@ class _Config:
     agg: AggConfig
     clamp: float
     write_grad: bool
+    process_group: object = None
 
 
 def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                       loss_type="is_reshape", loss_agg_mode="token-mean", *, dp_size=1,
                       global_token_count=None, global_batch_size=None, loss_scale_factor=None,
                       log_ratio_clamp=20.0, process_group=None, params=None, **family_params):
-    """``irt.policy_loss`` on the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    """``irt.policy_loss`` on the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
+
+    With ``process_group`` every rank merges the statistics records of all ranks, so γ
+    is that of the concatenated global batch and bit-identical on every rank.
+    """
     params = make_params(loss_type, params, **family_params)
     agg = AggConfig(loss_agg_mode, dp_size, global_token_count, global_batch_size, loss_scale_factor)
     x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, log_ratio_clamp)
-    if process_group is not None:
-        raise NotImplementedError("process_group is not supported yet")
+    fam = kernel_family(loss_type, params)
+    if process_group is not None and fam.psis:
+        raise ValueError("gamma='psis' cannot be combined with process_group: PSIS needs the "
+                         "whole tail of the global batch; use gamma='ess_exact'")
+    gamma, extra = (None, {})
+    if fam.psis:
+        gamma, extra = _psis_context(x, loss_type, params, fam, float(log_ratio_clamp))
     write_grad = torch.is_grad_enabled() and log_prob.requires_grad
-    config = _Config(kernel_family(loss_type, params), agg, float(log_ratio_clamp), write_grad)
+    config = _Config(fam, agg, float(log_ratio_clamp), write_grad, process_group)
     loss, metric_vec = _FusedPolicyLoss.apply(x.log_prob, x.old_log_prob, x.advantages,
-                                              x.response_mask, config)
-    return loss, {name: metric_vec[_METRIC_INDEX[name]] for name in metric_names(loss_type)}
+                                              x.response_mask, config, gamma)
+    metrics = {name: extra[name] if name in extra else metric_vec[_METRIC_INDEX[name]]
+               for name in metric_names(loss_type, params)}
+    return loss, metrics
 
 
 def traffic_model(loss_type: str, dtype: torch.dtype, mask_dtype: Optional[torch.dtype], B: int, T: int,
@@ -215,5 +308,5 @@ def traffic_model(loss_type: str, dtype: torch.dtype, mask_dtype: Optional[torch
     if backward:
         total += acc * n + acc * n + item * n
     programs = max(1, min(B, MAX_PROGRAMS))
-    total += acc * (programs * (layout.PARTIAL_WIDTH + 2 * layout.S_BASE_WIDTH) + 4 * B)
+    total += acc * (programs * (layout.PARTIAL_WIDTH.value + 2 * layout.S_BASE_WIDTH) + 4 * B)
     return total

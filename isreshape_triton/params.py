@@ -28,7 +28,7 @@ AGG_MODES = (
     "seq-mean-token-mean",
     "seq-mean-token-sum-norm",
 )
-GAMMA_MODES = ("ess", "ess_exact")
+GAMMA_MODES = ("ess", "ess_exact", "psis")
 GRANULARITIES = ("batch", "sequence")
 NEG_SATURATIONS = ("none", "soft", "truncate", "michaelis_menten")
 POS_WEIGHTS = ("power", "michaelis_menten")
@@ -55,6 +55,16 @@ def _check_gamma_spec(gamma: GammaSpec) -> None:
         raise ValueError(f"gamma must be finite, got {gamma!r}")
 
 
+def _check_exact_range(gamma, gamma_max) -> None:
+    if gamma in ("ess_exact", "psis") and gamma_max > 1.0:
+        raise ValueError(f"gamma_max must be <= 1 with gamma={gamma!r}, got {gamma_max!r}")
+
+
+def _check_fallback(value) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
+        raise ValueError(f"gamma_fallback must lie in [0, 1], got {value!r}")
+
+
 def _check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
@@ -77,21 +87,22 @@ class IsReshapeParams:
     gamma_min: float = 0.05
     gamma_max: float = 1.0
     gamma_granularity: str = "batch"
+    gamma_fallback: float = 0.3  # γ when PSIS finds k̂ > 0.7
 
     def __post_init__(self):
         _check_gamma_spec(self.gamma)
         _check_rho(self.rho_min)
         _check_bounds("gamma_min", self.gamma_min, "gamma_max", self.gamma_max)
         _check_choice("gamma_granularity", self.gamma_granularity, GRANULARITIES)
-        if self.gamma == "ess_exact" and self.gamma_max > 1.0:
-            raise ValueError("gamma_max must be <= 1 with gamma='ess_exact'")
+        _check_exact_range(self.gamma, self.gamma_max)
+        _check_fallback(self.gamma_fallback)
 
 
 @dataclass(frozen=True)
 class IsReshapeSignParams:
     """Sign-dependent shapes: A>0 → w^{γ+}·A (or Michaelis-Menten), A<0 → b(w)·A."""
 
-    gamma: str = "ess"  # rule for γ+ / γ− not fixed below: "ess" or "ess_exact"
+    gamma: str = "ess"  # rule for γ+ / γ− not fixed below: "ess", "ess_exact" or "psis"
     gamma_pos: Optional[float] = None  # fixed γ+ (else from σ²₊)
     gamma_neg: Optional[float] = None  # fixed γ− (else from σ²₋)
     rho_min: float = 0.3
@@ -102,8 +113,10 @@ class IsReshapeSignParams:
     saturation_w_th: float = 3.0  # w_th of the soft saturation
     truncate_max: float = 10.0  # M of the truncate saturation
     mm_tau: float = 1.0  # τ of Michaelis-Menten (1+τ)w/(τ+w)
+    gamma_fallback: float = 0.3  # γ+ when PSIS finds k̂ > 0.7 (γ− falls back to 1 + gamma_fallback)
 
     def __post_init__(self):
+        _check_fallback(self.gamma_fallback)
         if self.gamma not in GAMMA_MODES:
             raise ValueError(f"gamma must be one of {GAMMA_MODES} for is_reshape_sign "
                              f"(fix gamma_pos/gamma_neg instead), got {self.gamma!r}")
@@ -148,6 +161,7 @@ class IsReshapeVarParams:
     gamma_max: float = 1.0
     temperature: float = 5.0  # T of the soft case indicators σ(T·ℓ), σ(T·A)
     gamma_granularity: str = "batch"
+    gamma_fallback: float = 0.3  # γ_base when PSIS finds k̂ > 0.7
 
     def __post_init__(self):
         _check_gamma_spec(self.gamma)
@@ -155,8 +169,8 @@ class IsReshapeVarParams:
         _check_bounds("gamma_min", self.gamma_min, "gamma_max", self.gamma_max)
         _check_positive("temperature", self.temperature)
         _check_choice("gamma_granularity", self.gamma_granularity, GRANULARITIES)
-        if self.gamma == "ess_exact" and self.gamma_max > 1.0:
-            raise ValueError("gamma_max must be <= 1 with gamma='ess_exact'")
+        _check_exact_range(self.gamma, self.gamma_max)
+        _check_fallback(self.gamma_fallback)
 
 
 @dataclass(frozen=True)

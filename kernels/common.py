@@ -46,13 +46,17 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
-def merge_moments(rec_ptr, nrec, slot, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
-    """(count, unbiased σ²) of one group stored as (count, mean, M2) at ``slot`` of
-    ``nrec`` records of ``WIDTH`` values: the exact parallel combine
-    M2 = Σ M2_r + n_r(μ_r − μ)², vectorised and in a fixed order (deterministic)."""
+def merge_records(rec_ptr, nrec, slot, WIDTH: tl.constexpr, BLOCK: tl.constexpr,
+                  HIGHER: tl.constexpr):
+    """(count, M2, M3, M4) of one group stored as (count, mean, M2[, M3, M4]) at ``slot``
+    of ``nrec`` records of ``WIDTH`` values. Every record's central moments are shifted
+    to the common mean (δ_r = μ_r − μ):  M2 = Σ M2_r + n_r·δ_r²,
+    M3 = Σ M3_r + 3δ_r·M2_r + n_r·δ_r³,  M4 = Σ M4_r + 4δ_r·M3_r + 6δ_r²·M2_r + n_r·δ_r⁴.
+    Vectorised, fixed order (deterministic). M3 = M4 = 0 unless HIGHER."""
     idx = tl.arange(0, BLOCK)
-    acc_n = tl.zeros([BLOCK], rec_ptr.dtype.element_ty)
-    acc_s = tl.zeros([BLOCK], rec_ptr.dtype.element_ty)
+    dt = rec_ptr.dtype.element_ty
+    acc_n = tl.zeros([BLOCK], dt)
+    acc_s = tl.zeros([BLOCK], dt)
     for r0 in range(0, nrec, BLOCK):
         r = r0 + idx
         base = rec_ptr + r.to(tl.int64) * WIDTH + slot
@@ -61,14 +65,52 @@ def merge_moments(rec_ptr, nrec, slot, WIDTH: tl.constexpr, BLOCK: tl.constexpr)
         acc_s += nr * tl.load(base + 1, mask=r < nrec, other=0.0)
     n = tl.sum(acc_n)
     mean = tl.sum(acc_s) / tl.maximum(n, 1.0)
-    acc_m2 = tl.zeros([BLOCK], rec_ptr.dtype.element_ty)
+    acc2 = tl.zeros([BLOCK], dt)
+    acc3 = tl.zeros([BLOCK], dt)
+    acc4 = tl.zeros([BLOCK], dt)
     for r0 in range(0, nrec, BLOCK):
         r = r0 + idx
         base = rec_ptr + r.to(tl.int64) * WIDTH + slot
         nr = tl.load(base, mask=r < nrec, other=0.0)
-        d = tl.load(base + 1, mask=r < nrec, other=0.0) - mean
-        acc_m2 += tl.load(base + 2, mask=r < nrec, other=0.0) + nr * d * d
-    return n, unbiased_var(n, tl.sum(acc_m2))
+        d = tl.where(nr > 0.0, tl.load(base + 1, mask=r < nrec, other=0.0) - mean, 0.0)
+        m2 = tl.load(base + 2, mask=r < nrec, other=0.0)
+        acc2 += m2 + nr * d * d
+        if HIGHER:
+            m3 = tl.load(base + 3, mask=r < nrec, other=0.0)
+            acc3 += m3 + 3.0 * d * m2 + nr * d * d * d
+            acc4 += tl.load(base + 4, mask=r < nrec, other=0.0) + 4.0 * d * m3 + 6.0 * d * d * m2 + nr * d * d * d * d
+    return n, tl.sum(acc2), tl.sum(acc3), tl.sum(acc4)
+
+
+@triton.jit
+def merge_moments(rec_ptr, nrec, slot, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    """(count, unbiased σ²) of one group over ``nrec`` records (see ``merge_records``)."""
+    n, m2, m3, m4 = merge_records(rec_ptr, nrec, slot, WIDTH, BLOCK, False)
+    return n, unbiased_var(n, m2)
+
+
+@triton.jit
+def masked_moments4(x, m):
+    """(count, mean, M2, M3, M4) of x over m, central sums after an in-tile mean."""
+    n = tl.sum(tl.where(m, 1.0, 0.0).to(x.dtype))
+    mean = tl.sum(tl.where(m, x, 0.0)) / tl.maximum(n, 1.0)
+    d = tl.where(m, x - mean, 0.0)
+    d2 = d * d
+    return n, mean, tl.sum(d2), tl.sum(d2 * d), tl.sum(d2 * d2)
+
+
+@triton.jit
+def merge4(n_a, mu_a, a2, a3, a4, n_b, mu_b, b2, b3, b4):
+    """Merge two (count, mean, M2, M3, M4) summaries by shifting both to the joint mean."""
+    n = n_a + n_b
+    mu = (n_a * mu_a + n_b * mu_b) / tl.maximum(n, 1.0)
+    da = tl.where(n_a > 0.0, mu_a - mu, 0.0)
+    db = tl.where(n_b > 0.0, mu_b - mu, 0.0)
+    m2 = a2 + n_a * da * da + b2 + n_b * db * db
+    m3 = a3 + 3.0 * da * a2 + n_a * da * da * da + b3 + 3.0 * db * b2 + n_b * db * db * db
+    m4 = (a4 + 4.0 * da * a3 + 6.0 * da * da * a2 + n_a * da * da * da * da
+          + b4 + 4.0 * db * b3 + 6.0 * db * db * b2 + n_b * db * db * db * db)
+    return n, mu, m2, m3, m4
 
 
 @triton.jit

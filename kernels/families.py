@@ -18,19 +18,19 @@ import triton.language as tl
 
 from .common import expm1_over, log1p, sech2_half, tanh
 
-IS_RESHAPE: tl.constexpr = 0
-IS_RESHAPE_SIGN: tl.constexpr = 1
-IS_RESHAPE_TR: tl.constexpr = 2
-IS_RESHAPE_VAR: tl.constexpr = 3
-PPO_CLIP: tl.constexpr = 4
-SAPO: tl.constexpr = 5
-VESPO: tl.constexpr = 6
+IS_RESHAPE = tl.constexpr(0)
+IS_RESHAPE_SIGN = tl.constexpr(1)
+IS_RESHAPE_TR = tl.constexpr(2)
+IS_RESHAPE_VAR = tl.constexpr(3)
+PPO_CLIP = tl.constexpr(4)
+SAPO = tl.constexpr(5)
+VESPO = tl.constexpr(6)
 
 # is_reshape_sign OPT = NEG_SATURATION + 4 * POS_MICHAELIS_MENTEN
-SAT_NONE: tl.constexpr = 0
-SAT_SOFT: tl.constexpr = 1
-SAT_TRUNCATE: tl.constexpr = 2
-SAT_MICHAELIS_MENTEN: tl.constexpr = 3
+SAT_NONE = tl.constexpr(0)
+SAT_SOFT = tl.constexpr(1)
+SAT_TRUNCATE = tl.constexpr(2)
+SAT_MICHAELIS_MENTEN = tl.constexpr(3)
 
 
 @triton.jit

@@ -4,16 +4,16 @@ scale s_b = ∂aggregate/∂L_t for the tokens of row b."""
 import triton
 import triton.language as tl
 
-from .common import merge_moments, safe_div
+from .common import merge_moments, merge_records, safe_div, unbiased_var
 from .layout import (P_GAMMA, P_GAMMA_MAX, P_GAMMA_MIN, P_LOSS, P_N, P_N_NEG, P_N_POS,
-                     P_NEG_LOG_RATIO, P_OMEGA, P_OMEGA_SQ, P_PHI, P_PHI_ABS_MAX, P_ROWS,
+                     P_NEG_LOG_RATIO, P_OMEGA, P_PHI, P_PHI_ABS_MAX, P_ROWS,
                      P_SEQ_LOSS, P_W, P_W_MAX, P_X, PARTIAL_WIDTH)
 
-TOKEN_MEAN: tl.constexpr = 0
-TOKEN_SUM: tl.constexpr = 1
-SEQ_MEAN_TOKEN_SUM: tl.constexpr = 2
-SEQ_MEAN_TOKEN_MEAN: tl.constexpr = 3
-SEQ_MEAN_TOKEN_SUM_NORM: tl.constexpr = 4
+TOKEN_MEAN = tl.constexpr(0)
+TOKEN_SUM = tl.constexpr(1)
+SEQ_MEAN_TOKEN_SUM = tl.constexpr(2)
+SEQ_MEAN_TOKEN_MEAN = tl.constexpr(3)
+SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(4)
 
 
 @triton.jit
@@ -29,7 +29,8 @@ def finalize_kernel(
     ok = p < n_part
     rows = partial_ptr + p * PARTIAL_WIDTH
     dt = partial_ptr.dtype.element_ty
-    n_all, var_all = merge_moments(partial_ptr, n_part, P_N, PARTIAL_WIDTH, BLOCK_P)
+    n_all, m2_all, m3_all, m4_all = merge_records(partial_ptr, n_part, P_N, PARTIAL_WIDTH, BLOCK_P, True)
+    var_all = unbiased_var(n_all, m2_all)
     n_pos, var_pos = merge_moments(partial_ptr, n_part, P_N_POS, PARTIAL_WIDTH, BLOCK_P)
     n_neg, var_neg = merge_moments(partial_ptr, n_part, P_N_NEG, PARTIAL_WIDTH, BLOCK_P)
     s_loss = tl.sum(tl.load(rows + P_LOSS, mask=ok, other=0.0))
@@ -41,7 +42,11 @@ def finalize_kernel(
     s_phi = tl.sum(tl.load(rows + P_PHI, mask=ok, other=0.0))
     phi_max = tl.max(tl.load(rows + P_PHI_ABS_MAX, mask=ok, other=0.0))
     s_om = tl.sum(tl.load(rows + P_OMEGA, mask=ok, other=0.0))
-    s_om2 = tl.sum(tl.load(rows + P_OMEGA_SQ, mask=ok, other=0.0))
+    s_om2 = tl.sum(tl.load(rows + P_OMEGA + 1, mask=ok, other=0.0))
+    s_omp = tl.sum(tl.load(rows + P_OMEGA + 2, mask=ok, other=0.0))
+    s_omp2 = tl.sum(tl.load(rows + P_OMEGA + 3, mask=ok, other=0.0))
+    s_omn = tl.sum(tl.load(rows + P_OMEGA + 4, mask=ok, other=0.0))
+    s_omn2 = tl.sum(tl.load(rows + P_OMEGA + 5, mask=ok, other=0.0))
     s_g = tl.sum(tl.load(rows + P_GAMMA, mask=ok, other=0.0))
     g_min = tl.min(tl.load(rows + P_GAMMA_MIN, mask=ok, other=float("inf")))
     g_max = tl.max(tl.load(rows + P_GAMMA_MAX, mask=ok, other=0.0))
@@ -119,3 +124,14 @@ def finalize_kernel(
     tl.store(m + 21, safe_div(x3, n_all))
     tl.store(m + 22, safe_div(x0, n_all))  # clipfrac and clipfrac_lower share x0/x1 with p_case
     tl.store(m + 23, safe_div(x1, n_all))
+    # diagnostics (biased moments, as scipy.stats.skew / kurtosis)
+    cm2 = safe_div(m2_all, n_all)
+    tl.store(m + 24, safe_div(safe_div(m3_all, n_all), cm2 * tl.sqrt(cm2)))
+    tl.store(m + 25, tl.where(cm2 > 0.0, safe_div(safe_div(m4_all, n_all), cm2 * cm2) - 3.0, 0.0))
+    tl.store(m + 26, safe_div(w_max, s_w))
+    ess_pos = safe_div(s_omp * s_omp, s_omp2)
+    ess_neg = safe_div(s_omn * s_omn, s_omn2)
+    tl.store(m + 27, ess_pos)
+    tl.store(m + 28, safe_div(ess_pos, n_pos))
+    tl.store(m + 29, ess_neg)
+    tl.store(m + 30, safe_div(ess_neg, n_neg))

@@ -7,9 +7,10 @@ from .common import merge_moments
 from .families import IS_RESHAPE, IS_RESHAPE_SIGN, IS_RESHAPE_VAR
 from .layout import S_GRID, S_N_ALL, S_N_NEG, S_N_POS
 
-GAMMA_FIXED: tl.constexpr = 0
-GAMMA_ESS: tl.constexpr = 1
-GAMMA_ESS_EXACT: tl.constexpr = 2
+GAMMA_FIXED = tl.constexpr(0)
+GAMMA_ESS = tl.constexpr(1)
+GAMMA_ESS_EXACT = tl.constexpr(2)
+GAMMA_GIVEN = tl.constexpr(3)  # computed on the device before pass 2 (PSIS)
 
 
 @triton.jit

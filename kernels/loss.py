@@ -2,7 +2,9 @@
 
 Same persistent row ownership as pass 1. Each program first resolves the
 family context (γ from the merged statistics records, or fixed parameters);
-with ``ROW_STATS`` it resolves it again per row from that row's record. Per
+with ``ROW_STATS`` it resolves it again per row from that row's record, and with
+``GAMMA_MODE == GAMMA_GIVEN`` it reads (c0, c1) computed on the device beforehand
+(PSIS) at ``gamma_ptr + row * gamma_row_stride``. Per
 tile: ℓ, w, family (φ, F), the unscaled gradient −m·φ (the backward multiplies
 it by the aggregation scale times the incoming gradient), and the masked sums
 of the loss and of every metric. One partial record per program (``layout.py``)
@@ -11,18 +13,18 @@ goes to ``finalize_kernel``; per-row counts go to ``row_count``.
 import triton
 import triton.language as tl
 
-from .common import chan_merge, load_token_tile, masked_moments
+from .common import chan_merge, load_token_tile, masked_moments, masked_moments4, merge4
 from .families import VESPO, family_token, vespo_sequence_weight
-from .gamma import family_context
+from .gamma import GAMMA_GIVEN, family_context
 from .layout import (P_GAMMA, P_GAMMA_MAX, P_GAMMA_MIN, P_LOSS, P_N, P_N_NEG, P_N_POS,
-                     P_NEG_LOG_RATIO, P_OMEGA, P_OMEGA_SQ, P_PHI, P_PHI_ABS_MAX, P_ROWS,
-                     P_SEQ_LOSS, P_W, P_W_MAX, P_X, PARTIAL_WIDTH, S_AFIRST, S_LSUM)
+                     P_NEG_LOG_RATIO, P_OMEGA, P_PHI, P_PHI_ABS_MAX, P_ROWS, P_SEQ_LOSS, P_W,
+                     P_W_MAX, P_X, PARTIAL_WIDTH, S_AFIRST, S_LSUM)
 
 
 @triton.jit(do_not_specialize=["R", "T", "n_rec", "s_lp_r", "s_lp_t", "s_olp_r", "s_olp_t",
                                "s_adv_r", "s_adv_t", "s_mask_r", "s_mask_t"])
 def token_loss_kernel(
-    lp_ptr, olp_ptr, adv_ptr, mask_ptr, rec_ptr, n_rec, row_rec_ptr,
+    lp_ptr, olp_ptr, adv_ptr, mask_ptr, rec_ptr, n_rec, row_rec_ptr, gamma_ptr, gamma_row_stride,
     grad_ptr, row_count_ptr, partial_ptr, ctx_ptr,
     R, T, s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r, s_mask_t,
     clamp, p0, p1, p2, p3, p4, p5, p6, ga_lo, ga_hi, gb_lo, gb_hi,
@@ -41,13 +43,18 @@ def token_loss_kernel(
     offs0 = tl.arange(0, BLOCK_T)
     zero = tl.zeros([], ACC)
     # batch context, identical in every program (same records, same order)
-    c0, c1 = family_context(rec_ptr, n_rec, p0, p1, p2, ga_lo, ga_hi, gb_lo, gb_hi,
-                            FAMILY, GAMMA_MODE, BATCH_STATS, KS, G, BLOCK_REC)
+    if GAMMA_MODE == GAMMA_GIVEN:
+        c0 = tl.load(gamma_ptr).to(ACC)
+        c1 = tl.load(gamma_ptr + 1).to(ACC)
+    else:
+        c0, c1 = family_context(rec_ptr, n_rec, p0, p1, p2, ga_lo, ga_hi, gb_lo, gb_hi,
+                                FAMILY, GAMMA_MODE, BATCH_STATS, KS, G, BLOCK_REC)
     if pid == 0:
         tl.store(ctx_ptr, c0)
         tl.store(ctx_ptr + 1, c1)
-    n0, m0, q0, n1, m1, q1, n2, m2, q2 = zero, zero, zero, zero, zero, zero, zero, zero, zero
-    s_loss, s_seq, s_rows, s_nlr, s_w, s_phi, s_om, s_om2, s_g = zero, zero, zero, zero, zero, zero, zero, zero, zero
+    n0, m0, q0, k3, k4, n1, m1, q1, n2, m2, q2 = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+    s_loss, s_seq, s_rows, s_nlr, s_w, s_phi, s_g = zero, zero, zero, zero, zero, zero, zero
+    s_om, s_om2, s_omp, s_omp2, s_omn, s_omn2 = zero, zero, zero, zero, zero, zero
     w_max, phi_max, g_max = zero, zero, zero
     g_min = zero + float("inf")
     x0, x1, x2, x3, x4 = zero, zero, zero, zero, zero
@@ -58,7 +65,10 @@ def token_loss_kernel(
         adv_row = adv_ptr + row64 * s_adv_r
         mask_row = mask_ptr + row64 * s_mask_r
         r0, r1 = c0, c1
-        if ROW_STATS:
+        if GAMMA_MODE == GAMMA_GIVEN:
+            r0 = tl.load(gamma_ptr + row64 * gamma_row_stride).to(ACC)
+            r1 = tl.load(gamma_ptr + row64 * gamma_row_stride + 1).to(ACC)
+        elif ROW_STATS:
             rec = row_rec_ptr + row64 * KS
             if FAMILY == VESPO:
                 r0 = vespo_sequence_weight(tl.load(rec + S_LSUM), tl.load(rec + S_AFIRST), clamp,
@@ -81,12 +91,14 @@ def token_loss_kernel(
                 tl.store(grad_ptr + row64 * T + offs, tl.where(m, -phi, 0.0), mask=offs < T)
             row_loss += tl.sum(tl.where(m, -F, 0.0))
             # metrics
-            cn, cm, cq = masked_moments(ell, m)
+            cn, cm, cq, c3, c4 = masked_moments4(ell, m)
             row_n += cn
-            n0, m0, q0 = chan_merge(n0, m0, q0, cn, cm, cq)
-            cn, cm, cq = masked_moments(ell, m & (adv > 0.0))
+            n0, m0, q0, k3, k4 = merge4(n0, m0, q0, k3, k4, cn, cm, cq, c3, c4)
+            pos = m & (adv > 0.0)
+            neg = m & (adv < 0.0)
+            cn, cm, cq = masked_moments(ell, pos)
             n1, m1, q1 = chan_merge(n1, m1, q1, cn, cm, cq)
-            cn, cm, cq = masked_moments(ell, m & (adv < 0.0))
+            cn, cm, cq = masked_moments(ell, neg)
             n2, m2, q2 = chan_merge(n2, m2, q2, cn, cm, cq)
             s_nlr += tl.sum(tl.where(m, -ell, 0.0))
             s_w += tl.sum(tl.where(m, w, 0.0))
@@ -96,6 +108,10 @@ def token_loss_kernel(
             om = tl.where(m, tl.exp(g * ell), 0.0)
             s_om += tl.sum(om)
             s_om2 += tl.sum(om * om)
+            s_omp += tl.sum(tl.where(pos, om, 0.0))
+            s_omp2 += tl.sum(tl.where(pos, om * om, 0.0))
+            s_omn += tl.sum(tl.where(neg, om, 0.0))
+            s_omn2 += tl.sum(tl.where(neg, om * om, 0.0))
             s_g += tl.sum(tl.where(m, g, 0.0))
             g_min = tl.minimum(g_min, tl.min(tl.where(m, g, float("inf"))))
             g_max = tl.maximum(g_max, tl.max(tl.where(m, g, 0.0)))
@@ -112,6 +128,8 @@ def token_loss_kernel(
     tl.store(out + P_N, n0)
     tl.store(out + P_N + 1, m0)
     tl.store(out + P_N + 2, q0)
+    tl.store(out + P_N + 3, k3)
+    tl.store(out + P_N + 4, k4)
     tl.store(out + P_N_POS, n1)
     tl.store(out + P_N_POS + 1, m1)
     tl.store(out + P_N_POS + 2, q1)
@@ -127,7 +145,11 @@ def token_loss_kernel(
     tl.store(out + P_PHI, s_phi)
     tl.store(out + P_PHI_ABS_MAX, phi_max)
     tl.store(out + P_OMEGA, s_om)
-    tl.store(out + P_OMEGA_SQ, s_om2)
+    tl.store(out + P_OMEGA + 1, s_om2)
+    tl.store(out + P_OMEGA + 2, s_omp)
+    tl.store(out + P_OMEGA + 3, s_omp2)
+    tl.store(out + P_OMEGA + 4, s_omn)
+    tl.store(out + P_OMEGA + 5, s_omn2)
     tl.store(out + P_GAMMA, s_g)
     tl.store(out + P_GAMMA_MIN, g_min)
     tl.store(out + P_GAMMA_MAX, g_max)

@@ -25,3 +25,23 @@ def poisoned_outputs(monkeypatch):
             return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(ops, "_empty", nan_empty)
+
+
+EXERCISED_SPECIALIZATIONS = {}  # every kernel specialization launched in this session (see test_zz_aot)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def record_specializations():
+    """Record the specialization of every launch of the fused op, for the sm_90 AOT check."""
+    from isreshape_triton import aot, ops
+
+    original = ops.Launch.__call__
+
+    def recording_call(self):
+        spec = aot.launch_spec(self)
+        EXERCISED_SPECIALIZATIONS[aot.spec_key(spec)] = spec
+        return original(self)
+
+    ops.Launch.__call__ = recording_call
+    yield EXERCISED_SPECIALIZATIONS
+    ops.Launch.__call__ = original

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -257,8 +258,14 @@ def test_grad_and_value_match_spec(loss_type, agg, seed, adv, gran, sat, pos_wei
         expect.update(gamma_mean=mean(gt), gamma_min=gt[m].min(), gamma_max=gt[m].max())
     if loss_type == "is_reshape" and gran == "batch":
         expect["gamma"] = gt[0, 0]
+    expect.update(skewness=scipy.stats.skew(ell[m]), kurtosis=scipy.stats.kurtosis(ell[m]),
+                  max_weight_ratio=w[m].max() / w[m].sum())
     if loss_type == "is_reshape_sign":
         expect.update(sigma_sq_pos=np_var(ell[m & (Aa > 0)]), sigma_sq_neg=np_var(ell[m & (Aa < 0)]))
+        for name, sel in (("pos", m & (Aa > 0)), ("neg", m & (Aa < 0))):
+            o = np.exp(gt[sel] * ell[sel])
+            e = o.sum() ** 2 / (o ** 2).sum() if o.size else 0.0
+            expect.update({f"ess_{name}": e, f"ess_ratio_{name}": e / o.size if o.size else 0.0})
     assert tuple(metrics) == metric_names(loss_type)
     for k, v in metrics.items():
         assert v.dim() == 0 and v.dtype == loss.dtype and v.device == lp.device, k
@@ -593,6 +600,72 @@ def test_ess_exact_sequence_metrics_and_empty_rows():
     n0, n2 = m[0].sum(), m[2].sum()
     assert met["gamma"].item() == pytest.approx((g[0] * n0 + g[1] * n2) / (n0 + n2), abs=1e-3)
     assert met["gamma_min"].item() == pytest.approx(min(g), abs=1e-3)
+
+
+# ============================================================================ diagnostics (metrics.py)
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("loss_type", ["is_reshape", "ppo_clip"])
+def test_skew_kurtosis_match_scipy_on_counted_tokens(loss_type, dtype):
+    lp, olp, A, mask = make_batch(B=6, T=50, seed=21, dtype=dtype, scale=1.3)
+    lp = lp.detach().clone()
+    lp[~mask] = 40.0  # masked positions must not enter the moments
+    lp.requires_grad_()
+    _, met = ref.policy_loss(lp, olp, A, mask, loss_type)
+    dt = lp.dtype
+    ell = (lp.detach().to(dt) - olp.to(dt)).clamp(-20, 20).double().numpy()[mask.numpy()]
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == F64 else dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(met["skewness"].item(), scipy.stats.skew(ell), **tol)
+    np.testing.assert_allclose(met["kurtosis"].item(), scipy.stats.kurtosis(ell), **tol)
+    np.testing.assert_allclose(met["max_weight_ratio"].item(), np.exp(ell).max() / np.exp(ell).sum(), **tol)
+
+
+def test_skew_kurtosis_degenerate():
+    # constant ℓ (m2 = 0; scipy gives NaN): 0; one token: 0; empty: 0
+    lp = torch.full((3, 7), -1.0, dtype=F64, requires_grad=True)
+    olp = torch.full((3, 7), -1.1, dtype=F64)
+    one = torch.zeros(3, 7, dtype=torch.bool)
+    one[1, 2] = True
+    for mask in (None, one, torch.zeros(3, 7, dtype=torch.bool)):
+        _, met = ref.policy_loss(lp, olp, None, mask)
+        assert met["skewness"].item() == 0.0 and met["kurtosis"].item() == 0.0
+    # two values: skew 0, excess kurtosis −2 (scipy)
+    lp2 = torch.tensor([[0.0, 1.0, 0.0, 1.0]], dtype=F64, requires_grad=True)
+    _, met = ref.policy_loss(lp2, torch.zeros(1, 4, dtype=F64))
+    assert met["skewness"].item() == pytest.approx(0.0, abs=1e-12)
+    assert met["kurtosis"].item() == pytest.approx(-2.0)
+
+
+def test_max_weight_ratio_by_hand():
+    # w = 1, 2, 3 counted (a huge masked weight is ignored): max/Σ = 3/6
+    lp = torch.tensor([[0.0, math.log(2.0)], [math.log(3.0), 15.0]], dtype=F64, requires_grad=True)
+    mask = torch.tensor([[True, True], [True, False]])
+    _, met = ref.policy_loss(lp, torch.zeros(2, 2, dtype=F64), None, mask, "sapo")
+    assert met["max_weight_ratio"].item() == pytest.approx(0.5, rel=1e-12)
+    # clamped ℓ: w = e^20 dominates
+    lp = torch.tensor([[30.0, 0.0]], dtype=F64, requires_grad=True)
+    _, met = ref.policy_loss(lp, torch.zeros(1, 2, dtype=F64), None, None, "sapo")
+    assert met["max_weight_ratio"].item() == pytest.approx(math.exp(20) / (math.exp(20) + 1), rel=1e-12)
+    _, met = ref.policy_loss(lp, torch.zeros(1, 2, dtype=F64), None, torch.zeros(1, 2), "sapo")
+    assert met["max_weight_ratio"].item() == 0.0
+
+
+def test_sign_group_ess_by_hand():
+    # A>0 tokens ℓ = 0, ln 4 with γ+ = 0.5: ω = 1, 2 → ess = 9/5;
+    # A<0 tokens ℓ = 0, ln 2, ln 2 with γ− = 2: ω = 1, 4, 4 → ess = 81/33; A = 0 token in neither
+    ell = torch.tensor([[0.0, math.log(4.0), 0.0, math.log(2.0), math.log(2.0), 1.0, 5.0]], dtype=F64)
+    A = torch.tensor([[1.0, 2.0, -1.0, -0.5, -2.0, 0.0, -1.0]], dtype=F64)
+    mask = torch.tensor([[True] * 6 + [False]])
+    lp = ell.clone().requires_grad_()
+    _, met = ref.policy_loss(lp, torch.zeros_like(ell), A, mask, "is_reshape_sign",
+                             gamma_pos=0.5, gamma_neg=2.0)
+    assert met["ess_pos"].item() == pytest.approx(9 / 5, rel=1e-12)
+    assert met["ess_ratio_pos"].item() == pytest.approx(9 / 10, rel=1e-12)
+    assert met["ess_neg"].item() == pytest.approx(81 / 33, rel=1e-12)
+    assert met["ess_ratio_neg"].item() == pytest.approx(81 / 99, rel=1e-12)
+    # an empty group gives 0
+    _, met = ref.policy_loss(lp, torch.zeros_like(ell), A.abs(), mask, "is_reshape_sign")
+    assert met["ess_neg"].item() == 0.0 and met["ess_ratio_neg"].item() == 0.0
+    assert met["ess_pos"].item() > 0
 
 
 # ============================================================================ shapes, layouts

@@ -6,7 +6,8 @@ boolean indexing). Modules:
 * :mod:`.loss`        — :func:`policy_loss` (same signature as ``irt.policy_loss``)
 * :mod:`.families`    — one token function per family (φ, F), :data:`FAMILIES`,
   :data:`STATS`, :func:`phi_F`, :func:`family_stats`
-* :mod:`.gamma`       — masked variance, γ rules (``ess``, ``ess_exact``, fixed), sign γ±
+* :mod:`.gamma`       — masked variance, γ rules (``ess``, ``ess_exact``, ``psis``, fixed), sign γ±
+  (PSIS itself: :mod:`isreshape_triton.psis`, shared with the fused op)
 * :mod:`.aggregation` — :func:`aggregate` and :func:`agg_scale` (s_t)
 * :mod:`.diagnostics` — :func:`compute_metrics`
 """
@@ -16,12 +17,12 @@ from .families import (FAMILIES, STATS, TokenTerms, expm1_over, family_stats, is
                        is_reshape_sign, is_reshape_tr, is_reshape_var, phi_F, ppo_clip, sapo,
                        vespo)
 from .gamma import (ess_ratio, gamma_closed_form, gamma_ess_exact, masked_moments, select_gamma,
-                    sign_gammas)
+                    select_gamma_k, sign_gammas)
 from .loss import compute_dtype, policy_loss
 
 __all__ = [
     "policy_loss", "compute_dtype", "phi_F", "family_stats", "FAMILIES", "STATS", "TokenTerms",
     "is_reshape", "is_reshape_sign", "is_reshape_tr", "is_reshape_var", "ppo_clip", "sapo", "vespo",
     "expm1_over", "aggregate", "agg_scale", "compute_metrics", "masked_moments", "gamma_closed_form",
-    "gamma_ess_exact", "ess_ratio", "select_gamma", "sign_gammas",
+    "gamma_ess_exact", "ess_ratio", "select_gamma", "select_gamma_k", "sign_gammas",
 ]

@@ -12,9 +12,11 @@ import torch
 
 from ..metrics import metric_names
 from .families import TokenTerms
+from ..psis import K_HAT_THRESHOLD
 from .gamma import masked_amax, masked_amin, masked_moments
 
 ALL = (0, 1)
+MOMENT_RESOLUTION = 1e-15  # numpy.finfo(float64).resolution, scipy's "m2 is 0" threshold
 
 
 def _mean(x, mf, n):
@@ -27,9 +29,46 @@ def _scalar(x):
     return x.reshape(())
 
 
+def _ess(z, group):
+    """(ESS, ESS/n) = ((Σω)²/Σω², that / n) with ω = exp(z) over the group; (0, 0) if empty.
+
+    ω is shifted by max z (the ratio is scale free)."""
+    om = torch.where(group, torch.exp(z - masked_amax(z, group, ALL)), 0.0)
+    s1, s2 = om.sum(), (om * om).sum()
+    ess = torch.where(s2 > 0, s1 * s1 / torch.where(s2 > 0, s2, 1.0), 0.0)
+    n = group.to(torch.float64).sum()
+    return ess, torch.where(n > 0, ess / n.clamp_min(1.0), 0.0)
+
+
+def _skew_kurt(x, mf, n):
+    """Skewness m3/m2^1.5 and excess kurtosis m4/m2² − 3 with biased central moments
+    (``scipy.stats.skew`` / ``scipy.stats.kurtosis`` defaults) over the counted tokens.
+
+    0 when n = 0 or m2 = 0; as in scipy, m2 counts as 0 when it is below the
+    rounding level of the mean, m2 ≤ (1e-15·mean)² (scipy returns NaN there)."""
+    mean = (x * mf).sum() / n.clamp_min(1.0)
+    d = (x - mean) * mf
+    d2 = d * d
+    m2 = d2.sum() / n.clamp_min(1.0)
+    m3 = (d2 * d).sum() / n.clamp_min(1.0)
+    m4 = (d2 * d2).sum() / n.clamp_min(1.0)
+    ok = (n > 0) & (m2 > (MOMENT_RESOLUTION * mean) ** 2) & (m2 > 0)
+    safe = torch.where(ok, m2, 1.0)
+    return torch.where(ok, m3 / safe ** 1.5, 0.0), torch.where(ok, m4 / (safe * safe) - 3.0, 0.0)
+
+
+def _max_weight_ratio(ell, mask):
+    """max w / Σw over the counted tokens = 1 / Σ exp(ℓ − max ℓ); 0 if empty."""
+    e = torch.where(mask, torch.exp(ell - masked_amax(ell, mask, ALL)), 0.0).sum()
+    return torch.where(e > 0, 1.0 / torch.where(e > 0, e, 1.0), 0.0)
+
+
 def compute_metrics(loss_type: str, ell: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                     terms: TokenTerms, stats: dict, params, out_dtype) -> dict:
-    """``{name: 0-dim tensor}`` with exactly ``metric_names(loss_type)``, in that order."""
+    """``{name: 0-dim tensor}`` with exactly ``metric_names(loss_type, params)``, in that order.
+
+    ``stats`` holds the family's statistics and, with ``gamma="psis"``, ``psis_k``
+    (every k̂ of the batch: rows and/or sign groups; 0 where none was fitted)."""
     ell = ell.detach().to(torch.float64)
     mf = mask.to(torch.float64)
     n = mf.sum()
@@ -37,11 +76,8 @@ def compute_metrics(loss_type: str, ell: torch.Tensor, adv: torch.Tensor, mask: 
     phi = terms.phi.detach().to(torch.float64)
     gamma_t = torch.broadcast_to(terms.gamma_t.detach().to(torch.float64), ell.shape)
 
-    # ESS at the effective exponent: ω = w^γ_t, shifted by max γ_t·ℓ (ratio is scale free)
-    z = gamma_t * ell
-    om = torch.where(mask, torch.exp(z - masked_amax(z, mask, ALL)), 0.0)
-    s1, s2 = om.sum(), (om * om).sum()
-    ess = torch.where(s2 > 0, s1 * s1 / torch.where(s2 > 0, s2, 1.0), 0.0)
+    ess, ess_ratio = _ess(gamma_t * ell, mask)
+    skewness, kurtosis = _skew_kurt(ell, mf, n)
 
     m = {
         "token_count": n,
@@ -52,7 +88,11 @@ def compute_metrics(loss_type: str, ell: torch.Tensor, adv: torch.Tensor, mask: 
         "phi_abs_max": _scalar(masked_amax(phi.abs(), mask, ALL)),
         "sigma_sq": _scalar(masked_moments(ell, mask, ALL)[2]),
         "ess": ess,
-        "ess_ratio": torch.where(n > 0, ess / n.clamp_min(1.0), 0.0),
+        "ess_ratio": ess_ratio,
+        "skewness": skewness,
+        "kurtosis": kurtosis,
+        # max w / Σw = 1 / Σ exp(ℓ − max ℓ) (overflow-free)
+        "max_weight_ratio": _max_weight_ratio(ell, mask),
     }
     if loss_type in ("is_reshape", "is_reshape_sign", "is_reshape_tr", "is_reshape_var"):
         m["gamma_mean"] = _mean(gamma_t, mf, n)
@@ -75,12 +115,20 @@ def compute_metrics(loss_type: str, ell: torch.Tensor, adv: torch.Tensor, mask: 
         m["gamma_neg"] = batch_or_mean(stats["gamma_neg"], neg)
         m["sigma_sq_pos"] = _scalar(masked_moments(ell, pos, ALL)[2])
         m["sigma_sq_neg"] = _scalar(masked_moments(ell, neg, ALL)[2])
+        # per-group ESS at the group's exponent (γ+ on A>0, γ− on A<0: γ_t there)
+        m["ess_pos"], m["ess_ratio_pos"] = _ess(gamma_t * ell, pos)
+        m["ess_neg"], m["ess_ratio_neg"] = _ess(gamma_t * ell, neg)
     elif loss_type == "is_reshape_var":
         m["gamma_base"] = batch_or_mean(stats["gamma_base"], mask)
     if loss_type in ("is_reshape_var", "ppo_clip"):
         for key, value in terms.extras.items():
             m[key] = _mean(value.detach(), mf, n)
 
-    names = metric_names(loss_type)
+    if "psis_k" in stats:  # gamma="psis": every k̂ of the batch (rows / sign groups)
+        k = stats["psis_k"].to(torch.float64)
+        m["psis_k"] = k.amax() if k.numel() else k.new_zeros(())
+        m["psis_unreliable"] = (k > K_HAT_THRESHOLD).any().to(torch.float64)
+
+    names = metric_names(loss_type, params)
     assert set(m) == set(names), (sorted(m), names)
     return {k: m[k].to(out_dtype) for k in names}

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from ..params import make_params
-from .gamma import dims_for, select_gamma, sign_gammas
+from .gamma import dims_for, select_gamma_k, sign_gammas
 
 
 class TokenTerms(NamedTuple):
@@ -62,10 +62,26 @@ def is_reshape(ell, adv, *, gamma):
     return TokenTerms(phi, F, torch.broadcast_to(gamma, ell.shape), {})
 
 
+def _with_psis(stats: dict, p, *ks) -> dict:
+    """Add the PSIS diagnostics (``psis_k``: every k̂ of the batch, flattened, float64)
+    to a family's statistics when ``gamma="psis"``. ``psis_*`` keys are not
+    arguments of the token functions (:func:`split_psis` removes them)."""
+    if getattr(p, "gamma", None) == "psis":
+        stats["psis_k"] = torch.cat([k.reshape(-1) for k in ks])
+    return stats
+
+
+def split_psis(stats: dict):
+    """(token-function statistics, ``psis_*`` diagnostics) of a stats dict."""
+    return ({k: v for k, v in stats.items() if not k.startswith("psis_")},
+            {k: v for k, v in stats.items() if k.startswith("psis_")})
+
+
 def is_reshape_stats(ell, adv, mask, p, log_ratio_clamp):
-    g = select_gamma(p.gamma, ell, mask, dims_for(p.gamma_granularity), rho_min=p.rho_min,
-                     gamma_min=p.gamma_min, gamma_max=p.gamma_max, empty_value=p.gamma_max)
-    return {"gamma": g.to(ell.dtype)}
+    g, k = select_gamma_k(p.gamma, ell, mask, dims_for(p.gamma_granularity), rho_min=p.rho_min,
+                          gamma_min=p.gamma_min, gamma_max=p.gamma_max, empty_value=p.gamma_max,
+                          fallback=p.gamma_fallback)
+    return _with_psis({"gamma": g.to(ell.dtype)}, p, k)
 
 
 # ----------------------------------------------------------------------------- is_reshape_sign
@@ -124,8 +140,10 @@ def is_reshape_sign(ell, adv, *, gamma_pos, gamma_neg, params):
 
 
 def is_reshape_sign_stats(ell, adv, mask, p, log_ratio_clamp):
-    g_pos, g_neg = sign_gammas(ell, adv, mask, p, dims_for(p.gamma_granularity))
-    return {"gamma_pos": g_pos.to(ell.dtype), "gamma_neg": g_neg.to(ell.dtype)}
+    g_pos, g_neg, k_pos, k_neg = sign_gammas(ell, adv, mask, p, dims_for(p.gamma_granularity),
+                                             return_k=True)
+    return _with_psis({"gamma_pos": g_pos.to(ell.dtype), "gamma_neg": g_neg.to(ell.dtype)},
+                      p, k_pos, k_neg)
 
 
 # ----------------------------------------------------------------------------- is_reshape_tr
@@ -163,9 +181,10 @@ def is_reshape_var(ell, adv, *, gamma_base, params):
 
 
 def is_reshape_var_stats(ell, adv, mask, p, log_ratio_clamp):
-    g = select_gamma(p.gamma, ell, mask, dims_for(p.gamma_granularity), rho_min=p.rho_min,
-                     gamma_min=p.gamma_min, gamma_max=p.gamma_max, empty_value=p.gamma_max)
-    return {"gamma_base": g.to(ell.dtype)}
+    g, k = select_gamma_k(p.gamma, ell, mask, dims_for(p.gamma_granularity), rho_min=p.rho_min,
+                          gamma_min=p.gamma_min, gamma_max=p.gamma_max, empty_value=p.gamma_max,
+                          fallback=p.gamma_fallback)
+    return _with_psis({"gamma_base": g.to(ell.dtype)}, p, k)
 
 
 # ----------------------------------------------------------------------------- ppo_clip
@@ -264,11 +283,15 @@ def phi_F(loss_type, ell, adv=None, params=None, **stats) -> TokenTerms:
     params = make_params(loss_type, params)
     ell = ell if isinstance(ell, torch.Tensor) else torch.tensor(ell, dtype=torch.float64)
     adv = torch.ones_like(ell) if adv is None else torch.as_tensor(adv, dtype=ell.dtype, device=ell.device)
+    stats = split_psis(stats)[0]
     if loss_type in _TAKES_PARAMS:
         stats["params"] = params
     return FAMILIES[loss_type](ell, adv, **stats)
 
 
 def family_stats(loss_type, ell, adv, mask, params, log_ratio_clamp=20.0) -> dict:
-    """The batch statistics of ``loss_type`` (detached, broadcastable to ``[R, T]``)."""
+    """The batch statistics of ``loss_type`` (detached, broadcastable to ``[R, T]``).
+
+    With ``gamma="psis"`` also ``psis_k`` (all k̂ values, flattened; a diagnostic,
+    ignored by :func:`phi_F`)."""
     return STATS[loss_type](ell.detach(), adv, mask, params, log_ratio_clamp)

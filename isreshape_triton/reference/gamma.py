@@ -11,12 +11,16 @@ A *group* is a boolean ``[R, T]`` tensor of the tokens that take part (the
 counted tokens, or the counted tokens with A > 0, ...). Values outside the group
 must be finite (the caller sanitizes them); they never influence the result.
 No ``.item()``, no boolean indexing: everything is masked reductions.
+``gamma="psis"`` delegates to :func:`isreshape_triton.psis.psis_gamma` (sort-based,
+also sync-free).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from ..psis import psis_gamma
 
 SIGMA_SQ_FLOOR = 1e-8  # σ² below this → the rule's upper bound
 ESS_EXACT_ITERS = 40  # bisection steps: (γ_max − γ_min)/2^40 ≪ 1e-7
@@ -112,24 +116,48 @@ def gamma_ess_exact(ell: torch.Tensor, group: torch.Tensor, dims, rho_min: float
     return torch.where(passes_hi, gamma_max, g)
 
 
-def select_gamma(rule, ell: torch.Tensor, group: torch.Tensor, dims, *, rho_min: float,
-                 gamma_min: float, gamma_max: float, empty_value: float) -> torch.Tensor:
-    """γ for one group under ``rule`` ("ess", "ess_exact" or a fixed float), float64.
+def select_gamma_k(rule, ell: torch.Tensor, group: torch.Tensor, dims, *, rho_min: float,
+                   gamma_min: float, gamma_max: float, empty_value: float, fallback: float = 0.3):
+    """(γ, k̂) for one group under ``rule``, both float64 of the keepdim shape.
 
-    A fixed float is clipped to [γ_min, γ_max]. For the data-driven rules an
-    empty group gives ``empty_value``.
+    ``rule`` is "ess", "ess_exact", "psis" or a fixed float (clipped to
+    [γ_min, γ_max]). For the data-driven rules an empty group gives
+    ``empty_value``. k̂ is the PSIS Pareto k̂ with ``rule="psis"`` (0 for an
+    empty group or one too small to fit, see :func:`isreshape_triton.psis.psis_gamma`;
+    k̂ > 0.7 → γ = ``fallback``) and 0 for the other rules.
     """
     shape = _keepdim_shape(ell, dims)
+    zero_k = ell.new_zeros(shape, dtype=torch.float64)
     if not isinstance(rule, str):
-        return ell.new_full(shape, min(max(float(rule), gamma_min), gamma_max), dtype=torch.float64)
+        return ell.new_full(shape, min(max(float(rule), gamma_min), gamma_max), dtype=torch.float64), zero_k
     n, _, var = masked_moments(ell, group, dims)
+    k = zero_k
     if rule == "ess":
         g = gamma_closed_form(var, rho_min, gamma_min, gamma_max)
     elif rule == "ess_exact":
         g = gamma_ess_exact(ell, group, dims, rho_min, gamma_min, gamma_max)
+    elif rule == "psis":
+        if tuple(dims) not in ((0, 1), (1,)):  # pragma: no cover - internal use only
+            raise ValueError(f"psis needs dims (0, 1) or (1,), got {dims!r}")
+        g, k = psis_gamma(ell.detach(), group, rho_min=rho_min, lo=gamma_min, hi=gamma_max,
+                          fallback=fallback, per_row=tuple(dims) == (1,))
+        g, k = g.reshape(shape), k.reshape(shape)
     else:  # pragma: no cover - params validation rejects it earlier
-        raise ValueError(f"gamma must be 'ess', 'ess_exact' or a float, got {rule!r}")
-    return torch.where(n > 0, g, empty_value)
+        raise ValueError(f"gamma must be 'ess', 'ess_exact', 'psis' or a float, got {rule!r}")
+    return torch.where(n > 0, g, empty_value), torch.where(n > 0, k, 0.0)
+
+
+def select_gamma(rule, ell: torch.Tensor, group: torch.Tensor, dims, *, rho_min: float,
+                 gamma_min: float, gamma_max: float, empty_value: float,
+                 fallback: float = 0.3) -> torch.Tensor:
+    """γ for one group under ``rule`` ("ess", "ess_exact", "psis" or a fixed float), float64.
+
+    A fixed float is clipped to [γ_min, γ_max]. For the data-driven rules an
+    empty group gives ``empty_value``. See :func:`select_gamma_k` (which also
+    returns the PSIS k̂).
+    """
+    return select_gamma_k(rule, ell, group, dims, rho_min=rho_min, gamma_min=gamma_min,
+                          gamma_max=gamma_max, empty_value=empty_value, fallback=fallback)[0]
 
 
 # is_reshape_sign (SPEC §4): γ+ ∈ [0.05, 0.99] (empty → 0.5); γ− = 1 + δ, δ ∈ [0.01, 0.99] (empty → 1.5)
@@ -137,27 +165,37 @@ SIGN_POS_BOUNDS = (0.05, 0.99, 0.5)
 SIGN_NEG_DELTA_BOUNDS = (0.01, 0.99, 0.5)
 
 
-def sign_gammas(ell: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, params, dims):
+def sign_gammas(ell: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, params, dims,
+                return_k: bool = False):
     """(γ+, γ−) for ``is_reshape_sign``; float64, broadcastable to ``[R, T]``.
 
     γ+ from the A > 0 tokens: clip(√(−ln ρ/σ²₊), 0.05, 0.99), no tokens → 0.5;
     γ− from the A < 0 tokens: clip(1 + min(0.99, √(−ln ρ/σ²₋)), 1.01, 1.99)
     = 1 + clip(√(−ln ρ/σ²₋), 0.01, 0.99), no tokens → 1.5; σ² < 1e-8 → the
     upper bound. With ``gamma="ess_exact"`` the largest exponent (δ for γ−)
-    whose sample ESS ratio is ≥ ρ. Fixed ``gamma_pos``/``gamma_neg`` are used
-    as given.
+    whose sample ESS ratio is ≥ ρ; with ``gamma="psis"`` the same on the
+    Pareto-smoothed weights of the group, and k̂ > 0.7 → γ+ = ``gamma_fallback``,
+    δ = ``gamma_fallback``. Fixed ``gamma_pos``/``gamma_neg`` are used as given.
+
+    ``return_k=True`` also returns the PSIS k̂ of both groups (k̂+, k̂−), same
+    shapes (0 for a fixed exponent, an empty or too small group, or a non-PSIS rule).
     """
     shape = _keepdim_shape(ell, dims)
+    fb = float(getattr(params, "gamma_fallback", 0.3))
+    zero_k = ell.new_zeros(shape, dtype=torch.float64)
     if params.gamma_pos is not None:
-        g_pos = ell.new_full(shape, float(params.gamma_pos), dtype=torch.float64)
+        g_pos, k_pos = ell.new_full(shape, float(params.gamma_pos), dtype=torch.float64), zero_k
     else:
         lo, hi, empty = SIGN_POS_BOUNDS
-        g_pos = select_gamma(params.gamma, ell, mask & (adv > 0), dims, rho_min=params.rho_min,
-                             gamma_min=lo, gamma_max=hi, empty_value=empty)
+        g_pos, k_pos = select_gamma_k(params.gamma, ell, mask & (adv > 0), dims, rho_min=params.rho_min,
+                                      gamma_min=lo, gamma_max=hi, empty_value=empty, fallback=fb)
     if params.gamma_neg is not None:
-        g_neg = ell.new_full(shape, float(params.gamma_neg), dtype=torch.float64)
+        g_neg, k_neg = ell.new_full(shape, float(params.gamma_neg), dtype=torch.float64), zero_k
     else:
         lo, hi, empty = SIGN_NEG_DELTA_BOUNDS
-        g_neg = 1.0 + select_gamma(params.gamma, ell, mask & (adv < 0), dims, rho_min=params.rho_min,
-                                   gamma_min=lo, gamma_max=hi, empty_value=empty)
+        delta, k_neg = select_gamma_k(params.gamma, ell, mask & (adv < 0), dims, rho_min=params.rho_min,
+                                      gamma_min=lo, gamma_max=hi, empty_value=empty, fallback=fb)
+        g_neg = 1.0 + delta
+    if return_k:
+        return g_pos, g_neg, k_pos, k_neg
     return g_pos, g_neg

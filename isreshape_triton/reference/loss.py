@@ -12,7 +12,7 @@ from ..inputs import prepare_inputs
 from ..params import AggConfig, make_params
 from .aggregation import aggregate
 from .diagnostics import compute_metrics
-from .families import FAMILIES, STATS, _TAKES_PARAMS
+from .families import FAMILIES, STATS, _TAKES_PARAMS, split_psis
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -54,12 +54,10 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
     d = lp - olp
     ell = d + (torch.clamp(d, -C, C) - d).detach()
 
-    stats = STATS[loss_type](ell.detach(), adv, mask, p, C)
-    if loss_type in _TAKES_PARAMS:
-        stats = {**stats, "params": p}
-    terms = FAMILIES[loss_type](ell, adv, **stats)
-    stats.pop("params", None)
+    stats, diag = split_psis(STATS[loss_type](ell.detach(), adv, mask, p, C))
+    kwargs = {**stats, "params": p} if loss_type in _TAKES_PARAMS else stats
+    terms = FAMILIES[loss_type](ell, adv, **kwargs)
 
     loss = aggregate(-terms.F, mask, agg)
-    metrics = compute_metrics(loss_type, ell, adv, mask, terms, stats, p, dt)
+    metrics = compute_metrics(loss_type, ell, adv, mask, terms, {**stats, **diag}, p, dt)
     return loss, metrics

@@ -1,0 +1,207 @@
+"""Ahead-of-time compilation of every kernel specialization for sm_90 (H100), on a
+machine without a GPU, and the resource report (registers, shared memory, spills).
+
+    python -m isreshape_triton.aot [--specs specs.json] [--out report.json]
+
+A *specialization* is what Triton compiles once: the kernel, the types of its
+runtime arguments and the values of its constexprs. ``specs_from_plan`` derives
+them from the launches the op would make (``ops.plan_launches``), so the report
+covers exactly what runs. Compilation happens in a separate process without
+``TRITON_INTERPRET`` (the interpreter replaces the JIT); registers and shared
+memory come from ``cuobjdump -res-usage`` on the cubin, spills from ``ptxas -v`` run
+with Triton's own options on Triton's PTX.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+REPORT_PATH = Path(__file__).resolve().parent.parent / "bench" / "results" / "aot_report.json"
+_TYPE = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
+         torch.bool: "i1", torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
+         torch.uint8: "u8"}
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _TYPE[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unsupported kernel argument {value!r}")
+
+
+def _constexpr_value(value):
+    """JSON form of a constexpr (Triton dtypes by name)."""
+    return {"dtype": {"fp32": "float32", "fp64": "float64"}.get(str(value), str(value))} \
+        if hasattr(value, "primitive_bitwidth") else value
+
+
+def launch_spec(launch) -> dict:
+    """The specialization of one ``ops.Launch``: kernel name, argument types, constexprs."""
+    return {"kernel": launch.kernel.fn.__name__ if hasattr(launch.kernel, "fn") else launch.kernel.__name__,
+            "signature": {k: _arg_type(v) for k, v in launch.args.items()},
+            "constexprs": {k: _constexpr_value(v) for k, v in launch.constexprs.items()},
+            "options": dict(launch.options)}
+
+
+def spec_key(spec: dict) -> str:
+    return json.dumps(spec, sort_keys=True)
+
+
+def specs_from_plan(log_prob, old_log_prob, advantages, response_mask, loss_type, **options) -> list:
+    """Specializations the op launches for these inputs (nothing is launched)."""
+    from . import ops
+    from .families import kernel_family
+    from .inputs import prepare_inputs
+    from .params import AggConfig, make_params
+
+    agg = AggConfig(options.pop("loss_agg_mode", "token-mean"))
+    clamp = options.pop("log_ratio_clamp", 20.0)
+    x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, clamp)
+    fam = kernel_family(loss_type, make_params(loss_type, **options))
+    gamma = torch.zeros(2, dtype=ops._acc_dtype(log_prob.dtype)) if fam.psis else None
+    plan = ops.plan_launches(x, fam, agg, clamp, write_grad=log_prob.requires_grad, gamma=gamma)
+    return [launch_spec(step) for step in plan.steps if isinstance(step, ops.Launch)]
+
+
+def default_specs() -> list:
+    """A representative set: every family option, fp32/bf16/fp64, with and without
+    advantages and mask, at the tile sizes of short and long rows."""
+    from .params import LOSS_TYPES
+
+    configs = [(lt, {}) for lt in LOSS_TYPES] + [
+        ("is_reshape", {"gamma": "ess_exact"}), ("is_reshape", {"gamma_granularity": "sequence"}),
+        ("is_reshape", {"gamma": 0.5}), ("is_reshape", {"gamma": "psis"}),
+        ("is_reshape_sign", {"gamma": "ess_exact"}), ("is_reshape_var", {"gamma": "ess_exact"}),
+        ("ppo_clip", {"clip_ratio_c": None}),
+    ] + [("is_reshape_sign", {"neg_saturation": s, "pos_weight": p})
+         for s in ("none", "soft", "truncate", "michaelis_menten") for p in ("power", "michaelis_menten")]
+    specs = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for T in (37, 4096):
+            lp = torch.zeros(4, T, dtype=dtype, requires_grad=True)
+            for adv, mask in ((torch.zeros(4, T, dtype=dtype), torch.ones(4, T, dtype=torch.bool)), (None, None)):
+                for lt, opts in configs:
+                    for s in specs_from_plan(lp, lp.detach(), adv, mask, lt, **opts):
+                        specs[spec_key(s)] = s
+    return list(specs.values())
+
+
+# ----------------------------------------------------------------------------- compiling (no interpreter)
+
+def _kernel(name: str):
+    from .kernels.finalize import finalize_kernel
+    from .kernels.loss import token_loss_kernel
+    from .kernels.stats import batch_stats_kernel
+
+    return {k.fn.__name__ if hasattr(k, "fn") else k.__name__: k
+            for k in (batch_stats_kernel, token_loss_kernel, finalize_kernel)}[name]
+
+
+def _tools():
+    """The ptxas Triton itself uses for sm_90 (it reads Triton's PTX version) and cuobjdump."""
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    nvidia = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return Path(get_ptxas(90).path), nvidia / "cuobjdump"
+
+
+def compile_spec(spec: dict) -> dict:
+    """Compile one specialization for sm_90 and read its resource usage."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _kernel(spec["kernel"])
+    constexprs = {k: getattr(tl, v["dtype"]) if isinstance(v, dict) else v
+                  for k, v in spec["constexprs"].items()}
+    signature = {name: ("constexpr" if name in constexprs else spec["signature"][name])
+                 for name in fn.arg_names}
+    row = {"kernel": spec["kernel"], "constexprs": spec["constexprs"], "options": spec["options"]}
+    try:
+        compiled = triton.compile(ASTSource(fn, signature, constexprs),
+                                  target=GPUTarget("cuda", 90, 32), options=dict(spec["options"]))
+    except Exception as e:  # reported, and failed by the test
+        row["error"] = f"{type(e).__name__}: {e}"[:2000]
+        return row
+    ptxas, cuobjdump = _tools()
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        res = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+        # the same ptxas options as Triton's own build of the cubin (-lineinfo, regAllocOptLevel)
+        info = subprocess.run([str(ptxas), "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a",
+                               str(ptx), "-o", str(Path(tmp) / "v.cubin")],
+                              capture_output=True, text=True)
+        info = info.stdout + info.stderr
+    usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    row.update(registers=int(usage.get("REG", -1)), shared_bytes=int(usage.get("SHARED", -1)),
+               stack_bytes=int(usage.get("STACK", -1)), local_bytes=int(usage.get("LOCAL", -1)),
+               spill_stores=int(spills.group(1)) if spills else -1,
+               spill_loads=int(spills.group(2)) if spills else -1,
+               num_warps=compiled.metadata.num_warps)
+    return row
+
+
+def compile_specs(specs: list, workers: int = 2) -> list:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("AOT compilation needs a process without TRITON_INTERPRET=1")
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(compile_spec, specs, chunksize=4))
+
+
+def run_in_subprocess(specs: list, out: Path, timeout: float = 1500) -> list:
+    """Compile ``specs`` in a fresh process without the interpreter; returns the report rows."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(specs, f)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-m", "isreshape_triton.aot", "--specs", f.name, "--out", str(out)],
+                   env=env, check=True, timeout=timeout)
+    os.unlink(f.name)
+    return json.loads(out.read_text())["kernels"]
+
+
+def write_report(path: Path = REPORT_PATH, specs: list | None = None) -> Path:
+    """Compile (by default) ``default_specs()`` and write the JSON report the benchmark shows."""
+    path = Path(path)
+    run_in_subprocess(specs if specs is not None else default_specs(), path)
+    return path
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--specs", help="JSON list of specializations (default: a representative set)")
+    ap.add_argument("--out", default=str(REPORT_PATH))
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args(argv)
+    specs = json.loads(Path(args.specs).read_text()) if args.specs else default_specs()
+    rows = compile_specs(specs, args.workers)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"target": "cuda sm_90 (H100), warp size 32",
+                                          "kernels": rows}, indent=1))
+    bad = [r for r in rows if "error" in r or r.get("spill_stores", 0) > 0 or r.get("spill_loads", 0) > 0]
+    print(f"compiled {len(rows)} specializations for sm_90; {len(bad)} with errors or spills; "
+          f"max registers {max((r.get('registers', 0) for r in rows), default=0)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One entry point that does all the set-up on a fresh machine (Python >= 3.10 with pip):
+#   ./run.sh demo [bench options]   benchmark + demo on the built-in synthetic batch
+#   ./run.sh test [pytest options]  the whole test suite (Triton kernels run in the interpreter)
+# A virtualenv is created (or reused) in $VENV (default .venv). `pip install torch==2.13.0`
+# takes a local CPU build of torch where one is available instead of downloading a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${VENV:-.venv}"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PY="$VENV/bin/python"
+"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
+"$PY" -m pip install -q -e ".[test]"
+case "${1:-}" in
+  demo) shift; exec "$PY" -m bench "$@" ;;
+  test) shift; exec "$PY" -m pytest "$@" ;;
+  *) echo "usage: ./run.sh demo|test [args]" >&2; exit 2 ;;
+esac
