@@ -78,8 +78,8 @@ def specs_from_plan(log_prob, old_log_prob, advantages, response_mask, loss_type
 
 
 def default_specs() -> list:
-    """A representative set: every family option, fp32/bf16/fp64, with and without
-    advantages and mask, at the tile sizes of short and long rows."""
+    """A representative set: every family option and γ mode, every input dtype, with and
+    without advantages and mask (tile sizes do not depend on the shape)."""
     from .params import LOSS_TYPES
 
     configs = [(lt, {}) for lt in LOSS_TYPES] + [
@@ -90,13 +90,13 @@ def default_specs() -> list:
     ] + [("is_reshape_sign", {"neg_saturation": s, "pos_weight": p})
          for s in ("none", "soft", "truncate", "michaelis_menten") for p in ("power", "michaelis_menten")]
     specs = {}
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        for T in (37, 4096):
-            lp = torch.zeros(4, T, dtype=dtype, requires_grad=True)
-            for adv, mask in ((torch.zeros(4, T, dtype=dtype), torch.ones(4, T, dtype=torch.bool)), (None, None)):
-                for lt, opts in configs:
-                    for s in specs_from_plan(lp, lp.detach(), adv, mask, lt, **opts):
-                        specs[spec_key(s)] = s
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        lp = torch.zeros(4, 37, dtype=dtype, requires_grad=True)
+        for adv, mask in ((lp.detach(), torch.ones(4, 37, dtype=torch.bool)), (None, None),
+                          (lp.detach(), None), (None, torch.ones(4, 37))):
+            for lt, opts in configs:
+                for s in specs_from_plan(lp, lp.detach(), adv, mask, lt, **opts):
+                    specs[spec_key(s)] = s
     return list(specs.values())
 
 

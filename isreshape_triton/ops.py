@@ -5,8 +5,9 @@ Forward: ``batch_stats_kernel`` (only families whose γ or weight needs batch or
 row statistics), ``token_loss_kernel`` (φ, F, −m·φ, partial sums) and
 ``finalize_kernel`` (loss, metrics, per-row scale s_b). Backward: two torch
 multiplies, grad = (−m·φ)·(s_b·grad_out), written in log_prob's dtype. No host
-sync: every count, γ and denominator stays on the device (``gamma="psis"`` is
-the documented exception: its tail sizes need the token counts on the host).
+sync: every count, γ and denominator stays on the device, also for
+``gamma="psis"``, whose smoothing runs as torch ops before pass 2 (the one place
+with more than two torch ops).
 
 Float parameters reach the kernels as fp32 scalars (Triton's scalar ABI), also
 for fp64 inputs, whose arithmetic is otherwise fp64.
@@ -31,6 +32,7 @@ from .kernels.loss import token_loss_kernel
 from .kernels.stats import batch_stats_kernel
 from .metrics import metric_names
 from .params import AGG_MODES, AggConfig, make_params
+from .psis import K_HAT_THRESHOLD, psis_gamma
 
 MAX_PROGRAMS = 256  # persistent grid size cap = number of partial records
 BLOCK_REC = 64
@@ -39,19 +41,22 @@ assert _AGG_CODE["seq-mean-token-mean"] == kfin.SEQ_MEAN_TOKEN_MEAN.value
 _METRIC_INDEX = {name: i for i, name in enumerate(layout.METRIC_SLOTS)}
 
 
-def launch_options(kernel, block: int, fp64: bool) -> dict:
-    """num_warps / num_stages of the two streaming kernels for tiles of ``block`` tokens.
+# Tile sizes (tokens) and warps per kernel, by compute dtype, fixed so that no size
+# change ever compiles a new kernel. No software pipelining: it buys nothing for these
+# masked row walks and costs minutes of compile time (measured: 40-560 s per
+# specialization with num_stages=3, 0.5-2 s with 1). Each choice is the spill-free point
+# of an sm_90 sweep over tile sizes and 2/4/8 warps (with 8 warps ptxas aims at 64
+# registers and spills a few bytes unless maxnreg lets it take 128);
+# ``python -m isreshape_triton.aot`` and tests/test_zz_aot.py check every specialization.
+STATS_TILE = {False: (1024, dict(num_warps=4)), True: (256, dict(num_warps=8))}  # by fp64
+STATS_TILE_ESS_EXACT = {False: (32, dict(num_warps=4)), True: (32, dict(num_warps=8))}
+LOSS_TILE = {False: (256, dict(num_warps=8, maxnreg=128)), True: (64, dict(num_warps=4))}
 
-    No software pipelining: it buys nothing for these masked row walks and costs minutes
-    of compile time (measured: 40-560 s per specialization with num_stages=3 against
-    0.5-2 s with 1). The warp counts are the spill-free choice of an sm_90 sweep over
-    2/4/8 warps (``python -m isreshape_triton.aot`` checks every specialization).
-    """
-    if kernel is batch_stats_kernel:
-        warps = 8 if fp64 else 4
-    else:
-        warps = 8 if (not fp64 and block >= 256) else 4
-    return {"num_warps": warps, "num_stages": 1}
+
+def _tile(table: dict, fp64: bool):
+    """(BLOCK_T, launch options) of a kernel for fp32 or fp64 compute."""
+    block, options = table[fp64]
+    return block, {**options, "num_stages": 1}
 
 
 @dataclass
@@ -92,10 +97,6 @@ def _tl_dtype(dtype: torch.dtype):
 
 def _strides(t: Optional[torch.Tensor]) -> tuple:
     return (0, 0) if t is None else (t.stride(0), t.stride(1))
-
-
-def _block_t(T: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(max(T, 1))))
 
 
 def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, write_grad: bool,
@@ -144,12 +145,12 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
     fp64 = acc == torch.float64
     steps = []
     if fam.needs_stats:
-        block = _block_t(T, 32 if ess_exact else (256 if fp64 else 1024))
+        block, options = _tile(STATS_TILE_ESS_EXACT if ess_exact else STATS_TILE, fp64)
         steps.append(Launch(batch_stats_kernel, (programs,),
                             dict(**tokens, row_rec_ptr=row_rec, prog_rec_ptr=prog_rec, **ranges),
                             dict(**flags, SIGN_GROUPS=fam.sign_groups, ESS_EXACT=ess_exact,
                                  WRITE_ROWS=row_stats, WRITE_PROGRAMS=batch_stats, BLOCK_T=block),
-                            launch_options(batch_stats_kernel, block, fp64)))
+                            options))
     records = prog_rec
     if batch_stats and process_group is not None:
         world = torch.distributed.get_world_size(process_group)
@@ -157,7 +158,7 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
         steps.append(functools.partial(torch.distributed.all_gather_into_tensor, records, prog_rec,
                                        group=process_group))
     p = dict(zip(("p0", "p1", "p2", "p3", "p4", "p5", "p6"), fam.floats))
-    block = _block_t(T, 128 if fp64 else 256)
+    block, options = _tile(LOSS_TILE, fp64)
     steps.append(Launch(token_loss_kernel, (programs,),
                         dict(**tokens, rec_ptr=records, n_rec=records.shape[0] if batch_stats else 0,
                              row_rec_ptr=row_rec, gamma_ptr=ctx if gamma is None else gamma,
@@ -167,7 +168,7 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
                         dict(**flags, FAMILY=fam.family, OPT=fam.opt, GAMMA_MODE=fam.gamma_mode,
                              BATCH_STATS=batch_stats, ROW_STATS=row_stats, WRITE_GRAD=write_grad,
                              BLOCK_REC=BLOCK_REC, BLOCK_T=block),
-                        launch_options(token_loss_kernel, block, fp64)))
+                        options))
 
     def given(v):
         return -1.0 if v is None else float(v)
@@ -185,12 +186,30 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
     return Plan(steps, loss, metrics, grad, row_scale)
 
 
-def _psis_context(x: Inputs, loss_type: str, params, fam: KernelFamily, clamp: float):
-    """(c0, c1) per batch ([2]) or per row ([R, 2]) from Pareto-smoothed IS, and the
-    psis_k / psis_unreliable metrics. Torch ops on the device; ``psis_gamma`` holds the
-    one host sync PSIS needs per group (the tail sizes depend on the token counts)."""
-    from .psis import psis_gamma
+def _gather_rows(t: torch.Tensor, fill, process_group) -> torch.Tensor:
+    """Rows of ``t`` [R, T] from every rank, padded to the largest R and T, concatenated
+    in rank order (identical on every rank). The one host sync: the ranks' shapes."""
+    world = torch.distributed.get_world_size(process_group)
+    shape = torch.tensor(t.shape, device=t.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    torch.distributed.all_gather(shapes, shape, group=process_group)
+    R, T = (int(v) for v in torch.stack(shapes).amax(0).tolist())
+    padded = torch.full((R, T), fill, dtype=t.dtype, device=t.device)
+    padded[: t.shape[0], : t.shape[1]] = t
+    out = torch.empty((world * R, T), dtype=t.dtype, device=t.device)
+    torch.distributed.all_gather_into_tensor(out, padded, group=process_group)
+    return out
 
+
+def _psis_context(x: Inputs, loss_type: str, params, fam: KernelFamily, clamp: float,
+                  process_group=None):
+    """(c0, c1) per batch ([2]) or per row ([R, 2]) from Pareto-smoothed IS, and the
+    psis_k / psis_unreliable metrics: torch ops on the device (sorting and the
+    generalized-Pareto fit are not kernel work), no host sync on one process. A group
+    whose γ is fixed is not fitted (k̂ = 0). With ``process_group`` and one γ per batch,
+    the fit runs on the gathered ℓ of all ranks (PSIS needs the tail of the global
+    sample), so every rank computes the same γ; this costs one sync (the ranks' shapes).
+    """
     acc = _acc_dtype(x.log_prob.dtype)
     counted = (torch.ones_like(x.log_prob, dtype=torch.bool) if x.response_mask is None
                else x.response_mask != 0)
@@ -198,8 +217,13 @@ def _psis_context(x: Inputs, loss_type: str, params, fam: KernelFamily, clamp: f
     ell = torch.where(counted, diff, 0.0).clamp(-clamp, clamp)
     per_row = fam.per_row
     dims = (1,) if per_row else (0, 1)
+    adv = x.advantages.to(acc) if x.advantages is not None else torch.ones_like(ell)
+    if process_group is not None and not per_row:
+        ell = _gather_rows(ell, 0.0, process_group)
+        counted = _gather_rows(counted, False, process_group)
+        if loss_type == "is_reshape_sign":
+            adv = _gather_rows(adv, 0.0, process_group)
     if loss_type == "is_reshape_sign":
-        adv = x.advantages.to(acc) if x.advantages is not None else torch.ones_like(ell)
         groups = (counted & (adv > 0), counted & (adv < 0))
         (g_pos, k_pos), (d_neg, k_neg) = (
             psis_gamma(ell, grp, rho_min=params.rho_min, lo=lo, hi=hi,
@@ -211,15 +235,16 @@ def _psis_context(x: Inputs, loss_type: str, params, fam: KernelFamily, clamp: f
             c0 = torch.full_like(c0, params.gamma_pos)
         if params.gamma_neg is not None:
             c1 = torch.full_like(c1, params.gamma_neg)
-        k_hat = torch.maximum(k_pos, k_neg)
+        k_hat = torch.maximum(torch.zeros_like(k_pos) if params.gamma_pos is not None else k_pos,
+                              torch.zeros_like(k_neg) if params.gamma_neg is not None else k_neg)
     else:
         g, k_hat = psis_gamma(ell, counted, rho_min=params.rho_min, lo=params.gamma_min,
                               hi=params.gamma_max, fallback=params.gamma_fallback, per_row=per_row)
         c0 = g.to(acc)
         c1 = torch.zeros_like(c0)
-    k_hat = torch.nan_to_num(k_hat.to(acc), nan=0.0, posinf=float("inf"), neginf=0.0)
-    extra = {"psis_k": k_hat.max() if per_row and k_hat.numel() else k_hat.reshape(-1)[:1].sum(),
-             "psis_unreliable": (k_hat > 0.7).any().to(acc)}
+    k_hat = k_hat.to(acc)
+    extra = {"psis_k": k_hat.amax() if k_hat.numel() else k_hat.new_zeros(()),
+             "psis_unreliable": (k_hat > K_HAT_THRESHOLD).any().to(acc)}
     return torch.stack([c0, c1], dim=-1).contiguous(), extra
 
 
@@ -271,12 +296,9 @@ def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=Non
     agg = AggConfig(loss_agg_mode, dp_size, global_token_count, global_batch_size, loss_scale_factor)
     x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, log_ratio_clamp)
     fam = kernel_family(loss_type, params)
-    if process_group is not None and fam.psis:
-        raise ValueError("gamma='psis' cannot be combined with process_group: PSIS needs the "
-                         "whole tail of the global batch; use gamma='ess_exact'")
     gamma, extra = (None, {})
     if fam.psis:
-        gamma, extra = _psis_context(x, loss_type, params, fam, float(log_ratio_clamp))
+        gamma, extra = _psis_context(x, loss_type, params, fam, float(log_ratio_clamp), process_group)
     write_grad = torch.is_grad_enabled() and log_prob.requires_grad
     config = _Config(fam, agg, float(log_ratio_clamp), write_grad, process_group)
     loss, metric_vec = _FusedPolicyLoss.apply(x.log_prob, x.old_log_prob, x.advantages,

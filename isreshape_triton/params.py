@@ -65,6 +65,16 @@ def _check_fallback(value) -> None:
         raise ValueError(f"gamma_fallback must lie in [0, 1], got {value!r}")
 
 
+def _check_gamma_rule(p) -> None:
+    """The γ-rule fields shared by is_reshape and is_reshape_var."""
+    _check_gamma_spec(p.gamma)
+    _check_rho(p.rho_min)
+    _check_bounds("gamma_min", p.gamma_min, "gamma_max", p.gamma_max)
+    _check_choice("gamma_granularity", p.gamma_granularity, GRANULARITIES)
+    _check_exact_range(p.gamma, p.gamma_max)
+    _check_fallback(p.gamma_fallback)
+
+
 def _check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
@@ -90,12 +100,7 @@ class IsReshapeParams:
     gamma_fallback: float = 0.3  # γ when PSIS finds k̂ > 0.7
 
     def __post_init__(self):
-        _check_gamma_spec(self.gamma)
-        _check_rho(self.rho_min)
-        _check_bounds("gamma_min", self.gamma_min, "gamma_max", self.gamma_max)
-        _check_choice("gamma_granularity", self.gamma_granularity, GRANULARITIES)
-        _check_exact_range(self.gamma, self.gamma_max)
-        _check_fallback(self.gamma_fallback)
+        _check_gamma_rule(self)
 
 
 @dataclass(frozen=True)
@@ -164,13 +169,8 @@ class IsReshapeVarParams:
     gamma_fallback: float = 0.3  # γ_base when PSIS finds k̂ > 0.7
 
     def __post_init__(self):
-        _check_gamma_spec(self.gamma)
-        _check_rho(self.rho_min)
-        _check_bounds("gamma_min", self.gamma_min, "gamma_max", self.gamma_max)
+        _check_gamma_rule(self)
         _check_positive("temperature", self.temperature)
-        _check_choice("gamma_granularity", self.gamma_granularity, GRANULARITIES)
-        _check_exact_range(self.gamma, self.gamma_max)
-        _check_fallback(self.gamma_fallback)
 
 
 @dataclass(frozen=True)

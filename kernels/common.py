@@ -48,7 +48,7 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 @triton.jit
 def merge_records(rec_ptr, nrec, slot, WIDTH: tl.constexpr, BLOCK: tl.constexpr,
                   HIGHER: tl.constexpr):
-    """(count, M2, M3, M4) of one group stored as (count, mean, M2[, M3, M4]) at ``slot``
+    """(count, mean, M2, M3, M4) of one group stored as (count, mean, M2[, M3, M4]) at ``slot``
     of ``nrec`` records of ``WIDTH`` values. Every record's central moments are shifted
     to the common mean (δ_r = μ_r − μ):  M2 = Σ M2_r + n_r·δ_r²,
     M3 = Σ M3_r + 3δ_r·M2_r + n_r·δ_r³,  M4 = Σ M4_r + 4δ_r·M3_r + 6δ_r²·M2_r + n_r·δ_r⁴.
@@ -79,13 +79,13 @@ def merge_records(rec_ptr, nrec, slot, WIDTH: tl.constexpr, BLOCK: tl.constexpr,
             m3 = tl.load(base + 3, mask=r < nrec, other=0.0)
             acc3 += m3 + 3.0 * d * m2 + nr * d * d * d
             acc4 += tl.load(base + 4, mask=r < nrec, other=0.0) + 4.0 * d * m3 + 6.0 * d * d * m2 + nr * d * d * d * d
-    return n, tl.sum(acc2), tl.sum(acc3), tl.sum(acc4)
+    return n, mean, tl.sum(acc2), tl.sum(acc3), tl.sum(acc4)
 
 
 @triton.jit
 def merge_moments(rec_ptr, nrec, slot, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
     """(count, unbiased σ²) of one group over ``nrec`` records (see ``merge_records``)."""
-    n, m2, m3, m4 = merge_records(rec_ptr, nrec, slot, WIDTH, BLOCK, False)
+    n, mean, m2, m3, m4 = merge_records(rec_ptr, nrec, slot, WIDTH, BLOCK, False)
     return n, unbiased_var(n, m2)
 
 
@@ -111,6 +111,14 @@ def merge4(n_a, mu_a, a2, a3, a4, n_b, mu_b, b2, b3, b4):
     m4 = (a4 + 4.0 * da * a3 + 6.0 * da * da * a2 + n_a * da * da * da * da
           + b4 + 4.0 * db * b3 + 6.0 * db * db * b2 + n_b * db * db * db * db)
     return n, mu, m2, m3, m4
+
+
+@triton.jit
+def store_moments(ptr, n, mean, m2):
+    """Write a (count, mean, M2) summary to three consecutive slots."""
+    tl.store(ptr, n)
+    tl.store(ptr + 1, mean)
+    tl.store(ptr + 2, m2)
 
 
 @triton.jit

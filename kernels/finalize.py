@@ -29,7 +29,8 @@ def finalize_kernel(
     ok = p < n_part
     rows = partial_ptr + p * PARTIAL_WIDTH
     dt = partial_ptr.dtype.element_ty
-    n_all, m2_all, m3_all, m4_all = merge_records(partial_ptr, n_part, P_N, PARTIAL_WIDTH, BLOCK_P, True)
+    n_all, mean_all, m2_all, m3_all, m4_all = merge_records(partial_ptr, n_part, P_N, PARTIAL_WIDTH,
+                                                            BLOCK_P, True)
     var_all = unbiased_var(n_all, m2_all)
     n_pos, var_pos = merge_moments(partial_ptr, n_part, P_N_POS, PARTIAL_WIDTH, BLOCK_P)
     n_neg, var_neg = merge_moments(partial_ptr, n_part, P_N_NEG, PARTIAL_WIDTH, BLOCK_P)
@@ -124,10 +125,12 @@ def finalize_kernel(
     tl.store(m + 21, safe_div(x3, n_all))
     tl.store(m + 22, safe_div(x0, n_all))  # clipfrac and clipfrac_lower share x0/x1 with p_case
     tl.store(m + 23, safe_div(x1, n_all))
-    # diagnostics (biased moments, as scipy.stats.skew / kurtosis)
+    # diagnostics: biased moments as scipy.stats.skew / kurtosis, 0 where scipy treats
+    # m2 as zero (m2 ≤ (1e-15·mean)²) or there is no token
     cm2 = safe_div(m2_all, n_all)
-    tl.store(m + 24, safe_div(safe_div(m3_all, n_all), cm2 * tl.sqrt(cm2)))
-    tl.store(m + 25, tl.where(cm2 > 0.0, safe_div(safe_div(m4_all, n_all), cm2 * cm2) - 3.0, 0.0))
+    spread = cm2 > (1e-15 * mean_all) * (1e-15 * mean_all)
+    tl.store(m + 24, tl.where(spread, safe_div(safe_div(m3_all, n_all), cm2 * tl.sqrt(cm2)), 0.0))
+    tl.store(m + 25, tl.where(spread, safe_div(safe_div(m4_all, n_all), cm2 * cm2) - 3.0, 0.0))
     tl.store(m + 26, safe_div(w_max, s_w))
     ess_pos = safe_div(s_omp * s_omp, s_omp2)
     ess_neg = safe_div(s_omn * s_omn, s_omn2)

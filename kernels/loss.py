@@ -13,7 +13,8 @@ goes to ``finalize_kernel``; per-row counts go to ``row_count``.
 import triton
 import triton.language as tl
 
-from .common import chan_merge, load_token_tile, masked_moments, masked_moments4, merge4
+from .common import (chan_merge, load_token_tile, masked_moments, masked_moments4, merge4,
+                     store_moments)
 from .families import VESPO, family_token, vespo_sequence_weight
 from .gamma import GAMMA_GIVEN, family_context
 from .layout import (P_GAMMA, P_GAMMA_MAX, P_GAMMA_MIN, P_LOSS, P_N, P_N_NEG, P_N_POS,
@@ -125,17 +126,11 @@ def token_loss_kernel(
         s_seq += tl.where(row_n > 0.0, row_loss / tl.maximum(row_n, 1.0), 0.0)
         s_rows += tl.where(row_n > 0.0, 1.0, 0.0)
     out = partial_ptr + pid.to(tl.int64) * PARTIAL_WIDTH
-    tl.store(out + P_N, n0)
-    tl.store(out + P_N + 1, m0)
-    tl.store(out + P_N + 2, q0)
+    store_moments(out + P_N, n0, m0, q0)
     tl.store(out + P_N + 3, k3)
     tl.store(out + P_N + 4, k4)
-    tl.store(out + P_N_POS, n1)
-    tl.store(out + P_N_POS + 1, m1)
-    tl.store(out + P_N_POS + 2, q1)
-    tl.store(out + P_N_NEG, n2)
-    tl.store(out + P_N_NEG + 1, m2)
-    tl.store(out + P_N_NEG + 2, q2)
+    store_moments(out + P_N_POS, n1, m1, q1)
+    store_moments(out + P_N_NEG, n2, m2, q2)
     tl.store(out + P_LOSS, s_loss)
     tl.store(out + P_SEQ_LOSS, s_seq)
     tl.store(out + P_ROWS, s_rows)

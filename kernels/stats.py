@@ -10,7 +10,7 @@ row (``WRITE_ROWS``: per-sequence γ, VESPO) and/or one per program
 import triton
 import triton.language as tl
 
-from .common import chan_merge, load_token_tile, masked_moments
+from .common import chan_merge, load_token_tile, masked_moments, store_moments
 from .gamma import ess_grid_terms
 from .layout import S_AFIRST, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
 
@@ -19,15 +19,9 @@ from .layout import S_AFIRST, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
 def _store_record(ptr, n0, m0, q0, n1, m1, q1, n2, m2, q2, lsum, a_first,
                   a_s1, a_s2, a_d1, a_d2, b_s1, b_s2, b_d1, b_d2,
                   ESS_EXACT: tl.constexpr, G: tl.constexpr):
-    tl.store(ptr + S_N_ALL, n0)
-    tl.store(ptr + S_N_ALL + 1, m0)
-    tl.store(ptr + S_N_ALL + 2, q0)
-    tl.store(ptr + S_N_POS, n1)
-    tl.store(ptr + S_N_POS + 1, m1)
-    tl.store(ptr + S_N_POS + 2, q1)
-    tl.store(ptr + S_N_NEG, n2)
-    tl.store(ptr + S_N_NEG + 1, m2)
-    tl.store(ptr + S_N_NEG + 2, q2)
+    store_moments(ptr + S_N_ALL, n0, m0, q0)
+    store_moments(ptr + S_N_POS, n1, m1, q1)
+    store_moments(ptr + S_N_NEG, n2, m2, q2)
     tl.store(ptr + S_LSUM, lsum)
     tl.store(ptr + S_AFIRST, a_first)
     if ESS_EXACT:
