@@ -108,14 +108,14 @@ def acceptance(rows: List[dict]) -> List[dict]:
             item["verdict"] = "n/a (" + ("not run" if f is None else f["status"]) + ")"
         else:
             item["fused"] = {k: f.get(k) for k in ("launches", "triton_launches", "torch_launches", "syncs",
-                                                   "bytes_per_token")}
+                                                   "bytes_per_token", "stream_bytes_per_token")}
             checks = [f["syncs"] == 0, f["triton_launches"] <= ACCEPT["triton_launches"],
                       f["torch_launches"] <= ACCEPT["torch_launches"]]
             bpt = f.get("bytes_per_token")
             if bpt is None:
                 item["verdict"] = ("FAIL" if not all(checks) else "PENDING") + " (bytes/token n/a: no traffic_model)"
             else:
-                checks.append(bpt <= ACCEPT["bytes_per_token"])
+                checks.append(f.get("stream_bytes_per_token", bpt) <= ACCEPT["bytes_per_token"])
                 item["verdict"] = "PASS" if all(checks) else "FAIL"
         out.append(item)
     return out
@@ -131,7 +131,9 @@ def acceptance_text(items: List[dict]) -> str:
                 return "n/a"
             launches = (f"{d['triton_launches']} + {d['torch_launches']}" if "triton_launches" in d
                         else str(d["launches"]))
-            return f"{launches} / {d['syncs']} / {_fmt(d['bytes_per_token'])}"
+            stream = d.get("stream_bytes_per_token")
+            per_token = _fmt(d["bytes_per_token"]) + ("" if stream is None else f" ({_fmt(stream)} streamed)")
+            return f"{launches} / {d['syncs']} / {per_token}"
         lines.append(f"| {it['family']} | {it['verdict']} | {cell(it['fused'])} | {cell(it['eager'])} |")
     return "\n".join(lines) + "\n"
 

@@ -310,25 +310,30 @@ def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=Non
 
 def traffic_model(loss_type: str, dtype: torch.dtype, mask_dtype: Optional[torch.dtype], B: int, T: int,
                   adv_shape: str = "BT", params=None, backward: bool = True) -> int:
-    """Tensor bytes the fused op moves for a [B, T] batch (forward + backward).
+    """Tensor bytes the fused op moves for a [B, T] batch (forward + backward), counting
+    every tensor once per kernel that reads or writes it.
 
-    Each pass reads every input once (pass 1 only for families with statistics);
-    pass 2 writes −m·φ in fp32 (fp64 for fp64), the backward reads it and writes the
-    gradient in log_prob's dtype. adv_shape: "BT", "B" or "none". Record and
-    partial buffers (O(programs)) are counted too.
+    Per token: pass 2 reads every input once and pass 1 (families with statistics) reads
+    them again, advantages only where it needs them (the sign family's groups); pass 2
+    writes −m·φ in fp32 (fp64 for fp64); the backward reads it and writes the gradient in
+    log_prob's dtype. Plus the O(B + programs) record, partial and scale buffers
+    (``traffic_model(..., T=0)`` is that fixed part). adv_shape: "BT", "B" or "none".
     """
-    fam = kernel_family(loss_type, make_params(loss_type, params))
+    params = make_params(loss_type, params)
+    fam = kernel_family(loss_type, params)
     item = torch.empty((), dtype=dtype).element_size()
     acc = torch.empty((), dtype=_acc_dtype(dtype)).element_size()
     n = B * T
-    per_pass = 2 * item * n
-    per_pass += {"BT": item * n, "B": item * B, "none": 0}[adv_shape]
-    if mask_dtype is not None:
-        per_pass += torch.empty((), dtype=mask_dtype).element_size() * n
-    passes = 2 if fam.needs_stats else 1
-    total = passes * per_pass
+    adv_bytes = {"BT": item * n, "B": item * B, "none": 0}[adv_shape]
+    mask_bytes = 0 if mask_dtype is None else torch.empty((), dtype=mask_dtype).element_size() * n
+    total = 2 * item * n + adv_bytes + mask_bytes  # pass 2
+    programs = max(1, min(B, MAX_PROGRAMS))
+    if fam.needs_stats:
+        ks = layout.S_BASE_WIDTH + (8 * ESS_GRID_POINTS if fam.ess_exact else 0)
+        records = (B if fam.per_row else programs) * ks * acc
+        total += 2 * item * n + (adv_bytes if fam.sign_groups else 0) + mask_bytes + 2 * records
     if backward:
         total += acc * n + acc * n + item * n
-    programs = max(1, min(B, MAX_PROGRAMS))
-    total += acc * (programs * (layout.PARTIAL_WIDTH.value + 2 * layout.S_BASE_WIDTH) + 4 * B)
+    # partials (written, read), row counts (written, read), row scale (written, read twice)
+    total += acc * (2 * programs * layout.PARTIAL_WIDTH.value + 2 * B + 3 * B + 2 + layout.METRIC_WIDTH.value)
     return total

@@ -65,9 +65,10 @@ def batch_stats_kernel(
         first = T
         for t0 in range(0, T, BLOCK_T):
             offs = t0 + offs0
+            # advantages are read only for the A>0 / A<0 groups (VESPO loads one per row below)
             ell, adv, m = load_token_tile(lp_row, olp_row, adv_row, mask_row, offs, T,
                                           s_lp_t, s_olp_t, s_adv_t, s_mask_t, clamp,
-                                          ACC, HAS_ADV, HAS_MASK)
+                                          ACC, HAS_ADV and SIGN_GROUPS, HAS_MASK)
             cn, cm, cq = masked_moments(ell, m)
             n0, m0, q0 = chan_merge(n0, m0, q0, cn, cm, cq)
             lsum += tl.sum(tl.where(m, ell, 0.0))

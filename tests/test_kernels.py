@@ -252,3 +252,21 @@ def test_policy_loss_module_runs_kernels():
     r_loss, _, r_grad = reference(lp, olp, adv, mask, "ppo_clip", "seq-mean-token-mean", clip_ratio_c=None)
     torch.testing.assert_close(loss.detach(), r_loss)
     torch.testing.assert_close(x.grad, r_grad)
+
+
+@pytest.mark.parametrize("loss_type,opts", FAMILY_CONFIGS)
+def test_traffic_budget(loss_type, opts):
+    """fp32 inputs with a float32 mask: ≤ 44 bytes/token forward + backward (each input
+    read at most twice, −m·φ written once, read and scaled once); 17 B/token is the
+    single-pass floor for the inputs alone."""
+    from isreshape_triton.ops import traffic_model
+
+    B, T = 1024, 4096
+    params = irt.make_params(loss_type, **opts)
+    total = traffic_model(loss_type, torch.float32, torch.float32, B, T, "BT", params)
+    fixed = traffic_model(loss_type, torch.float32, torch.float32, B, 0, "BT", params)
+    assert (total - fixed) / (B * T) <= 44.0  # the per-token streams
+    # records (with ess_exact: 8×32 grid sums each), partials and row scales: O(B + programs)
+    assert fixed / (B * T) < 1.0
+    forward = traffic_model(loss_type, torch.float32, torch.float32, B, T, "BT", params, backward=False)
+    assert forward / (B * T) >= 16.0
