@@ -144,7 +144,10 @@ def aot_report(regenerate: bool = False) -> Optional[object]:
     from isreshape_triton import aot
 
     path = str(aot.REPORT_PATH)
-    if regenerate or not os.path.exists(path):
+    if not regenerate and not os.path.exists(path):
+        return {"error": "no bench/results/aot_report.json: run `python -m bench --aot` "
+                         "(or `python -m isreshape_triton.aot`) to compile every specialization"}
+    if regenerate:
         try:
             aot.write_report(path)
         except Exception as e:  # noqa: BLE001 - reported in the output, the counts still stand

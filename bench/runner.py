@@ -64,8 +64,10 @@ def make_plan(mode: str, device: str) -> Plan:
         plan = Plan(mode, device, ["fp32", "bf16"], sizes, fused, families, budget_s=50)
     else:
         sizes = [(16, 1024), (64, 4096), (1024, 4096)]
-        fused = sizes if gpu else [(16, 1024), (64, 1024)]
-        plan = Plan(mode, device, ["fp32", "bf16"], sizes, fused, families, budget_s=540)
+        # on a CPU the interpreter runs the fused op at the smallest size only: its counts do
+        # not depend on the size, and the whole run stays under 5 minutes on 2 cores
+        fused = sizes if gpu else [(16, 1024)]
+        plan = Plan(mode, device, ["fp32", "bf16"], sizes, fused, families, budget_s=400)
     if not gpu:
         plan.notes.append(
             "No CUDA device: the fused op runs its Triton kernels in the CPU interpreter "
