@@ -233,7 +233,7 @@ def render(plan, env, rows, aot, wall_s) -> str:
     parts.append("")
     parts.append("## Cost counts (machine-independent)\n")
     parts.append(counts_table(rows))
-    parts.append("## Acceptance (fused, fp32: 0 syncs, ≤ 3 launches, ≤ 44 bytes/token)\n")
+    parts.append("## Acceptance (fused, fp32, fwd+bwd: 0 syncs, ≤ 3 Triton launches + ≤ 4 torch ops, ≤ 44 streamed bytes/token)\n")
     parts.append(acceptance_text(acceptance(rows)))
     if gpu:
         parts.append(f"## GPU timings (measured, {env.get('gpu')}; D2D copy "

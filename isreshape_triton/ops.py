@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 import triton.language as tl
 
 from .families import ESS_GRID_POINTS, KernelFamily, kernel_family

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from isreshape_triton.profiling import LaunchCounter, OpCounter, count_work, tensor_bytes
+from isreshape_triton.profiling import OpCounter, count_work, tensor_bytes
 
 N = 1000
 
