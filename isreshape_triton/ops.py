@@ -185,19 +185,22 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
     return Plan(steps, loss, metrics, grad, row_scale)
 
 
-def _gather_rows(t: torch.Tensor, fill, process_group) -> torch.Tensor:
-    """Rows of ``t`` [R, T] from every rank, padded to the largest R and T, concatenated
-    in rank order (identical on every rank). The one host sync: the ranks' shapes."""
+def _gather_rows(tensors, process_group) -> list:
+    """Each [R, T] tensor's rows from every rank, padded to the largest R and T (False or
+    0), concatenated in rank order (identical on every rank). One host sync: the shapes."""
     world = torch.distributed.get_world_size(process_group)
-    shape = torch.tensor(t.shape, device=t.device)
+    shape = torch.tensor(tensors[0].shape, device=tensors[0].device)
     shapes = [torch.empty_like(shape) for _ in range(world)]
     torch.distributed.all_gather(shapes, shape, group=process_group)
     R, T = (int(v) for v in torch.stack(shapes).amax(0).tolist())
-    padded = torch.full((R, T), fill, dtype=t.dtype, device=t.device)
-    padded[: t.shape[0], : t.shape[1]] = t
-    out = torch.empty((world * R, T), dtype=t.dtype, device=t.device)
-    torch.distributed.all_gather_into_tensor(out, padded, group=process_group)
-    return out
+    gathered = []
+    for t in tensors:
+        padded = t.new_zeros((R, T))
+        padded[: t.shape[0], : t.shape[1]] = t
+        out = t.new_empty((world * R, T))
+        torch.distributed.all_gather_into_tensor(out, padded, group=process_group)
+        gathered.append(out)
+    return gathered
 
 
 def _psis_context(x: Inputs, loss_type: str, params, fam: KernelFamily, clamp: float,
@@ -216,14 +219,14 @@ def _psis_context(x: Inputs, loss_type: str, params, fam: KernelFamily, clamp: f
     ell = torch.where(counted, diff, 0.0).clamp(-clamp, clamp)
     per_row = fam.per_row
     dims = (1,) if per_row else (0, 1)
-    adv = x.advantages.to(acc) if x.advantages is not None else torch.ones_like(ell)
-    if process_group is not None and not per_row:
-        ell = _gather_rows(ell, 0.0, process_group)
-        counted = _gather_rows(counted, False, process_group)
-        if loss_type == "is_reshape_sign":
-            adv = _gather_rows(adv, 0.0, process_group)
     if loss_type == "is_reshape_sign":
-        groups = (counted & (adv > 0), counted & (adv < 0))
+        adv = x.advantages.to(acc) if x.advantages is not None else torch.ones_like(ell)
+        groups = [counted & (adv > 0), counted & (adv < 0)]
+    else:
+        groups = [counted]
+    if process_group is not None and not per_row:
+        ell, *groups = _gather_rows([ell, *groups], process_group)
+    if loss_type == "is_reshape_sign":
         (g_pos, k_pos), (d_neg, k_neg) = (
             psis_gamma(ell, grp, rho_min=params.rho_min, lo=lo, hi=hi,
                        fallback=params.gamma_fallback, per_row=per_row)
@@ -237,7 +240,7 @@ def _psis_context(x: Inputs, loss_type: str, params, fam: KernelFamily, clamp: f
         k_hat = torch.maximum(torch.zeros_like(k_pos) if params.gamma_pos is not None else k_pos,
                               torch.zeros_like(k_neg) if params.gamma_neg is not None else k_neg)
     else:
-        g, k_hat = psis_gamma(ell, counted, rho_min=params.rho_min, lo=params.gamma_min,
+        g, k_hat = psis_gamma(ell, groups[0], rho_min=params.rho_min, lo=params.gamma_min,
                               hi=params.gamma_max, fallback=params.gamma_fallback, per_row=per_row)
         c0 = g.to(acc)
         c1 = torch.zeros_like(c0)
