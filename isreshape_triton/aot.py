@@ -14,6 +14,7 @@ with Triton's own options on Triton's PTX.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -49,9 +50,15 @@ def _constexpr_value(value):
         if hasattr(value, "primitive_bitwidth") else value
 
 
+def kernel_path(kernel) -> str:
+    """``module:name`` of a ``@triton.jit`` function (how a spec names its kernel)."""
+    fn = kernel.fn if hasattr(kernel, "fn") else kernel
+    return f"{fn.__module__}:{fn.__name__}"
+
+
 def launch_spec(launch) -> dict:
-    """The specialization of one ``ops.Launch``: kernel name, argument types, constexprs."""
-    return {"kernel": launch.kernel.fn.__name__ if hasattr(launch.kernel, "fn") else launch.kernel.__name__,
+    """The specialization of one ``ops.Launch``: kernel path, argument types, constexprs."""
+    return {"kernel": kernel_path(launch.kernel),
             "signature": {k: _arg_type(v) for k, v in launch.args.items()},
             "constexprs": {k: _constexpr_value(v) for k, v in launch.constexprs.items()},
             "options": dict(launch.options)}
@@ -102,13 +109,10 @@ def default_specs() -> list:
 
 # ----------------------------------------------------------------------------- compiling (no interpreter)
 
-def _kernel(name: str):
-    from .kernels.finalize import finalize_kernel
-    from .kernels.loss import token_loss_kernel
-    from .kernels.stats import batch_stats_kernel
-
-    return {k.fn.__name__ if hasattr(k, "fn") else k.__name__: k
-            for k in (batch_stats_kernel, token_loss_kernel, finalize_kernel)}[name]
+def _kernel(path: str):
+    """The ``@triton.jit`` function named ``module:name`` (see ``kernel_path``)."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _tools():
