@@ -433,7 +433,7 @@ def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=Non
 
 
 def traffic_model(loss_type: str, dtype: torch.dtype, mask_dtype: Optional[torch.dtype], B: int, T: int,
-                  adv_shape: str = "BT", params=None, backward: bool = True) -> int:
+                  adv_shape: str = "BT", params=None, backward: bool = True, split: bool = False):
     """Tensor bytes the fused op moves for a [B, T] batch (forward + backward), counting
     every tensor once per kernel that reads or writes it.
 
@@ -441,8 +441,8 @@ def traffic_model(loss_type: str, dtype: torch.dtype, mask_dtype: Optional[torch
     statistics) reads them again, advantages only where it needs them (the sign family's
     groups); the loss pass writes −m·φ in fp32 (fp64 for fp64); the backward reads it and
     writes the gradient in log_prob's dtype. Plus the O(B + chunks + programs) record,
-    element and partial buffers (``traffic_model(..., T=0)`` is that fixed part).
-    adv_shape: "BT", "B" or "none".
+    element and partial buffers. adv_shape: "BT", "B" or "none". ``split=True`` returns
+    (per-token streams, buffers) instead of their sum.
     """
     params = make_params(loss_type, params)
     fam = kernel_family(loss_type, params)
@@ -451,18 +451,20 @@ def traffic_model(loss_type: str, dtype: torch.dtype, mask_dtype: Optional[torch
     n = B * T
     adv_bytes = {"BT": item * n, "B": item * B, "none": 0}[adv_shape]
     mask_bytes = 0 if mask_dtype is None else torch.empty((), dtype=mask_dtype).element_size() * n
-    total = 2 * item * n + adv_bytes + mask_bytes  # loss pass
+    streams = 2 * item * n + adv_bytes + mask_bytes  # loss pass
     chunk = TILING.chunk(n)
     n_chunks = -(-n // chunk)
     programs = max(1, min(n_chunks, TILING.max_programs))
     if fam.needs_stats:
-        ks = layout.S_BASE_WIDTH + (8 * ESS_GRID_POINTS if fam.ess_exact else 0)
-        records = ((2 * n_chunks + B) if fam.per_row else programs) * ks * acc
-        # written once; read by every program (batch) or by each piece of the row
-        total += 2 * item * n + (adv_bytes if fam.sign_groups else 0) + mask_bytes + 2 * records
+        streams += 2 * item * n + (adv_bytes if fam.sign_groups else 0) + mask_bytes
     if backward:
-        total += acc * n + acc * n + item * n
+        streams += acc * n + acc * n + item * n
+    # statistics records (written once, read by every program or by each piece of the row),
     # partials (written, read), seq elements (written, read), row counts, outputs
-    total += acc * (2 * programs * layout.PARTIAL_WIDTH.value + 2 * 2 * n_chunks * layout.ELEMENT_WIDTH.value
-                    + 2 * B + 2 + layout.METRIC_WIDTH.value)
-    return total
+    records = 0
+    if fam.needs_stats:
+        ks = layout.S_BASE_WIDTH + (8 * ESS_GRID_POINTS if fam.ess_exact else 0)
+        records = 2 * ((2 * n_chunks + B) if fam.per_row else programs) * ks
+    buffers = acc * (records + 2 * programs * layout.PARTIAL_WIDTH.value
+                     + 2 * 2 * n_chunks * layout.ELEMENT_WIDTH.value + 2 * B + 2 + layout.METRIC_WIDTH.value)
+    return (streams, buffers) if split else streams + buffers
