@@ -32,11 +32,39 @@ class TokenTerms(NamedTuple):
     extras: dict
 
 
+class _Expm1Over(torch.autograd.Function):
+    """expm1(γℓ)/γ = ℓ·expm1(x)/x with x = γℓ (ℓ where x = 0), ∂/∂ℓ = e^{γℓ}; γ is a constant.
+
+    Nothing is divided by γ, so a subnormal γ (or γ = 0) overflows neither the value
+    nor the gradient (autograd of expm1(γℓ)/γ computes (g/γ)·e^{γℓ}·γ = inf·0);
+    for normal γ the value is as accurate as expm1(γℓ)/γ. The backward is written
+    in differentiable torch ops, so double backward works."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(gamma, ell):
+        x = gamma * ell
+        zero = x == 0
+        return ell * torch.where(zero, 1.0, torch.expm1(x) / torch.where(zero, 1.0, x))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gamma, ell = ctx.saved_tensors
+        if ctx.needs_input_grad[0]:
+            raise RuntimeError("expm1_over: γ is a constant of the loss (detach it)")
+        return None, (grad * torch.exp(gamma * ell)).sum_to_size(ell.shape)
+
+
 def expm1_over(gamma, ell):
-    """expm1(γℓ)/γ with its γ → 0 limit ℓ (safe for γ = 0, gradient included)."""
+    """expm1(γℓ)/γ with its γ → 0 limit ℓ; value and gradient e^{γℓ} free of overflow
+    for any finite γ ≥ 0, also subnormal (see :class:`_Expm1Over`)."""
     gamma = torch.as_tensor(gamma, dtype=ell.dtype, device=ell.device)
-    zero = gamma == 0
-    return torch.where(zero, ell, torch.expm1(gamma * ell) / torch.where(zero, 1.0, gamma))
+    return _Expm1Over.apply(gamma, ell)
 
 
 def sech2_half(x):
