@@ -33,20 +33,22 @@ class TokenTerms(NamedTuple):
 
 
 class _Expm1Over(torch.autograd.Function):
-    """expm1(γℓ)/γ = ℓ·expm1(x)/x with x = γℓ (ℓ where x = 0), ∂/∂ℓ = e^{γℓ}; γ is a constant.
+    """expm1(γℓ)/γ, ∂/∂ℓ = e^{γℓ}; γ is a constant.
 
-    Nothing is divided by γ, so a subnormal γ (or γ = 0) overflows neither the value
-    nor the gradient (autograd of expm1(γℓ)/γ computes (g/γ)·e^{γℓ}·γ = inf·0);
-    for normal γ the value is as accurate as expm1(γℓ)/γ. The backward is written
-    in differentiable torch ops, so double backward works."""
+    With x = γℓ below the smallest normal number (γ = 0, or a subnormal γ or x)
+    the value is its limit ℓ (expm1(x)/x = 1 + x/2 + … rounds to 1 there), where
+    expm1(x)/γ would lose the digits of a subnormal x; elsewhere it is expm1(x)/γ
+    exactly. The custom backward avoids autograd's (g/γ)·e^{γℓ}·γ, which
+    overflows to inf·γ for a subnormal γ. It is written in differentiable torch
+    ops, so double backward works."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(gamma, ell):
         x = gamma * ell
-        zero = x == 0
-        return ell * torch.where(zero, 1.0, torch.expm1(x) / torch.where(zero, 1.0, x))
+        tiny = x.abs() < torch.finfo(x.dtype).tiny
+        return torch.where(tiny, ell, torch.expm1(x) / torch.where(tiny, 1.0, gamma))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
