@@ -35,7 +35,7 @@ from .kernels.families import VESPO
 from .kernels.loss import token_loss_kernel
 from .kernels.stats import batch_stats_kernel
 from .metrics import metric_names
-from .params import AGG_MODES, AggConfig, make_params
+from .params import AGG_MODES, AggConfig, check_log_ratio_clamp, check_process_group, make_params
 from .psis import K_HAT_THRESHOLD, psis_gamma
 
 _AGG_CODE = {name: i for i, name in enumerate(AGG_MODES)}
@@ -228,8 +228,8 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
         steps.append(functools.partial(torch.distributed.all_gather_into_tensor, records, stats,
                                        group=process_group))
 
-    def given(v):
-        return -1.0 if v is None else float(v)
+    def given(v):  # a device tensor is read by the kernel (no sync); None: derive it
+        return v if isinstance(v, torch.Tensor) else (-1.0 if v is None else float(v))
 
     block, options = _tile(LOSS_TILE, fp64)
     steps.append(Launch(
@@ -246,6 +246,8 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
         dict(**flags, FAMILY=fam.family, OPT=fam.opt, GAMMA_MODE=fam.gamma_mode,
              BATCH_STATS=batch_stats, ROW_STATS=row_stats, SIGN_GROUPS=fam.sign_groups,
              WRITE_GRAD=write_grad, AGG=_AGG_CODE[agg.loss_agg_mode], SEQ_AGG=seq_agg,
+             COUNTS_ON_DEVICE=(isinstance(agg.global_token_count, torch.Tensor)
+                               + 2 * isinstance(agg.global_batch_size, torch.Tensor)),
              SEQ_GAMMA=fam.per_row and fam.family != VESPO.value,
              BLOCK_REC=BLOCK_REC, BLOCK_T=block, BLOCK_P=_pow2(TILING.max_programs),
              BLOCK_E=BLOCK_ELEMENTS),
@@ -412,10 +414,13 @@ def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=Non
     With ``process_group`` every rank merges the statistics records of all ranks, so γ
     is that of the concatenated global batch and bit-identical on every rank.
     """
+    check_process_group(process_group)
+    log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
     params = make_params(loss_type, params, **family_params)
     agg = AggConfig(loss_agg_mode, dp_size, global_token_count, global_batch_size, loss_scale_factor)
     x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, log_ratio_clamp,
                        cu_seqlens, validate)
+    agg.check_device(x.log_prob.device)
     mask = x.response_mask
     if mask is not None and mask.dtype.is_floating_point and mask.element_size() == 1:
         mask = mask != 0  # fp8: Triton cannot compare it with 0 on every target

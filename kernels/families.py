@@ -89,7 +89,7 @@ def is_reshape_sign_token(ell, w, A, ctx, params, OPT: tl.constexpr):
     neg = A < 0.0
     phi = tl.where(pos, A * b_pos, tl.where(neg, A * b_neg, A * 0.0))
     F = tl.where(pos, A * f_pos, tl.where(neg, A * f_neg, A * 0.0))
-    g_t = tl.where(neg, g_neg, g_pos)
+    g_t = tl.where(A >= 0.0, g_pos, g_neg)  # γ+ where A ≥ 0, γ− where A < 0 (and NaN A)
     return phi, F, g_t, (tl.where(pos, g_pos, 0.0), tl.where(neg, g_neg, 0.0), zero, zero, zero)
 
 

@@ -20,6 +20,16 @@ SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(4)
 
 
 @triton.jit
+def _given(v, dt: tl.constexpr, ON_DEVICE: tl.constexpr):
+    """A count given as a float (< 0: not given) or, ON_DEVICE, as a pointer to a 0-dim
+    device tensor (read here: no host sync)."""
+    if ON_DEVICE:
+        return tl.load(v).to(dt)
+    else:
+        return v + tl.zeros([], dt)
+
+
+@triton.jit
 def _load(rows, slot, ok, other=0.0):
     """Slot ``slot`` of every partial record (L1 bypassed: written by other programs)."""
     return tl.load(rows + slot, mask=ok, other=other, cache_modifier=".cg")
@@ -87,10 +97,11 @@ def finalize(partial_ptr, n_part, element_ptr, n_elements, row_count_ptr, cu_ptr
              loss_ptr, metrics_ptr, grad_scale_ptr, batch_ctx, S, T,
              dp_size, global_token_count, global_batch_size, loss_scale_factor,
              AGG: tl.constexpr, SEQ_AGG: tl.constexpr, SEQ_GAMMA: tl.constexpr, PACKED: tl.constexpr,
-             BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+             COUNTS_ON_DEVICE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
     """All n_part (≤ BLOCK_P) partial records merged in one fixed-order tile; the loss,
     metrics (slot order = layout.METRIC_SLOTS) and the gradient scale s of SPEC §2
-    (for seq-mean-token-mean the backward divides it by the row's n_b)."""
+    (for seq-mean-token-mean the backward divides it by the row's n_b). COUNTS_ON_DEVICE:
+    bit 0 global_token_count, bit 1 global_batch_size are 0-dim device tensors."""
     p = tl.arange(0, BLOCK_P)
     ok = p < n_part
     rows = partial_ptr + p.to(tl.int64) * PARTIAL_WIDTH
@@ -123,6 +134,8 @@ def finalize(partial_ptr, n_part, element_ptr, n_elements, row_count_ptr, cu_ptr
 
     # aggregation (SPEC §5); an empty denominator gives 0
     one = tl.full([], 1.0, dt)
+    global_token_count = _given(global_token_count, dt, COUNTS_ON_DEVICE % 2 == 1)
+    global_batch_size = _given(global_batch_size, dt, COUNTS_ON_DEVICE // 2 == 1)
     if SEQ_AGG:
         seq_loss, n_rows = _spanning_rows(element_ptr, n_elements, row_count_ptr, dt,
                                           AGG == SEQ_MEAN_TOKEN_MEAN, BLOCK_E)

@@ -44,6 +44,12 @@ def _store_tuple3(ptr, values):
 
 
 @triton.jit
+def _counted(x, m, bad):
+    """x at counted tokens, 0 elsewhere, NaN at non-finite ones."""
+    return tl.where(bad, float("nan"), tl.where(m, x, 0.0))
+
+
+@triton.jit
 def _store_element(ptr, n, loss, row, flags):
     tl.store(ptr + E_COUNT, n)
     tl.store(ptr + E_LOSS, loss)
@@ -91,11 +97,12 @@ def token_loss_kernel(
     BATCH_STATS: tl.constexpr, ROW_STATS: tl.constexpr, SIGN_GROUPS: tl.constexpr,
     ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     WRITE_GRAD: tl.constexpr, AGG: tl.constexpr, SEQ_AGG: tl.constexpr, SEQ_GAMMA: tl.constexpr,
-    KS: tl.constexpr, G: tl.constexpr, BLOCK_REC: tl.constexpr, BLOCK_T: tl.constexpr,
+    COUNTS_ON_DEVICE: tl.constexpr, KS: tl.constexpr, G: tl.constexpr, BLOCK_REC: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """Loss, metrics and −m·φ (see module docstring). ``params`` is the family's float tuple,
-    ``gamma_rule`` the γ rule (``gamma.py``); global_* < 0 means "not given"."""
+    ``gamma_rule`` the γ rule (``gamma.py``); global_* < 0 means "not given" (or device
+    tensors, see ``finalize``)."""
     lp = (lp_ptr, s_lp_r, s_lp_t)
     olp = (olp_ptr, s_olp_r, s_olp_t)
     adv = (adv_ptr, s_adv_r, s_adv_t)
@@ -152,8 +159,9 @@ def token_loss_kernel(
                                              ACC, HAS_ADV, HAS_MASK, PACKED)
                 w = tl.exp(ell)
                 phi, F, g, x = family_token(ell, w, A, ctx, params, FAMILY, OPT)
-                phi = tl.where(m, phi, 0.0)
-                L = tl.where(m, -F, 0.0)
+                # a non-finite input poisons its token's φ, F and extras, whatever the formula
+                phi = tl.where(bad, float("nan"), tl.where(m, phi, 0.0))
+                L = tl.where(bad, float("nan"), tl.where(m, -F, 0.0))
                 if WRITE_GRAD:
                     tl.store(neg_phi_ptr + offs, -phi, mask=offs < e)
                 loss_acc += L
@@ -177,8 +185,8 @@ def token_loss_kernel(
                     g_max = tl.where(m, max_nan(g_max, g), g_max)
                 x0, x1, x2, x3, x4 = x
                 e0, e1, e2, e3, e4 = extras
-                extras = (e0 + tl.where(m, x0, 0.0), e1 + tl.where(m, x1, 0.0), e2 + tl.where(m, x2, 0.0),
-                          e3 + tl.where(m, x3, 0.0), e4 + tl.where(m, x4, 0.0))
+                extras = (e0 + _counted(x0, m, bad), e1 + _counted(x1, m, bad), e2 + _counted(x2, m, bad),
+                          e3 + _counted(x3, m, bad), e4 + _counted(x4, m, bad))
                 nonfinite += tl.where(bad, 1.0, 0.0)
             if SEQ_AGG:  # the piece's row sums: a complete row now, else a head / tail element
                 n_b = tl.sum(row_n)
@@ -236,5 +244,5 @@ def token_loss_kernel(
         finalize(partial_ptr, tl.num_programs(0), element_ptr, 2 * n_chunks, row_count_ptr, cu_ptr,
                  loss_ptr, metrics_ptr, grad_scale_ptr, batch_ctx, S, T,
                  dp_size, global_token_count, global_batch_size, loss_scale_factor,
-                 AGG, SEQ_AGG, SEQ_GAMMA, PACKED, BLOCK_P, BLOCK_E)
+                 AGG, SEQ_AGG, SEQ_GAMMA, PACKED, COUNTS_ON_DEVICE, BLOCK_P, BLOCK_E)
         tl.store(ticket_ptr, 0)

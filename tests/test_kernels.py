@@ -239,7 +239,8 @@ def test_float_parameters_are_runtime_arguments():
     floats are not constexpr and integer sizes are not specialised."""
     structural = {"ACC", "HAS_ADV", "HAS_MASK", "PACKED", "SIGN_GROUPS", "ESS_EXACT", "G", "KS",
                   "ROW_STATS", "BLOCK_T", "FAMILY", "OPT", "GAMMA_MODE", "BATCH_STATS", "WRITE_GRAD",
-                  "BLOCK_REC", "SEQ_GAMMA", "AGG", "SEQ_AGG", "BLOCK_P", "BLOCK_E", "PER_ROW"}
+                  "BLOCK_REC", "SEQ_GAMMA", "AGG", "SEQ_AGG", "BLOCK_P", "BLOCK_E", "PER_ROW",
+                  "COUNTS_ON_DEVICE"}
     for kernel in (batch_stats_kernel, token_loss_kernel, policy_grad_kernel):
         params = inspect.signature(kernel.fn).parameters
         constexprs = {n for n, p in params.items() if p.annotation is tl.constexpr}

@@ -23,9 +23,11 @@ from _cases import FAMILY_CONFIGS
 ref = irt.reference
 F32, F64 = torch.float32, torch.float64
 NAN, INF = math.nan, math.inf
-# metrics that reduce ℓ, w or φ over every counted token: NaN when one of them is non-finite
-ELL_METRICS = ("ppo_kl", "w_mean", "w_max", "phi_mean", "phi_abs_max", "sigma_sq", "ess", "ess_ratio",
+# metrics that reduce ℓ or w over every counted token: NaN when a log-prob is non-finite
+ELL_METRICS = ("ppo_kl", "w_mean", "w_max", "sigma_sq", "ess", "ess_ratio",
                "skewness", "kurtosis", "max_weight_ratio")
+# metrics that reduce φ: NaN when any input of a counted token is non-finite
+PHI_METRICS = ("phi_mean", "phi_abs_max")
 
 
 def batch(B=3, T=5, seed=0, dtype=F32):
@@ -65,9 +67,10 @@ def inject(lp, olp, A, where, value, pos):
 @pytest.mark.parametrize("loss_type,opts", FAMILY_CONFIGS[::3] + [("is_reshape_sign", {})])
 @pytest.mark.parametrize("where,value", INJECTIONS[::2] + INJECTIONS[5:6])
 def test_nonfinite_counted_token_is_loud(loss_type, opts, where, value):
-    """NaN loss, NaN statistics over the token, NaN gradient there, counted in
-    nonfinite_tokens; no ℓ clamped to ±20 (main: finite loss for the sign family with a
-    NaN A, healthy ESS/skewness/max_weight_ratio next to a NaN loss)."""
+    """NaN loss, NaN gradient there, counted in nonfinite_tokens; a non-finite log-prob
+    also makes the statistics over the token NaN (no ℓ clamped to ±20), a non-finite
+    advantage leaves the statistics of ℓ alone (main: finite loss for the sign family with
+    a NaN A, healthy ESS/skewness/max_weight_ratio next to a NaN loss)."""
     lp, olp, A, mask = batch()
     lp, olp, A = inject(lp, olp, A, where, value, (1, 2))
     mask[1, 2] = True
@@ -75,8 +78,10 @@ def test_nonfinite_counted_token_is_loud(loss_type, opts, where, value):
     assert loss.isnan()
     assert met["nonfinite_tokens"].item() == 1.0
     assert met["token_count"].item() == mask.sum().item()
-    for k in ELL_METRICS:
+    for k in PHI_METRICS + (ELL_METRICS if where != "advantages" else ()):
         assert met[k].isnan(), k
+    if where == "advantages":
+        assert all(torch.isfinite(met[k]) for k in ELL_METRICS if k not in ("ess", "ess_ratio"))  # γ_t(A)
     assert g[1, 2].isnan()
     assert torch.all(g[~mask] == 0)
 
@@ -138,7 +143,7 @@ def test_sign_family_nan_advantage_is_not_dropped():
         loss, met, g = run(lp, olp, A, mask, "is_reshape_sign", neg_saturation=sat)
         assert loss.isnan() and g[0, 0].isnan() and met["phi_mean"].isnan()
         assert torch.isfinite(met["gamma_pos"]) and torch.isfinite(met["gamma_neg"])  # not in a group
-        assert met["sigma_sq"].isnan()
+        assert torch.isfinite(met["sigma_sq"])  # ℓ itself is finite
 
 
 def test_ppo_clip_nan_advantage_nan_gradient_and_clipfrac():
@@ -454,25 +459,27 @@ def test_fuzz_nonfinite_policy(data):
 
     def injected(cells_):
         lp2, olp2, A2 = lp.clone(), olp.clone(), None if A_in is None else A_in.clone()
+        in_log_probs = False
         for c in cells_:
             where = draw(st.sampled_from(targets))
             value = draw(st.sampled_from([NAN, INF, -INF]))
             {"log_prob": lp2, "old_log_prob": olp2, "advantages": A2}[where][c] = value
-        return lp2, olp2, A2
+            in_log_probs |= where != "advantages"
+        return lp2, olp2, A2, in_log_probs
 
     kw = dict(log_ratio_clamp=clamp, **opts)
     loss0, met0, g0 = run(lp, olp, A_in, mask, loss_type, agg, **kw)
     assert torch.isfinite(loss0) and all(torch.isfinite(v) for v in met0.values())
     assert met0["nonfinite_tokens"].item() == 0
 
-    lp1, olp1, A1 = injected(masked_hit)
+    lp1, olp1, A1, _ = injected(masked_hit)
     loss1, met1, g1 = run(lp1, olp1, A1, mask, loss_type, agg, **kw)
     assert same(loss1, loss0) and same(g1, g0)
     assert all(same(met1[k], met0[k]) for k in met0)
 
     if not hit:
         return
-    lp2, olp2, A2 = injected(hit)
+    lp2, olp2, A2, in_log_probs = injected(hit)
     for c in masked_hit:  # masked garbage on top
         lp2[c], olp2[c] = NAN, INF
     loss2, met2, g2 = run(lp2, olp2, A2, mask, loss_type, agg, **kw)
@@ -482,9 +489,9 @@ def test_fuzz_nonfinite_policy(data):
     assert loss2.isnan()
     assert met2["nonfinite_tokens"].item() == len(hit)
     assert met2["token_count"].item() == counted.sum().item()
-    assert all(met2[k].isnan() for k in ELL_METRICS)
+    assert all(met2[k].isnan() for k in PHI_METRICS + (ELL_METRICS if in_log_probs else ()))
     assert torch.all(g2[bad].isnan()) and torch.all(g2[~counted] == 0)
-    locality = _locality(loss_type, opts)
+    locality = _locality(loss_type, opts) if in_log_probs else "token"  # a bad A reaches no statistic
     if locality == "token":
         keep = counted & ~bad
     elif locality == "row":

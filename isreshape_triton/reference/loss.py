@@ -5,12 +5,16 @@ masked positions → ℓ (clamp that passes the gradient) → the family's batch
 statistics (detached) → per-token φ, F → aggregate(−F) → metrics.
 
 Non-finite policy (SPEC §11). A *non-finite token* is a counted token whose
-d = log_prob − old_log_prob (in the compute dtype) or advantage is NaN or ±inf.
-Its ℓ is NaN (never clamped to ±C), so every statistic over a group that holds
-it (σ², γ of every rule, VESPO's row weight, the ℓ-metrics) is NaN, and its φ
-and F are NaN, so the loss is NaN and so is ∂loss/∂log_prob at that token (and
-at every token whose γ or W is NaN). ``nonfinite_tokens`` counts these tokens.
+d = log_prob − old_log_prob (in the compute dtype) or advantage is NaN or ±inf;
+``nonfinite_tokens`` counts them. A non-finite d makes the token's ℓ NaN (never
+clamped to ±C), so every statistic over a group that holds it (σ², γ of every
+rule, VESPO's row weight, the ℓ-metrics) is NaN. A non-finite advantage is read
+as NaN: the token belongs to neither sign group and leaves the statistics of ℓ
+alone. Either way its φ and F are NaN, so the loss is NaN and so is
+∂loss/∂log_prob at that token (and at every token whose γ or W is NaN).
 Masked positions are replaced by 0 before any arithmetic: they stay isolated.
+
+Packed inputs (``cu_seqlens``) are padded to ``[S, longest]`` first (one sync).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import math
 
 import torch
 
-from ..inputs import prepare_inputs
+from ..inputs import pad_packed, prepare_inputs
 from ..params import AggConfig, check_log_ratio_clamp, check_process_group, make_params
 from .aggregation import aggregate
 from .diagnostics import compute_metrics
@@ -47,12 +51,22 @@ def poison(terms: TokenTerms, nan: torch.Tensor, ell: torch.Tensor) -> TokenTerm
 def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                 loss_type="is_reshape", loss_agg_mode="token-mean", *,
                 dp_size=1, global_token_count=None, global_batch_size=None, loss_scale_factor=None,
-                log_ratio_clamp=20.0, process_group=None, params=None, **family_params):
+                log_ratio_clamp=20.0, cu_seqlens=None, validate=False, process_group=None, params=None,
+                **family_params):
     """Aggregated loss (0-dim, fp32 / fp64) and the metrics dict of ``loss_type``.
 
     ∂loss/∂log_prob_t = −s_t·m_t·φ_t; ``old_log_prob`` and ``advantages`` are
     treated as constants (no gradient flows to them).
     """
+    if cu_seqlens is not None:  # the padded form: every row rule applies per sequence
+        x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, 20.0, cu_seqlens, validate)
+        longest = int((x.cu_seqlens[1:] - x.cu_seqlens[:-1]).max()) if x.rows else 0
+        x = pad_packed(x, longest)
+        return policy_loss(x.log_prob, x.old_log_prob, x.advantages, x.response_mask, loss_type,
+                           loss_agg_mode, dp_size=dp_size, global_token_count=global_token_count,
+                           global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
+                           log_ratio_clamp=log_ratio_clamp, process_group=process_group, params=params,
+                           **family_params)
     check_process_group(process_group)
     if process_group is not None:
         raise NotImplementedError("process_group is supported on the kernel path")
@@ -72,12 +86,14 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
         adv = torch.ones_like(lp).detach()
     else:
         adv = torch.where(mask, x.advantages.detach().to(dt), 0.0)
+        adv = torch.where(torch.isfinite(adv), adv, math.nan)
 
-    # ℓ = clamp(d, −C, C) in value, identity in gradient; NaN at the non-finite tokens
+    # ℓ = clamp(d, −C, C) in value, identity in gradient; NaN where d is not finite
     d = lp - olp
-    bad = mask & ~(torch.isfinite(d.detach()) & torch.isfinite(adv))
+    bad_d = mask & ~torch.isfinite(d.detach())
+    bad = bad_d | (mask & torch.isnan(adv))
     nan = torch.where(bad, math.nan, 0.0).to(dt)
-    ell = torch.clamp(d.detach(), -C, C) + (d - d.detach()) + nan
+    ell = torch.clamp(d.detach(), -C, C) + (d - d.detach()) + torch.where(bad_d, math.nan, 0.0).to(dt)
 
     stats, diag = split_psis(STATS[loss_type](ell.detach(), adv, mask, p, C))
     kwargs = {**stats, "params": p} if loss_type in _TAKES_PARAMS else stats
