@@ -83,7 +83,12 @@ def specs_from_plan(log_prob, old_log_prob, advantages, response_mask, loss_type
     fam = kernel_family(loss_type, make_params(loss_type, **options))
     gamma = torch.zeros(2, dtype=ops._acc_dtype(log_prob.dtype)) if fam.psis else None
     plan = ops.plan_launches(x, fam, agg, clamp, write_grad=log_prob.requires_grad, gamma=gamma)
-    return [launch_spec(step) for step in plan.steps if isinstance(step, ops.Launch)]
+    launches = [step for step in plan.steps if isinstance(step, ops.Launch)]
+    if log_prob.requires_grad:
+        launches.append(ops.backward_launch(plan.neg_phi, torch.empty_like(log_prob), plan.grad_scale,
+                                            plan.loss, plan.row_count, x.cu_seqlens, plan.geometry,
+                                            agg.loss_agg_mode == "seq-mean-token-mean"))
+    return [launch_spec(step) for step in launches]
 
 
 def default_specs() -> list:

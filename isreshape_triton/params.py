@@ -48,7 +48,7 @@ NEG_SATURATIONS = ("none", "soft", "truncate", "michaelis_menten")
 POS_WEIGHTS = ("power", "michaelis_menten")
 # keyword options of policy_loss that are not family parameters
 CALL_OPTIONS = ("loss_agg_mode", "dp_size", "global_token_count", "global_batch_size",
-                "loss_scale_factor", "log_ratio_clamp", "process_group")
+                "loss_scale_factor", "log_ratio_clamp", "process_group", "cu_seqlens", "validate")
 
 FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 FP32_TRUE_MIN = 2.0 ** -149  # smallest positive fp32 subnormal

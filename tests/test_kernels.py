@@ -29,8 +29,10 @@ from isreshape_triton.profiling import count_work
 from _cases import (ADVANTAGES, AGG_MODES, DTYPES, FAMILY_CONFIGS, LAYOUTS, MASKS, SPECIALS,
                     make_batch, pairwise)
 
+TILINGS = ("default", "small")
 CASES = pairwise({"family": FAMILY_CONFIGS, "agg": AGG_MODES, "dtype": DTYPES,
-                  "adv": ADVANTAGES, "mask": MASKS, "layout": LAYOUTS, "special": SPECIALS})
+                  "adv": ADVANTAGES, "mask": MASKS, "layout": LAYOUTS, "special": SPECIALS,
+                  "tiling": TILINGS})
 GRAD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
@@ -38,7 +40,7 @@ def _case_id(case):
     lt, opts = case["family"]
     opt = ",".join(f"{k}={v}" for k, v in opts.items())
     return f"{lt}[{opt}]-{case['agg']}-{str(case['dtype'])[6:]}-adv{case['adv']}-{case['mask']}-" \
-           f"{case['layout']}-{case['special']}"
+           f"{case['layout']}-{case['special']}-{case['tiling']}"
 
 
 SMALL_TILING = ops.Tiling(max_programs=3, chunk_min=16, chunk_max=16)
@@ -50,13 +52,15 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(ops, "TILING", SMALL_TILING)
 
 
-def fused_with_counts(lp, olp, adv, mask, loss_type, agg, **opts):
-    """Fused forward + backward under the strict sync detector and the launch counter;
-    ``work.forward`` / ``work.backward`` count each half."""
+def fused_with_counts(lp, olp, adv, mask, loss_type, agg, syncs=0, **opts):
+    """Fused forward + backward under the strict sync detector (or, with ``syncs`` > 0,
+    that many documented syncs) and the launch counter; ``work.forward`` /
+    ``work.backward`` count each half."""
     x = lp.detach().clone().requires_grad_()
     ops.completion_ticket(lp.device)  # allocated once per device and thread, not per call
-    with count_work(strict=True, track_memory=False) as work:
-        with count_work(strict=True, track_memory=False) as forward:
+    strict = syncs == 0
+    with count_work(strict=strict, track_memory=False) as work:
+        with count_work(strict=strict, track_memory=False) as forward:
             loss, metrics = fused_policy_loss(x, olp, adv, mask, loss_type, agg, **opts)
         with count_work(strict=True, track_memory=False) as backward:
             loss.backward()
@@ -84,9 +88,9 @@ def pinned_gamma(loss_type, opts, metrics):
     return {**pinned, "gamma": float(metrics[key])}
 
 
-def check_against_reference(lp, olp, adv, mask, loss_type, agg, opts, rtol=None):
-    loss, metrics, grad, work = fused_with_counts(lp, olp, adv, mask, loss_type, agg, **opts)
-    family_opts = {k: v for k, v in opts.items() if k != "log_ratio_clamp"}
+def check_against_reference(lp, olp, adv, mask, loss_type, agg, opts, rtol=None, syncs=0):
+    loss, metrics, grad, work = fused_with_counts(lp, olp, adv, mask, loss_type, agg, syncs, **opts)
+    family_opts = {k: v for k, v in opts.items() if k not in ("log_ratio_clamp", "cu_seqlens")}
     fam_params = irt.make_params(loss_type, **family_opts)
     fam = kernel_family(loss_type, fam_params)
     # the kernel path ran, within budget, without syncs (PSIS smooths with torch ops first)
@@ -95,7 +99,7 @@ def check_against_reference(lp, olp, adv, mask, loss_type, agg, opts, rtol=None)
     fp8_mask = mask is not None and mask.dtype.is_floating_point and mask.element_size() == 1
     assert work.forward.torch_launches <= int(fp8_mask) or fam.psis, work.forward.ops.ops
     assert set(work.backward.ops.ops) <= {"aten::ones_like"}, work.backward.ops.ops  # autograd's seed
-    assert work.syncs == 0
+    assert work.syncs == syncs
     ref_opts = pinned_gamma(loss_type, opts, metrics)
     r_loss, r_metrics, r_grad = reference(lp, olp, adv, mask, loss_type, agg, **ref_opts)
     if rtol is None:
@@ -124,8 +128,10 @@ def check_against_reference(lp, olp, adv, mask, loss_type, agg, opts, rtol=None)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_parity_pairwise(case, poisoned_outputs):
+def test_parity_pairwise(case, poisoned_outputs, monkeypatch):
     loss_type, opts = case["family"]
+    if case["tiling"] == "small":
+        monkeypatch.setattr(ops, "TILING", SMALL_TILING)
     lp, olp, adv, mask = make_batch(5, 37, case["dtype"], case["adv"], case["mask"], case["layout"],
                                     case["special"], seed=hash(_case_id(case)) % 1000)
     seq_exact = opts.get("gamma") == "ess_exact" and opts.get("gamma_granularity") == "sequence"
