@@ -37,8 +37,6 @@ from typing import Optional
 import torch
 
 from . import api
-from .kernels import logits as kl
-from .ops import Launch
 from .params import AGG_MODES, check_loss_type
 from .reference.from_logits import check_logits_inputs
 from .reference.from_logits import policy_loss_from_logits as reference_policy_loss_from_logits
@@ -50,7 +48,7 @@ MIN_CHUNK_TILES = 4  # a split chunk spans at least 4 tiles (8192 columns)
 FORWARD_OPTIONS = {"num_warps": 4, "num_stages": 1}
 BACKWARD_OPTIONS = {"num_warps": 4, "num_stages": 1}
 MERGE_OPTIONS = {"num_warps": 2, "num_stages": 1}
-REC_WIDTH = kl.REC_WIDTH.value
+REC_WIDTH = 4  # kernels.logits.REC_WIDTH: (M, S, Q, t)
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -105,6 +103,9 @@ def _vocab_layout(V: int, tp_group) -> tuple:
 def plan_forward(logits: torch.Tensor, labels: torch.Tensor, cfg: _Config) -> tuple:
     """(steps, log_prob, lse, entropy): the launches (and the all-gather with a tp group)
     of the forward pass; nothing runs."""
+    from .kernels import logits as kl  # triton loads on first use (TRITON_INTERPRET is read then)
+    from .ops import Launch
+
     lead = logits.dim() - 1
     N, V = labels.numel(), logits.shape[-1]
     dev = logits.device
@@ -115,9 +116,9 @@ def plan_forward(logits: torch.Tensor, labels: torch.Tensor, cfg: _Config) -> tu
         return [], log_prob, lse, entropy
     _, world, vocab_lo, V_total = _vocab_layout(V, cfg.tp_group)
     n_split, chunk_tiles = vocab_split(N, V)
-    mode = kl.RECORDS if world > 1 else (kl.TICKET if n_split > 1 else kl.DIRECT)
-    records = _empty((N, n_split, REC_WIDTH), torch.float32, dev) if mode != kl.DIRECT else lse
-    tickets = torch.zeros((N,), dtype=torch.int32, device=dev) if mode == kl.TICKET else lse
+    mode = (kl.RECORDS if world > 1 else kl.TICKET if n_split > 1 else kl.DIRECT).value
+    records = _empty((N, n_split, REC_WIDTH), torch.float32, dev) if mode != kl.DIRECT.value else lse
+    tickets = torch.zeros((N,), dtype=torch.int32, device=dev) if mode == kl.TICKET.value else lse
     T_in, s_outer, s_inner = _token_strides(logits, lead)
     _, s_lab_outer, s_lab_inner = _token_strides(labels, lead)
     steps = [Launch(kl.logits_forward_kernel, (N * n_split,),
@@ -129,8 +130,8 @@ def plan_forward(logits: torch.Tensor, labels: torch.Tensor, cfg: _Config) -> tu
                     dict(MODE=mode, ENTROPY=cfg.entropy, ALIGN=_alignment(V, logits), BLOCK_V=BLOCK_V,
                          BLOCK_R=BLOCK_R),
                     FORWARD_OPTIONS)]
-    if mode == kl.RECORDS:
-        gathered = _empty((world, N, n_split, REC_WIDTH), torch.float32, dev)
+    if mode == kl.RECORDS.value:
+        gathered = _empty((world * N, n_split, REC_WIDTH), torch.float32, dev)  # [world, N] flattened
         steps.append(lambda: torch.distributed.all_gather_into_tensor(gathered, records, group=cfg.tp_group))
         steps.append(Launch(kl.merge_vocab_records_kernel, (N,),
                             dict(rec_ptr=gathered, labels_ptr=labels, lp_ptr=log_prob, lse_ptr=lse,
@@ -143,6 +144,9 @@ def plan_forward(logits: torch.Tensor, labels: torch.Tensor, cfg: _Config) -> tu
 def plan_backward(logits, labels, lse, entropy, grad_log_prob, grad_entropy, cfg: _Config) -> tuple:
     """(launch, grad_logits) of the backward pass; grad_logits is the logits' own storage
     with ``cfg.inplace``."""
+    from .kernels import logits as kl
+    from .ops import Launch
+
     lead = logits.dim() - 1
     N, V = labels.numel(), logits.shape[-1]
     grad = logits.detach() if cfg.inplace else _empty(logits.shape, logits.dtype, logits.device)

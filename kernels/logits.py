@@ -36,7 +36,7 @@ import triton.language as tl
 DIRECT = tl.constexpr(0)
 TICKET = tl.constexpr(1)
 RECORDS = tl.constexpr(2)
-REC_WIDTH = tl.constexpr(4)  # (M, S, Q, t)
+REC_WIDTH = tl.constexpr(4)  # (M, S, Q, t); isreshape_triton.from_logits.REC_WIDTH
 NEG_INIT = tl.constexpr(-1.0e38)  # finite start of the running max: no inf − inf
 EXP_FLOOR = tl.constexpr(-128.0)  # e^{−128} = 0 in fp32; keeps e·d finite for z = −inf
 
@@ -212,7 +212,9 @@ def logits_backward_kernel(
         g_h = tl.load(gent_ptr + n.to(tl.int64) * s_gent).to(tl.float32)
         h = tl.load(ent_ptr + n)
     live = (g != 0.0) | (g_h != 0.0)
-    hi_read = tl.where(live, hi, lo)  # a dead token's logits are not read
+    hi_read = tl.where(live, hi, lo)  # a dead token's logits are not read: z = 0, and with
+    lse = tl.where(live, lse, 0.0)  # finite lse and H every term below is exactly 0
+    h = tl.where(live, h, 0.0)
     offs = tl.arange(0, BLOCK_V)
     for v0 in range(lo, hi, BLOCK_V):
         cols = v0 + offs
@@ -220,7 +222,6 @@ def logits_backward_kernel(
         log_p = z - lse
         p = tl.exp(log_p)
         dz = g * (tl.where(cols == loc, 1.0, 0.0) - p)
-        if ENT_GRAD:
-            dz -= g_h * p * (log_p + h)
-        dz = tl.where(live, dz * inv_temp, 0.0)
-        tl.store(out + cols, dz.to(grad_ptr.dtype.element_ty), mask=cols < hi)
+        if ENT_GRAD:  # p·log p → 0 at a −inf logit
+            dz -= g_h * tl.where(p > 0.0, p * (log_p + h), 0.0)
+        tl.store(out + cols, (dz * inv_temp).to(grad_ptr.dtype.element_ty), mask=cols < hi)
