@@ -32,7 +32,6 @@ O(N). Each rank's backward writes the gradient of its own shard.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -40,6 +39,7 @@ from . import api
 from .params import AGG_MODES, check_loss_type
 from .reference.from_logits import check_logits_inputs
 from .reference.from_logits import policy_loss_from_logits as reference_policy_loss_from_logits
+from .reference.from_logits import selective_log_softmax as reference_selective_log_softmax
 
 BLOCK_V = 2048  # vocabulary tile (columns per loop iteration)
 BLOCK_R = 64  # records per merge iteration
@@ -70,7 +70,7 @@ def _alignment(V: int, *tensors) -> int:
     every token stride of ``tensors``, so that a row starts on an ALIGN-element boundary
     of an aligned base and the tile loads vectorize."""
     align = 16 // tensors[0].element_size()
-    values = [V] + [s for t in tensors for s in t.stride()[:-1]]
+    values = [V] + [s for t in tensors for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1]
     while align > 1 and any(v % align for v in values):
         align //= 2
     return align
@@ -203,8 +203,13 @@ def selective_log_softmax(logits, labels, temperature=1.0, *, return_entropy=Tru
                           inplace_backward=False, tp_group=None):
     """log_prob = log_softmax(logits/temperature)[labels] (NaN where a label is outside
     [0, V)), and with ``return_entropy`` the differentiable entropy; fp32, shape
-    ``labels.shape``. Kernel path only (CUDA, or TRITON_INTERPRET=1). Logits whose
-    vocabulary dimension is not unit-stride are copied once."""
+    ``labels.shape``. CUDA (or TRITON_INTERPRET=1) runs the kernels, other CPU tensors
+    the reference. Logits whose vocabulary dimension is not unit-stride are copied once."""
+    on_kernels = isinstance(logits, torch.Tensor) and api.uses_kernels(logits)
+    check_logits_inputs(logits, labels, None, temperature, return_entropy, inplace_backward, kernel=on_kernels)
+    if not on_kernels:
+        log_prob, entropy = reference_selective_log_softmax(logits, labels, temperature)
+        return log_prob, entropy if return_entropy else None
     if logits.stride(-1) != 1:  # the kernels read unit-stride vocabulary rows
         if inplace_backward:
             raise ValueError("inplace_backward=True needs logits with a unit stride in the vocabulary "
@@ -240,8 +245,8 @@ def policy_loss_from_logits(logits, labels, old_log_prob, advantages=None, respo
         return reference_policy_loss_from_logits(
             logits, labels, old_log_prob, advantages, response_mask, loss_type, loss_agg_mode,
             temperature, return_entropy, inplace_backward, tp_group, **family_params)
-    check_logits_inputs(logits, labels, old_log_prob, temperature, return_entropy, inplace_backward)
-    check_loss_type(loss_type)
+    check_logits_inputs(logits, labels, old_log_prob, temperature, return_entropy, inplace_backward)  # fail
+    check_loss_type(loss_type)  # before the logits pass
     if loss_agg_mode not in AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {loss_agg_mode!r}")
     if inplace_backward and 0 in logits.stride():
@@ -254,17 +259,20 @@ def policy_loss_from_logits(logits, labels, old_log_prob, advantages=None, respo
 
 
 def traffic_model(N: int, V: int, dtype: torch.dtype, entropy_grad: bool = False, backward: bool = True,
-                  tp: int = 1) -> int:
-    """Bytes the from-logits part moves (the log-prob op's own traffic comes on top):
-    forward reads the logits once and writes log_prob, lse, entropy (and the records
-    when V is split or sharded); backward reads the logits, labels, lse, g (entropy and
-    g_H with an entropy gradient) and writes grad_logits once."""
+                  tp: int = 1, label_bytes: int = 8) -> int:
+    """Bytes the from-logits kernels move for N tokens of V (local) columns; the log-prob
+    op's own traffic (``ops.traffic_model`` on fp32 log_prob) comes on top.
+
+    forward: the logits once, labels, the target logit again, log_prob / lse / entropy
+    written; split or sharded V: the records written and read back (tp × with the
+    all-gather) and the tickets (memset, atomic). backward: the logits once, grad_logits
+    written once, labels, lse, g (with an entropy gradient also H and g_H)."""
     item = torch.empty((), dtype=dtype).element_size()
     n_split, _ = vocab_split(N, V)
-    label = 8
-    total = N * V * item + N * (label + 3 * 4)
+    total = N * V * item + N * (label_bytes + item + 3 * 4)
     if n_split > 1 or tp > 1:
-        total += 2 * N * n_split * REC_WIDTH * 4 * tp + (4 * 3 * N if tp == 1 else 0)
+        total += N * n_split * REC_WIDTH * 4 * (1 + tp)
+        total += 2 * N * 4 if tp == 1 else N * label_bytes  # tickets / the merge's labels
     if backward:
-        total += 2 * N * V * item + N * (label + 4 + 4) + (N * 8 if entropy_grad else 0)
+        total += 2 * N * V * item + N * (label_bytes + 4 + 4 + (8 if entropy_grad else 0))
     return total

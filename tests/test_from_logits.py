@@ -258,6 +258,17 @@ def test_negative_infinite_logits_and_determinism(poisoned):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[2])
 
 
+def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
+    logits, labels, old, adv, mask = make_batch(2, 3, 20, seed=12)
+    expect = reference_from_logits(logits, labels, old, adv, mask, "sapo", return_entropy=True)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with count_work() as work:
+        got = irt.policy_loss_from_logits(logits, labels, old, adv, mask, "sapo", return_entropy=True)
+        lp, ent = irt.selective_log_softmax(logits, labels)
+    assert work.triton_launches == 0
+    assert torch.equal(got[0], expect[0]) and torch.equal(got[2], expect[2]) and torch.equal(ent, expect[2])
+
+
 def test_empty_batch():
     logits = torch.zeros(0, 11, requires_grad=True)
     loss, metrics, ent = irt.policy_loss_from_logits(logits, torch.zeros(0, dtype=torch.long), torch.zeros(0),

@@ -38,12 +38,15 @@ def check_logits_inputs(logits, labels, old_log_prob, temperature, return_entrop
         raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
     if labels.shape != lead:
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal logits' leading shape {tuple(lead)}")
-    if not isinstance(old_log_prob, torch.Tensor):
-        raise TypeError(f"old_log_prob must be a torch.Tensor, got {type(old_log_prob).__name__}")
-    if old_log_prob.shape != lead:
-        raise ValueError(f"old_log_prob shape {tuple(old_log_prob.shape)} must equal logits' leading "
-                         f"shape {tuple(lead)}")
-    for name, t in (("labels", labels), ("old_log_prob", old_log_prob)):
+    tensors = {"labels": labels}
+    if old_log_prob is not None:  # None: selective_log_softmax alone
+        if not isinstance(old_log_prob, torch.Tensor):
+            raise TypeError(f"old_log_prob must be a torch.Tensor, got {type(old_log_prob).__name__}")
+        if old_log_prob.shape != lead:
+            raise ValueError(f"old_log_prob shape {tuple(old_log_prob.shape)} must equal logits' leading "
+                             f"shape {tuple(lead)}")
+        tensors["old_log_prob"] = old_log_prob
+    for name, t in tensors.items():
         if t.device != logits.device:
             raise ValueError(f"{name} is on {t.device} but logits is on {logits.device}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
