@@ -41,6 +41,8 @@ def _arg_type(value) -> str:
         return "i32" if -2**31 <= value < 2**31 else "i64"
     if isinstance(value, float):
         return "fp32"
+    if isinstance(value, tuple):  # a tuple argument (a family's float parameters)
+        return [_arg_type(v) for v in value]
     raise TypeError(f"unsupported kernel argument {value!r}")
 
 
@@ -124,6 +126,11 @@ def _tools():
     return Path(get_ptxas(90).path), nvidia / "cuobjdump"
 
 
+def _tuples(arg_type):
+    """JSON lists of a spec back to the tuples Triton's signatures use."""
+    return tuple(_tuples(t) for t in arg_type) if isinstance(arg_type, list) else arg_type
+
+
 def compile_spec(spec: dict) -> dict:
     """Compile one specialization for sm_90 and read its resource usage."""
     import triton
@@ -134,7 +141,7 @@ def compile_spec(spec: dict) -> dict:
     fn = _kernel(spec["kernel"])
     constexprs = {k: getattr(tl, v["dtype"]) if isinstance(v, dict) else v
                   for k, v in spec["constexprs"].items()}
-    signature = {name: ("constexpr" if name in constexprs else spec["signature"][name])
+    signature = {name: ("constexpr" if name in constexprs else _tuples(spec["signature"][name]))
                  for name in fn.arg_names}
     row = {"kernel": spec["kernel"], "constexprs": spec["constexprs"], "options": spec["options"]}
     try:

@@ -10,7 +10,10 @@ import os
 import torch
 
 from . import reference
-from .params import AGG_MODES, make_params  # noqa: F401  (re-exported names)
+from .params import (AGG_MODES, CALL_OPTIONS, AggConfig, check_log_ratio_clamp,  # noqa: F401
+                     check_loss_type, check_process_group, make_params)
+
+_AGG_FIELDS = ("dp_size", "global_token_count", "global_batch_size", "loss_scale_factor")
 
 
 def uses_kernels(t: torch.Tensor) -> bool:
@@ -18,9 +21,20 @@ def uses_kernels(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _check_call_options(options: dict) -> dict:
+    """Validate the shared keyword options (``process_group``, ``log_ratio_clamp``);
+    numbers come back as Python floats, so both paths see the same values."""
+    options = dict(options)
+    check_process_group(options.get("process_group"))
+    if "log_ratio_clamp" in options:
+        options["log_ratio_clamp"] = check_log_ratio_clamp(options["log_ratio_clamp"])
+    return options
+
+
 def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                 loss_type="is_reshape", loss_agg_mode="token-mean", **kwargs):
     """Aggregated loss and metrics dict for one family; see SPEC §2-6."""
+    kwargs = _check_call_options(kwargs)
     if isinstance(log_prob, torch.Tensor) and uses_kernels(log_prob):
         from .ops import fused_policy_loss
 
@@ -31,23 +45,36 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
 
 
 class PolicyLoss(torch.nn.Module):
-    """``nn.Module`` form of :func:`policy_loss` with the family and options bound."""
+    """``nn.Module`` form of :func:`policy_loss` with the family and options bound.
 
-    def __init__(self, loss_type="is_reshape", loss_agg_mode="token-mean", **kwargs):
+    Everything is validated when the module is built. A call may override any bound
+    option for that call only: ``loss_agg_mode``, the aggregation options, ``params=``
+    or single family parameters (``loss(..., loss_agg_mode="seq-mean-token-sum",
+    gamma=0.5)``); ``loss_type`` is fixed (build another module for another family).
+    """
+
+    def __init__(self, loss_type="is_reshape", loss_agg_mode="token-mean", *, params=None, **kwargs):
         super().__init__()
-        agg_keys = ("dp_size", "global_token_count", "global_batch_size", "loss_scale_factor",
-                    "log_ratio_clamp", "process_group")
-        self.options = {k: kwargs.pop(k) for k in agg_keys if k in kwargs}
+        check_loss_type(loss_type)
+        options = {k: kwargs.pop(k) for k in CALL_OPTIONS if k in kwargs}
         self.loss_type = loss_type
+        self.params = make_params(loss_type, params, **kwargs)  # validates now, not at the first call
+        AggConfig(loss_agg_mode, **{k: options[k] for k in _AGG_FIELDS if k in options})
         self.loss_agg_mode = loss_agg_mode
-        self.params = make_params(loss_type, **kwargs)  # validates now, not at the first call
-        if loss_agg_mode not in AGG_MODES:
-            raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {loss_agg_mode!r}")
+        self.options = _check_call_options(options)
 
     def forward(self, log_prob, old_log_prob, advantages=None, response_mask=None, **overrides):
+        if "loss_type" in overrides:
+            raise TypeError(f"loss_type is fixed when PolicyLoss is built (loss_type="
+                            f"{self.loss_type!r}); build another PolicyLoss for "
+                            f"loss_type={overrides['loss_type']!r}")
+        mode = overrides.pop("loss_agg_mode", self.loss_agg_mode)
+        params = overrides.pop("params", self.params)
+        family = {k: overrides.pop(k) for k in list(overrides) if k not in CALL_OPTIONS}
+        params = make_params(self.loss_type, params, **family)
         options = {**self.options, **overrides}
         return policy_loss(log_prob, old_log_prob, advantages, response_mask, self.loss_type,
-                           self.loss_agg_mode, params=self.params, **options)
+                           mode, params=params, **options)
 
     def extra_repr(self) -> str:
         return f"loss_type={self.loss_type!r}, loss_agg_mode={self.loss_agg_mode!r}, params={self.params}"

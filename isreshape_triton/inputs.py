@@ -1,8 +1,10 @@
 """Input validation shared by the reference and the kernel path (SPEC §2, §11).
 
 ``prepare_inputs`` checks dtypes, shapes and devices, naming the argument in
-every error, and returns ``[R, T]`` views (no copies): any leading shape is
-flattened to rows, ``[B]`` advantages become a stride-0 ``[R, T]`` view.
+every error, and returns views (no copies). Padded layout: ``[R, T]`` views, any
+leading shape flattened to rows, ``[B]`` advantages a stride-0 ``[R, T]`` view.
+Packed layout (``cu_seqlens``): 1-D ``[N]`` tensors, advantages ``[N]`` or
+``[S]``; ``check_cu_seqlens`` reads the offsets (one sync) only when asked.
 """
 from __future__ import annotations
 
@@ -17,11 +19,21 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 @dataclass
 class Inputs:
-    log_prob: torch.Tensor  # [R, T]
-    old_log_prob: torch.Tensor  # [R, T]
-    advantages: Optional[torch.Tensor]  # [R, T] (possibly stride-0 over T) or None (SFT: A ≡ 1)
-    response_mask: Optional[torch.Tensor]  # [R, T] or None (all count)
+    log_prob: torch.Tensor  # [R, T] (packed: [N])
+    old_log_prob: torch.Tensor  # [R, T] (packed: [N])
+    advantages: Optional[torch.Tensor]  # [R, T] (possibly stride-0 over T), packed [N] or [S]; None: SFT
+    response_mask: Optional[torch.Tensor]  # like log_prob, or None (all count)
     shape: torch.Size  # the caller's shape of log_prob
+    cu_seqlens: Optional[torch.Tensor] = None  # [S + 1] offsets of the packed layout
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    @property
+    def rows(self) -> int:
+        """R (padded) or S (packed)."""
+        return self.cu_seqlens.numel() - 1 if self.packed else self.log_prob.shape[0]
 
 
 def _check_tensor(name: str, t, dtypes=FLOAT_DTYPES) -> None:
@@ -38,8 +50,73 @@ def _rows_view(name: str, t: torch.Tensor, rows: int, T: int) -> torch.Tensor:
         raise ValueError(f"{name}: cannot view as [{rows}, {T}]") from e
 
 
+def _check_mask(response_mask, shape) -> None:
+    if not isinstance(response_mask, torch.Tensor):
+        raise TypeError(f"response_mask must be a torch.Tensor, got {type(response_mask).__name__}")
+    if response_mask.dtype.is_complex:
+        raise TypeError(f"response_mask must be bool, integer or float, got {response_mask.dtype}")
+    if response_mask.shape != shape:
+        raise ValueError(f"response_mask shape {tuple(response_mask.shape)} does not match "
+                         f"log_prob shape {tuple(shape)}")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int) -> None:
+    """0 = c_0 ≤ c_1 ≤ … ≤ c_S = N (reads the values: one host sync)."""
+    c = cu_seqlens.detach().to("cpu", torch.int64)
+    if c[0] != 0 or c[-1] != n_tokens or bool((c[1:] < c[:-1]).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to the number of tokens {n_tokens} "
+                         f"without decreasing, got {c.tolist()[:8]}{'...' if c.numel() > 8 else ''}")
+
+
+def _prepare_packed(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, validate) -> Inputs:
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 \
+            or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError("cu_seqlens must be a 1-D int32/int64 tensor of S + 1 offsets, got "
+                        f"{cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__}")
+    if log_prob.dim() != 1:
+        raise ValueError(f"with cu_seqlens, log_prob must be 1-D [N] (packed), got shape {tuple(log_prob.shape)}")
+    n, S = log_prob.shape[0], cu_seqlens.numel() - 1
+    tensors = {"old_log_prob": old_log_prob, "cu_seqlens": cu_seqlens}
+    if advantages is not None:
+        _check_tensor("advantages", advantages)
+        if advantages.shape not in ((n,), (S,)):
+            raise ValueError(f"advantages shape {tuple(advantages.shape)} must be [N] = ({n},) per token "
+                             f"or [S] = ({S},) per sequence")
+        tensors["advantages"] = advantages
+    if response_mask is not None:
+        _check_mask(response_mask, log_prob.shape)
+        tensors["response_mask"] = response_mask
+    for name, t in tensors.items():
+        if t.device != log_prob.device:
+            raise ValueError(f"{name} is on {t.device} but log_prob is on {log_prob.device}")
+    if validate:
+        check_cu_seqlens(cu_seqlens, n)
+    return Inputs(log_prob, old_log_prob, advantages, response_mask, log_prob.shape, cu_seqlens)
+
+
+def pad_packed(x: Inputs, max_len: int) -> Inputs:
+    """The padded ``[S, max_len]`` form of a packed batch (differentiable copies; tokens
+    outside the offsets and padding are masked out). Reference and PSIS only."""
+    cu = x.cu_seqlens.to(torch.int64)
+    S, n = cu.numel() - 1, x.log_prob.shape[0]
+    pos = cu[:-1, None] + torch.arange(max_len, device=cu.device)[None, :]
+    inside = pos < cu[1:, None]
+    idx = pos.clamp(0, max(n - 1, 0))
+
+    def gather(t, fill=0.0):
+        if n == 0:
+            return t.new_full((S, max_len), fill)
+        return torch.where(inside, t[idx], torch.as_tensor(fill, dtype=t.dtype, device=t.device))
+
+    mask = inside if x.response_mask is None else inside & (gather(x.response_mask, 0) != 0)
+    adv = x.advantages
+    if adv is not None:
+        adv = gather(adv) if adv.shape[0] == n else adv[:, None].expand(S, max_len)  # [N] per token, else [S]
+    return Inputs(gather(x.log_prob), gather(x.old_log_prob), adv, mask, torch.Size((S, max_len)))
+
+
 def prepare_inputs(log_prob, old_log_prob, advantages, response_mask,
-                   log_ratio_clamp: float = 20.0) -> Inputs:
+                   log_ratio_clamp: float = 20.0, cu_seqlens=None, validate: bool = False) -> Inputs:
     _check_tensor("log_prob", log_prob)
     _check_tensor("old_log_prob", old_log_prob)
     if log_prob.dim() < 1:
@@ -50,6 +127,8 @@ def prepare_inputs(log_prob, old_log_prob, advantages, response_mask,
     if not (isinstance(log_ratio_clamp, (int, float)) and log_ratio_clamp > 0
             and math.isfinite(log_ratio_clamp)):
         raise ValueError(f"log_ratio_clamp must be a finite number > 0, got {log_ratio_clamp!r}")
+    if cu_seqlens is not None:
+        return _prepare_packed(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, validate)
     device = log_prob.device
     shape = log_prob.shape
     if log_prob.dim() == 1:  # a single sequence
@@ -66,13 +145,7 @@ def prepare_inputs(log_prob, old_log_prob, advantages, response_mask,
                              f"{tuple(shape)} or its leading shape {tuple(shape[:-1])}")
         tensors["advantages"] = advantages
     if response_mask is not None:
-        if not isinstance(response_mask, torch.Tensor):
-            raise TypeError(f"response_mask must be a torch.Tensor, got {type(response_mask).__name__}")
-        if response_mask.dtype.is_complex:
-            raise TypeError(f"response_mask must be bool, integer or float, got {response_mask.dtype}")
-        if response_mask.shape != shape:
-            raise ValueError(f"response_mask shape {tuple(response_mask.shape)} does not match "
-                             f"log_prob shape {tuple(shape)}")
+        _check_mask(response_mask, shape)
         tensors["response_mask"] = response_mask
     for name, t in tensors.items():
         if t.device != device:

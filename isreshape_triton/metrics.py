@@ -3,10 +3,20 @@
 All metrics are 0-dim tensors on the input's device (float32, float64 for
 float64 inputs). Sums and extrema run over the *counted* tokens (mask ≠ 0);
 n is their number. An empty batch gives 0 for every metric except ``gamma*``
-batch values, which follow their rule with σ² = 0.
+batch values, which follow their rule with σ² = 0. Per-row γ values
+(``gamma_granularity="sequence"``) are reported as token means over the counted
+tokens, 0 when there are none (also for an all-masked batch).
+
+Non-finite tokens (SPEC §11): a non-finite token's ℓ, φ and per-token extras
+are NaN, so every metric that reduces over a set of counted tokens holding one
+is NaN (the sign family's ``*_pos``/``*_neg`` only for its own group: a NaN A
+belongs to neither), as are the γ values computed from such a set (a fixed γ
+stays). ``token_count`` and ``nonfinite_tokens`` are always finite.
 
 common to every family
   token_count     n
+  nonfinite_tokens  number of non-finite tokens: counted tokens whose
+                  d = log_prob − old_log_prob (compute dtype) or A is NaN/±inf
   ppo_kl          Σ(−ℓ)/n
   w_mean, w_max   Σw/n, max w                          (w = exp(ℓ), ℓ clamped)
   phi_mean        Σφ/n                                  (φ includes A)
@@ -44,7 +54,7 @@ gamma="psis" (is_reshape, is_reshape_var; is_reshape_sign per group)
 """
 from __future__ import annotations
 
-COMMON = ("token_count", "ppo_kl", "w_mean", "w_max", "phi_mean", "phi_abs_max",
+COMMON = ("token_count", "nonfinite_tokens", "ppo_kl", "w_mean", "w_max", "phi_mean", "phi_abs_max",
           "sigma_sq", "ess", "ess_ratio", "skewness", "kurtosis", "max_weight_ratio")
 GAMMA_STATS = ("gamma_mean", "gamma_min", "gamma_max")
 EXTRAS = {

@@ -2,19 +2,24 @@
 autograd Function.
 
 Forward: ``batch_stats_kernel`` (only families whose γ or weight needs batch or
-row statistics), ``token_loss_kernel`` (φ, F, −m·φ, partial sums) and
-``finalize_kernel`` (loss, metrics, per-row scale s_b). Backward: two torch
-multiplies, grad = (−m·φ)·(s_b·grad_out), written in log_prob's dtype. No host
-sync: every count, γ and denominator stays on the device, also for
-``gamma="psis"``, whose smoothing runs as torch ops before pass 2 (the one place
-with more than two torch ops).
+row statistics) and ``token_loss_kernel`` (φ, F, −m·φ, metric partials; its last
+program finalizes the loss, the metrics and the gradient scale). Backward:
+``policy_grad_kernel``, grad = (−m·φ)·s·grad_out, in log_prob's dtype. So 1 or
+2 launches forward, 1 backward, no host sync: every count, γ and denominator
+stays on the device, also for ``gamma="psis"``, whose smoothing runs as torch
+ops before the loss pass.
 
-Float parameters reach the kernels as fp32 scalars (Triton's scalar ABI), also
-for fp64 inputs, whose arithmetic is otherwise fp64.
+Work items (SPEC §13): the N tokens (R·T padded, or packed with ``cu_seqlens``)
+are split into chunks of ``chunk`` tokens (1024…4096, chosen from N only), walked
+by a persistent grid of min(#chunks, MAX_PROGRAMS) programs, so one long row
+fills the GPU like many short ones. Float parameters reach the kernels as fp32
+scalars (Triton's scalar ABI), also for fp64 inputs, whose arithmetic is fp64.
 """
 from __future__ import annotations
 
 import functools
+import os
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,40 +27,61 @@ import torch
 import triton.language as tl
 
 from .families import ESS_GRID_POINTS, KernelFamily, kernel_family
-from .inputs import Inputs, prepare_inputs
+from .inputs import Inputs, pad_packed, prepare_inputs
 from .kernels import finalize as kfin
-from .kernels import families as kf
 from .kernels import layout
-from .kernels.finalize import finalize_kernel
+from .kernels.backward import policy_grad_kernel
+from .kernels.families import VESPO
 from .kernels.loss import token_loss_kernel
 from .kernels.stats import batch_stats_kernel
 from .metrics import metric_names
-from .params import AGG_MODES, AggConfig, make_params
+from .params import AGG_MODES, AggConfig, check_log_ratio_clamp, check_process_group, make_params
 from .psis import K_HAT_THRESHOLD, psis_gamma
 
-MAX_PROGRAMS = 256  # persistent grid size cap = number of partial records
-BLOCK_REC = 64
 _AGG_CODE = {name: i for i, name in enumerate(AGG_MODES)}
 assert _AGG_CODE["seq-mean-token-mean"] == kfin.SEQ_MEAN_TOKEN_MEAN.value
+_SEQ_AGG = {"seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"}
 _METRIC_INDEX = {name: i for i, name in enumerate(layout.METRIC_SLOTS)}
+BLOCK_REC = 64  # records merged per vector step
+BLOCK_ELEMENTS = 512  # head/tail elements per step of the finalizer's segmented scan
 
+
+@dataclass(frozen=True)
+class Tiling:
+    """Work-item geometry: chunk sizes and the persistent grid (SPEC §13). The chunk is
+    the smallest power of two in [chunk_min, chunk_max] giving at most max_programs
+    chunks, so small batches still split into ≥ 2×132 work items when they can."""
+
+    max_programs: int = 264  # 2 × 132 SMs; also the number of partial records
+    chunk_min: int = 1024
+    chunk_max: int = 4096
+
+    def chunk(self, n_tokens: int) -> int:
+        c = self.chunk_min
+        while c < self.chunk_max and c * self.max_programs < n_tokens:
+            c *= 2
+        return c
+
+
+TILING = Tiling()
 
 # Tile sizes (tokens) and warps per kernel, by compute dtype, fixed so that no size
-# change ever compiles a new kernel. No software pipelining: it buys nothing for these
-# masked row walks and costs minutes of compile time (measured: 40-560 s per
-# specialization with num_stages=3, 0.5-2 s with 1). Each choice is the spill-free point
-# of an sm_90 sweep over tile sizes and 2/4/8 warps (with 8 warps ptxas aims at 64
-# registers and spills a few bytes unless maxnreg lets it take 128; likewise fp64 at 168);
-# ``python -m isreshape_triton.aot`` and tests/test_zz_aot.py check every specialization.
-STATS_TILE = {False: (1024, dict(num_warps=4)), True: (256, dict(num_warps=8))}  # by fp64
+# change ever compiles a new kernel. No software pipelining (num_stages=1): the tile
+# loops carry lane accumulators, and pipelining costs minutes of compile time. Each
+# choice is spill-free on sm_90 (``python -m isreshape_triton.aot``, tests/test_zz_aot.py).
+STATS_TILE = {False: (1024, dict(num_warps=8)), True: (512, dict(num_warps=8))}  # by fp64
 STATS_TILE_ESS_EXACT = {False: (32, dict(num_warps=4)), True: (32, dict(num_warps=8))}
-LOSS_TILE = {False: (256, dict(num_warps=8, maxnreg=128)), True: (64, dict(num_warps=4, maxnreg=255))}
+LOSS_TILE = {False: (512, dict(num_warps=8, maxnreg=128)), True: (256, dict(num_warps=8, maxnreg=255))}
+GRAD_TILE = {False: (1024, dict(num_warps=4)), True: (1024, dict(num_warps=4))}
 
 
 def _tile(table: dict, fp64: bool):
     """(BLOCK_T, launch options) of a kernel for fp32 or fp64 compute."""
     block, options = table[fp64]
     return block, {**options, "num_stages": 1}
+
+
+_INTERPRETER_LOCK = threading.Lock()
 
 
 @dataclass
@@ -69,7 +95,27 @@ class Launch:
     options: dict
 
     def __call__(self):
-        self.kernel[self.grid](**self.args, **self.constexprs, **self.options)
+        if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter is not thread-safe
+            with _INTERPRETER_LOCK:
+                self.kernel[self.grid](**self.args, **self.constexprs, **self.options)
+        else:
+            self.kernel[self.grid](**self.args, **self.constexprs, **self.options)
+
+
+_TICKETS: dict = {}
+_TICKETS_LOCK = threading.Lock()
+
+
+def completion_ticket(device: torch.device) -> torch.Tensor:
+    """The int32 ticket of the loss kernel's completion count: zero between launches (the
+    last program resets it), one per device and stream (per thread on the CPU), so
+    concurrent launches on different streams never share one; allocated once."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else threading.get_ident()
+    key = (str(device), stream)
+    with _TICKETS_LOCK:
+        if key not in _TICKETS:
+            _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+        return _TICKETS[key]
 
 
 @dataclass
@@ -77,8 +123,10 @@ class Plan:
     steps: list  # Launch objects, and the all-gather of the records with a process group
     loss: torch.Tensor
     metrics: torch.Tensor
-    grad: Optional[torch.Tensor]
-    row_scale: torch.Tensor
+    neg_phi: Optional[torch.Tensor]  # −m·φ per token (flat, virtual token order)
+    grad_scale: torch.Tensor
+    row_count: torch.Tensor
+    geometry: dict  # N, T, S, chunk, n_chunks, grid (for the backward launch and tests)
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -94,95 +142,134 @@ def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _strides(t: Optional[torch.Tensor]) -> tuple:
-    return (0, 0) if t is None else (t.stride(0), t.stride(1))
+def _streams(x: Inputs) -> dict:
+    """Pointer and (row, token) strides of every token stream. Padded: [R, T] strides.
+    Packed: row stride 0 and the token stride, or for [S] advantages the reverse."""
+    lp = x.log_prob
+
+    def strides(t, per_row=False):
+        if t is None:
+            return lp, 0, 0
+        if not x.packed:
+            return t, t.stride(0), t.stride(1)
+        return (t, t.stride(0), 0) if per_row else (t, 0, t.stride(0))
+
+    adv = x.advantages
+    per_row_adv = adv is not None and x.packed and adv.shape[0] != lp.shape[0]
+    out = {}
+    for name, (t, rs, ts) in (("lp", strides(lp)), ("olp", strides(x.old_log_prob)),
+                              ("adv", strides(adv, per_row_adv)), ("mask", strides(x.response_mask))):
+        out.update({f"{name}_ptr": t, f"s_{name}_r": rs, f"s_{name}_t": ts})
+    return out
+
+
+def geometry(x: Inputs, tiling: Tiling = None) -> dict:
+    """N, T, S, the chunk size, the number of chunks and the grid for these inputs."""
+    tiling = tiling or TILING
+    if x.packed:
+        N, T, S = x.log_prob.shape[0], 0, x.rows
+    else:
+        (S, T), N = x.log_prob.shape, x.log_prob.numel()
+    chunk = tiling.chunk(N)
+    n_chunks = -(-N // chunk)
+    return dict(N=N, T=T, S=S, chunk=chunk, n_chunks=n_chunks,
+                grid=max(1, min(n_chunks, tiling.max_programs)))
 
 
 def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, write_grad: bool,
                   gamma: Optional[torch.Tensor] = None, process_group=None) -> Plan:
-    """Allocate the outputs and list the steps of the forward pass: 2-3 kernel launches,
+    """Allocate the outputs and list the steps of the forward pass: 1-2 kernel launches,
     plus one all-gather of the statistics records with ``process_group``.
 
     ``gamma``: the (c0, c1) context computed on the device beforehand (PSIS), shape
-    [2] for the batch or [R, 2] per row.
+    [2] for the batch or [rows, 2] per row.
     """
-    lp, olp, adv, mask = x.log_prob, x.old_log_prob, x.advantages, x.response_mask
-    R, T = lp.shape
-    dev = lp.device
-    acc = _acc_dtype(lp.dtype)
-    programs = max(1, min(R, MAX_PROGRAMS))
-    ess_exact = fam.ess_exact
-    G = ESS_GRID_POINTS if ess_exact else 2
-    KS = layout.S_BASE_WIDTH + (8 * G if ess_exact else 0)
+    dev = x.log_prob.device
+    acc = _acc_dtype(x.log_prob.dtype)
+    fp64 = acc == torch.float64
+    geo = geometry(x)
+    N, S, n_chunks, programs = geo["N"], geo["S"], geo["n_chunks"], geo["grid"]
+    G = ESS_GRID_POINTS if fam.ess_exact else 2
+    KS = layout.S_BASE_WIDTH + (8 * G if fam.ess_exact else 0)
     batch_stats = fam.needs_stats and not fam.per_row
     row_stats = fam.needs_stats and fam.per_row
+    seq_agg = agg.loss_agg_mode in _SEQ_AGG
     empty = torch.empty(0, device=dev, dtype=acc)
-    row_rec = _empty((R, KS), acc, dev) if row_stats else empty
-    prog_rec = empty
-    if batch_stats:  # distributed: a fixed number of records per rank, unused ones neutral (n = 0)
-        prog_rec = (_empty((programs, KS), acc, dev) if process_group is None
-                    else torch.zeros((MAX_PROGRAMS, KS), device=dev, dtype=acc))
-    grad = _empty((R, T), acc, dev) if write_grad else None
-    row_count = _empty((R,), acc, dev)
+    stats = empty
+    if row_stats:
+        stats = _empty((2 * n_chunks + S, KS), acc, dev)
+    elif batch_stats:  # distributed: a fixed number of records per rank, unused ones neutral (n = 0)
+        stats = (_empty((programs, KS), acc, dev) if process_group is None
+                 else torch.zeros((TILING.max_programs, KS), device=dev, dtype=acc))
+    neg_phi = _empty((N,), acc, dev) if write_grad else None
+    elements = _empty((2 * n_chunks, layout.ELEMENT_WIDTH.value), acc, dev) if seq_agg else empty
+    row_count = _empty((S,), acc, dev) if seq_agg else empty
     partial = _empty((programs, layout.PARTIAL_WIDTH.value), acc, dev)
-    ctx = _empty((2,), acc, dev)
     loss = _empty((), acc, dev)
     metrics = _empty((layout.METRIC_WIDTH.value,), acc, dev)
-    row_scale = _empty((R,), acc, dev)
+    grad_scale = _empty((1,), acc, dev)
+    cu = x.cu_seqlens if x.packed else empty
 
-    (s_lp_r, s_lp_t), (s_olp_r, s_olp_t) = _strides(lp), _strides(olp)
-    (s_adv_r, s_adv_t), (s_mask_r, s_mask_t) = _strides(adv), _strides(mask)
-    tokens = dict(lp_ptr=lp, olp_ptr=olp, adv_ptr=adv if adv is not None else lp,
-                  mask_ptr=mask if mask is not None else lp, R=R, T=T,
-                  s_lp_r=s_lp_r, s_lp_t=s_lp_t, s_olp_r=s_olp_r, s_olp_t=s_olp_t,
-                  s_adv_r=s_adv_r, s_adv_t=s_adv_t, s_mask_r=s_mask_r, s_mask_t=s_mask_t,
-                  clamp=float(clamp))
-    ranges = dict(ga_lo=float(fam.range_a[0]), ga_hi=float(fam.range_a[1]),
-                  gb_lo=float(fam.range_b[0]), gb_hi=float(fam.range_b[1]))
-    flags = dict(ACC=_tl_dtype(lp.dtype), HAS_ADV=adv is not None, HAS_MASK=mask is not None,
-                 KS=KS, G=G)
-    fp64 = acc == torch.float64
+    tokens = dict(**_streams(x), cu_ptr=cu, N=N, T=geo["T"], S=S, chunk=geo["chunk"], n_chunks=n_chunks,
+                  clamp=float(clamp), gamma_rule=fam.gamma_rule.as_tuple())
+    flags = dict(ACC=_tl_dtype(x.log_prob.dtype), HAS_ADV=x.advantages is not None,
+                 HAS_MASK=x.response_mask is not None, PACKED=x.packed, KS=KS, G=G)
     steps = []
     if fam.needs_stats:
-        block, options = _tile(STATS_TILE_ESS_EXACT if ess_exact else STATS_TILE, fp64)
-        steps.append(Launch(batch_stats_kernel, (programs,),
-                            dict(**tokens, row_rec_ptr=row_rec, prog_rec_ptr=prog_rec, **ranges),
-                            dict(**flags, SIGN_GROUPS=fam.sign_groups, ESS_EXACT=ess_exact,
-                                 WRITE_ROWS=row_stats, WRITE_PROGRAMS=batch_stats, BLOCK_T=block),
+        block, options = _tile(STATS_TILE_ESS_EXACT if fam.ess_exact else STATS_TILE, fp64)
+        steps.append(Launch(batch_stats_kernel, (programs,), dict(**tokens, rec_ptr=stats),
+                            dict(**flags, SIGN_GROUPS=fam.sign_groups, ESS_EXACT=fam.ess_exact,
+                                 ROW_STATS=row_stats, BLOCK_T=block),
                             options))
-    records = prog_rec
+    records = stats
     if batch_stats and process_group is not None:
         world = torch.distributed.get_world_size(process_group)
-        records = torch.empty((world * MAX_PROGRAMS, KS), device=dev, dtype=acc)
-        steps.append(functools.partial(torch.distributed.all_gather_into_tensor, records, prog_rec,
+        records = torch.empty((world * TILING.max_programs, KS), device=dev, dtype=acc)
+        steps.append(functools.partial(torch.distributed.all_gather_into_tensor, records, stats,
                                        group=process_group))
-    p = dict(zip(("p0", "p1", "p2", "p3", "p4", "p5", "p6"), fam.floats))
+
+    def given(v):  # a device tensor is read by the kernel (no sync); None: derive it
+        return v if isinstance(v, torch.Tensor) else (-1.0 if v is None else float(v))
+
     block, options = _tile(LOSS_TILE, fp64)
-    steps.append(Launch(token_loss_kernel, (programs,),
-                        dict(**tokens, rec_ptr=records, n_rec=records.shape[0] if batch_stats else 0,
-                             row_rec_ptr=row_rec, gamma_ptr=ctx if gamma is None else gamma,
-                             gamma_row_stride=2 if gamma is not None and gamma.dim() == 2 else 0,
-                             grad_ptr=grad if write_grad else row_count,
-                             row_count_ptr=row_count, partial_ptr=partial, ctx_ptr=ctx, **p, **ranges),
-                        dict(**flags, FAMILY=fam.family, OPT=fam.opt, GAMMA_MODE=fam.gamma_mode,
-                             BATCH_STATS=batch_stats, ROW_STATS=row_stats, WRITE_GRAD=write_grad,
-                             BLOCK_REC=BLOCK_REC, BLOCK_T=block),
-                        options))
+    steps.append(Launch(
+        token_loss_kernel, (programs,),
+        dict(**tokens, stats_ptr=records, n_stats=records.shape[0] if batch_stats else 0,
+             gamma_ptr=gamma if gamma is not None else grad_scale,
+             gamma_row_stride=2 if gamma is not None and gamma.dim() == 2 else 0,
+             neg_phi_ptr=neg_phi if write_grad else grad_scale, element_ptr=elements,
+             row_count_ptr=row_count, partial_ptr=partial, ticket_ptr=completion_ticket(dev),
+             loss_ptr=loss, metrics_ptr=metrics, grad_scale_ptr=grad_scale, params=fam.params,
+             dp_size=float(agg.dp_size), global_token_count=given(agg.global_token_count),
+             global_batch_size=given(agg.global_batch_size),
+             loss_scale_factor=given(agg.loss_scale_factor)),
+        dict(**flags, FAMILY=fam.family, OPT=fam.opt, GAMMA_MODE=fam.gamma_mode,
+             BATCH_STATS=batch_stats, ROW_STATS=row_stats, SIGN_GROUPS=fam.sign_groups,
+             WRITE_GRAD=write_grad, AGG=_AGG_CODE[agg.loss_agg_mode], SEQ_AGG=seq_agg,
+             COUNTS_ON_DEVICE=(isinstance(agg.global_token_count, torch.Tensor)
+                               + 2 * isinstance(agg.global_batch_size, torch.Tensor)),
+             SEQ_GAMMA=fam.per_row and fam.family != VESPO.value,
+             BLOCK_REC=BLOCK_REC, BLOCK_T=block, BLOCK_P=_pow2(TILING.max_programs),
+             BLOCK_E=BLOCK_ELEMENTS),
+        options))
+    return Plan(steps, loss, metrics, neg_phi, grad_scale, row_count, geo)
 
-    def given(v):
-        return -1.0 if v is None else float(v)
 
-    steps.append(Launch(finalize_kernel, (1,),
-                        dict(partial_ptr=partial, n_part=programs, ctx_ptr=ctx, row_count_ptr=row_count,
-                             row_scale_ptr=row_scale, loss_ptr=loss, metrics_ptr=metrics, R=R, T=T,
-                             dp_size=float(agg.dp_size),
-                             global_token_count=given(agg.global_token_count),
-                             global_batch_size=given(agg.global_batch_size),
-                             loss_scale_factor=given(agg.loss_scale_factor)),
-                        dict(SEQ_GAMMA=fam.per_row and fam.family != kf.VESPO.value,
-                             AGG=_AGG_CODE[agg.loss_agg_mode], BLOCK_P=MAX_PROGRAMS, BLOCK_R=1024),
-                        {"num_warps": 4, "num_stages": 1}))
-    return Plan(steps, loss, metrics, grad, row_scale)
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def backward_launch(neg_phi: torch.Tensor, grad: torch.Tensor, grad_scale: torch.Tensor,
+                    grad_out: torch.Tensor, row_count: torch.Tensor, cu: Optional[torch.Tensor],
+                    geo: dict, per_row: bool) -> Launch:
+    """The one backward launch: grad = −m·φ · s · grad_out (÷ n_b per row for seq-mean-token-mean)."""
+    block, options = _tile(GRAD_TILE, neg_phi.dtype == torch.float64)
+    return Launch(policy_grad_kernel, (geo["grid"],),
+                  dict(neg_phi_ptr=neg_phi, grad_ptr=grad, grad_scale_ptr=grad_scale, grad_out_ptr=grad_out,
+                       row_count_ptr=row_count if per_row else grad_scale,
+                       cu_ptr=cu if cu is not None else grad_scale,
+                       N=geo["N"], T=geo["T"], S=geo["S"], chunk=geo["chunk"], n_chunks=geo["n_chunks"]),
+                  dict(PER_ROW=per_row, PACKED=cu is not None, BLOCK_T=block), options)
 
 
 def _gather_rows(tensors, process_group) -> list:
@@ -203,6 +290,31 @@ def _gather_rows(tensors, process_group) -> list:
     return gathered
 
 
+def _psis_rows(x: Inputs, per_row: bool) -> Inputs:
+    """[R, T] inputs for PSIS: padded as they are; packed as one row for a batch γ, or padded
+    to [S, longest] for per-sequence γ (one sync: the longest length)."""
+    if not x.packed:
+        return x
+    if per_row:
+        longest = int((x.cu_seqlens[1:] - x.cu_seqlens[:-1]).max()) if x.rows else 0
+        return pad_packed(x, longest)
+    adv = None if x.advantages is None else _per_token_advantages(x)
+    one_row = [None if t is None else t.reshape(1, -1)
+               for t in (x.log_prob, x.old_log_prob, adv, x.response_mask)]
+    return Inputs(*one_row, x.shape)
+
+
+def _per_token_advantages(x: Inputs) -> torch.Tensor:
+    """[N] advantages of a packed batch ([S] ones repeated over each sequence's tokens)."""
+    adv = x.advantages
+    n = x.log_prob.shape[0]
+    if adv.shape[0] == n:
+        return adv
+    pos = torch.arange(n, device=adv.device)
+    row = torch.searchsorted(x.cu_seqlens.to(torch.int64), pos, right=True) - 1
+    return adv[row.clamp(0, adv.shape[0] - 1)]
+
+
 def _psis_context(x: Inputs, loss_type: str, params, fam: KernelFamily, clamp: float,
                   process_group=None):
     """(c0, c1) per batch ([2]) or per row ([R, 2]) from Pareto-smoothed IS, and the
@@ -212,36 +324,36 @@ def _psis_context(x: Inputs, loss_type: str, params, fam: KernelFamily, clamp: f
     the fit runs on the gathered ℓ of all ranks (PSIS needs the tail of the global
     sample), so every rank computes the same γ; this costs one sync (the ranks' shapes).
     """
+    per_row = fam.per_row
+    x = _psis_rows(x, per_row)
     acc = _acc_dtype(x.log_prob.dtype)
     counted = (torch.ones_like(x.log_prob, dtype=torch.bool) if x.response_mask is None
                else x.response_mask != 0)
     diff = x.log_prob.detach().to(acc) - x.old_log_prob.to(acc)
     ell = torch.where(counted, diff, 0.0).clamp(-clamp, clamp)
-    per_row = fam.per_row
     dims = (1,) if per_row else (0, 1)
-    if loss_type == "is_reshape_sign":
+    sign = loss_type == "is_reshape_sign"
+    if sign:
         adv = x.advantages.to(acc) if x.advantages is not None else torch.ones_like(ell)
         groups = [counted & (adv > 0), counted & (adv < 0)]
     else:
         groups = [counted]
     if process_group is not None and not per_row:
         ell, *groups = _gather_rows([ell, *groups], process_group)
-    if loss_type == "is_reshape_sign":
-        (g_pos, k_pos), (d_neg, k_neg) = (
-            psis_gamma(ell, grp, rho_min=params.rho_min, lo=lo, hi=hi,
-                       fallback=params.gamma_fallback, per_row=per_row)
-            for grp, (lo, hi) in zip(groups, (fam.range_a, fam.range_b)))
+    lo_hi = (fam.gamma_rule.range_a, fam.gamma_rule.range_b)
+    fits = [psis_gamma(ell, grp, rho_min=params.rho_min, lo=lo, hi=hi, fallback=params.gamma_fallback,
+                       per_row=per_row) for grp, (lo, hi) in zip(groups, lo_hi)]
+    if sign:
+        (g_pos, k_pos), (d_neg, k_neg) = fits
         c0 = torch.where(groups[0].sum(dims) > 0, g_pos.to(acc), 0.5)
         c1 = torch.where(groups[1].sum(dims) > 0, 1.0 + d_neg.to(acc), 1.5)
         if params.gamma_pos is not None:
-            c0 = torch.full_like(c0, params.gamma_pos)
+            c0, k_pos = torch.full_like(c0, params.gamma_pos), torch.zeros_like(k_pos)
         if params.gamma_neg is not None:
-            c1 = torch.full_like(c1, params.gamma_neg)
-        k_hat = torch.maximum(torch.zeros_like(k_pos) if params.gamma_pos is not None else k_pos,
-                              torch.zeros_like(k_neg) if params.gamma_neg is not None else k_neg)
+            c1, k_neg = torch.full_like(c1, params.gamma_neg), torch.zeros_like(k_neg)
+        k_hat = torch.maximum(k_pos, k_neg)
     else:
-        g, k_hat = psis_gamma(ell, groups[0], rho_min=params.rho_min, lo=params.gamma_min,
-                              hi=params.gamma_max, fallback=params.gamma_fallback, per_row=per_row)
+        (g, k_hat), = fits
         c0 = g.to(acc)
         c1 = torch.zeros_like(c0)
     k_hat = k_hat.to(acc)
@@ -251,29 +363,36 @@ def _psis_context(x: Inputs, loss_type: str, params, fam: KernelFamily, clamp: f
 
 
 class _FusedPolicyLoss(torch.autograd.Function):
-    """Forward runs the planned steps; backward scales the saved −m·φ."""
+    """Forward runs the planned steps; backward is one kernel scaling the saved −m·φ.
+    Double backward is refused (``once_differentiable``): the op's gradient is a
+    weight −s·m·φ whose own derivative is not part of any trainer's update."""
 
     @staticmethod
-    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, config, gamma):
-        x = Inputs(log_prob, old_log_prob, advantages, response_mask, log_prob.shape)
+    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, cu_seqlens, config, gamma):
+        x = Inputs(log_prob, old_log_prob, advantages, response_mask, log_prob.shape, cu_seqlens)
         plan = plan_launches(x, config.family, config.agg, config.clamp, config.write_grad,
                              gamma, config.process_group)
         for step in plan.steps:
             step()
         ctx.grad_dtype = log_prob.dtype
-        ctx.save_for_backward(plan.grad, plan.row_scale)
+        ctx.grad_shape = log_prob.shape
+        ctx.geometry = plan.geometry
+        ctx.per_row = config.agg.loss_agg_mode == "seq-mean-token-mean"
+        ctx.save_for_backward(plan.neg_phi, plan.grad_scale, plan.row_count, cu_seqlens)
         ctx.mark_non_differentiable(plan.metrics)
         ctx.set_materialize_grads(False)
         return plan.loss, plan.metrics
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_metrics):
         if grad_loss is None:
-            return None, None, None, None, None, None
-        neg_phi, row_scale = ctx.saved_tensors
-        grad = _empty(neg_phi.shape, ctx.grad_dtype, neg_phi.device)
-        torch.mul(neg_phi, (row_scale * grad_loss).unsqueeze(1), out=grad)
-        return grad, None, None, None, None, None
+            return None, None, None, None, None, None, None
+        neg_phi, grad_scale, row_count, cu = ctx.saved_tensors
+        grad = _empty(ctx.grad_shape, ctx.grad_dtype, neg_phi.device)
+        backward_launch(neg_phi, grad, grad_scale, grad_loss.to(grad_scale.dtype), row_count, cu,
+                        ctx.geometry, ctx.per_row)()
+        return grad, None, None, None, None, None, None
 
 
 @dataclass(frozen=True)
@@ -288,38 +407,47 @@ class _Config:
 def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                       loss_type="is_reshape", loss_agg_mode="token-mean", *, dp_size=1,
                       global_token_count=None, global_batch_size=None, loss_scale_factor=None,
-                      log_ratio_clamp=20.0, process_group=None, params=None, **family_params):
+                      log_ratio_clamp=20.0, cu_seqlens=None, validate=False, process_group=None,
+                      params=None, **family_params):
     """``irt.policy_loss`` on the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
 
     With ``process_group`` every rank merges the statistics records of all ranks, so γ
     is that of the concatenated global batch and bit-identical on every rank.
     """
+    check_process_group(process_group)
+    log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
     params = make_params(loss_type, params, **family_params)
     agg = AggConfig(loss_agg_mode, dp_size, global_token_count, global_batch_size, loss_scale_factor)
-    x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, log_ratio_clamp)
+    x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, log_ratio_clamp,
+                       cu_seqlens, validate)
+    agg.check_device(x.log_prob.device)
+    mask = x.response_mask
+    if mask is not None and mask.dtype.is_floating_point and mask.element_size() == 1:
+        mask = mask != 0  # fp8: Triton cannot compare it with 0 on every target
     fam = kernel_family(loss_type, params)
     gamma, extra = (None, {})
     if fam.psis:
         gamma, extra = _psis_context(x, loss_type, params, fam, float(log_ratio_clamp), process_group)
-    write_grad = torch.is_grad_enabled() and log_prob.requires_grad
+    write_grad = torch.is_grad_enabled() and x.log_prob.requires_grad
     config = _Config(fam, agg, float(log_ratio_clamp), write_grad, process_group)
-    loss, metric_vec = _FusedPolicyLoss.apply(x.log_prob, x.old_log_prob, x.advantages,
-                                              x.response_mask, config, gamma)
+    detached = [None if t is None else t.detach() for t in (x.old_log_prob, x.advantages, mask)]
+    loss, metric_vec = _FusedPolicyLoss.apply(x.log_prob, *detached, x.cu_seqlens, config, gamma)
     metrics = {name: extra[name] if name in extra else metric_vec[_METRIC_INDEX[name]]
                for name in metric_names(loss_type, params)}
     return loss, metrics
 
 
 def traffic_model(loss_type: str, dtype: torch.dtype, mask_dtype: Optional[torch.dtype], B: int, T: int,
-                  adv_shape: str = "BT", params=None, backward: bool = True) -> int:
+                  adv_shape: str = "BT", params=None, backward: bool = True, split: bool = False):
     """Tensor bytes the fused op moves for a [B, T] batch (forward + backward), counting
     every tensor once per kernel that reads or writes it.
 
-    Per token: pass 2 reads every input once and pass 1 (families with statistics) reads
-    them again, advantages only where it needs them (the sign family's groups); pass 2
-    writes −m·φ in fp32 (fp64 for fp64); the backward reads it and writes the gradient in
-    log_prob's dtype. Plus the O(B + programs) record, partial and scale buffers
-    (``traffic_model(..., T=0)`` is that fixed part). adv_shape: "BT", "B" or "none".
+    Per token: the loss pass reads every input once and the statistics pass (families with
+    statistics) reads them again, advantages only where it needs them (the sign family's
+    groups); the loss pass writes −m·φ in fp32 (fp64 for fp64); the backward reads it and
+    writes the gradient in log_prob's dtype. Plus the O(B + chunks + programs) record,
+    element and partial buffers. adv_shape: "BT", "B" or "none". ``split=True`` returns
+    (per-token streams, buffers) instead of their sum.
     """
     params = make_params(loss_type, params)
     fam = kernel_family(loss_type, params)
@@ -328,14 +456,20 @@ def traffic_model(loss_type: str, dtype: torch.dtype, mask_dtype: Optional[torch
     n = B * T
     adv_bytes = {"BT": item * n, "B": item * B, "none": 0}[adv_shape]
     mask_bytes = 0 if mask_dtype is None else torch.empty((), dtype=mask_dtype).element_size() * n
-    total = 2 * item * n + adv_bytes + mask_bytes  # pass 2
-    programs = max(1, min(B, MAX_PROGRAMS))
+    streams = 2 * item * n + adv_bytes + mask_bytes  # loss pass
+    chunk = TILING.chunk(n)
+    n_chunks = -(-n // chunk)
+    programs = max(1, min(n_chunks, TILING.max_programs))
+    if fam.needs_stats:
+        streams += 2 * item * n + (adv_bytes if fam.sign_groups else 0) + mask_bytes
+    if backward:
+        streams += acc * n + acc * n + item * n
+    # statistics records (written once, read by every program or by each piece of the row),
+    # partials (written, read), seq elements (written, read), row counts, outputs
+    records = 0
     if fam.needs_stats:
         ks = layout.S_BASE_WIDTH + (8 * ESS_GRID_POINTS if fam.ess_exact else 0)
-        records = (B if fam.per_row else programs) * ks * acc
-        total += 2 * item * n + (adv_bytes if fam.sign_groups else 0) + mask_bytes + 2 * records
-    if backward:
-        total += acc * n + acc * n + item * n
-    # partials (written, read), row counts (written, read), row scale (written, read twice)
-    total += acc * (2 * programs * layout.PARTIAL_WIDTH.value + 2 * B + 3 * B + 2 + layout.METRIC_WIDTH.value)
-    return total
+        records = 2 * ((2 * n_chunks + B) if fam.per_row else programs) * ks
+    buffers = acc * (records + 2 * programs * layout.PARTIAL_WIDTH.value
+                     + 2 * 2 * n_chunks * layout.ELEMENT_WIDTH.value + 2 * B + 2 + layout.METRIC_WIDTH.value)
+    return (streams, buffers) if split else streams + buffers

@@ -1,130 +1,46 @@
-"""Device helpers shared by every kernel: tile loads, stable moments, accurate
-special functions. Everything here is interpreter-safe (no libdevice, no asm)."""
+"""Device helpers shared by every kernel: lane accumulators (moments, shifted
+exponential sums) with their once-per-work-item reductions and merges, NaN-loud
+clamps, and accurate special functions. Everything is interpreter-safe (no
+libdevice, no asm).
+
+Lane accumulators are tuples of [BLOCK] vectors updated element-wise inside a
+tile loop (no block-level reduction there); ``*_reduce`` folds the lanes into
+scalars once per piece or program, ``*_merge`` combines two scalar summaries.
+"""
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def load_token_tile(lp_row, olp_row, adv_row, mask_row, offs, T,
-                    s_lp, s_olp, s_adv, s_mask, clamp,
-                    ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr):
-    """ℓ = clamp(lp − olp, ±clamp), A (1 when advantages are None) and the count mask m.
-
-    Masked positions are never read, so NaN/inf there cannot leak: ℓ = A = 0 and m = False.
-    Inputs are upcast to ACC right after the load (bf16/fp16 arithmetic stays out).
-    """
-    offs64 = offs.to(tl.int64)
-    m = offs < T
-    if HAS_MASK:
-        m = m & (tl.load(mask_row + offs64 * s_mask, mask=m, other=0) != 0)
-    lp = tl.load(lp_row + offs64 * s_lp, mask=m, other=0.0).to(ACC)
-    olp = tl.load(olp_row + offs64 * s_olp, mask=m, other=0.0).to(ACC)
-    ell = tl.minimum(tl.maximum(lp - olp, -clamp), clamp)
-    if HAS_ADV:
-        adv = tl.load(adv_row + offs64 * s_adv, mask=m, other=0.0).to(ACC)
-    else:
-        adv = tl.where(m, 1.0, 0.0).to(ACC)
-    return ell, adv, m
+INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
-def masked_moments(x, m):
-    """(count, mean, M2) of x over m, two-pass inside the tile (no Σx² − (Σx)²/n)."""
-    n = tl.sum(tl.where(m, 1.0, 0.0).to(x.dtype))
-    mean = tl.sum(tl.where(m, x, 0.0)) / tl.maximum(n, 1.0)
-    d = tl.where(m, x - mean, 0.0)
-    return n, mean, tl.sum(d * d)
+def finite_or_nan(x):
+    """x where finite, NaN where x is ±inf or NaN (a non-finite input is never made plausible)."""
+    return tl.where(tl.abs(x) < INF, x, float("nan"))
 
 
 @triton.jit
-def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Chan et al. pairwise merge of (count, mean, M2); an empty side is neutral."""
-    n = n_a + n_b
-    frac = n_b / tl.maximum(n, 1.0)
-    delta = mean_b - mean_a
-    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * (n_a * frac)
+def clamp_nan(x, lo, hi):
+    """clip(x, lo, hi) that keeps NaN (tl.minimum/tl.maximum would drop it)."""
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
 
 
 @triton.jit
-def merge_records(rec_ptr, nrec, slot, WIDTH: tl.constexpr, BLOCK: tl.constexpr,
-                  HIGHER: tl.constexpr):
-    """(count, mean, M2, M3, M4) of one group stored as (count, mean, M2[, M3, M4]) at ``slot``
-    of ``nrec`` records of ``WIDTH`` values. Every record's central moments are shifted
-    to the common mean (δ_r = μ_r − μ):  M2 = Σ M2_r + n_r·δ_r²,
-    M3 = Σ M3_r + 3δ_r·M2_r + n_r·δ_r³,  M4 = Σ M4_r + 4δ_r·M3_r + 6δ_r²·M2_r + n_r·δ_r⁴.
-    Vectorised, fixed order (deterministic). M3 = M4 = 0 unless HIGHER."""
-    idx = tl.arange(0, BLOCK)
-    dt = rec_ptr.dtype.element_ty
-    acc_n = tl.zeros([BLOCK], dt)
-    acc_s = tl.zeros([BLOCK], dt)
-    for r0 in range(0, nrec, BLOCK):
-        r = r0 + idx
-        base = rec_ptr + r.to(tl.int64) * WIDTH + slot
-        nr = tl.load(base, mask=r < nrec, other=0.0)
-        acc_n += nr
-        acc_s += nr * tl.load(base + 1, mask=r < nrec, other=0.0)
-    n = tl.sum(acc_n)
-    mean = tl.sum(acc_s) / tl.maximum(n, 1.0)
-    acc2 = tl.zeros([BLOCK], dt)
-    acc3 = tl.zeros([BLOCK], dt)
-    acc4 = tl.zeros([BLOCK], dt)
-    for r0 in range(0, nrec, BLOCK):
-        r = r0 + idx
-        base = rec_ptr + r.to(tl.int64) * WIDTH + slot
-        nr = tl.load(base, mask=r < nrec, other=0.0)
-        d = tl.where(nr > 0.0, tl.load(base + 1, mask=r < nrec, other=0.0) - mean, 0.0)
-        m2 = tl.load(base + 2, mask=r < nrec, other=0.0)
-        acc2 += m2 + nr * d * d
-        if HIGHER:
-            m3 = tl.load(base + 3, mask=r < nrec, other=0.0)
-            acc3 += m3 + 3.0 * d * m2 + nr * d * d * d
-            acc4 += tl.load(base + 4, mask=r < nrec, other=0.0) + 4.0 * d * m3 + 6.0 * d * d * m2 + nr * d * d * d * d
-    return n, mean, tl.sum(acc2), tl.sum(acc3), tl.sum(acc4)
+def max_nan(a, b):
+    """max(a, b) that propagates NaN."""
+    return tl.where((a != a) | (a > b), a, b)
 
 
 @triton.jit
-def merge_moments(rec_ptr, nrec, slot, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
-    """(count, unbiased σ²) of one group over ``nrec`` records (see ``merge_records``)."""
-    n, mean, m2, m3, m4 = merge_records(rec_ptr, nrec, slot, WIDTH, BLOCK, False)
-    return n, unbiased_var(n, m2)
+def min_nan(a, b):
+    """min(a, b) that propagates NaN."""
+    return tl.where((a != a) | (a < b), a, b)
 
 
 @triton.jit
-def masked_moments4(x, m):
-    """(count, mean, M2, M3, M4) of x over m, central sums after an in-tile mean."""
-    n = tl.sum(tl.where(m, 1.0, 0.0).to(x.dtype))
-    mean = tl.sum(tl.where(m, x, 0.0)) / tl.maximum(n, 1.0)
-    d = tl.where(m, x - mean, 0.0)
-    d2 = d * d
-    return n, mean, tl.sum(d2), tl.sum(d2 * d), tl.sum(d2 * d2)
-
-
-@triton.jit
-def merge4(n_a, mu_a, a2, a3, a4, n_b, mu_b, b2, b3, b4):
-    """Merge two (count, mean, M2, M3, M4) summaries by shifting both to the joint mean."""
-    n = n_a + n_b
-    mu = (n_a * mu_a + n_b * mu_b) / tl.maximum(n, 1.0)
-    da = tl.where(n_a > 0.0, mu_a - mu, 0.0)
-    db = tl.where(n_b > 0.0, mu_b - mu, 0.0)
-    m2 = a2 + n_a * da * da + b2 + n_b * db * db
-    m3 = a3 + 3.0 * da * a2 + n_a * da * da * da + b3 + 3.0 * db * b2 + n_b * db * db * db
-    m4 = (a4 + 4.0 * da * a3 + 6.0 * da * da * a2 + n_a * da * da * da * da
-          + b4 + 4.0 * db * b3 + 6.0 * db * db * b2 + n_b * db * db * db * db)
-    return n, mu, m2, m3, m4
-
-
-@triton.jit
-def store_moments(ptr, n, mean, m2):
-    """Write a (count, mean, M2) summary to three consecutive slots."""
-    tl.store(ptr, n)
-    tl.store(ptr + 1, mean)
-    tl.store(ptr + 2, m2)
-
-
-@triton.jit
-def unbiased_var(n, m2):
-    """M2/(n−1); a group of fewer than 2 tokens has variance 0."""
-    return tl.where(n >= 2.0, m2 / tl.maximum(n - 1.0, 1.0), 0.0)
+def reduce_max(x):
+    """max over all lanes, NaN if any lane is NaN."""
+    return tl.reduce(x, 0, max_nan)
 
 
 @triton.jit
@@ -133,6 +49,147 @@ def safe_div(num, den):
     return tl.where(den != 0.0, num / tl.where(den != 0.0, den, 1.0), 0.0)
 
 
+@triton.jit
+def unbiased_var(n, m2):
+    """M2/(n−1); a group of fewer than 2 tokens has variance 0."""
+    return tl.where(n >= 2.0, m2 / tl.maximum(n - 1.0, 1.0), 0.0)
+
+
+# ----------------------------------------------------------------------------- moments
+@triton.jit
+def moments_init(like):
+    """Empty (count, mean, M2) lane accumulator shaped like ``like``."""
+    z = tl.zeros_like(like)
+    return z, z, z
+
+
+@triton.jit
+def moments_add(acc, x, m):
+    """Welford update of each lane's (count, mean, M2) with x where m."""
+    n, mean, m2 = acc
+    n1 = n + tl.where(m, 1.0, 0.0)
+    d = tl.where(m, x - mean, 0.0)
+    mean = mean + d / tl.maximum(n1, 1.0)
+    return n1, mean, m2 + d * tl.where(m, x - mean, 0.0)
+
+
+@triton.jit
+def moments_reduce(acc):
+    """Lanes → one (count, mean, M2): mean = Σn_l·μ_l/n, M2 = Σ M2_l + n_l(μ_l − μ)²."""
+    n_l, mean_l, m2_l = acc
+    n = tl.sum(n_l)
+    mean = tl.sum(n_l * mean_l) / tl.maximum(n, 1.0)
+    d = mean_l - mean
+    return n, mean, tl.sum(m2_l + n_l * d * d)
+
+
+@triton.jit
+def moments_merge(a, b):
+    """Chan et al. merge of two (count, mean, M2) summaries; an empty side is neutral."""
+    n_a, mean_a, m2_a = a
+    n_b, mean_b, m2_b = b
+    n = n_a + n_b
+    frac = n_b / tl.maximum(n, 1.0)
+    delta = tl.where(n_b > 0.0, mean_b - mean_a, 0.0)
+    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * (n_a * frac)
+
+
+@triton.jit
+def moments4_init(like):
+    """Empty (count, mean, M2, M3, M4) lane accumulator."""
+    z = tl.zeros_like(like)
+    return z, z, z, z, z
+
+
+@triton.jit
+def moments4_add(acc, x, m):
+    """Terriberry's online update of each lane's central sums M2..M4 with x where m."""
+    n, mean, m2, m3, m4 = acc
+    n1 = n + 1.0
+    delta = x - mean
+    dn = delta / n1
+    dn2 = dn * dn
+    term = delta * dn * n
+    new_m4 = m4 + term * dn2 * (n1 * n1 - 3.0 * n1 + 3.0) + 6.0 * dn2 * m2 - 4.0 * dn * m3
+    new_m3 = m3 + term * dn * (n1 - 2.0) - 3.0 * dn * m2
+    return (tl.where(m, n1, n), tl.where(m, mean + dn, mean), tl.where(m, m2 + term, m2),
+            tl.where(m, new_m3, m3), tl.where(m, new_m4, m4))
+
+
+@triton.jit
+def shift_moments4(n, mean, m2, m3, m4, mu):
+    """Central sums of one summary re-centred on mu (δ = mean − mu):
+    M2' = M2 + nδ², M3' = M3 + 3δM2 + nδ³, M4' = M4 + 4δM3 + 6δ²M2 + nδ⁴."""
+    d = tl.where(n > 0.0, mean - mu, 0.0)
+    d2 = d * d
+    return (m2 + n * d2, m3 + 3.0 * d * m2 + n * d2 * d,
+            m4 + 4.0 * d * m3 + 6.0 * d2 * m2 + n * d2 * d2)
+
+
+@triton.jit
+def moments4_reduce(acc):
+    """Lanes → one (count, mean, M2, M3, M4) about the common mean."""
+    n_l, mean_l, m2_l, m3_l, m4_l = acc
+    n = tl.sum(n_l)
+    mean = tl.sum(n_l * mean_l) / tl.maximum(n, 1.0)
+    s2, s3, s4 = shift_moments4(n_l, mean_l, m2_l, m3_l, m4_l, mean)
+    return n, mean, tl.sum(s2), tl.sum(s3), tl.sum(s4)
+
+
+# ----------------------------------------------------------------------------- shifted exponential sums
+@triton.jit
+def expsum_init(like):
+    """Empty (max z, Σe^{z−max}, Σe^{2(z−max)}) lane accumulator."""
+    z = tl.zeros_like(like)
+    return z - INF, z, z
+
+
+@triton.jit
+def expsum_add(acc, z, m):
+    """Online-rescaled sums of ω = e^z and ω² where m (one exp per element: either the
+    new element or the old running max is the larger, so one of the two factors is 1)."""
+    zmax, s1, s2 = acc
+    new = m & (z > zmax)
+    e = tl.where(m, tl.exp(-tl.abs(z - zmax)), 0.0)
+    s1 = tl.where(new, s1 * e + 1.0, s1 + e)
+    s2 = tl.where(new, s2 * (e * e) + 1.0, s2 + e * e)
+    return tl.where(new, z, zmax), s1, s2
+
+
+@triton.jit
+def _rescale(zmax, mx):
+    """e^{zmax − mx}, 0 for an empty summary (zmax = −inf)."""
+    return tl.where(zmax == -INF, 0.0, tl.exp(zmax - tl.where(zmax == -INF, 0.0, mx)))
+
+
+@triton.jit
+def expsum_reduce(acc):
+    """Lanes → one (max z, Σe^{z−max}, Σe^{2(z−max)})."""
+    zmax, s1, s2 = acc
+    mx = tl.max(zmax)
+    f = _rescale(zmax, mx)
+    return mx, tl.sum(s1 * f), tl.sum(s2 * (f * f))
+
+
+@triton.jit
+def expsum_merge(a, b):
+    """Merge two shifted exponential sums onto the larger maximum."""
+    za, s1a, s2a = a
+    zb, s1b, s2b = b
+    mx = tl.maximum(za, zb)
+    fa = _rescale(za, mx)
+    fb = _rescale(zb, mx)
+    return mx, s1a * fa + s1b * fb, s2a * (fa * fa) + s2b * (fb * fb)
+
+
+@triton.jit
+def ess_of(acc):
+    """ESS = (Σω)²/Σω² of a shifted sum (scale free); 0 when empty."""
+    zmax, s1, s2 = acc
+    return safe_div(s1 * s1, s2)
+
+
+# ----------------------------------------------------------------------------- special functions
 @triton.jit
 def expm1(x):
     """e^x − 1 accurate near 0: Kahan's (u−1)·x/log(u) for |x| < 1/2."""
@@ -153,8 +210,11 @@ def log1p(x):
 
 @triton.jit
 def expm1_over(x, g):
-    """expm1(g·x)/g, and its limit x at g = 0."""
-    return tl.where(g == 0.0, x, expm1(g * x) / tl.where(g == 0.0, 1.0, g))
+    """expm1(g·x)/g; x·(1 + g·x/2) where |g·x| < 1e-4 (relative error < 2e-9), so that
+    g = 0 gives the limit x and a subnormal g never divides a flushed product."""
+    gx = g * x
+    small = tl.abs(gx) < 1e-4
+    return tl.where(small, x * (1.0 + 0.5 * gx), expm1(gx) / tl.where(small, 1.0, g))
 
 
 @triton.jit

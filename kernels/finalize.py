@@ -1,13 +1,16 @@
-"""Pass 3 (one program): merge the partial records in a fixed order into the
-aggregated loss (SPEC §5), the metric vector (SPEC §6) and the per-row gradient
-scale s_b = ∂aggregate/∂L_t for the tokens of row b."""
+"""The last program of the loss pass: merge the partial records in program order
+into the aggregated loss (SPEC §5), the metric vector (SPEC §6) and the gradient
+scale; for the seq-* modes first finish the rows that span chunks with a
+segmented scan over the chunks' head/tail elements (``rows.py``)."""
 import triton
 import triton.language as tl
 
-from .common import merge_moments, merge_records, safe_div, unbiased_var
-from .layout import (P_GAMMA, P_GAMMA_MAX, P_GAMMA_MIN, P_LOSS, P_N, P_N_NEG, P_N_POS,
-                     P_NEG_LOG_RATIO, P_OMEGA, P_PHI, P_PHI_ABS_MAX, P_ROWS,
-                     P_SEQ_LOSS, P_W, P_W_MAX, P_X, PARTIAL_WIDTH)
+from .common import (ess_of, expsum_reduce, moments4_reduce, moments_reduce, reduce_max, safe_div,
+                     unbiased_var)
+from .layout import (E_COUNT, E_FLAGS, E_LOSS, E_ROW, ELEMENT_WIDTH, P_ESS, P_EXTRAS, P_GAMMA,
+                     P_LOSS, P_MOMENTS, P_MOMENTS_NEG, P_MOMENTS_POS, P_NONFINITE, P_PHI,
+                     P_PHI_ABS_MAX, P_ROWS, P_SEQ_LOSS, P_W, P_W_MAX, PARTIAL_WIDTH, ROW_ENDS,
+                     ROW_STARTS)
 
 TOKEN_MEAN = tl.constexpr(0)
 TOKEN_SUM = tl.constexpr(1)
@@ -17,79 +20,154 @@ SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(4)
 
 
 @triton.jit
-def finalize_kernel(
-    partial_ptr, n_part, ctx_ptr, row_count_ptr, row_scale_ptr, loss_ptr, metrics_ptr,
-    R, T, dp_size, global_token_count, global_batch_size, loss_scale_factor,
-    SEQ_GAMMA: tl.constexpr, AGG: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """All n_part (≤ BLOCK_P) partial records are merged in one fixed-order tile.
-    global_* < 0 means "not given": the local token count / non-empty rows / T is used."""
+def _given(v, dt: tl.constexpr, ON_DEVICE: tl.constexpr):
+    """A count given as a float (< 0: not given) or, ON_DEVICE, as a pointer to a 0-dim
+    device tensor (read here: no host sync)."""
+    if ON_DEVICE:
+        return tl.load(v).to(dt)
+    else:
+        return v + tl.zeros([], dt)
+
+
+@triton.jit
+def _load(rows, slot, ok, other=0.0):
+    """Slot ``slot`` of every partial record (L1 bypassed: written by other programs)."""
+    return tl.load(rows + slot, mask=ok, other=other, cache_modifier=".cg")
+
+
+@triton.jit
+def _expsum_slots(rows, slot, ok):
+    """(max z, Σe^{z−max}, Σe^{2(z−max)}) of every partial record (−inf max where absent)."""
+    return _load(rows, slot, ok, float("-inf")), _load(rows, slot + 1, ok), _load(rows, slot + 2, ok)
+
+
+@triton.jit
+def _seg_add(start_a, n_a, loss_a, start_b, n_b, loss_b):
+    """Segmented sum: b restarts the running sums where its row starts."""
+    return start_a | start_b, tl.where(start_b, n_b, n_a + n_b), tl.where(start_b, loss_b, loss_a + loss_b)
+
+
+@triton.jit
+def _spanning_rows(element_ptr, n_elements, row_count_ptr, dt: tl.constexpr,
+                   WRITE_COUNTS: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(Σ (row loss)/n_b, rows with n_b > 0) over the rows that span chunks: a segmented
+    scan over the head/tail elements in chunk order; writes n_b of those rows."""
+    idx = tl.arange(0, BLOCK_E)
+    carry_n = tl.zeros([], dt)
+    carry_loss = tl.zeros([], dt)
+    seq_loss = tl.zeros([], dt)
+    rows = tl.zeros([], dt)
+    for e0 in range(0, n_elements, BLOCK_E):
+        e = e0 + idx
+        ok = e < n_elements
+        el = element_ptr + e.to(tl.int64) * ELEMENT_WIDTH
+        n = tl.load(el + E_COUNT, mask=ok, other=0.0, cache_modifier=".cg")
+        loss = tl.load(el + E_LOSS, mask=ok, other=0.0, cache_modifier=".cg")
+        flags = tl.load(el + E_FLAGS, mask=ok, other=0.0, cache_modifier=".cg").to(tl.int32)
+        starts = (flags & ROW_STARTS) != 0
+        seen, n_run, loss_run = tl.associative_scan((starts, n, loss), 0, _seg_add)
+        n_run = tl.where(seen, n_run, n_run + carry_n)
+        loss_run = tl.where(seen, loss_run, loss_run + carry_loss)
+        ends = (flags & ROW_ENDS) != 0
+        seq_loss += tl.sum(tl.where(ends, safe_div(loss_run, n_run), 0.0))
+        rows += tl.sum(tl.where(ends & (n_run > 0.0), 1.0, 0.0))
+        if WRITE_COUNTS:
+            row = tl.load(el + E_ROW, mask=ok & ends, other=0.0, cache_modifier=".cg").to(tl.int64)
+            tl.store(row_count_ptr + row, n_run, mask=ok & ends)
+        carry_n = tl.sum(tl.where(idx == BLOCK_E - 1, n_run, 0.0))
+        carry_loss = tl.sum(tl.where(idx == BLOCK_E - 1, loss_run, 0.0))
+    return seq_loss, rows
+
+
+@triton.jit
+def _longest_row(cu_ptr, S, BLOCK: tl.constexpr):
+    """max_s (cu[s+1] − cu[s]): the padded T of a packed batch."""
+    idx = tl.arange(0, BLOCK)
+    longest = tl.zeros([BLOCK], tl.int32)
+    for s0 in range(0, S, BLOCK):
+        s = s0 + idx
+        lo = tl.load(cu_ptr + s, mask=s < S, other=0).to(tl.int32)
+        hi = tl.load(cu_ptr + s + 1, mask=s < S, other=0).to(tl.int32)
+        longest = tl.maximum(longest, hi - lo)
+    return tl.max(longest)
+
+
+@triton.jit
+def finalize(partial_ptr, n_part, element_ptr, n_elements, row_count_ptr, cu_ptr,
+             loss_ptr, metrics_ptr, grad_scale_ptr, batch_ctx, S, T,
+             dp_size, global_token_count, global_batch_size, loss_scale_factor,
+             AGG: tl.constexpr, SEQ_AGG: tl.constexpr, SEQ_GAMMA: tl.constexpr, PACKED: tl.constexpr,
+             COUNTS_ON_DEVICE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    """All n_part (≤ BLOCK_P) partial records merged in one fixed-order tile; the loss,
+    metrics (slot order = layout.METRIC_SLOTS) and the gradient scale s of SPEC §2
+    (for seq-mean-token-mean the backward divides it by the row's n_b). COUNTS_ON_DEVICE:
+    bit 0 global_token_count, bit 1 global_batch_size are 0-dim device tensors."""
     p = tl.arange(0, BLOCK_P)
     ok = p < n_part
-    rows = partial_ptr + p * PARTIAL_WIDTH
+    rows = partial_ptr + p.to(tl.int64) * PARTIAL_WIDTH
     dt = partial_ptr.dtype.element_ty
-    n_all, mean_all, m2_all, m3_all, m4_all = merge_records(partial_ptr, n_part, P_N, PARTIAL_WIDTH,
-                                                            BLOCK_P, True)
-    var_all = unbiased_var(n_all, m2_all)
-    n_pos, var_pos = merge_moments(partial_ptr, n_part, P_N_POS, PARTIAL_WIDTH, BLOCK_P)
-    n_neg, var_neg = merge_moments(partial_ptr, n_part, P_N_NEG, PARTIAL_WIDTH, BLOCK_P)
-    s_loss = tl.sum(tl.load(rows + P_LOSS, mask=ok, other=0.0))
-    s_seq = tl.sum(tl.load(rows + P_SEQ_LOSS, mask=ok, other=0.0))
-    n_rows = tl.sum(tl.load(rows + P_ROWS, mask=ok, other=0.0))
-    s_nlr = tl.sum(tl.load(rows + P_NEG_LOG_RATIO, mask=ok, other=0.0))
-    s_w = tl.sum(tl.load(rows + P_W, mask=ok, other=0.0))
-    w_max = tl.max(tl.load(rows + P_W_MAX, mask=ok, other=0.0))
-    s_phi = tl.sum(tl.load(rows + P_PHI, mask=ok, other=0.0))
-    phi_max = tl.max(tl.load(rows + P_PHI_ABS_MAX, mask=ok, other=0.0))
-    s_om = tl.sum(tl.load(rows + P_OMEGA, mask=ok, other=0.0))
-    s_om2 = tl.sum(tl.load(rows + P_OMEGA + 1, mask=ok, other=0.0))
-    s_omp = tl.sum(tl.load(rows + P_OMEGA + 2, mask=ok, other=0.0))
-    s_omp2 = tl.sum(tl.load(rows + P_OMEGA + 3, mask=ok, other=0.0))
-    s_omn = tl.sum(tl.load(rows + P_OMEGA + 4, mask=ok, other=0.0))
-    s_omn2 = tl.sum(tl.load(rows + P_OMEGA + 5, mask=ok, other=0.0))
-    s_g = tl.sum(tl.load(rows + P_GAMMA, mask=ok, other=0.0))
-    g_min = tl.min(tl.load(rows + P_GAMMA_MIN, mask=ok, other=float("inf")))
-    g_max = tl.max(tl.load(rows + P_GAMMA_MAX, mask=ok, other=0.0))
-    x0 = tl.sum(tl.load(rows + P_X, mask=ok, other=0.0))
-    x1 = tl.sum(tl.load(rows + P_X + 1, mask=ok, other=0.0))
-    x2 = tl.sum(tl.load(rows + P_X + 2, mask=ok, other=0.0))
-    x3 = tl.sum(tl.load(rows + P_X + 3, mask=ok, other=0.0))
-    x4 = tl.sum(tl.load(rows + P_X + 4, mask=ok, other=0.0))
+    # the partial records, one per lane, reduced like lane accumulators
+    n_all, mean_all, m2_all, m3_all, m4_all = moments4_reduce(
+        (_load(rows, P_MOMENTS, ok), _load(rows, P_MOMENTS + 1, ok), _load(rows, P_MOMENTS + 2, ok),
+         _load(rows, P_MOMENTS + 3, ok), _load(rows, P_MOMENTS + 4, ok)))
+    n_pos, mean_pos, m2_pos = moments_reduce(
+        (_load(rows, P_MOMENTS_POS, ok), _load(rows, P_MOMENTS_POS + 1, ok), _load(rows, P_MOMENTS_POS + 2, ok)))
+    n_neg, mean_neg, m2_neg = moments_reduce(
+        (_load(rows, P_MOMENTS_NEG, ok), _load(rows, P_MOMENTS_NEG + 1, ok), _load(rows, P_MOMENTS_NEG + 2, ok)))
+    s_loss = tl.sum(_load(rows, P_LOSS, ok))
+    s_w = tl.sum(_load(rows, P_W, ok))
+    w_max = reduce_max(_load(rows, P_W_MAX, ok))
+    s_phi = tl.sum(_load(rows, P_PHI, ok))
+    phi_max = reduce_max(_load(rows, P_PHI_ABS_MAX, ok))
+    ess_all = expsum_reduce(_expsum_slots(rows, P_ESS, ok))
+    ess_pos = expsum_reduce(_expsum_slots(rows, P_ESS + 3, ok))
+    ess_neg = expsum_reduce(_expsum_slots(rows, P_ESS + 6, ok))
+    s_g = tl.sum(_load(rows, P_GAMMA, ok))
+    g_min = -reduce_max(-_load(rows, P_GAMMA + 1, ok, float("inf")))
+    g_max = reduce_max(_load(rows, P_GAMMA + 2, ok))
+    x0 = tl.sum(_load(rows, P_EXTRAS, ok))
+    x1 = tl.sum(_load(rows, P_EXTRAS + 1, ok))
+    x2 = tl.sum(_load(rows, P_EXTRAS + 2, ok))
+    x3 = tl.sum(_load(rows, P_EXTRAS + 3, ok))
+    x4 = tl.sum(_load(rows, P_EXTRAS + 4, ok))
+    nonfinite = tl.sum(_load(rows, P_NONFINITE, ok))
 
     # aggregation (SPEC §5); an empty denominator gives 0
-    gtc = tl.where(global_token_count >= 0.0, global_token_count, n_all)
-    gbs = tl.where(global_batch_size >= 0.0, global_batch_size, n_rows)
-    lsf = tl.where(loss_scale_factor >= 0.0, loss_scale_factor, T * 1.0)
+    one = tl.full([], 1.0, dt)
+    global_token_count = _given(global_token_count, dt, COUNTS_ON_DEVICE % 2 == 1)
+    global_batch_size = _given(global_batch_size, dt, COUNTS_ON_DEVICE // 2 == 1)
+    if SEQ_AGG:
+        seq_loss, n_rows = _spanning_rows(element_ptr, n_elements, row_count_ptr, dt,
+                                          AGG == SEQ_MEAN_TOKEN_MEAN, BLOCK_E)
+        seq_loss += tl.sum(_load(rows, P_SEQ_LOSS, ok))
+        n_rows += tl.sum(_load(rows, P_ROWS, ok))
+        gbs = tl.where(global_batch_size >= 0.0, global_batch_size, n_rows)
     if AGG == TOKEN_MEAN:
+        gtc = tl.where(global_token_count >= 0.0, global_token_count, n_all)
         loss = safe_div(s_loss, gtc)
-        scale = safe_div(tl.full([], 1.0, dt), gtc)
+        scale = safe_div(one, gtc)
     elif AGG == TOKEN_SUM:
         loss = s_loss
-        scale = tl.full([], 1.0, dt)
+        scale = one
     elif AGG == SEQ_MEAN_TOKEN_SUM:
         loss = safe_div(s_loss, gbs)
-        scale = safe_div(tl.full([], 1.0, dt), gbs)
+        scale = safe_div(one, gbs)
     elif AGG == SEQ_MEAN_TOKEN_MEAN:
-        loss = safe_div(s_seq, gbs)
-        scale = safe_div(tl.full([], 1.0, dt), gbs)
+        loss = safe_div(seq_loss, gbs)
+        scale = safe_div(one, gbs)
     else:
+        if PACKED:
+            longest = _longest_row(cu_ptr, S, BLOCK_E).to(dt)
+        else:
+            longest = T * one
+        lsf = tl.where(loss_scale_factor >= 0.0, loss_scale_factor, longest)
         loss = safe_div(s_loss, gbs * lsf)
-        scale = safe_div(tl.full([], 1.0, dt), gbs * lsf)
+        scale = safe_div(one, gbs * lsf)
     tl.store(loss_ptr, loss * dp_size)
-    r = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + r
-        s = dp_size * scale + tl.zeros([BLOCK_R], dt)
-        if AGG == SEQ_MEAN_TOKEN_MEAN:
-            n_b = tl.load(row_count_ptr + rr, mask=rr < R, other=0.0)
-            s = safe_div(s, n_b)
-        tl.store(row_scale_ptr + rr, s, mask=rr < R)
+    tl.store(grad_scale_ptr, scale * dp_size)
 
-    # metrics (SPEC §6, isreshape_triton/metrics.py); slot order = layout.METRIC_SLOTS
-    ess = safe_div(s_om * s_om, s_om2)
-    c0 = tl.load(ctx_ptr)
-    c1 = tl.load(ctx_ptr + 1)
+    # metrics (SPEC §6, isreshape_triton/metrics.py)
+    c0, c1 = batch_ctx
     if SEQ_GAMMA:
         gamma = safe_div(s_g, n_all)
         gamma_pos = safe_div(x0, n_pos)
@@ -100,14 +178,15 @@ def finalize_kernel(
         gamma_pos = c0
         gamma_neg = c1
         gamma_base = c0
+    ess = ess_of(ess_all)
     m = metrics_ptr
     tl.store(m + 0, n_all)
-    tl.store(m + 1, safe_div(s_nlr, n_all))
+    tl.store(m + 1, -tl.where(n_all > 0.0, mean_all, 0.0))
     tl.store(m + 2, safe_div(s_w, n_all))
     tl.store(m + 3, w_max)
     tl.store(m + 4, safe_div(s_phi, n_all))
     tl.store(m + 5, phi_max)
-    tl.store(m + 6, var_all)
+    tl.store(m + 6, unbiased_var(n_all, m2_all))
     tl.store(m + 7, ess)
     tl.store(m + 8, safe_div(ess, n_all))
     tl.store(m + 9, safe_div(s_g, n_all))
@@ -116,8 +195,8 @@ def finalize_kernel(
     tl.store(m + 12, gamma)
     tl.store(m + 13, gamma_pos)
     tl.store(m + 14, gamma_neg)
-    tl.store(m + 15, var_pos)
-    tl.store(m + 16, var_neg)
+    tl.store(m + 15, unbiased_var(n_pos, m2_pos))
+    tl.store(m + 16, unbiased_var(n_neg, m2_neg))
     tl.store(m + 17, gamma_base)
     tl.store(m + 18, safe_div(x0, n_all))
     tl.store(m + 19, safe_div(x1, n_all))
@@ -128,13 +207,14 @@ def finalize_kernel(
     # diagnostics: biased moments as scipy.stats.skew / kurtosis, 0 where scipy treats
     # m2 as zero (m2 ≤ (1e-15·mean)²) or there is no token
     cm2 = safe_div(m2_all, n_all)
-    spread = cm2 > (1e-15 * mean_all) * (1e-15 * mean_all)
+    spread = ~(cm2 <= (1e-15 * mean_all) * (1e-15 * mean_all))
     tl.store(m + 24, tl.where(spread, safe_div(safe_div(m3_all, n_all), cm2 * tl.sqrt(cm2)), 0.0))
     tl.store(m + 25, tl.where(spread, safe_div(safe_div(m4_all, n_all), cm2 * cm2) - 3.0, 0.0))
     tl.store(m + 26, safe_div(w_max, s_w))
-    ess_pos = safe_div(s_omp * s_omp, s_omp2)
-    ess_neg = safe_div(s_omn * s_omn, s_omn2)
-    tl.store(m + 27, ess_pos)
-    tl.store(m + 28, safe_div(ess_pos, n_pos))
-    tl.store(m + 29, ess_neg)
-    tl.store(m + 30, safe_div(ess_neg, n_neg))
+    ess_p = ess_of(ess_pos)
+    ess_n = ess_of(ess_neg)
+    tl.store(m + 27, ess_p)
+    tl.store(m + 28, safe_div(ess_p, n_pos))
+    tl.store(m + 29, ess_n)
+    tl.store(m + 30, safe_div(ess_n, n_neg))
+    tl.store(m + 31, nonfinite)

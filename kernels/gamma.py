@@ -1,46 +1,56 @@
-"""γ selection on the device (SPEC §3): merging statistics records, the closed
-form of seed 002, and the exact sample-ESS rule. No host sync anywhere."""
+"""γ selection on the device (SPEC §3): the statistics records of ℓ, their
+fixed-order merge, the closed form of seed 002 and the exact sample-ESS rule.
+No host sync anywhere; a NaN statistic gives a NaN γ (never a bound).
+
+``gamma_rule`` (kernel argument) = (ρ_min, fixed_a, fixed_b, a_lo, a_hi, b_lo, b_hi):
+group a is all tokens (or A>0 for the sign family), group b the A<0 tokens; a
+fixed value ≥ 0 overrides the data-driven rule for its group (sign family), and
+[lo, hi] is each group's γ interval (δ = γ− − 1 for group b).
+"""
 import triton
 import triton.language as tl
 
-from .common import merge_moments
+from .common import clamp_nan, unbiased_var
 from .families import IS_RESHAPE, IS_RESHAPE_SIGN, IS_RESHAPE_VAR
-from .layout import S_GRID, S_N_ALL, S_N_NEG, S_N_POS
+from .layout import S_AFIRST, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
 
 GAMMA_FIXED = tl.constexpr(0)
 GAMMA_ESS = tl.constexpr(1)
 GAMMA_ESS_EXACT = tl.constexpr(2)
-GAMMA_GIVEN = tl.constexpr(3)  # computed on the device before pass 2 (PSIS)
+GAMMA_GIVEN = tl.constexpr(3)  # computed on the device before the loss pass (PSIS)
 
 
 @triton.jit
 def gamma_closed_form(var, rho, lo, hi):
-    """γ = clip(√(−ln ρ / σ²), lo, hi); σ² < 1e-8 → hi."""
+    """γ = clip(√(−ln ρ / σ²), lo, hi); σ² < 1e-8 → hi; NaN σ² → NaN."""
     g = tl.sqrt(-tl.log(rho) / tl.maximum(var, 1e-30))
-    return tl.where(var < 1e-8, hi, tl.minimum(tl.maximum(g, lo), hi))
+    return tl.where(var < 1e-8, hi, clamp_nan(tl.where(var != var, var, g), lo, hi))
 
 
 @triton.jit
 def ess_grid_terms(ell, m, lo, hi, G: tl.constexpr):
-    """Tile sums of e^{γ_jℓ}, e^{2γ_jℓ}, ℓe^{γ_jℓ}, ℓe^{2γ_jℓ} on the grid γ_j = lo + j·(hi−lo)/(G−1)."""
+    """Per-lane terms e^{γ_jℓ}, e^{2γ_jℓ}, ℓe^{γ_jℓ}, ℓe^{2γ_jℓ} ([BLOCK, G]) on the grid
+    γ_j = lo + j·(hi−lo)/(G−1), zero where not m."""
     j = tl.arange(0, G).to(ell.dtype)
     gam = lo + (hi - lo) * (j / (G - 1))
     e = tl.where(m[:, None], tl.exp(ell[:, None] * gam[None, :]), 0.0)
     e2 = e * e
     le = tl.where(m[:, None], ell[:, None], 0.0)
-    return tl.sum(e, 0), tl.sum(e2, 0), tl.sum(le * e, 0), tl.sum(le * e2, 0)
+    return e, e2, le * e, le * e2
 
 
 @triton.jit
-def solve_ess_exact(n, s1, s2, d1, d2, rho, lo, hi, G: tl.constexpr):
-    """Largest γ in [lo, hi] with ESS_γ/n ≥ ρ, ESS_γ = (Σw^γ)²/Σw^{2γ}.
+def solve_ess_exact(n, grid, rho, lo, hi, G: tl.constexpr):
+    """Largest γ in [lo, hi] with ESS_γ/n ≥ ρ, ESS_γ = (Σw^γ)²/Σw^{2γ}, from the grid sums.
 
     f(γ) = 2·ln S1(γ) − ln S2(γ) − ln n is non-increasing (K = ln S1 is convex), so
     the grid brackets the root; inside the bracket a cubic Hermite interpolant of f
-    (values and exact derivatives 2·D1/S1 − 2·D2/S2) is bisected. Empty → hi.
+    (values and exact derivatives 2·D1/S1 − 2·D2/S2) is bisected. Empty → hi; NaN sums → NaN.
     """
+    s1, s2, d1, d2 = grid
     j = tl.arange(0, G)
     h = (hi - lo) / (G - 1)
+    nan = tl.sum(tl.where((s1 != s1) | (s2 != s2), 1.0, 0.0)) > 0.0
     s1 = tl.where(s1 > 0.0, s1, 1.0)
     s2 = tl.where(s2 > 0.0, s2, 1.0)
     f = 2.0 * tl.log(s1) - tl.log(s2) - tl.log(tl.maximum(n, 1.0))
@@ -64,66 +74,125 @@ def solve_ess_exact(n, s1, s2, d1, d2, rho, lo, hi, G: tl.constexpr):
         t_hi = tl.where(up, t_hi, t)
     g = lo + h * (jb + t_lo)
     g = tl.where(last_ok >= G - 1, hi, tl.where(last_ok < 0, lo, g))
-    return tl.where(n >= 1.0, g, hi)
+    g = tl.where(n >= 1.0, g, hi)
+    return tl.where(nan, float("nan"), g)
 
 
 @triton.jit
-def _merged_ess_gamma(rec_ptr, nrec, n, group, rho, lo, hi,
-                      KS: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr):
-    """Sum the ESS grid of ``group`` (0 = a, 1 = b) over the records and solve for γ."""
+def record_index(j, first, base, stride):
+    """Index of the j-th record of a merge: ``first`` for j = 0, then base + stride·j."""
+    return tl.where(j == 0, first, base + stride * j)
+
+
+@triton.jit
+def _merge_group(rec_ptr, count, first, base, stride, slot,
+                 KS: tl.constexpr, BLOCK: tl.constexpr):
+    """(count, mean, M2) of one group over ``count`` records, two passes in fixed order."""
+    jj = tl.arange(0, BLOCK)
+    dt = rec_ptr.dtype.element_ty
+    acc_n = tl.zeros([BLOCK], dt)
+    acc_s = tl.zeros([BLOCK], dt)
+    for j0 in range(0, count, BLOCK):
+        j = j0 + jj
+        rec = rec_ptr + record_index(j, first, base, stride).to(tl.int64) * KS + slot
+        nr = tl.load(rec, mask=j < count, other=0.0)
+        acc_n += nr
+        acc_s += nr * tl.load(rec + 1, mask=j < count, other=0.0)
+    n = tl.sum(acc_n)
+    mean = tl.sum(acc_s) / tl.maximum(n, 1.0)
+    acc_2 = tl.zeros([BLOCK], dt)
+    for j0 in range(0, count, BLOCK):
+        j = j0 + jj
+        rec = rec_ptr + record_index(j, first, base, stride).to(tl.int64) * KS + slot
+        nr = tl.load(rec, mask=j < count, other=0.0)
+        d = tl.where(nr > 0.0, tl.load(rec + 1, mask=j < count, other=0.0) - mean, 0.0)
+        acc_2 += tl.load(rec + 2, mask=j < count, other=0.0) + nr * d * d
+    return n, mean, tl.sum(acc_2)
+
+
+@triton.jit
+def _merge_grid(rec_ptr, count, first, base, stride, slot, G: tl.constexpr,
+                KS: tl.constexpr, BLOCK: tl.constexpr):
+    """The four ESS grid sums ([G] each) starting at ``slot``, summed over the records."""
     r = tl.arange(0, BLOCK)[:, None]
-    j = tl.arange(0, G)[None, :]
+    g = tl.arange(0, G)[None, :]
     dt = rec_ptr.dtype.element_ty
     s1 = tl.zeros([G], dt)
     s2 = tl.zeros([G], dt)
     d1 = tl.zeros([G], dt)
     d2 = tl.zeros([G], dt)
-    for r0 in range(0, nrec, BLOCK):
-        ok = (r0 + r < nrec) & (j < G)
-        base = rec_ptr + (r0 + r).to(tl.int64) * KS + S_GRID + group * 4 * G + j
-        s1 += tl.sum(tl.load(base, mask=ok, other=0.0), 0)
-        s2 += tl.sum(tl.load(base + G, mask=ok, other=0.0), 0)
-        d1 += tl.sum(tl.load(base + 2 * G, mask=ok, other=0.0), 0)
-        d2 += tl.sum(tl.load(base + 3 * G, mask=ok, other=0.0), 0)
-    return solve_ess_exact(n, s1, s2, d1, d2, rho, lo, hi, G)
+    for j0 in range(0, count, BLOCK):
+        j = j0 + r
+        ok = (j < count) & (g < G)
+        rec = rec_ptr + record_index(j, first, base, stride).to(tl.int64) * KS + slot + g
+        s1 += tl.sum(tl.load(rec, mask=ok, other=0.0), 0)
+        s2 += tl.sum(tl.load(rec + G, mask=ok, other=0.0), 0)
+        d1 += tl.sum(tl.load(rec + 2 * G, mask=ok, other=0.0), 0)
+        d2 += tl.sum(tl.load(rec + 3 * G, mask=ok, other=0.0), 0)
+    return s1, s2, d1, d2
 
 
 @triton.jit
-def family_context(rec_ptr, nrec, p0, p1, p2, ga_lo, ga_hi, gb_lo, gb_hi,
+def merge_sequence_sums(rec_ptr, count, first, base, stride, KS: tl.constexpr, BLOCK: tl.constexpr):
+    """(Σ m·ℓ, A of the first counted token) of a row from its piece records (in order)."""
+    jj = tl.arange(0, BLOCK)
+    dt = rec_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK], dt)
+    a_first = tl.zeros([], dt) + 1.0
+    found = tl.zeros([], tl.int32)
+    for j0 in range(0, count, BLOCK):
+        j = j0 + jj
+        rec = rec_ptr + record_index(j, first, base, stride).to(tl.int64) * KS
+        acc += tl.load(rec + S_LSUM, mask=j < count, other=0.0)
+        nr = tl.load(rec + S_N_ALL, mask=j < count, other=0.0)
+        j_first = tl.min(tl.where(nr > 0.0, j, count))
+        a = tl.sum(tl.where(j == j_first, tl.load(rec + S_AFIRST, mask=j < count, other=0.0), 0.0))
+        take = (found == 0) & (j_first < count)
+        a_first = tl.where(take, a, a_first)
+        found = tl.where(take, 1, found)
+    return tl.sum(acc), a_first
+
+
+@triton.jit
+def family_context(rec_ptr, count, first, base, stride, gamma_rule,
                    FAMILY: tl.constexpr, GAMMA_MODE: tl.constexpr, HAS_STATS: tl.constexpr,
                    KS: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr):
-    """The family's γ context (c0, c1) from ``nrec`` statistics records.
+    """The family's γ context (c0, c1) from ``count`` statistics records (``record_index``).
 
-    p0 = ρ_min. is_reshape / is_reshape_var: c0 = γ (γ_base) on [ga_lo, ga_hi] from σ²
-    of all tokens, or clip(p1) when fixed. is_reshape_sign: c0 = γ+ on [ga_lo, ga_hi] from
-    the A>0 group (empty → 0.5), c1 = 1 + δ with δ on [gb_lo, gb_hi] from the A<0 group
-    (empty → 1.5); p1 ≥ 0 / p2 ≥ 0 fix γ+ / γ−. Other families: (0, 0).
+    is_reshape / is_reshape_var: c0 = γ (γ_base) on [a_lo, a_hi] from σ² of all tokens,
+    or the clipped fixed value. is_reshape_sign: c0 = γ+ from the A>0 group (empty → 0.5),
+    c1 = 1 + δ from the A<0 group (empty → 1.5); fixed values ≥ 0 override.
+    Other families: (0, 0).
     """
+    rho, fixed_a, fixed_b, a_lo, a_hi, b_lo, b_hi = gamma_rule
     dt = rec_ptr.dtype.element_ty
     c0 = tl.zeros([], dt)
     c1 = tl.zeros([], dt)
     if FAMILY == IS_RESHAPE or FAMILY == IS_RESHAPE_VAR:
         if GAMMA_MODE == GAMMA_FIXED:
-            c0 += tl.minimum(tl.maximum(p1, ga_lo), ga_hi)
+            c0 += clamp_nan(fixed_a, a_lo, a_hi)
         else:
-            n, var = merge_moments(rec_ptr, nrec, S_N_ALL, KS, BLOCK)
+            n, mean, m2 = _merge_group(rec_ptr, count, first, base, stride, S_N_ALL, KS, BLOCK)
             if GAMMA_MODE == GAMMA_ESS:
-                c0 += gamma_closed_form(var, p0, ga_lo, ga_hi)
+                c0 += gamma_closed_form(unbiased_var(n, m2), rho, a_lo, a_hi)
             else:
-                c0 += _merged_ess_gamma(rec_ptr, nrec, n, 0, p0, ga_lo, ga_hi, KS, G, BLOCK)
+                grid = _merge_grid(rec_ptr, count, first, base, stride, S_GRID, G, KS, BLOCK)
+                c0 += solve_ess_exact(n, grid, rho, a_lo, a_hi, G)
     elif FAMILY == IS_RESHAPE_SIGN:
         if HAS_STATS:
-            n_p, var_p = merge_moments(rec_ptr, nrec, S_N_POS, KS, BLOCK)
-            n_n, var_n = merge_moments(rec_ptr, nrec, S_N_NEG, KS, BLOCK)
+            n_p, mean_p, m2_p = _merge_group(rec_ptr, count, first, base, stride, S_N_POS, KS, BLOCK)
+            n_n, mean_n, m2_n = _merge_group(rec_ptr, count, first, base, stride, S_N_NEG, KS, BLOCK)
             if GAMMA_MODE == GAMMA_ESS_EXACT:
-                g_p = _merged_ess_gamma(rec_ptr, nrec, n_p, 0, p0, ga_lo, ga_hi, KS, G, BLOCK)
-                d_n = _merged_ess_gamma(rec_ptr, nrec, n_n, 1, p0, gb_lo, gb_hi, KS, G, BLOCK)
+                grid_a = _merge_grid(rec_ptr, count, first, base, stride, S_GRID, G, KS, BLOCK)
+                grid_b = _merge_grid(rec_ptr, count, first, base, stride, S_GRID + 4 * G, G, KS, BLOCK)
+                g_p = solve_ess_exact(n_p, grid_a, rho, a_lo, a_hi, G)
+                d_n = solve_ess_exact(n_n, grid_b, rho, b_lo, b_hi, G)
             else:
-                g_p = gamma_closed_form(var_p, p0, ga_lo, ga_hi)
-                d_n = gamma_closed_form(var_n, p0, gb_lo, gb_hi)
-            c0 += tl.where(p1 >= 0.0, p1, tl.where(n_p > 0.0, g_p, 0.5))
-            c1 += tl.where(p2 >= 0.0, p2, tl.where(n_n > 0.0, 1.0 + d_n, 1.5))
+                g_p = gamma_closed_form(unbiased_var(n_p, m2_p), rho, a_lo, a_hi)
+                d_n = gamma_closed_form(unbiased_var(n_n, m2_n), rho, b_lo, b_hi)
+            c0 += tl.where(fixed_a >= 0.0, fixed_a, tl.where(n_p > 0.0, g_p, 0.5))
+            c1 += tl.where(fixed_b >= 0.0, fixed_b, tl.where(n_n > 0.0, 1.0 + d_n, 1.5))
         else:
-            c0 += p1
-            c1 += p2
+            c0 += fixed_a
+            c1 += fixed_b
     return c0, c1

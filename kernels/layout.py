@@ -1,14 +1,19 @@
 """Slot layouts of the small buffers the kernels exchange (one place, read by the
 kernels as constexprs and by Python through ``.value``).
 
-Statistics record (``batch_stats_kernel`` → ``token_loss_kernel``), one per row
-and one per program: (count, mean, M2) of ℓ for the groups all / A>0 / A<0, the
-row's Σ m·ℓ and first counted advantage (VESPO), then for ``gamma="ess_exact"``
-the grid sums Σe^{γ_jℓ}, Σe^{2γ_jℓ}, Σℓe^{γ_jℓ}, Σℓe^{2γ_jℓ} of group a (all or
-A>0) and group b (A<0), G values each.
+Statistics record (``batch_stats_kernel`` → ``token_loss_kernel``), one per
+program (batch γ) or one per piece (row rules, see ``rows.py``): (count, mean, M2)
+of ℓ for the groups all / A>0 / A<0, the piece's Σ m·ℓ and first counted
+advantage (VESPO), then for ``gamma="ess_exact"`` the grid sums Σe^{γ_jℓ},
+Σe^{2γ_jℓ}, Σℓe^{γ_jℓ}, Σℓe^{2γ_jℓ} of group a (all or A>0) and group b (A<0),
+G values each.
 
-Partial record (``token_loss_kernel`` → ``finalize_kernel``), one per program.
-Metric vector (``finalize_kernel`` output): ``METRIC_SLOTS`` below.
+Row-sum element (``token_loss_kernel``, seq-* aggregation): two per chunk, the
+chunk's head and tail piece (``rows.py``): (count, Σ m·L, row, flags) with flags
+ROW_STARTS (a tail: its row starts here) and ROW_ENDS (a head whose row ends here).
+
+Partial record (one per program of ``token_loss_kernel``, merged by the last one).
+Metric vector (the op's output): ``METRIC_SLOTS`` below.
 """
 import triton.language as tl
 
@@ -21,24 +26,31 @@ S_AFIRST = tl.constexpr(10)
 S_GRID = tl.constexpr(11)  # + k*G + j; k = 0..3 group a, 4..7 group b
 S_BASE_WIDTH = 11
 
+# row-sum element
+E_COUNT = tl.constexpr(0)
+E_LOSS = tl.constexpr(1)
+E_ROW = tl.constexpr(2)
+E_FLAGS = tl.constexpr(3)
+ELEMENT_WIDTH = tl.constexpr(4)
+ROW_STARTS = tl.constexpr(1)
+ROW_ENDS = tl.constexpr(2)
+
 # partial record
-P_N = tl.constexpr(0)  # (count, mean, M2, M3, M4) of ℓ over all counted tokens
-P_N_POS = tl.constexpr(5)  # (count, mean, M2) of ℓ over A>0
-P_N_NEG = tl.constexpr(8)  # (count, mean, M2) of ℓ over A<0
+P_MOMENTS = tl.constexpr(0)  # (count, mean, M2, M3, M4) of ℓ over all counted tokens
+P_MOMENTS_POS = tl.constexpr(5)  # (count, mean, M2) of ℓ over A>0
+P_MOMENTS_NEG = tl.constexpr(8)  # (count, mean, M2) of ℓ over A<0
 P_LOSS = tl.constexpr(11)  # Σ m·L
-P_SEQ_LOSS = tl.constexpr(12)  # Σ_b (Σ_t m·L)/n_b
-P_ROWS = tl.constexpr(13)  # rows with n_b > 0
-P_NEG_LOG_RATIO = tl.constexpr(14)
-P_W = tl.constexpr(15)
-P_W_MAX = tl.constexpr(16)
-P_PHI = tl.constexpr(17)
-P_PHI_ABS_MAX = tl.constexpr(18)
-P_OMEGA = tl.constexpr(19)  # Σω, Σω² over all / A>0 / A<0 at +0/+1, +2/+3, +4/+5
-P_GAMMA = tl.constexpr(25)
-P_GAMMA_MIN = tl.constexpr(26)
-P_GAMMA_MAX = tl.constexpr(27)
-P_X = tl.constexpr(28)  # + k, k = 0..4: the family's extra per-token terms
-PARTIAL_WIDTH = tl.constexpr(40)
+P_SEQ_LOSS = tl.constexpr(12)  # Σ over complete rows of (Σ_t m·L)/n_b
+P_ROWS = tl.constexpr(13)  # complete rows with n_b > 0
+P_W = tl.constexpr(14)
+P_W_MAX = tl.constexpr(15)
+P_PHI = tl.constexpr(16)
+P_PHI_ABS_MAX = tl.constexpr(17)
+P_ESS = tl.constexpr(18)  # (max z, Σe^{z−max}, Σe^{2(z−max)}), z = γ_t·ℓ: all, A>0, A<0 at +0, +3, +6
+P_GAMMA = tl.constexpr(27)  # Σγ_t, min γ_t, max γ_t
+P_EXTRAS = tl.constexpr(30)  # + k, k = 0..4: the family's extra per-token terms
+P_NONFINITE = tl.constexpr(35)
+PARTIAL_WIDTH = tl.constexpr(36)
 
 METRIC_SLOTS = (
     "token_count", "ppo_kl", "w_mean", "w_max", "phi_mean", "phi_abs_max", "sigma_sq",
@@ -46,5 +58,6 @@ METRIC_SLOTS = (
     "gamma_neg", "sigma_sq_pos", "sigma_sq_neg", "gamma_base", "p_case1", "p_case2",
     "p_case3", "p_case4", "clipfrac", "clipfrac_lower", "skewness", "kurtosis",
     "max_weight_ratio", "ess_pos", "ess_ratio_pos", "ess_neg", "ess_ratio_neg",
+    "nonfinite_tokens",
 )
 METRIC_WIDTH = tl.constexpr(32)

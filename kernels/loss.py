@@ -1,155 +1,248 @@
-"""Pass 2: per-token φ and F, the gradient, and the per-program partial sums.
+"""Pass 2 (one launch for every family): per-token φ and F, the unscaled gradient
+−m·φ, lane-accumulated metric sums, and, in the last program to finish, the
+aggregated loss and metrics (``finalize.py``).
 
-Same persistent row ownership as pass 1. Each program first resolves the
-family context (γ from the merged statistics records, or fixed parameters);
-with ``ROW_STATS`` it resolves it again per row from that row's record, and with
-``GAMMA_MODE == GAMMA_GIVEN`` it reads (c0, c1) computed on the device beforehand
-(PSIS) at ``gamma_ptr + row * gamma_row_stride``. Per
-tile: ℓ, w, family (φ, F), the unscaled gradient −m·φ (the backward multiplies
-it by the aggregation scale times the incoming gradient), and the masked sums
-of the loss and of every metric. One partial record per program (``layout.py``)
-goes to ``finalize_kernel``; per-row counts go to ``row_count``.
+Each program walks its chunks (``rows.py``). Per piece it resolves the family
+context: fixed, the batch context merged from pass 1's program records (the
+same records in the same order in every program, so every program gets the
+same bits), the row's context merged from pass 1's piece records, or the γ
+computed beforehand on the device (PSIS). Per tile every lane updates its own
+accumulators; lanes are reduced once per piece (row sums for the seq-* modes)
+and once per program (the partial record).
+
+Completion: each program publishes its partial record, then takes a ticket
+(``atomic_add`` with acq_rel semantics at GPU scope, after a CTA barrier so that
+every thread's stores precede the release). The program that draws the last
+ticket has, by the acquire, every other program's partials visible; it reads
+them bypassing L1 (``.cg``), merges them in program order (deterministic) and
+resets the ticket to 0 for the next launch. No program ever waits for another,
+so this is correct on a GPU (any schedule) and in the interpreter (programs run
+in order, the last pid finalizes).
 """
 import triton
 import triton.language as tl
 
-from .common import (chan_merge, load_token_tile, masked_moments, masked_moments4, merge4,
-                     store_moments)
-from .families import VESPO, family_token, vespo_sequence_weight
-from .gamma import GAMMA_GIVEN, family_context
-from .layout import (P_GAMMA, P_GAMMA_MAX, P_GAMMA_MIN, P_LOSS, P_N, P_N_NEG, P_N_POS,
-                     P_NEG_LOG_RATIO, P_OMEGA, P_PHI, P_PHI_ABS_MAX, P_ROWS, P_SEQ_LOSS, P_W,
-                     P_W_MAX, P_X, PARTIAL_WIDTH, S_AFIRST, S_LSUM)
+from .common import (expsum_add, expsum_init, expsum_reduce, max_nan, min_nan, moments4_add,
+                     moments4_init, moments4_reduce, moments_add, moments_init, moments_reduce,
+                     reduce_max, safe_div)
+from .families import IS_RESHAPE_VAR, VESPO, family_token, vespo_sequence_weight
+from .finalize import finalize
+from .gamma import GAMMA_GIVEN, family_context, merge_sequence_sums
+from .layout import (E_COUNT, E_FLAGS, E_LOSS, E_ROW, ELEMENT_WIDTH, P_ESS, P_EXTRAS, P_GAMMA,
+                     P_LOSS, P_MOMENTS, P_MOMENTS_NEG, P_MOMENTS_POS, P_NONFINITE, P_PHI,
+                     P_PHI_ABS_MAX, P_ROWS, P_SEQ_LOSS, P_W, P_W_MAX, PARTIAL_WIDTH, ROW_ENDS,
+                     ROW_STARTS)
+from .rows import load_tokens, locate_row, piece_end, row_elements
 
 
-@triton.jit(do_not_specialize=["R", "T", "n_rec", "s_lp_r", "s_lp_t", "s_olp_r", "s_olp_t",
-                               "s_adv_r", "s_adv_t", "s_mask_r", "s_mask_t"])
-def token_loss_kernel(
-    lp_ptr, olp_ptr, adv_ptr, mask_ptr, rec_ptr, n_rec, row_rec_ptr, gamma_ptr, gamma_row_stride,
-    grad_ptr, row_count_ptr, partial_ptr, ctx_ptr,
-    R, T, s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r, s_mask_t,
-    clamp, p0, p1, p2, p3, p4, p5, p6, ga_lo, ga_hi, gb_lo, gb_hi,
-    FAMILY: tl.constexpr, OPT: tl.constexpr, GAMMA_MODE: tl.constexpr,
-    BATCH_STATS: tl.constexpr, ROW_STATS: tl.constexpr,
-    ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    KS: tl.constexpr, G: tl.constexpr, BLOCK_REC: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """Loss, metric partials and −m·φ for the rows this program owns.
+@triton.jit
+def _store_tuple3(ptr, values):
+    x0, x1, x2 = values
+    tl.store(ptr, x0)
+    tl.store(ptr + 1, x1)
+    tl.store(ptr + 2, x2)
 
-    p0..p6 are the family's float parameters as packed by the family table (for the γ
-    families p0 = ρ_min and p1/p2 the fixed γ, γ+, γ−); ga/gb are the γ intervals of
-    groups a and b.
-    """
-    pid = tl.program_id(0)
-    offs0 = tl.arange(0, BLOCK_T)
-    zero = tl.zeros([], ACC)
-    # batch context, identical in every program (same records, same order)
+
+@triton.jit
+def _counted(x, m, bad):
+    """x at counted tokens, 0 elsewhere, NaN at non-finite ones."""
+    return tl.where(bad, float("nan"), tl.where(m, x, 0.0))
+
+
+@triton.jit
+def _store_element(ptr, n, loss, row, flags):
+    tl.store(ptr + E_COUNT, n)
+    tl.store(ptr + E_LOSS, loss)
+    tl.store(ptr + E_ROW, row.to(ptr.dtype.element_ty))
+    tl.store(ptr + E_FLAGS, flags.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, chunk, n_chunks,
+                 clamp, gamma_rule, params, batch_ctx,
+                 FAMILY: tl.constexpr, GAMMA_MODE: tl.constexpr, ROW_STATS: tl.constexpr,
+                 ACC: tl.constexpr, KS: tl.constexpr, G: tl.constexpr, BLOCK_REC: tl.constexpr):
+    """The family context of row s: the batch context, the given γ of the row (PSIS),
+    or merged from the row's piece records (one for a complete row, else the tail of its
+    first chunk and the heads of the others)."""
+    ctx = batch_ctx
     if GAMMA_MODE == GAMMA_GIVEN:
-        c0 = tl.load(gamma_ptr).to(ACC)
-        c1 = tl.load(gamma_ptr + 1).to(ACC)
+        row = gamma_ptr + s.to(tl.int64) * gamma_row_stride
+        ctx = (tl.load(row).to(ACC), tl.load(row + 1).to(ACC))
+    elif ROW_STATS:
+        complete = (start >= a) & (end <= b)
+        first, count = row_elements(0, start, end, chunk)
+        first = tl.where(complete, 2 * n_chunks + s, first)
+        count = tl.where(complete, 1, count)
+        base = 2 * (start // chunk)
+        if FAMILY == VESPO:
+            lsum, a_first = merge_sequence_sums(stats_ptr, count, first, base, 2, KS, BLOCK_REC)
+            ctx = (vespo_sequence_weight(lsum, a_first, clamp, params), tl.zeros([], ACC))
+        else:
+            ctx = family_context(stats_ptr, count, first, base, 2, gamma_rule,
+                                 FAMILY, GAMMA_MODE, True, KS, G, BLOCK_REC)
+    return ctx
+
+
+@triton.jit(do_not_specialize=["N", "T", "S", "chunk", "n_chunks", "n_stats", "s_lp_r", "s_lp_t",
+                               "s_olp_r", "s_olp_t", "s_adv_r", "s_adv_t", "s_mask_r", "s_mask_t"])
+def token_loss_kernel(
+    lp_ptr, olp_ptr, adv_ptr, mask_ptr, cu_ptr, stats_ptr, n_stats, gamma_ptr, gamma_row_stride,
+    neg_phi_ptr, element_ptr, row_count_ptr, partial_ptr, ticket_ptr,
+    loss_ptr, metrics_ptr, grad_scale_ptr,
+    N, T, S, chunk, n_chunks,
+    s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r, s_mask_t,
+    clamp, gamma_rule, params, dp_size, global_token_count, global_batch_size, loss_scale_factor,
+    FAMILY: tl.constexpr, OPT: tl.constexpr, GAMMA_MODE: tl.constexpr,
+    BATCH_STATS: tl.constexpr, ROW_STATS: tl.constexpr, SIGN_GROUPS: tl.constexpr,
+    ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, AGG: tl.constexpr, SEQ_AGG: tl.constexpr, SEQ_GAMMA: tl.constexpr,
+    COUNTS_ON_DEVICE: tl.constexpr, KS: tl.constexpr, G: tl.constexpr, BLOCK_REC: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """Loss, metrics and −m·φ (see module docstring). ``params`` is the family's float tuple,
+    ``gamma_rule`` the γ rule (``gamma.py``); global_* < 0 means "not given" (or device
+    tensors, see ``finalize``)."""
+    lp = (lp_ptr, s_lp_r, s_lp_t)
+    olp = (olp_ptr, s_olp_r, s_olp_t)
+    adv = (adv_ptr, s_adv_r, s_adv_t)
+    mask = (mask_ptr, s_mask_r, s_mask_t)
+    pid = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK_T)
+    like = tl.zeros([BLOCK_T], ACC)
+    zero = tl.zeros([], ACC)
+    # the batch context, identical in every program (same records, same order)
+    if GAMMA_MODE == GAMMA_GIVEN:
+        batch_ctx = (tl.load(gamma_ptr).to(ACC), tl.load(gamma_ptr + 1).to(ACC))
     else:
-        c0, c1 = family_context(rec_ptr, n_rec, p0, p1, p2, ga_lo, ga_hi, gb_lo, gb_hi,
-                                FAMILY, GAMMA_MODE, BATCH_STATS, KS, G, BLOCK_REC)
-    if pid == 0:
-        tl.store(ctx_ptr, c0)
-        tl.store(ctx_ptr + 1, c1)
-    n0, m0, q0, k3, k4, n1, m1, q1, n2, m2, q2 = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
-    s_loss, s_seq, s_rows, s_nlr, s_w, s_phi, s_g = zero, zero, zero, zero, zero, zero, zero
-    s_om, s_om2, s_omp, s_omp2, s_omn, s_omn2 = zero, zero, zero, zero, zero, zero
-    w_max, phi_max, g_max = zero, zero, zero
-    g_min = zero + float("inf")
-    x0, x1, x2, x3, x4 = zero, zero, zero, zero, zero
-    for row in range(pid, R, tl.num_programs(0)):
-        row64 = tl.cast(row, tl.int64)
-        lp_row = lp_ptr + row64 * s_lp_r
-        olp_row = olp_ptr + row64 * s_olp_r
-        adv_row = adv_ptr + row64 * s_adv_r
-        mask_row = mask_ptr + row64 * s_mask_r
-        r0, r1 = c0, c1
-        if GAMMA_MODE == GAMMA_GIVEN:
-            r0 = tl.load(gamma_ptr + row64 * gamma_row_stride).to(ACC)
-            r1 = tl.load(gamma_ptr + row64 * gamma_row_stride + 1).to(ACC)
-        elif ROW_STATS:
-            rec = row_rec_ptr + row64 * KS
-            if FAMILY == VESPO:
-                r0 = vespo_sequence_weight(tl.load(rec + S_LSUM), tl.load(rec + S_AFIRST), clamp,
-                                           p0, p1, p2, p3)
-            else:
-                r0, r1 = family_context(rec, 1, p0, p1, p2, ga_lo, ga_hi, gb_lo, gb_hi,
-                                        FAMILY, GAMMA_MODE, ROW_STATS, KS, G, 2)
-        row_loss = zero
-        row_n = zero
-        for t0 in range(0, T, BLOCK_T):
-            offs = t0 + offs0
-            ell, adv, m = load_token_tile(lp_row, olp_row, adv_row, mask_row, offs, T,
-                                          s_lp_t, s_olp_t, s_adv_t, s_mask_t, clamp,
-                                          ACC, HAS_ADV, HAS_MASK)
-            w = tl.exp(ell)
-            phi, F, g, e0, e1, e2, e3, e4 = family_token(ell, w, adv, r0, r1, p0, p1, p2, p3, p4,
-                                                         p5, p6, FAMILY, OPT)
-            phi = tl.where(m, phi, 0.0)
-            if WRITE_GRAD:
-                tl.store(grad_ptr + row64 * T + offs, tl.where(m, -phi, 0.0), mask=offs < T)
-            row_loss += tl.sum(tl.where(m, -F, 0.0))
-            # metrics
-            cn, cm, cq, c3, c4 = masked_moments4(ell, m)
-            row_n += cn
-            n0, m0, q0, k3, k4 = merge4(n0, m0, q0, k3, k4, cn, cm, cq, c3, c4)
-            pos = m & (adv > 0.0)
-            neg = m & (adv < 0.0)
-            cn, cm, cq = masked_moments(ell, pos)
-            n1, m1, q1 = chan_merge(n1, m1, q1, cn, cm, cq)
-            cn, cm, cq = masked_moments(ell, neg)
-            n2, m2, q2 = chan_merge(n2, m2, q2, cn, cm, cq)
-            s_nlr += tl.sum(tl.where(m, -ell, 0.0))
-            s_w += tl.sum(tl.where(m, w, 0.0))
-            w_max = tl.maximum(w_max, tl.max(tl.where(m, w, 0.0)))
-            s_phi += tl.sum(phi)
-            phi_max = tl.maximum(phi_max, tl.max(tl.abs(phi)))
-            om = tl.where(m, tl.exp(g * ell), 0.0)
-            s_om += tl.sum(om)
-            s_om2 += tl.sum(om * om)
-            s_omp += tl.sum(tl.where(pos, om, 0.0))
-            s_omp2 += tl.sum(tl.where(pos, om * om, 0.0))
-            s_omn += tl.sum(tl.where(neg, om, 0.0))
-            s_omn2 += tl.sum(tl.where(neg, om * om, 0.0))
-            s_g += tl.sum(tl.where(m, g, 0.0))
-            g_min = tl.minimum(g_min, tl.min(tl.where(m, g, float("inf"))))
-            g_max = tl.maximum(g_max, tl.max(tl.where(m, g, 0.0)))
-            x0 += tl.sum(tl.where(m, e0, 0.0))
-            x1 += tl.sum(tl.where(m, e1, 0.0))
-            x2 += tl.sum(tl.where(m, e2, 0.0))
-            x3 += tl.sum(tl.where(m, e3, 0.0))
-            x4 += tl.sum(tl.where(m, e4, 0.0))
-        tl.store(row_count_ptr + row64, row_n)
-        s_loss += row_loss
-        s_seq += tl.where(row_n > 0.0, row_loss / tl.maximum(row_n, 1.0), 0.0)
-        s_rows += tl.where(row_n > 0.0, 1.0, 0.0)
+        batch_ctx = family_context(stats_ptr, n_stats, 0, 0, 1, gamma_rule,
+                                   FAMILY, GAMMA_MODE, BATCH_STATS, KS, G, BLOCK_REC)
+    # lane accumulators of the program
+    loss_acc = like
+    moments = moments4_init(like)
+    pos = moments_init(like)
+    neg = moments_init(like)
+    w_sum = like
+    w_max = like
+    phi_sum = like
+    phi_max = like
+    ess_all = expsum_init(like)
+    ess_pos = expsum_init(like)
+    ess_neg = expsum_init(like)
+    g_sum = like
+    g_min = like + float("inf")
+    g_max = like
+    extras = (like, like, like, like, like)
+    nonfinite = like
+    # complete rows of the seq-* modes: Σ (row loss)/n_b and the number of non-empty rows
+    seq_loss = zero
+    seq_rows = zero
+    for c in range(pid, n_chunks, tl.num_programs(0)):
+        a = c * chunk
+        b = tl.minimum(a + chunk, N)
+        # the chunk's head and tail elements (neutral unless a piece fills them)
+        h_n, h_loss, h_row, h_flags = zero, zero, tl.zeros([], tl.int32), tl.zeros([], tl.int32)
+        t_n, t_loss, t_row, t_flags = h_n, h_loss, h_row, h_flags
+        p = a
+        while p < b:
+            s, start, end = locate_row(p, cu_ptr, S, T, PACKED)
+            e = piece_end(p, end, b)
+            origin = 0 if PACKED else start
+            ctx = _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, chunk,
+                               n_chunks, clamp, gamma_rule, params, batch_ctx,
+                               FAMILY, GAMMA_MODE, ROW_STATS, ACC, KS, G, BLOCK_REC)
+            row_loss = like
+            row_n = like
+            for t0 in range(p, e, BLOCK_T):
+                offs = t0 + lanes
+                ell, A, m, bad = load_tokens(lp, olp, adv, mask, s, origin, start, end, offs, e, clamp,
+                                             ACC, HAS_ADV, HAS_MASK, PACKED)
+                w = tl.exp(ell)
+                phi, F, g, x = family_token(ell, w, A, ctx, params, FAMILY, OPT)
+                # a non-finite input poisons its token's φ, F and extras, whatever the formula
+                phi = tl.where(bad, float("nan"), tl.where(m, phi, 0.0))
+                L = tl.where(bad, float("nan"), tl.where(m, -F, 0.0))
+                if WRITE_GRAD:
+                    tl.store(neg_phi_ptr + offs, -phi, mask=offs < e)
+                loss_acc += L
+                if SEQ_AGG:
+                    row_loss += L
+                    row_n += tl.where(m, 1.0, 0.0)
+                moments = moments4_add(moments, ell, m)
+                if SIGN_GROUPS:
+                    pos = moments_add(pos, ell, m & (A > 0.0))
+                    neg = moments_add(neg, ell, m & (A < 0.0))
+                    ess_pos = expsum_add(ess_pos, g * ell, m & (A > 0.0))
+                    ess_neg = expsum_add(ess_neg, g * ell, m & (A < 0.0))
+                w_sum += tl.where(m, w, 0.0)
+                w_max = max_nan(w_max, tl.where(m, w, 0.0))
+                phi_sum += phi
+                phi_max = max_nan(phi_max, tl.abs(phi))
+                ess_all = expsum_add(ess_all, g * ell, m)
+                if FAMILY <= IS_RESHAPE_VAR:
+                    g_sum += tl.where(m, g, 0.0)
+                    g_min = tl.where(m, min_nan(g_min, g), g_min)
+                    g_max = tl.where(m, max_nan(g_max, g), g_max)
+                x0, x1, x2, x3, x4 = x
+                e0, e1, e2, e3, e4 = extras
+                extras = (e0 + _counted(x0, m, bad), e1 + _counted(x1, m, bad), e2 + _counted(x2, m, bad),
+                          e3 + _counted(x3, m, bad), e4 + _counted(x4, m, bad))
+                nonfinite += tl.where(bad, 1.0, 0.0)
+            if SEQ_AGG:  # the piece's row sums: a complete row now, else a head / tail element
+                n_b = tl.sum(row_n)
+                l_b = tl.sum(row_loss)
+                complete = (start >= a) & (end <= b)
+                seq_loss += tl.where(complete, safe_div(l_b, n_b), 0.0)
+                seq_rows += tl.where(complete & (n_b > 0.0), 1.0, 0.0)
+                tl.store(row_count_ptr + s, n_b, mask=complete)
+                is_head = start < a
+                h_n = tl.where(is_head, n_b, h_n)
+                h_loss = tl.where(is_head, l_b, h_loss)
+                h_row = tl.where(is_head, s, h_row)
+                h_flags = tl.where(is_head, tl.where(end <= b, ROW_ENDS, 0), h_flags)
+                is_tail = (start >= a) & (end > b)
+                t_n = tl.where(is_tail, n_b, t_n)
+                t_loss = tl.where(is_tail, l_b, t_loss)
+                t_row = tl.where(is_tail, s, t_row)
+                t_flags = tl.where(is_tail, ROW_STARTS, t_flags)
+            p = e
+        if SEQ_AGG:
+            _store_element(element_ptr + tl.cast(2 * c, tl.int64) * ELEMENT_WIDTH, h_n, h_loss, h_row, h_flags)
+            _store_element(element_ptr + tl.cast(2 * c + 1, tl.int64) * ELEMENT_WIDTH, t_n, t_loss, t_row, t_flags)
+
+    # the program's partial record
     out = partial_ptr + pid.to(tl.int64) * PARTIAL_WIDTH
-    store_moments(out + P_N, n0, m0, q0)
-    tl.store(out + P_N + 3, k3)
-    tl.store(out + P_N + 4, k4)
-    store_moments(out + P_N_POS, n1, m1, q1)
-    store_moments(out + P_N_NEG, n2, m2, q2)
-    tl.store(out + P_LOSS, s_loss)
-    tl.store(out + P_SEQ_LOSS, s_seq)
-    tl.store(out + P_ROWS, s_rows)
-    tl.store(out + P_NEG_LOG_RATIO, s_nlr)
-    tl.store(out + P_W, s_w)
-    tl.store(out + P_W_MAX, w_max)
-    tl.store(out + P_PHI, s_phi)
-    tl.store(out + P_PHI_ABS_MAX, phi_max)
-    tl.store(out + P_OMEGA, s_om)
-    tl.store(out + P_OMEGA + 1, s_om2)
-    tl.store(out + P_OMEGA + 2, s_omp)
-    tl.store(out + P_OMEGA + 3, s_omp2)
-    tl.store(out + P_OMEGA + 4, s_omn)
-    tl.store(out + P_OMEGA + 5, s_omn2)
-    tl.store(out + P_GAMMA, s_g)
-    tl.store(out + P_GAMMA_MIN, g_min)
-    tl.store(out + P_GAMMA_MAX, g_max)
-    tl.store(out + P_X, x0)
-    tl.store(out + P_X + 1, x1)
-    tl.store(out + P_X + 2, x2)
-    tl.store(out + P_X + 3, x3)
-    tl.store(out + P_X + 4, x4)
+    n, mean, m2, m3, m4 = moments4_reduce(moments)
+    _store_tuple3(out + P_MOMENTS, (n, mean, m2))
+    tl.store(out + P_MOMENTS + 3, m3)
+    tl.store(out + P_MOMENTS + 4, m4)
+    _store_tuple3(out + P_MOMENTS_POS, moments_reduce(pos))
+    _store_tuple3(out + P_MOMENTS_NEG, moments_reduce(neg))
+    tl.store(out + P_LOSS, tl.sum(loss_acc))
+    tl.store(out + P_SEQ_LOSS, seq_loss)
+    tl.store(out + P_ROWS, seq_rows)
+    tl.store(out + P_W, tl.sum(w_sum))
+    tl.store(out + P_W_MAX, reduce_max(w_max))
+    tl.store(out + P_PHI, tl.sum(phi_sum))
+    tl.store(out + P_PHI_ABS_MAX, reduce_max(phi_max))
+    _store_tuple3(out + P_ESS, expsum_reduce(ess_all))
+    _store_tuple3(out + P_ESS + 3, expsum_reduce(ess_pos))
+    _store_tuple3(out + P_ESS + 6, expsum_reduce(ess_neg))
+    _store_tuple3(out + P_GAMMA, (tl.sum(g_sum), -reduce_max(-g_min), reduce_max(g_max)))
+    e0, e1, e2, e3, e4 = extras
+    tl.store(out + P_EXTRAS, tl.sum(e0))
+    tl.store(out + P_EXTRAS + 1, tl.sum(e1))
+    tl.store(out + P_EXTRAS + 2, tl.sum(e2))
+    tl.store(out + P_EXTRAS + 3, tl.sum(e3))
+    tl.store(out + P_EXTRAS + 4, tl.sum(e4))
+    tl.store(out + P_NONFINITE, tl.sum(nonfinite))
+
+    # completion ticket: the last program to arrive merges every partial
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == tl.num_programs(0) - 1:
+        finalize(partial_ptr, tl.num_programs(0), element_ptr, 2 * n_chunks, row_count_ptr, cu_ptr,
+                 loss_ptr, metrics_ptr, grad_scale_ptr, batch_ctx, S, T,
+                 dp_size, global_token_count, global_batch_size, loss_scale_factor,
+                 AGG, SEQ_AGG, SEQ_GAMMA, PACKED, COUNTS_ON_DEVICE, BLOCK_P, BLOCK_E)
+        tl.store(ticket_ptr, 0)

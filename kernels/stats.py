@@ -1,105 +1,135 @@
-"""Pass 1 (families with batch statistics): sufficient statistics of ℓ.
+"""Pass 1 (families whose γ or weight needs statistics): records of ℓ.
 
-A persistent grid of P programs; program p owns rows p, p+P, … and walks each
-row in BLOCK_T tiles. Per tile it takes two-pass moments and Chan-merges them
-into the row, then the row into the program, always in the same order, so the
-result is deterministic. It writes one statistics record (``layout.py``) per
-row (``WRITE_ROWS``: per-sequence γ, VESPO) and/or one per program
-(``WRITE_PROGRAMS``: batch γ, merged again by every program of pass 2).
+A persistent grid walks the chunks (``rows.py``); per tile every lane updates
+its own Welford moments (groups all / A>0 / A<0) and, for ``ess_exact``, its
+grid sums. With ``ROW_STATS`` (per-sequence γ, VESPO) the lanes are reduced
+once per piece into a record at the piece's element; otherwise once per program
+into the program's record, merged in a fixed order by every program of pass 2.
 """
 import triton
 import triton.language as tl
 
-from .common import chan_merge, load_token_tile, masked_moments, store_moments
+from .common import moments_add, moments_init, moments_reduce
 from .gamma import ess_grid_terms
 from .layout import S_AFIRST, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
+from .rows import load_tokens, locate_row, piece_end
 
 
 @triton.jit
-def _store_record(ptr, n0, m0, q0, n1, m1, q1, n2, m2, q2, lsum, a_first,
-                  a_s1, a_s2, a_d1, a_d2, b_s1, b_s2, b_d1, b_d2,
-                  ESS_EXACT: tl.constexpr, G: tl.constexpr):
-    store_moments(ptr + S_N_ALL, n0, m0, q0)
-    store_moments(ptr + S_N_POS, n1, m1, q1)
-    store_moments(ptr + S_N_NEG, n2, m2, q2)
-    tl.store(ptr + S_LSUM, lsum)
+def _grid_init(BLOCK: tl.constexpr, G: tl.constexpr, dt: tl.constexpr):
+    z = tl.zeros([BLOCK, G], dt)
+    return z, z, z, z
+
+
+@triton.jit
+def _grid_add(acc, ell, m, lo, hi, G: tl.constexpr):
+    e, e2, le, le2 = ess_grid_terms(ell, m, lo, hi, G)
+    a1, a2, a3, a4 = acc
+    return a1 + e, a2 + e2, a3 + le, a4 + le2
+
+
+@triton.jit
+def _store_moments(ptr, acc):
+    n, mean, m2 = moments_reduce(acc)
+    tl.store(ptr, n)
+    tl.store(ptr + 1, mean)
+    tl.store(ptr + 2, m2)
+
+
+@triton.jit
+def _store_grid(ptr, acc, G: tl.constexpr):
+    j = tl.arange(0, G)
+    a1, a2, a3, a4 = acc
+    tl.store(ptr + j, tl.sum(a1, 0))
+    tl.store(ptr + G + j, tl.sum(a2, 0))
+    tl.store(ptr + 2 * G + j, tl.sum(a3, 0))
+    tl.store(ptr + 3 * G + j, tl.sum(a4, 0))
+
+
+@triton.jit
+def _store_record(ptr, all_, pos, neg, lsum, a_first, grid_a, grid_b,
+                  SIGN_GROUPS: tl.constexpr, ESS_EXACT: tl.constexpr, G: tl.constexpr):
+    _store_moments(ptr + S_N_ALL, all_)
+    _store_moments(ptr + S_N_POS, pos)
+    _store_moments(ptr + S_N_NEG, neg)
+    tl.store(ptr + S_LSUM, tl.sum(lsum))
     tl.store(ptr + S_AFIRST, a_first)
     if ESS_EXACT:
-        j = tl.arange(0, G)
-        tl.store(ptr + S_GRID + j, a_s1)
-        tl.store(ptr + S_GRID + G + j, a_s2)
-        tl.store(ptr + S_GRID + 2 * G + j, a_d1)
-        tl.store(ptr + S_GRID + 3 * G + j, a_d2)
-        tl.store(ptr + S_GRID + 4 * G + j, b_s1)
-        tl.store(ptr + S_GRID + 5 * G + j, b_s2)
-        tl.store(ptr + S_GRID + 6 * G + j, b_d1)
-        tl.store(ptr + S_GRID + 7 * G + j, b_d2)
+        _store_grid(ptr + S_GRID, grid_a, G)
+        if SIGN_GROUPS:
+            _store_grid(ptr + S_GRID + 4 * G, grid_b, G)
 
 
-@triton.jit(do_not_specialize=["R", "T", "s_lp_r", "s_lp_t", "s_olp_r", "s_olp_t",
-                               "s_adv_r", "s_adv_t", "s_mask_r", "s_mask_t"])
+@triton.jit(do_not_specialize=["N", "T", "S", "chunk", "n_chunks", "s_lp_r", "s_lp_t", "s_olp_r",
+                               "s_olp_t", "s_adv_r", "s_adv_t", "s_mask_r", "s_mask_t"])
 def batch_stats_kernel(
-    lp_ptr, olp_ptr, adv_ptr, mask_ptr, row_rec_ptr, prog_rec_ptr,
-    R, T, s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r, s_mask_t,
-    clamp, ga_lo, ga_hi, gb_lo, gb_hi,
-    ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr,
+    lp_ptr, olp_ptr, adv_ptr, mask_ptr, cu_ptr, rec_ptr,
+    N, T, S, chunk, n_chunks,
+    s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r, s_mask_t,
+    clamp, gamma_rule,
+    ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     SIGN_GROUPS: tl.constexpr, ESS_EXACT: tl.constexpr, G: tl.constexpr, KS: tl.constexpr,
-    WRITE_ROWS: tl.constexpr, WRITE_PROGRAMS: tl.constexpr, BLOCK_T: tl.constexpr,
+    ROW_STATS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Statistics records of ℓ per row and per program (see module docstring)."""
+    """Statistics records of ℓ per piece (ROW_STATS) or per program (see module docstring)."""
+    lp = (lp_ptr, s_lp_r, s_lp_t)
+    olp = (olp_ptr, s_olp_r, s_olp_t)
+    adv = (adv_ptr, s_adv_r, s_adv_t)
+    mask = (mask_ptr, s_mask_r, s_mask_t)
+    rho, fixed_a, fixed_b, a_lo, a_hi, b_lo, b_hi = gamma_rule
     pid = tl.program_id(0)
-    offs0 = tl.arange(0, BLOCK_T)
-    zero = tl.zeros([], ACC)
-    zg = tl.zeros([G], ACC)
-    # program accumulators: (count, mean, M2) for all / pos / neg, Σℓ, ESS grids
-    pn0, pm0, pq0, pn1, pm1, pq1, pn2, pm2, pq2, plsum = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
-    pa1, pa2, pa3, pa4, pb1, pb2, pb3, pb4 = zg, zg, zg, zg, zg, zg, zg, zg
-    for row in range(pid, R, tl.num_programs(0)):
-        row64 = tl.cast(row, tl.int64)
-        lp_row = lp_ptr + row64 * s_lp_r
-        olp_row = olp_ptr + row64 * s_olp_r
-        adv_row = adv_ptr + row64 * s_adv_r
-        mask_row = mask_ptr + row64 * s_mask_r
-        n0, m0, q0, n1, m1, q1, n2, m2, q2, lsum = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
-        a1, a2, a3, a4, b1, b2, b3, b4 = zg, zg, zg, zg, zg, zg, zg, zg
-        first = T
-        for t0 in range(0, T, BLOCK_T):
-            offs = t0 + offs0
-            # advantages are read only for the A>0 / A<0 groups (VESPO loads one per row below)
-            ell, adv, m = load_token_tile(lp_row, olp_row, adv_row, mask_row, offs, T,
-                                          s_lp_t, s_olp_t, s_adv_t, s_mask_t, clamp,
-                                          ACC, HAS_ADV and SIGN_GROUPS, HAS_MASK)
-            cn, cm, cq = masked_moments(ell, m)
-            n0, m0, q0 = chan_merge(n0, m0, q0, cn, cm, cq)
-            lsum += tl.sum(tl.where(m, ell, 0.0))
-            first = tl.minimum(first, tl.min(tl.where(m, offs, T)))
-            if SIGN_GROUPS:
-                pos = m & (adv > 0.0)
-                neg = m & (adv < 0.0)
-                cn, cm, cq = masked_moments(ell, pos)
-                n1, m1, q1 = chan_merge(n1, m1, q1, cn, cm, cq)
-                cn, cm, cq = masked_moments(ell, neg)
-                n2, m2, q2 = chan_merge(n2, m2, q2, cn, cm, cq)
-            if ESS_EXACT:
+    lanes = tl.arange(0, BLOCK_T)
+    like = tl.zeros([BLOCK_T], ACC)
+    all_ = moments_init(like)
+    pos = moments_init(like)
+    neg = moments_init(like)
+    lsum = like
+    grid_a = _grid_init(BLOCK_T, G, ACC)
+    grid_b = _grid_init(BLOCK_T, G, ACC)
+    for c in range(pid, n_chunks, tl.num_programs(0)):
+        a = c * chunk
+        b = tl.minimum(a + chunk, N)
+        p = a
+        while p < b:
+            s, start, end = locate_row(p, cu_ptr, S, T, PACKED)
+            e = piece_end(p, end, b)
+            origin = 0 if PACKED else start
+            if ROW_STATS:  # one record per piece
+                all_ = moments_init(like)
+                pos = moments_init(like)
+                neg = moments_init(like)
+                lsum = like
+                grid_a = _grid_init(BLOCK_T, G, ACC)
+                grid_b = _grid_init(BLOCK_T, G, ACC)
+                first = tl.zeros([BLOCK_T], tl.int32) + e
+            for t0 in range(p, e, BLOCK_T):
+                offs = t0 + lanes
+                # advantages are read only for the A>0 / A<0 groups (VESPO reads one per piece)
+                ell, A, m, bad = load_tokens(lp, olp, adv, mask, s, origin, start, end, offs, e, clamp,
+                                             ACC, HAS_ADV and SIGN_GROUPS, HAS_MASK, PACKED)
+                all_ = moments_add(all_, ell, m)
                 if SIGN_GROUPS:
-                    t1, t2, t3, t4 = ess_grid_terms(ell, pos, ga_lo, ga_hi, G)
-                    u1, u2, u3, u4 = ess_grid_terms(ell, neg, gb_lo, gb_hi, G)
-                    b1, b2, b3, b4 = b1 + u1, b2 + u2, b3 + u3, b4 + u4
-                else:
-                    t1, t2, t3, t4 = ess_grid_terms(ell, m, ga_lo, ga_hi, G)
-                a1, a2, a3, a4 = a1 + t1, a2 + t2, a3 + t3, a4 + t4
-        a_first = zero + 1.0
-        if HAS_ADV:
-            a_first = tl.load(adv_row + first.to(tl.int64) * s_adv_t, mask=first < T, other=1.0).to(ACC)
-        if WRITE_ROWS:
-            _store_record(row_rec_ptr + row64 * KS, n0, m0, q0, n1, m1, q1, n2, m2, q2, lsum, a_first,
-                          a1, a2, a3, a4, b1, b2, b3, b4, ESS_EXACT, G)
-        pn0, pm0, pq0 = chan_merge(pn0, pm0, pq0, n0, m0, q0)
-        pn1, pm1, pq1 = chan_merge(pn1, pm1, pq1, n1, m1, q1)
-        pn2, pm2, pq2 = chan_merge(pn2, pm2, pq2, n2, m2, q2)
-        plsum += lsum
-        pa1, pa2, pa3, pa4 = pa1 + a1, pa2 + a2, pa3 + a3, pa4 + a4
-        pb1, pb2, pb3, pb4 = pb1 + b1, pb2 + b2, pb3 + b3, pb4 + b4
-    if WRITE_PROGRAMS:
-        _store_record(prog_rec_ptr + pid.to(tl.int64) * KS, pn0, pm0, pq0, pn1, pm1, pq1, pn2, pm2, pq2,
-                      plsum, zero + 1.0, pa1, pa2, pa3, pa4, pb1, pb2, pb3, pb4, ESS_EXACT, G)
+                    pos = moments_add(pos, ell, m & (A > 0.0))
+                    neg = moments_add(neg, ell, m & (A < 0.0))
+                    if ESS_EXACT:
+                        grid_a = _grid_add(grid_a, ell, m & (A > 0.0), a_lo, a_hi, G)
+                        grid_b = _grid_add(grid_b, ell, m & (A < 0.0), b_lo, b_hi, G)
+                elif ESS_EXACT:
+                    grid_a = _grid_add(grid_a, ell, m, a_lo, a_hi, G)
+                if ROW_STATS:
+                    lsum += ell
+                    first = tl.minimum(first, tl.where(m, offs, e))
+            if ROW_STATS:
+                a_first = tl.zeros([], ACC) + 1.0
+                f = tl.min(first)
+                if HAS_ADV:
+                    a_first = tl.load(adv_ptr + s.to(tl.int64) * s_adv_r + (f - origin).to(tl.int64) * s_adv_t,
+                                      mask=f < e, other=1.0).to(ACC)
+                element = tl.where(start < a, 2 * c, 2 * c + 1)  # head / tail of the chunk
+                element = tl.where((start >= a) & (end <= b), 2 * n_chunks + s, element)  # complete row
+                _store_record(rec_ptr + element.to(tl.int64) * KS, all_, pos, neg, lsum, a_first,
+                              grid_a, grid_b, SIGN_GROUPS, ESS_EXACT, G)
+            p = e
+    if not ROW_STATS:
+        _store_record(rec_ptr + pid.to(tl.int64) * KS, all_, pos, neg, lsum, tl.zeros([], ACC) + 1.0,
+                      grid_a, grid_b, SIGN_GROUPS, ESS_EXACT, G)

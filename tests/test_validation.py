@@ -194,7 +194,10 @@ def test_log_prob_on_other_device():
 
 
 def test_process_group_not_on_reference():
+    group = torch.distributed.ProcessGroup(torch.distributed.HashStore(), 0, 1)
     with pytest.raises(NotImplementedError, match="process_group"):
+        call(process_group=group)
+    with pytest.raises(TypeError, match="process_group"):  # not a ProcessGroup (SPEC §11)
         call(process_group=object())
 
 

@@ -4,9 +4,14 @@ Masked reductions over the counted tokens in float64 on detached values, cast
 to the output dtype (float32, float64 for float64 inputs). Empty batch: 0 for
 every metric except the batch γ values (``gamma``, ``gamma_pos``,
 ``gamma_neg``, ``gamma_base`` with ``gamma_granularity="batch"``), which follow
-their rule.
+their rule. Non-finite tokens (SPEC §11) carry a NaN ℓ, φ and extras, so every
+metric over a set of counted tokens that holds one is NaN (emptiness tests are
+written so that NaN falls through them); ``token_count`` and
+``nonfinite_tokens`` stay finite.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -21,7 +26,7 @@ MOMENT_RESOLUTION = 1e-15  # numpy.finfo(float64).resolution, scipy's "m2 is 0" 
 
 def _mean(x, mf, n):
     """Σ m·x / n over the counted tokens (0 when n = 0)."""
-    s = (torch.broadcast_to(x.to(torch.float64), mf.shape) * mf).sum()
+    s = torch.where(mf != 0, x.to(torch.float64), 0.0).sum()
     return torch.where(n > 0, s / n.clamp_min(1.0), 0.0)
 
 
@@ -35,7 +40,7 @@ def _ess(z, group):
     ω is shifted by max z (the ratio is scale free)."""
     om = torch.where(group, torch.exp(z - masked_amax(z, group, ALL)), 0.0)
     s1, s2 = om.sum(), (om * om).sum()
-    ess = torch.where(s2 > 0, s1 * s1 / torch.where(s2 > 0, s2, 1.0), 0.0)
+    ess = torch.where(s2 == 0, 0.0, s1 * s1 / torch.where(s2 == 0, 1.0, s2))  # NaN stays NaN
     n = group.to(torch.float64).sum()
     return ess, torch.where(n > 0, ess / n.clamp_min(1.0), 0.0)
 
@@ -52,23 +57,24 @@ def _skew_kurt(x, mf, n):
     m2 = d2.sum() / n.clamp_min(1.0)
     m3 = (d2 * d).sum() / n.clamp_min(1.0)
     m4 = (d2 * d2).sum() / n.clamp_min(1.0)
-    ok = (n > 0) & (m2 > (MOMENT_RESOLUTION * mean) ** 2) & (m2 > 0)
-    safe = torch.where(ok, m2, 1.0)
-    return torch.where(ok, m3 / safe ** 1.5, 0.0), torch.where(ok, m4 / (safe * safe) - 3.0, 0.0)
+    zero = (n == 0) | (m2 <= (MOMENT_RESOLUTION * mean) ** 2) | (m2 == 0)  # False for NaN m2
+    safe = torch.where(zero, 1.0, m2)
+    return torch.where(zero, 0.0, m3 / safe ** 1.5), torch.where(zero, 0.0, m4 / (safe * safe) - 3.0)
 
 
 def _max_weight_ratio(ell, mask):
     """max w / Σw over the counted tokens = 1 / Σ exp(ℓ − max ℓ); 0 if empty."""
     e = torch.where(mask, torch.exp(ell - masked_amax(ell, mask, ALL)), 0.0).sum()
-    return torch.where(e > 0, 1.0 / torch.where(e > 0, e, 1.0), 0.0)
+    return torch.where(e == 0, 0.0, 1.0 / torch.where(e == 0, 1.0, e))
 
 
 def compute_metrics(loss_type: str, ell: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                    terms: TokenTerms, stats: dict, params, out_dtype) -> dict:
+                    terms: TokenTerms, stats: dict, params, out_dtype, nonfinite=None) -> dict:
     """``{name: 0-dim tensor}`` with exactly ``metric_names(loss_type, params)``, in that order.
 
     ``stats`` holds the family's statistics and, with ``gamma="psis"``, ``psis_k``
-    (every k̂ of the batch: rows and/or sign groups; 0 where none was fitted)."""
+    (every k̂ of the batch: rows and/or sign groups; 0 where none was fitted).
+    ``nonfinite``: boolean ``[R, T]`` of the non-finite counted tokens (None: none)."""
     ell = ell.detach().to(torch.float64)
     mf = mask.to(torch.float64)
     n = mf.sum()
@@ -81,6 +87,7 @@ def compute_metrics(loss_type: str, ell: torch.Tensor, adv: torch.Tensor, mask: 
 
     m = {
         "token_count": n,
+        "nonfinite_tokens": (n * 0 if nonfinite is None else nonfinite.to(torch.float64).sum()),
         "ppo_kl": _mean(-ell, mf, n),
         "w_mean": _mean(w, mf, n),
         "w_max": _scalar(masked_amax(w, mask, ALL)),
@@ -127,7 +134,8 @@ def compute_metrics(loss_type: str, ell: torch.Tensor, adv: torch.Tensor, mask: 
     if "psis_k" in stats:  # gamma="psis": every k̂ of the batch (rows / sign groups)
         k = stats["psis_k"].to(torch.float64)
         m["psis_k"] = k.amax() if k.numel() else k.new_zeros(())
-        m["psis_unreliable"] = (k > K_HAT_THRESHOLD).any().to(torch.float64)
+        flag = (k > K_HAT_THRESHOLD).any().to(torch.float64)
+        m["psis_unreliable"] = torch.where(k.isnan().any(), math.nan, flag)  # k̂ NaN: unknown
 
     names = metric_names(loss_type, params)
     assert set(m) == set(names), (sorted(m), names)

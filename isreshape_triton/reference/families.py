@@ -32,11 +32,41 @@ class TokenTerms(NamedTuple):
     extras: dict
 
 
+class _Expm1Over(torch.autograd.Function):
+    """expm1(γℓ)/γ, ∂/∂ℓ = e^{γℓ}; γ is a constant.
+
+    With x = γℓ below the smallest normal number (γ = 0, or a subnormal γ or x)
+    the value is its limit ℓ (expm1(x)/x = 1 + x/2 + … rounds to 1 there), where
+    expm1(x)/γ would lose the digits of a subnormal x; elsewhere it is expm1(x)/γ
+    exactly. The custom backward avoids autograd's (g/γ)·e^{γℓ}·γ, which
+    overflows to inf·γ for a subnormal γ. It is written in differentiable torch
+    ops, so double backward works."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(gamma, ell):
+        x = gamma * ell
+        tiny = x.abs() < torch.finfo(x.dtype).tiny
+        return torch.where(tiny, ell, torch.expm1(x) / torch.where(tiny, 1.0, gamma))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gamma, ell = ctx.saved_tensors
+        if ctx.needs_input_grad[0]:
+            raise RuntimeError("expm1_over: γ is a constant of the loss (detach it)")
+        return None, (grad * torch.exp(gamma * ell)).sum_to_size(ell.shape)
+
+
 def expm1_over(gamma, ell):
-    """expm1(γℓ)/γ with its γ → 0 limit ℓ (safe for γ = 0, gradient included)."""
+    """expm1(γℓ)/γ with its γ → 0 limit ℓ; value and gradient e^{γℓ} free of overflow
+    for any finite γ ≥ 0, also subnormal (see :class:`_Expm1Over`)."""
     gamma = torch.as_tensor(gamma, dtype=ell.dtype, device=ell.device)
-    zero = gamma == 0
-    return torch.where(zero, ell, torch.expm1(gamma * ell) / torch.where(zero, 1.0, gamma))
+    return _Expm1Over.apply(gamma, ell)
 
 
 def sech2_half(x):

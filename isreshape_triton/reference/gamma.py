@@ -9,7 +9,10 @@ result broadcasts against ``[R, T]`` token tensors:
 
 A *group* is a boolean ``[R, T]`` tensor of the tokens that take part (the
 counted tokens, or the counted tokens with A > 0, ...). Values outside the group
-must be finite (the caller sanitizes them); they never influence the result.
+never influence the result.
+Non-finite policy (SPEC §11): a NaN (or ±inf) value *in* a group makes that
+group's variance and data-driven γ (every rule, also PSIS's k̂) NaN; other
+groups (rows) are unaffected.
 No ``.item()``, no boolean indexing: everything is masked reductions.
 ``gamma="psis"`` delegates to :func:`isreshape_triton.psis.psis_gamma` (sort-based,
 also sync-free).
@@ -49,21 +52,25 @@ def masked_amin(x: torch.Tensor, group: torch.Tensor, dims, empty: float = 0.0) 
     return -masked_amax(-x, group, dims, -empty)
 
 
+def nonfinite_in(x: torch.Tensor, group: torch.Tensor, dims) -> torch.Tensor:
+    """True (keepdim shape) where the group holds a non-finite value of ``x``."""
+    return (group & ~torch.isfinite(x)).any(dim=dims, keepdim=True)
+
+
 def masked_moments(x: torch.Tensor, group: torch.Tensor, dims):
     """(n, mean, unbiased variance) of ``x`` over the group, in float64.
 
     Shifted two-pass: mean first, then Σ(x − mean)² — accurate when
     |mean| ≫ std. A group of fewer than 2 tokens has variance 0, an empty group
-    mean 0.
+    mean 0; a group holding a non-finite value has NaN variance (also when n < 2).
     """
     x = x.detach().to(torch.float64)
-    g = group.to(torch.float64)
-    n = g.sum(dim=dims, keepdim=True)
-    mean = (x * g).sum(dim=dims, keepdim=True) / n.clamp_min(1.0)
-    dev = (x - mean) * g
+    n = group.to(torch.float64).sum(dim=dims, keepdim=True)
+    mean = torch.where(group, x, 0.0).sum(dim=dims, keepdim=True) / n.clamp_min(1.0)
+    dev = torch.where(group, x - mean, 0.0)
     var = (dev * dev).sum(dim=dims, keepdim=True) / (n - 1.0).clamp_min(1.0)
     var = torch.where(n >= 2, var, 0.0)
-    return n, mean, var
+    return n, mean, torch.where(nonfinite_in(x, group, dims), math.nan, var)
 
 
 def gamma_closed_form(sigma_sq: torch.Tensor, rho_min: float, gamma_min: float,
@@ -100,7 +107,8 @@ def gamma_ess_exact(ell: torch.Tensor, group: torch.Tensor, dims, rho_min: float
     ESS_γ/n is non-increasing in γ, so a fixed number of bisection steps in
     float64 finds it (vectorized over rows/groups, no host sync). If γ_max
     passes, γ_max; if γ_min already fails, γ_min. Empty groups are handled by
-    the caller (they pass trivially here and give γ_max).
+    the caller (they pass trivially here and give γ_max). A group holding a NaN ℓ
+    gives NaN (never a bound: NaN fails every comparison of the bisection).
     """
     shape = _keepdim_shape(ell, dims)
     lo = ell.new_full(shape, gamma_min, dtype=torch.float64)
@@ -113,7 +121,8 @@ def gamma_ess_exact(ell: torch.Tensor, group: torch.Tensor, dims, rho_min: float
         lo = torch.where(ok, mid, lo)
         hi = torch.where(ok, hi, mid)
     g = torch.where(fails_lo, gamma_min, lo)
-    return torch.where(passes_hi, gamma_max, g)
+    g = torch.where(passes_hi, gamma_max, g)
+    return torch.where(nonfinite_in(ell, group, dims), math.nan, g)
 
 
 def select_gamma_k(rule, ell: torch.Tensor, group: torch.Tensor, dims, *, rho_min: float,
@@ -122,15 +131,18 @@ def select_gamma_k(rule, ell: torch.Tensor, group: torch.Tensor, dims, *, rho_mi
 
     ``rule`` is "ess", "ess_exact", "psis" or a fixed float (clipped to
     [γ_min, γ_max]). For the data-driven rules an empty group gives
-    ``empty_value``. k̂ is the PSIS Pareto k̂ with ``rule="psis"`` (0 for an
-    empty group or one too small to fit, see :func:`isreshape_triton.psis.psis_gamma`;
-    k̂ > 0.7 → γ = ``fallback``) and 0 for the other rules.
+    ``empty_value`` and a group holding a NaN ℓ gives NaN (γ and k̂). k̂ is the
+    PSIS Pareto k̂ with ``rule="psis"`` (0 for an empty group or one too small to
+    fit, see :func:`isreshape_triton.psis.psis_gamma`; k̂ > 0.7 → γ = ``fallback``)
+    and 0 for the other rules.
     """
     shape = _keepdim_shape(ell, dims)
     zero_k = ell.new_zeros(shape, dtype=torch.float64)
     if not isinstance(rule, str):
         return ell.new_full(shape, min(max(float(rule), gamma_min), gamma_max), dtype=torch.float64), zero_k
     n, _, var = masked_moments(ell, group, dims)
+    tainted = nonfinite_in(ell, group, dims)
+    ell = torch.where(torch.isfinite(ell), ell, 0.0)  # the tainted groups' results are replaced below
     k = zero_k
     if rule == "ess":
         g = gamma_closed_form(var, rho_min, gamma_min, gamma_max)
@@ -144,7 +156,8 @@ def select_gamma_k(rule, ell: torch.Tensor, group: torch.Tensor, dims, *, rho_mi
         g, k = g.reshape(shape), k.reshape(shape)
     else:  # pragma: no cover - params validation rejects it earlier
         raise ValueError(f"gamma must be 'ess', 'ess_exact', 'psis' or a float, got {rule!r}")
-    return torch.where(n > 0, g, empty_value), torch.where(n > 0, k, 0.0)
+    g, k = torch.where(n > 0, g, empty_value), torch.where(n > 0, k, 0.0)
+    return torch.where(tainted, math.nan, g), torch.where(tainted, math.nan, k)
 
 
 def select_gamma(rule, ell: torch.Tensor, group: torch.Tensor, dims, *, rho_min: float,

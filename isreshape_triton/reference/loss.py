@@ -3,16 +3,30 @@
 Flow: validate (params, aggregation options, tensors) → upcast and sanitize
 masked positions → ℓ (clamp that passes the gradient) → the family's batch
 statistics (detached) → per-token φ, F → aggregate(−F) → metrics.
+
+Non-finite policy (SPEC §11). A *non-finite token* is a counted token whose
+d = log_prob − old_log_prob (in the compute dtype) or advantage is NaN or ±inf;
+``nonfinite_tokens`` counts them. A non-finite d makes the token's ℓ NaN (never
+clamped to ±C), so every statistic over a group that holds it (σ², γ of every
+rule, VESPO's row weight, the ℓ-metrics) is NaN. A non-finite advantage is read
+as NaN: the token belongs to neither sign group and leaves the statistics of ℓ
+alone. Either way its φ and F are NaN, so the loss is NaN and so is
+∂loss/∂log_prob at that token (and at every token whose γ or W is NaN).
+Masked positions are replaced by 0 before any arithmetic: they stay isolated.
+
+Packed inputs (``cu_seqlens``) are padded to ``[S, longest]`` first (one sync).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..inputs import prepare_inputs
-from ..params import AggConfig, make_params
+from ..inputs import pad_packed, prepare_inputs
+from ..params import AggConfig, check_log_ratio_clamp, check_process_group, make_params
 from .aggregation import aggregate
 from .diagnostics import compute_metrics
-from .families import FAMILIES, STATS, _TAKES_PARAMS, split_psis
+from .families import FAMILIES, STATS, _TAKES_PARAMS, TokenTerms, split_psis
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -20,44 +34,72 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def counted(response_mask, like: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[R, T]`` mask of the counted tokens: nonzero entries (any dtype, fp8 included)."""
+    if response_mask is None:
+        return torch.ones(like.shape, dtype=torch.bool, device=like.device)
+    return response_mask != 0
+
+
+def poison(terms: TokenTerms, nan: torch.Tensor, ell: torch.Tensor) -> TokenTerms:
+    """φ, F and the per-token extras NaN where ``nan`` is NaN (0 elsewhere); F + nan·ℓ also
+    makes ∂F/∂ℓ NaN there, whatever the family's formula does with a NaN ℓ."""
+    extras = {k: v + nan for k, v in terms.extras.items()}
+    return TokenTerms(terms.phi + nan, terms.F + nan * ell, terms.gamma_t, extras)
+
+
 def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                 loss_type="is_reshape", loss_agg_mode="token-mean", *,
                 dp_size=1, global_token_count=None, global_batch_size=None, loss_scale_factor=None,
-                log_ratio_clamp=20.0, process_group=None, params=None, **family_params):
+                log_ratio_clamp=20.0, cu_seqlens=None, validate=False, process_group=None, params=None,
+                **family_params):
     """Aggregated loss (0-dim, fp32 / fp64) and the metrics dict of ``loss_type``.
 
     ∂loss/∂log_prob_t = −s_t·m_t·φ_t; ``old_log_prob`` and ``advantages`` are
     treated as constants (no gradient flows to them).
     """
+    if cu_seqlens is not None:  # the padded form: every row rule applies per sequence
+        x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, 20.0, cu_seqlens, validate)
+        longest = int((x.cu_seqlens[1:] - x.cu_seqlens[:-1]).max()) if x.rows else 0
+        x = pad_packed(x, longest)
+        return policy_loss(x.log_prob, x.old_log_prob, x.advantages, x.response_mask, loss_type,
+                           loss_agg_mode, dp_size=dp_size, global_token_count=global_token_count,
+                           global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
+                           log_ratio_clamp=log_ratio_clamp, process_group=process_group, params=params,
+                           **family_params)
+    check_process_group(process_group)
     if process_group is not None:
         raise NotImplementedError("process_group is supported on the kernel path")
+    C = check_log_ratio_clamp(log_ratio_clamp)
     p = make_params(loss_type, params, **family_params)
     agg = AggConfig(loss_agg_mode, dp_size, global_token_count, global_batch_size, loss_scale_factor)
-    x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, log_ratio_clamp)
-    C = float(log_ratio_clamp)
+    x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, C)
+    agg.check_device(x.log_prob.device)
     dt = compute_dtype(x.log_prob)
 
     # Mask (binarized) and sanitized inputs: masked positions become 0 *before* any
     # arithmetic, so NaN/inf there touch neither values nor gradients.
-    if x.response_mask is None:
-        mask = torch.ones(x.log_prob.shape, dtype=torch.bool, device=x.log_prob.device)
-    else:
-        mask = x.response_mask != 0
+    mask = counted(x.response_mask, x.log_prob)
     lp = torch.where(mask, x.log_prob.to(dt), 0.0)
     olp = torch.where(mask, x.old_log_prob.detach().to(dt), 0.0)
     if x.advantages is None:
         adv = torch.ones_like(lp).detach()
     else:
         adv = torch.where(mask, x.advantages.detach().to(dt), 0.0)
+        adv = torch.where(torch.isfinite(adv), adv, math.nan)
 
-    # ℓ = clamp(d, −C, C) in value, identity in gradient
+    # ℓ = clamp(d, −C, C) in value, identity in gradient; NaN where d is not finite
     d = lp - olp
-    ell = d + (torch.clamp(d, -C, C) - d).detach()
+    bad_d = mask & ~torch.isfinite(d.detach())
+    bad = bad_d | (mask & torch.isnan(adv))
+    nan = torch.where(bad, math.nan, 0.0).to(dt)
+    ell = torch.clamp(d.detach(), -C, C) + (d - d.detach()) + torch.where(bad_d, math.nan, 0.0).to(dt)
 
     stats, diag = split_psis(STATS[loss_type](ell.detach(), adv, mask, p, C))
     kwargs = {**stats, "params": p} if loss_type in _TAKES_PARAMS else stats
-    terms = FAMILIES[loss_type](ell, adv, **kwargs)
+    terms = poison(FAMILIES[loss_type](ell, adv, **kwargs), nan, ell)
 
     loss = aggregate(-terms.F, mask, agg)
-    metrics = compute_metrics(loss_type, ell, adv, mask, terms, {**stats, **diag}, p, dt)
+    metrics = compute_metrics(loss_type, ell, adv, mask, terms, {**stats, **diag}, p, dt,
+                              nonfinite=bad)
     return loss, metrics

@@ -1,0 +1,95 @@
+"""Work items: chunks of tokens, the rows (sequences) inside them, and tile loads.
+
+Tokens are numbered 0..N−1 in a virtual order: row-major for the padded layout
+(row s holds tokens s·T … s·T+T−1) and storage order for the packed layout (row
+s holds tokens cu[s] … cu[s+1]−1). A work item is a chunk of ``chunk``
+consecutive tokens; a chunk is cut at row boundaries into *pieces*, each in one
+row. A piece is *complete* when its row starts and ends inside the chunk, a
+*head* when it continues a row from an earlier chunk (always the chunk's first
+piece) and a *tail* when its row starts in the chunk and goes on after it
+(always the last piece). Per-row quantities of a row that spans chunks are
+merged from the tail record of its first chunk and the head records of the
+others, in order: element 2c of a chunk record array is chunk c's head, 2c+1
+its tail (``row_elements``).
+
+Malformed ``cu_seqlens`` never cause an out-of-bounds access: token addresses
+come from the chunk grid over N, row indices from a binary search clamped to
+[0, S), and tokens outside their row's bounds are not counted.
+"""
+import triton
+import triton.language as tl
+
+from .common import finite_or_nan
+
+
+@triton.jit
+def locate_row(p, cu_ptr, S, T, PACKED: tl.constexpr):
+    """(s, start, end): the row holding token p and its token range [start, end)."""
+    if PACKED:
+        lo = tl.zeros([], tl.int32)
+        hi = lo + S
+        while hi - lo > 1:  # largest s in [0, S) with cu[s] <= p (empty rows are skipped)
+            mid = (lo + hi) // 2
+            go_right = tl.load(cu_ptr + mid).to(tl.int32) <= p
+            lo = tl.where(go_right, mid, lo)
+            hi = tl.where(go_right, hi, mid)
+        start = tl.load(cu_ptr + lo).to(tl.int32)
+        end = tl.load(cu_ptr + lo + 1).to(tl.int32)
+        return lo, start, end
+    else:
+        s = p // T
+        return s, s * T, s * T + T
+
+
+@triton.jit
+def piece_end(p, end, chunk_end):
+    """End of the piece starting at p: its row's end, inside the chunk, at least p + 1."""
+    return tl.minimum(tl.maximum(end, p + 1), chunk_end)
+
+
+@triton.jit
+def row_elements(j, start, end, chunk):
+    """Record element of the j-th chunk of a row spanning chunks: the tail of its first
+    chunk (j = 0), then the heads of the following ones; and the number of chunks."""
+    c_lo = start // chunk
+    n_chunks = (end - 1) // chunk - c_lo + 1
+    return tl.where(j == 0, 2 * c_lo + 1, 2 * (c_lo + j)), n_chunks
+
+
+@triton.jit
+def _address(stream, s, tok):
+    ptr, row_stride, tok_stride = stream
+    return ptr + s.to(tl.int64) * row_stride + tok.to(tl.int64) * tok_stride
+
+
+@triton.jit
+def load_tokens(lp, olp, adv, mask, s, origin, start, end, offs, piece_stop, clamp,
+                ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr,
+                PACKED: tl.constexpr):
+    """One tile of row s: ℓ, A, the count mask m and the non-finite flag of counted tokens.
+
+    Every stream is (pointer, row stride, token stride); token t of row s lives at
+    s·row_stride + (t − origin)·token_stride. Loads are predicated on bounds only; the
+    mask selects afterwards, so masked NaN/inf never leak (ℓ = A = 0 there). At counted
+    tokens ℓ = clamp(lp − olp, ±clamp) and a non-finite lp, olp or A gives NaN (SPEC §11).
+    Inputs are upcast to ACC right after the load.
+    """
+    inb = offs < piece_stop
+    tok = offs - origin
+    m = inb
+    if PACKED:
+        m = m & (offs >= start) & (offs < end)
+    if HAS_MASK:
+        m = m & (tl.load(_address(mask, s, tok), mask=inb, other=0) != 0)
+    d = (tl.load(_address(lp, s, tok), mask=inb, other=0.0).to(ACC)
+         - tl.load(_address(olp, s, tok), mask=inb, other=0.0).to(ACC))
+    d = finite_or_nan(d)
+    ell = tl.where(m, tl.where(d < -clamp, -clamp, tl.where(d > clamp, clamp, d)), 0.0)
+    bad = m & (d != d)
+    if HAS_ADV:
+        a = finite_or_nan(tl.load(_address(adv, s, tok), mask=inb, other=0.0).to(ACC))
+        bad = bad | (m & (a != a))
+        a = tl.where(m, a, 0.0)
+    else:
+        a = tl.where(m, 1.0, 0.0).to(ACC)
+    return ell, a, m, bad
