@@ -245,6 +245,9 @@ def test_masked_rows_are_isolated_and_bad_counted_labels_are_loud(poisoned):
     ref_lp, _ = irt.reference.selective_log_softmax(logits, bad)
     assert torch.isnan(lp[0, 0]) and torch.isnan(ref_lp[0, 0])
     torch.testing.assert_close(lp, ref_lp, rtol=1e-6, atol=1e-6, equal_nan=True)
+    for loss, metrics in (run_kernel(logits, bad, old, adv, mask, "is_reshape", "token-mean")[:2],
+                          reference_from_logits(logits, bad, old, adv, mask, "is_reshape")):
+        assert torch.isnan(loss) and metrics["nonfinite_tokens"] == 1
 
 
 def test_negative_infinite_logits_and_determinism(poisoned):
