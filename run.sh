@@ -11,6 +11,8 @@ VENV="${VENV:-.venv}"
 PY="$VENV/bin/python"
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
 "$PY" -m pip install -q -e ".[test]"
+# test-only oracle (tests/test_from_logits.py): Liger-Kernel's Triton GRPO loss; torch/triton are ours
+"$PY" -c "import liger_kernel" 2>/dev/null || "$PY" -m pip install -q --no-deps liger-kernel==0.8.5
 case "${1:-}" in
   demo) shift; exec "$PY" -m bench "$@" ;;
   test) shift; exec "$PY" -m pytest "$@" ;;

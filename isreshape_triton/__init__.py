@@ -1,13 +1,14 @@
 """isreshape-triton: fused Triton kernels for IS-Reshape policy-gradient losses."""
 from . import reference
 from .api import PolicyLoss, policy_loss, uses_kernels
+from .from_logits import policy_loss_from_logits, selective_log_softmax
 from .metrics import metric_names
 from .params import (AGG_MODES, LOSS_TYPES, IsReshapeParams, IsReshapeSignParams,
                      IsReshapeTRParams, IsReshapeVarParams, PPOClipParams, SAPOParams,
                      VESPOParams, make_params)
 
 __all__ = [
-    "policy_loss", "PolicyLoss", "reference", "LOSS_TYPES", "AGG_MODES", "make_params",
+    "policy_loss", "PolicyLoss", "policy_loss_from_logits", "selective_log_softmax", "reference", "LOSS_TYPES", "AGG_MODES", "make_params",
     "metric_names", "uses_kernels", "IsReshapeParams", "IsReshapeSignParams", "IsReshapeTRParams",
     "IsReshapeVarParams", "PPOClipParams", "SAPOParams", "VESPOParams",
 ]

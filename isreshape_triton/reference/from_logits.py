@@ -1,0 +1,91 @@
+"""From logits (SPEC §8), in plain PyTorch: the oracle of the fused op.
+
+    z = logits / temperature,  log p = log_softmax(z),
+    log_prob_t = log p[label_t]            (NaN where label_t ∉ [0, V): never an index),
+    H_t = −Σ_v p_v·log p_v                 (differentiable: ∂H/∂z = −p·(z − Σp·z)),
+then ``reference.policy_loss`` on log_prob. Logits are upcast to float32 (float64 for
+float64) before any arithmetic.
+
+``check_logits_inputs`` validates the arguments for both paths (SPEC §11: errors
+name the argument).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .loss import policy_loss
+
+KERNEL_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_logits_inputs(logits, labels, old_log_prob, temperature, return_entropy=False,
+                        inplace_backward=False, kernel=True) -> None:
+    """Types, shapes and devices of the from-logits arguments (the log-prob op checks the rest)."""
+    dtypes = KERNEL_LOGIT_DTYPES if kernel else KERNEL_LOGIT_DTYPES + (torch.float64,)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in dtypes:
+        raise TypeError(f"logits must have a dtype in {[str(d) for d in dtypes]}, got {logits.dtype}")
+    if logits.dim() not in (2, 3) or logits.shape[-1] < 1:
+        raise ValueError(f"logits must be [B, T, V] or packed [N, V] with V >= 1, got {tuple(logits.shape)}")
+    lead = logits.shape[:-1]
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
+    if labels.shape != lead:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal logits' leading shape {tuple(lead)}")
+    tensors = {"labels": labels}
+    if old_log_prob is not None:  # None: selective_log_softmax alone
+        if not isinstance(old_log_prob, torch.Tensor):
+            raise TypeError(f"old_log_prob must be a torch.Tensor, got {type(old_log_prob).__name__}")
+        if old_log_prob.shape != lead:
+            raise ValueError(f"old_log_prob shape {tuple(old_log_prob.shape)} must equal logits' leading "
+                             f"shape {tuple(lead)}")
+        tensors["old_log_prob"] = old_log_prob
+    for name, t in tensors.items():
+        if t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device} but logits is on {logits.device}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    if not (math.isfinite(float(temperature)) and float(temperature) > 0.0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    for name, flag in (("return_entropy", return_entropy), ("inplace_backward", inplace_backward)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+
+
+def selective_log_softmax(logits, labels, temperature=1.0):
+    """(log_prob, entropy), both ``logits.shape[:-1]`` in float32 (float64 for float64)."""
+    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(dt) / float(temperature)
+    log_p = torch.log_softmax(z, dim=-1)
+    V = logits.shape[-1]
+    valid = (labels >= 0) & (labels < V)
+    index = torch.where(valid, labels, torch.zeros_like(labels)).long().unsqueeze(-1)
+    log_prob = torch.where(valid, log_p.gather(-1, index).squeeze(-1), float("nan"))
+    p = log_p.exp()
+    live = p > 0  # p·log p → 0 at p = 0 (a −inf logit), with a finite gradient
+    entropy = -(p * torch.where(live, log_p, 0.0)).sum(-1)
+    return log_prob, entropy
+
+
+def policy_loss_from_logits(logits, labels, old_log_prob, advantages=None, response_mask=None,
+                            loss_type="is_reshape", loss_agg_mode="token-mean", temperature=1.0,
+                            return_entropy=False, inplace_backward=False, tp_group=None,
+                            cu_seqlens=None, **options):
+    """``irt.policy_loss_from_logits`` in PyTorch: (loss, metrics[, entropy]).
+    ``inplace_backward`` has no effect here (autograd writes a new gradient)."""
+    if tp_group is not None:
+        raise NotImplementedError("tp_group is supported on the kernel path")
+    check_logits_inputs(logits, labels, old_log_prob, temperature, return_entropy, inplace_backward,
+                        kernel=False)
+    if cu_seqlens is not None:
+        options["cu_seqlens"] = cu_seqlens
+    log_prob, entropy = selective_log_softmax(logits, labels, temperature)
+    loss, metrics = policy_loss(log_prob, old_log_prob, advantages, response_mask, loss_type,
+                                loss_agg_mode, **options)
+    return (loss, metrics, entropy) if return_entropy else (loss, metrics)

@@ -1,0 +1,227 @@
+"""From logits (SPEC §8): a fused selective log-softmax over the vocabulary, with
+entropy, in one pass over V per token; and the gradient w.r.t. the logits in one
+more pass.
+
+Work item = (token n, vocabulary chunk c): the columns [c·chunk, min(V, (c+1)·chunk))
+of token n's row of z = logits/temperature; one program per work item. Without a
+split (n_split = 1) a work item is a whole row. The host splits V into chunks only
+when there are too few tokens to fill the GPU.
+
+Per work item, lane (vector) accumulators over BLOCK_V-wide tiles keep, for each
+lane j, a running max m_j, s_j = Σ e^{z−m_j} and q_j = Σ e^{z−m_j}·(z − m_j)
+(one exp per element: a new maximum rescales by e^{m_old−z}, any other element
+adds e^{z−m}). They are reduced once per work item to a *record*
+(M, S, Q, t): M = max, S = Σ e^{z−M}, Q = Σ e^{z−M}(z − M), t = z[label] if the
+label's column lies in the work item, else 0. Records merge exactly
+(w_r = e^{M_r − M}: S = Σ w_r S_r, Q = Σ w_r (Q_r + S_r (M_r − M)), t = Σ t_r), and
+    lse = M + log S,  H = log S − Q/S  (= lse − Σ p·z),  log_prob = t − lse.
+
+Forward modes (``MODE``):
+  DIRECT   n_split = 1: the program writes log_prob, lse, H itself.
+  TICKET   n_split > 1: the program writes its record, then takes an integer ticket
+           (atomic add); the last of a token's n_split programs merges the token's
+           records in chunk order and writes the outputs. No program waits on
+           another, no float atomics, and the merge needs no second launch.
+  RECORDS  vocabulary-parallel: records only; after an all-gather of the records of
+           every rank, ``merge_vocab_records_kernel`` merges them in (rank, chunk)
+           order, the same on every rank.
+
+Labels are never used unchecked as an index: the target load is masked by the
+label's range and its index selected into range. A counted token whose label is
+outside [0, V_total) gets log_prob = NaN (loud, like a non-finite input).
+"""
+import triton
+import triton.language as tl
+
+DIRECT = tl.constexpr(0)
+TICKET = tl.constexpr(1)
+RECORDS = tl.constexpr(2)
+REC_WIDTH = tl.constexpr(4)  # (M, S, Q, t); isreshape_triton.from_logits.REC_WIDTH
+NEG_INIT = tl.constexpr(-1.0e38)  # finite start of the running max: no inf − inf
+EXP_FLOOR = tl.constexpr(-128.0)  # e^{−128} = 0 in fp32; keeps e·d finite for z = −inf
+
+
+@triton.jit
+def token_ptr(base, n, T_in, s_outer, s_inner):
+    """Address of token n of a [outer, T_in, ...] view (strides in elements, int64)."""
+    return base + (n // T_in).to(tl.int64) * s_outer + (n % T_in).to(tl.int64) * s_inner
+
+
+@triton.jit
+def vocab_row(base, n, T_in, s_outer, s_inner, ALIGN: tl.constexpr):
+    """Token n's logits row; its offset is a multiple of ALIGN elements (the host checks
+    the strides), so that the tile loads vectorize."""
+    off = (n // T_in).to(tl.int64) * s_outer + (n % T_in).to(tl.int64) * s_inner
+    return base + tl.multiple_of(off, ALIGN)
+
+
+@triton.jit
+def work_item(item, n_split, chunk_tiles, V, ALIGN: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(token, chunk, first column, end column) of a work item; V is a multiple of ALIGN."""
+    n = item // n_split
+    c = item % n_split
+    lo = c * chunk_tiles * BLOCK_V
+    hi = tl.multiple_of(tl.minimum(lo + chunk_tiles * BLOCK_V, V), ALIGN)
+    return n, c, lo, hi
+
+
+@triton.jit
+def chunk_record(row, lo, hi, inv_temp, ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(M, S, Q) over z = inv_temp·row[lo:hi] from lane accumulators (see module doc)."""
+    offs = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_V], NEG_INIT, tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    q = tl.zeros([BLOCK_V], tl.float32)
+    for v0 in range(lo, hi, BLOCK_V):
+        cols = v0 + offs
+        z = tl.load(row + cols, mask=cols < hi, other=float("-inf")).to(tl.float32) * inv_temp
+        d = z - m
+        new = d > 0.0  # NaN: False, and the NaN reaches s through e
+        d = tl.where(d < EXP_FLOOR, EXP_FLOOR, d)
+        e = tl.exp(-tl.abs(d))
+        if ENTROPY:
+            q = tl.where(new, e * (q - s * d), q + e * d)
+        s = tl.where(new, e * s + 1.0, s + e)
+        m = tl.where(new, z, m)
+    M = tl.max(m)
+    w = tl.exp(m - M)
+    return M, tl.sum(s * w), tl.sum(w * (q + s * (m - M)))
+
+
+@triton.jit
+def target_logit(row, loc, lo, hi, inv_temp):
+    """z at local column ``loc`` if it lies in [lo, hi), else 0 (index selected into range)."""
+    owned = (loc >= lo) & (loc < hi)
+    t = tl.load(row + tl.where(owned, loc, 0), mask=owned, other=0.0)
+    return tl.where(owned, t.to(tl.float32) * inv_temp, 0.0)
+
+
+@triton.jit
+def merge_records(rec, n_ranks, rank_stride, n_split, BLOCK_R: tl.constexpr):
+    """(M, S, Q, t) of one token from its n_ranks × n_split records, record (r, c) at
+    rec + r·rank_stride + c·REC_WIDTH, merged in (rank, chunk) order."""
+    offs = tl.arange(0, BLOCK_R)
+    count = n_ranks * n_split
+    mx = tl.full([BLOCK_R], NEG_INIT, tl.float32)
+    for k0 in range(0, count, BLOCK_R):
+        k = k0 + offs
+        ptr = rec + (k // n_split).to(tl.int64) * rank_stride + (k % n_split) * REC_WIDTH
+        mx = tl.maximum(mx, tl.load(ptr, mask=k < count, other=NEG_INIT, cache_modifier=".cg"))
+    M = tl.max(mx)
+    s = tl.zeros([BLOCK_R], tl.float32)
+    q = tl.zeros([BLOCK_R], tl.float32)
+    t = tl.zeros([BLOCK_R], tl.float32)
+    for k0 in range(0, count, BLOCK_R):
+        k = k0 + offs
+        live = k < count
+        ptr = rec + (k // n_split).to(tl.int64) * rank_stride + (k % n_split) * REC_WIDTH
+        m_r = tl.load(ptr, mask=live, other=NEG_INIT, cache_modifier=".cg")
+        s_r = tl.load(ptr + 1, mask=live, other=0.0, cache_modifier=".cg")
+        w = tl.exp(m_r - M)
+        s += w * s_r
+        q += w * (tl.load(ptr + 2, mask=live, other=0.0, cache_modifier=".cg") + s_r * (m_r - M))
+        t += tl.load(ptr + 3, mask=live, other=0.0, cache_modifier=".cg")
+    return M, tl.sum(s), tl.sum(q), tl.sum(t)
+
+
+@triton.jit
+def store_token(n, M, S, Q, t, label, V_total, lp_ptr, lse_ptr, ent_ptr, ENTROPY: tl.constexpr):
+    """log_prob = t − lse (NaN for a label outside [0, V_total)), lse = M + log S, H = log S − Q/S."""
+    log_s = tl.log(S)
+    lse = M + log_s
+    valid = (label >= 0) & (label < V_total)
+    tl.store(lp_ptr + n, tl.where(valid, t - lse, float("nan")))
+    tl.store(lse_ptr + n, lse)
+    if ENTROPY:
+        tl.store(ent_ptr + n, log_s - Q / S)
+
+
+@triton.jit(do_not_specialize=["N", "V", "T_in", "s_outer", "s_inner", "s_lab_outer", "s_lab_inner",
+                               "n_split", "chunk_tiles", "vocab_lo", "V_total"])
+def logits_forward_kernel(
+    logits_ptr, labels_ptr, rec_ptr, ticket_ptr, lp_ptr, lse_ptr, ent_ptr,
+    N, V, T_in, s_outer, s_inner, s_lab_outer, s_lab_inner,
+    n_split, chunk_tiles, vocab_lo, V_total, inv_temp,
+    MODE: tl.constexpr, ENTROPY: tl.constexpr, ALIGN: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """One work item (token, chunk): its record, and log_prob / lse / entropy (see module doc)."""
+    n, c, lo, hi = work_item(tl.program_id(0), n_split, chunk_tiles, V, ALIGN, BLOCK_V)
+    row = vocab_row(logits_ptr, n, T_in, s_outer, s_inner, ALIGN)
+    label = tl.load(token_ptr(labels_ptr, n, T_in, s_lab_outer, s_lab_inner))
+    M, S, Q = chunk_record(row, lo, hi, inv_temp, ENTROPY, BLOCK_V)
+    t = target_logit(row, label - vocab_lo, lo, hi, inv_temp)
+    if MODE == DIRECT:
+        store_token(n, M, S, Q, t, label, V_total, lp_ptr, lse_ptr, ent_ptr, ENTROPY)
+    else:
+        rec = rec_ptr + (n.to(tl.int64) * n_split + c) * REC_WIDTH
+        tl.store(rec, M)
+        tl.store(rec + 1, S)
+        tl.store(rec + 2, Q)
+        tl.store(rec + 3, t)
+        if MODE == TICKET:
+            tl.debug_barrier()  # every thread's record store precedes the release below
+            ticket = tl.atomic_add(ticket_ptr + n, 1, sem="acq_rel")
+            if ticket == n_split - 1:  # last of the token's programs: merge in chunk order
+                m_all, s_all, q_all, t_all = merge_records(rec_ptr + n.to(tl.int64) * n_split * REC_WIDTH,
+                                                           1, 0, n_split, BLOCK_R)
+                store_token(n, m_all, s_all, q_all, t_all, label, V_total, lp_ptr, lse_ptr, ent_ptr,
+                            ENTROPY)
+
+
+@triton.jit(do_not_specialize=["N", "T_in", "s_lab_outer", "s_lab_inner", "n_ranks", "n_split", "V_total"])
+def merge_vocab_records_kernel(
+    rec_ptr, labels_ptr, lp_ptr, lse_ptr, ent_ptr,
+    N, T_in, s_lab_outer, s_lab_inner, n_ranks, n_split, V_total,
+    ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Vocabulary-parallel: merge the all-gathered [n_ranks, N, n_split] records of token
+    ``program_id`` in (rank, chunk) order; every rank runs it on the same records."""
+    n = tl.program_id(0)
+    label = tl.load(token_ptr(labels_ptr, n, T_in, s_lab_outer, s_lab_inner))
+    rank_stride = N.to(tl.int64) * n_split * REC_WIDTH
+    M, S, Q, t = merge_records(rec_ptr + n.to(tl.int64) * n_split * REC_WIDTH, n_ranks, rank_stride,
+                               n_split, BLOCK_R)
+    store_token(n, M, S, Q, t, label, V_total, lp_ptr, lse_ptr, ent_ptr, ENTROPY)
+
+
+@triton.jit(do_not_specialize=["N", "V", "T_in", "s_outer", "s_inner", "g_outer", "g_inner",
+                               "s_lab_outer", "s_lab_inner", "s_glp", "s_gent", "n_split", "chunk_tiles",
+                               "vocab_lo"])
+def logits_backward_kernel(
+    logits_ptr, grad_ptr, labels_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
+    N, V, T_in, s_outer, s_inner, g_outer, g_inner, s_lab_outer, s_lab_inner,
+    s_glp, s_gent, n_split, chunk_tiles, vocab_lo, inv_temp,
+    LP_GRAD: tl.constexpr, ENT_GRAD: tl.constexpr, ALIGN: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """grad_logits = [g·(onehot − p) − g_H·p·(log p + H)]/temperature on one work item,
+    p = e^{z − lse} (log p + H = z − Σp·z), written in the gradient's dtype (the
+    logits' storage itself for an in-place backward). A token with g = g_H = 0 (masked)
+    gets exact zeros without reading its logits."""
+    n, c, lo, hi = work_item(tl.program_id(0), n_split, chunk_tiles, V, ALIGN, BLOCK_V)
+    row = vocab_row(logits_ptr, n, T_in, s_outer, s_inner, ALIGN)
+    out = vocab_row(grad_ptr, n, T_in, g_outer, g_inner, ALIGN)
+    loc = tl.load(token_ptr(labels_ptr, n, T_in, s_lab_outer, s_lab_inner)) - vocab_lo
+    lse = tl.load(lse_ptr + n)
+    g = tl.zeros([], tl.float32)
+    g_h = tl.zeros([], tl.float32)
+    h = tl.zeros([], tl.float32)
+    if LP_GRAD:
+        g = tl.load(glp_ptr + n.to(tl.int64) * s_glp).to(tl.float32)
+    if ENT_GRAD:
+        g_h = tl.load(gent_ptr + n.to(tl.int64) * s_gent).to(tl.float32)
+        h = tl.load(ent_ptr + n)
+    live = (g != 0.0) | (g_h != 0.0)
+    hi_read = tl.where(live, hi, lo)  # a dead token's logits are not read: z = 0, and with
+    lse = tl.where(live, lse, 0.0)  # finite lse and H every term below is exactly 0
+    h = tl.where(live, h, 0.0)
+    offs = tl.arange(0, BLOCK_V)
+    for v0 in range(lo, hi, BLOCK_V):
+        cols = v0 + offs
+        z = tl.load(row + cols, mask=cols < hi_read, other=0.0).to(tl.float32) * inv_temp
+        log_p = z - lse
+        p = tl.exp(log_p)
+        dz = g * (tl.where(cols == loc, 1.0, 0.0) - p)
+        if ENT_GRAD:  # p·log p → 0 at a −inf logit
+            dz -= g_h * tl.where(p > 0.0, p * (log_p + h), 0.0)
+        tl.store(out + cols, (dz * inv_temp).to(grad_ptr.dtype.element_ty), mask=cols < hi)

@@ -1,0 +1,518 @@
+"""``irt.policy_loss_from_logits`` (SPEC §8): the fused selective log-softmax kernels
+(interpreter) against the PyTorch reference, Liger-Kernel's Triton GRPO loss as an
+outside oracle, the launch / sync / memory budget relative to the log-prob op, the
+vocabulary-parallel path on 2 and 4 gloo ranks, and the sm_90 compile of every
+specialization (int64 row offsets, vectorized tiles, no spills).
+
+Every kernel output starts as NaN (poisoned), so an element a kernel forgets to
+write fails the comparison.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import _disable_current_modes
+
+import isreshape_triton as irt
+from isreshape_triton import aot, from_logits
+from isreshape_triton.profiling import count_work
+from isreshape_triton.reference.from_logits import policy_loss_from_logits as reference_from_logits
+
+from _cases import pairwise
+
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+FAMILIES = [
+    ("is_reshape", {}), ("is_reshape", {"gamma": 0.6}), ("is_reshape", {"gamma_granularity": "sequence"}),
+    ("is_reshape", {"gamma": "psis"}), ("is_reshape_sign", {}),
+    ("is_reshape_sign", {"pos_weight": "michaelis_menten", "neg_saturation": "truncate"}),
+    ("is_reshape_tr", {}), ("is_reshape_var", {}), ("ppo_clip", {}), ("ppo_clip", {"clip_ratio_c": None}),
+    ("sapo", {"tau_pos": 2.0}), ("vespo", {}),
+]
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+ENTROPY_BONUS = 0.05
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer either op allocates for its kernels starts as NaN."""
+    from isreshape_triton import ops
+
+    def nan_empty(shape, dtype, device):
+        with _disable_current_modes():
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(ops, "_empty", nan_empty)
+    monkeypatch.setattr(from_logits, "_empty", nan_empty)
+
+
+def make_batch(B, T, V, dtype=torch.float32, layout="BTV", mask="bool", adv="BT", seed=0, scale=2.0):
+    """(logits, labels, old_log_prob, advantages, response_mask). Labels at masked
+    positions are −100 or out of range; old_log_prob is near the true log-prob.
+    layout: "BTV" contiguous, "packed" [N, V], "strided" a [:, :T] view of [B, T+1, V]."""
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randn(B, T + 1, V, generator=g, dtype=torch.float64) * scale
+    logits = full[:, :T]
+    labels = torch.randint(0, V, (B, T), generator=g)
+    keep = torch.rand(B, T, generator=g) > 0.3
+    keep[0, 0] = True
+    if mask == "none":
+        keep = torch.ones(B, T, dtype=torch.bool)
+    labels = torch.where(keep, labels, torch.where(torch.rand(B, T, generator=g) < 0.5, -100, V + 7))
+    true_lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(0, V - 1).unsqueeze(-1)).squeeze(-1)
+    old = (true_lp + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    advantages = {"BT": torch.randn(B, T, generator=g), "B": torch.randn(B, generator=g), "none": None}[adv]
+    response_mask = {"bool": keep, "float": keep.float(), "none": None}[mask]
+    if layout == "strided":
+        logits = full.to(dtype)[:, :T]
+    else:
+        logits = logits.to(dtype).contiguous()
+    if layout == "packed":  # one sequence of N tokens; advantages per token or None
+        N = B * T
+        logits, labels, old = logits.reshape(N, V), labels.reshape(N), old.reshape(N)
+        advantages = None if advantages is None else advantages.reshape(N)
+        response_mask = None if response_mask is None else response_mask.reshape(N)
+    return logits, labels, old, advantages, response_mask
+
+
+def _entropy_bonus(entropy, mask):
+    m = torch.ones_like(entropy) if mask is None else mask.float()
+    return ENTROPY_BONUS * (entropy * m).sum() / m.sum().clamp(min=1.0)
+
+
+def run_kernel(logits, labels, old, adv, mask, loss_type, agg, entropy="none", temperature=1.0, **opts):
+    """Fused forward + backward under the strict sync detector and the counters (on an
+    alias of ``logits``: strided layouts stay strided)."""
+    x = logits.detach().requires_grad_()
+    with count_work(strict=True, track_memory=False) as work:
+        out = irt.policy_loss_from_logits(x, labels, old, adv, mask, loss_type, agg, temperature=temperature,
+                                          return_entropy=entropy != "none", **opts)
+        total = out[0] - (_entropy_bonus(out[2], mask) if entropy == "loss" else 0.0)
+        total.backward()
+    ent = out[2].detach() if entropy != "none" else None
+    return out[0].detach(), out[1], x.grad, ent, work
+
+
+def run_reference(logits, labels, old, adv, mask, loss_type, agg, entropy="none", temperature=1.0, **opts):
+    y = logits.detach().requires_grad_()
+    out = reference_from_logits(y, labels, old, adv, mask, loss_type, agg, temperature=temperature,
+                                return_entropy=True, **opts)
+    total = out[0] - (_entropy_bonus(out[2], mask) if entropy == "loss" else 0.0)
+    total.backward()
+    return out[0].detach(), out[1], y.grad, out[2].detach()
+
+
+def assert_grad_close(grad, ref, dtype):
+    rtol = GRAD_RTOL[dtype]
+    scale = ref.float().abs().max().item()
+    torch.testing.assert_close(grad.float(), ref.float(), rtol=rtol, atol=rtol * (1e-3 + scale))
+
+
+def check_parity(logits, labels, old, adv, mask, loss_type, agg, entropy="none", temperature=1.0, **opts):
+    loss, metrics, grad, ent, work = run_kernel(logits, labels, old, adv, mask, loss_type, agg, entropy,
+                                                temperature, **opts)
+    r_loss, r_metrics, r_grad, r_ent = run_reference(logits, labels, old, adv, mask, loss_type, agg, entropy,
+                                                     temperature, **opts)
+    assert work.kernels[0] == "logits_forward_kernel" and work.kernels[-1] == "logits_backward_kernel"
+    assert work.syncs == 0
+    torch.testing.assert_close(loss, r_loss, rtol=1e-5, atol=1e-5 * (1 + r_loss.abs().item()))
+    assert set(metrics) == set(r_metrics)
+    for name, value in metrics.items():
+        torch.testing.assert_close(value, r_metrics[name], rtol=1e-5, atol=1e-5, msg=name)
+    if ent is not None:
+        assert ent.dtype == torch.float32 and ent.shape == labels.shape
+        torch.testing.assert_close(ent, r_ent, rtol=1e-5, atol=1e-5)
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape and torch.isfinite(grad).all()
+    counted = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask != 0
+    if entropy != "loss":
+        assert (grad[~counted] == 0).all()  # masked rows: exact zeros
+    assert_grad_close(grad, r_grad, logits.dtype)
+    return loss, grad, work
+
+
+CASES = pairwise({"family": FAMILIES, "dtype": (torch.float32, torch.bfloat16, torch.float16),
+                  "temperature": (1.0, 0.6, 1.7), "V": (37, 130, 300), "mask": ("bool", "float", "none"),
+                  "layout": ("BTV", "packed", "strided"), "entropy": ("none", "returned", "loss"),
+                  "adv": ("BT", "B")})
+
+
+def _case_id(i, case):
+    lt, opts = case["family"]
+    opt = ",".join(f"{k}={v}" for k, v in opts.items())
+    return (f"{lt}[{opt}]-{str(case['dtype'])[6:]}-T{case['temperature']}-V{case['V']}-{case['mask']}-"
+            f"{case['layout']}-ent_{case['entropy']}-adv{case['adv']}-{AGG_MODES[i % 5]}")
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[_case_id(i, c) for i, c in enumerate(CASES)])
+def test_parity_pairwise(i, poisoned):
+    case = CASES[i]
+    loss_type, opts = case["family"]
+    adv = "none" if case["layout"] == "packed" and case["adv"] == "B" else case["adv"]  # [B]: no rows
+    batch = make_batch(3, 7, case["V"], case["dtype"], case["layout"], case["mask"], adv, seed=i)
+    check_parity(*batch, loss_type, AGG_MODES[i % 5], case["entropy"], case["temperature"], **opts)
+
+
+@pytest.mark.parametrize("dtype,loss_type,V", [(torch.float32, "is_reshape", 20011), (torch.bfloat16, "sapo", 24576),
+                                               (torch.float32, "vespo", 9 * 2048 + 1)])
+def test_split_vocabulary_ticket_merge(dtype, loss_type, V, poisoned):
+    """Few tokens and a long vocabulary: V is split into chunks whose records the last
+    program of each token merges (the ticket path), tails included."""
+    batch = make_batch(1, 3, V, dtype, "strided", "bool", seed=V)
+    assert from_logits.vocab_split(3, V)[0] > 1
+    _, _, work = check_parity(*batch, loss_type, "seq-mean-token-mean", "loss", 0.8)
+    assert "zeros" in " ".join(work.ops.ops)  # the tickets' memset
+
+
+def _split_counts(fn):
+    with count_work(strict=True, track_memory=False) as fwd:
+        loss = fn()
+    with count_work(strict=True, track_memory=False) as bwd:
+        loss.backward()
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("loss_type,opts,V", [("is_reshape", {}, 300), ("ppo_clip", {}, 300),
+                                              ("vespo", {}, 300), ("is_reshape", {"gamma": "psis"}, 300),
+                                              ("is_reshape", {}, 3 * 8192)])
+def test_launch_budget_relative_to_log_prob_op(loss_type, opts, V):
+    """forward = the log-prob op's forward + 1 Triton launch, backward = its backward + 1,
+    0 syncs; torch work beyond the log-prob op's: only the tickets' memset (split V)."""
+    logits, labels, old, adv, mask = make_batch(2, 3, V, torch.bfloat16, seed=1)
+    x = logits.clone().requires_grad_()
+    f_fwd, f_bwd = _split_counts(lambda: irt.policy_loss_from_logits(x, labels, old, adv, mask, loss_type,
+                                                                      temperature=0.9, **opts)[0])
+    lp = irt.selective_log_softmax(logits, labels, 0.9, return_entropy=False)[0].detach().requires_grad_()
+    l_fwd, l_bwd = _split_counts(lambda: irt.policy_loss(lp, old, adv, mask, loss_type, **opts)[0])
+    ticket = from_logits.vocab_split(6, V)[0] > 1
+    assert f_fwd.kernels == ["logits_forward_kernel"] + l_fwd.kernels
+    assert f_bwd.kernels == l_bwd.kernels + ["logits_backward_kernel"]
+    assert f_fwd.torch_launches == l_fwd.torch_launches + ticket, (f_fwd.ops.ops, l_fwd.ops.ops)
+    assert f_bwd.torch_launches == l_bwd.torch_launches, (f_bwd.ops.ops, l_bwd.ops.ops)
+    assert f_fwd.syncs == f_bwd.syncs == 0
+    grids = [r.grid for r in f_fwd.triton.records if r.name == "logits_forward_kernel"]
+    assert grids == [(6 * from_logits.vocab_split(6, V)[0],)]  # one program per (token, chunk)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_peak_extra_memory_is_o_n(inplace):
+    """V = 32K, 8 tokens: no [N, V] temporary; the bytes the op allocates beyond the
+    gradient it returns stay under 5% of the logits (in place: the gradient is the
+    logits' own storage)."""
+    logits, labels, old, adv, mask = make_batch(2, 4, 32768, torch.bfloat16, seed=3)
+    x = logits.clone().requires_grad_()
+    with count_work(strict=True) as work:
+        loss, _, ent = irt.policy_loss_from_logits(x, labels, old, adv, mask, "is_reshape", temperature=0.7,
+                                                   return_entropy=True, inplace_backward=inplace)
+        (loss - _entropy_bonus(ent, mask)).backward()
+    grad_bytes = 0 if inplace else logits.numel() * logits.element_size()
+    extra = work.peak_bytes - grad_bytes
+    assert 0 < extra < 0.05 * logits.numel() * logits.element_size(), (work.peak_bytes, extra)
+    if inplace:
+        assert x.grad.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+
+
+def test_inplace_backward_overwrites_logits_with_the_gradient():
+    """A strided view [:, :T] of [B, T+1, V] logits: the gradient lands in its storage."""
+    logits, labels, old, adv, mask = make_batch(2, 5, 300, torch.float16, "strided", seed=4)
+    _, _, ref_grad, _, _ = run_kernel(logits, labels, old, adv, mask, "sapo", "token-mean", "loss", 1.3)
+    base = logits._base.clone().requires_grad_()
+    loss, _, ent = irt.policy_loss_from_logits(base[:, :5], labels, old, adv, mask, "sapo", temperature=1.3,
+                                               return_entropy=True, inplace_backward=True)
+    (loss - _entropy_bonus(ent, mask)).backward()
+    assert torch.equal(base.grad[:, :5], ref_grad) and torch.equal(base.detach()[:, :5], ref_grad)
+    assert torch.equal(base.detach()[:, 5], logits._base[:, 5])  # the rest of the storage is untouched
+
+
+def test_masked_rows_are_isolated_and_bad_counted_labels_are_loud(poisoned):
+    """NaN logits and garbage labels at masked positions change nothing (exact-zero
+    gradient rows, logits not read); a counted label outside [0, V) gives log_prob NaN."""
+    logits, labels, old, adv, mask = make_batch(2, 6, 50, seed=5)
+    clean = run_kernel(logits, labels, old, adv, mask, "is_reshape", "token-mean")
+    dirty = logits.clone()
+    dirty[~mask] = float("nan")
+    loss, _, grad, _, _ = run_kernel(dirty, labels, old, adv, mask, "is_reshape", "token-mean")
+    assert torch.equal(loss, clean[0]) and torch.equal(grad, clean[2])
+    assert (grad[~mask] == 0).all()
+    bad = labels.clone()
+    bad[0, 0] = 50  # counted (make_batch keeps [0, 0]) and out of range: log_prob = NaN, which
+    lp, _ = irt.selective_log_softmax(logits, bad)  # the log-prob op treats as a non-finite input
+    ref_lp, _ = irt.reference.selective_log_softmax(logits, bad)
+    assert torch.isnan(lp[0, 0]) and torch.isnan(ref_lp[0, 0])
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-6, atol=1e-6, equal_nan=True)
+    for loss, metrics in (run_kernel(logits, bad, old, adv, mask, "is_reshape", "token-mean")[:2],
+                          reference_from_logits(logits, bad, old, adv, mask, "is_reshape")):
+        assert torch.isnan(loss) and metrics["nonfinite_tokens"] == 1
+
+
+def test_negative_infinite_logits_and_determinism(poisoned):
+    """−inf logits (truncated vocabulary) give finite results equal to the reference;
+    two runs (ticket path) are bit-identical."""
+    logits, labels, old, adv, mask = make_batch(1, 2, 4 * 8192 + 3, seed=6)
+    logits[..., 100:9000] = float("-inf")
+    labels = labels.clamp(max=99) if mask is None else torch.where(mask, labels % 100, labels)
+    a = check_parity(logits, labels, old, adv, mask, "ppo_clip", "token-mean", "loss", 0.7)
+    b = run_kernel(logits, labels, old, adv, mask, "ppo_clip", "token-mean", "loss", 0.7)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[2])
+
+
+def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
+    logits, labels, old, adv, mask = make_batch(2, 3, 20, seed=12)
+    expect = reference_from_logits(logits, labels, old, adv, mask, "sapo", return_entropy=True)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with count_work() as work:
+        got = irt.policy_loss_from_logits(logits, labels, old, adv, mask, "sapo", return_entropy=True)
+        lp, ent = irt.selective_log_softmax(logits, labels)
+    assert work.triton_launches == 0
+    assert torch.equal(got[0], expect[0]) and torch.equal(got[2], expect[2]) and torch.equal(ent, expect[2])
+
+
+def test_empty_batch():
+    logits = torch.zeros(0, 11, requires_grad=True)
+    loss, metrics, ent = irt.policy_loss_from_logits(logits, torch.zeros(0, dtype=torch.long), torch.zeros(0),
+                                                     return_entropy=True)
+    loss.backward()
+    assert loss.item() == 0.0 and ent.shape == (0,) and logits.grad.shape == (0, 11)
+
+
+def test_cu_seqlens_is_passed_on():
+    logits, labels, old, adv, mask = make_batch(1, 9, 40, layout="packed", seed=7)
+    cu = torch.tensor([0, 4, 9])
+    try:
+        irt.reference.policy_loss(old, old, adv, mask, cu_seqlens=cu)
+    except TypeError:
+        pytest.skip("the log-prob op does not take cu_seqlens yet")
+    check_parity(logits, labels, old, adv, mask, "is_reshape", "seq-mean-token-mean", "returned", cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(labels=torch.zeros(2, 3)), TypeError, "labels"),
+    (dict(labels=torch.zeros(2, 4, dtype=torch.long)), ValueError, "labels"),
+    (dict(old_log_prob=torch.zeros(3, 2)), ValueError, "old_log_prob"),
+    (dict(logits=torch.zeros(2, 3, 5, dtype=torch.float64)), TypeError, "logits"),
+    (dict(logits=torch.zeros(2, 3, 5, 1)), ValueError, "logits"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature=True), TypeError, "temperature"),
+    (dict(return_entropy=1), TypeError, "return_entropy"),
+    (dict(loss_type="grpo"), ValueError, "loss_type"),
+    (dict(loss_agg_mode="mean"), ValueError, "loss_agg_mode"),
+    (dict(logits=torch.zeros(2, 5, 3).transpose(1, 2), inplace_backward=True), ValueError, "inplace_backward"),
+])
+def test_bad_input_names_the_argument(kwargs, error, match):
+    args = dict(logits=torch.zeros(2, 3, 5), labels=torch.zeros(2, 3, dtype=torch.long),
+                old_log_prob=torch.zeros(2, 3))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        irt.policy_loss_from_logits(**args)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("loss_type,opts", [("is_reshape", {"gamma": 0.6}), ("sapo", {}),
+                                            ("ppo_clip", {"clip_ratio_c": None})])
+def test_reference_gradcheck_float64(loss_type, opts):
+    """The reference's gradient (loss and entropy bonus) is the true derivative (fp64)."""
+    logits, labels, old, adv, mask = make_batch(2, 3, 6, seed=8, scale=1.0)
+    old = old.double()
+
+    def f(z):
+        loss, _, ent = reference_from_logits(z, labels, old, adv.double(), mask, loss_type, "seq-mean-token-mean",
+                                             temperature=0.7, return_entropy=True, **opts)
+        return loss - _entropy_bonus(ent, mask), ent
+
+    z = logits.double().requires_grad_()
+    assert torch.autograd.gradcheck(f, (z,), eps=1e-6, atol=1e-7)
+
+
+def test_reference_entropy_matches_its_definition():
+    z = torch.randn(4, 9, dtype=torch.float64)
+    z[0, :3] = float("-inf")
+    lp, ent = irt.reference.selective_log_softmax(z, torch.tensor([3, 0, 8, -100]), temperature=2.0)
+    p = torch.softmax(z / 2.0, -1)
+    expect = torch.logsumexp(z / 2.0, -1) - (p * torch.nan_to_num(z / 2.0, neginf=0.0)).sum(-1)
+    torch.testing.assert_close(ent, expect)
+    assert torch.isnan(lp[3]) and torch.isfinite(lp[:3]).all()
+
+
+# ----------------------------------------------------------------------------- Liger oracle
+
+LIGER = [("grpo", "ppo_clip", "seq-mean-token-mean", True), ("dapo", "ppo_clip", "token-mean", True),
+         ("bnpo", "ppo_clip", "token-mean", True), ("dr_grpo", "ppo_clip", "seq-mean-token-sum-norm", True),
+         ("sapo", "sapo", "seq-mean-token-mean", True), ("vespo", "vespo", "token-mean", False)]
+
+
+@pytest.mark.parametrize("liger_type,loss_type,agg,value", LIGER, ids=[c[0] for c in LIGER])
+def test_liger_grpo_loss_oracle(liger_type, loss_type, agg, value, poisoned):
+    """Liger-Kernel's ``triton_grpo_loss`` (interpreter) on logits [B, L+1, V] (the last
+    position dropped, as Liger does), temperature 0.7, [B] advantages, a fully masked row.
+    Our loss and grad_logits equal Liger's (VESPO: gradient only; Liger's VESPO value is
+    −φ·A·log π, ours −φ·A·ℓ: same gradient, different constant)."""
+    liger = pytest.importorskip("liger_kernel.transformers.grpo_loss")
+    B, L, V, temp = 3, 6, 97, 0.7
+    g = torch.Generator().manual_seed(9)
+    full = torch.randn(B, L + 1, V, generator=g) * 2
+    ids = torch.randint(0, V, (B, L), generator=g)
+    mask = (torch.rand(B, L, generator=g) > 0.25).float()
+    mask[1] = 0.0
+    true_lp = torch.log_softmax(full[:, :L].double() / temp, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    old = (true_lp + 0.3 * torch.randn(B, L, generator=g, dtype=torch.float64)).float()
+    adv = torch.randn(B, generator=g)
+    params = {"ppo_clip": dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=None),
+              "sapo": dict(tau_pos=1.3, tau_neg=0.9),
+              "vespo": dict(k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0)}[loss_type]
+    agg_opts = {"grpo": dict(global_batch_size=B), "sapo": dict(global_batch_size=B),
+                "dr_grpo": dict(global_batch_size=B, loss_scale_factor=L)}.get(liger_type, {})
+
+    x_l = full.clone().requires_grad_()
+    l_loss, _ = liger.triton_grpo_loss(x_l, old, None, ids, adv, mask, temperature=temp, beta=0.0, eps_low=0.2,
+                                       eps_high=0.28, inplace=False, loss_type=liger_type, reduce=True,
+                                       sapo_temperature_pos=1.3, sapo_temperature_neg=0.9)
+    l_loss.backward()
+    x = full.clone().requires_grad_()
+    loss, _ = irt.policy_loss_from_logits(x[:, :L], ids, old, adv, mask, loss_type, agg, temperature=temp,
+                                          **params, **agg_opts)
+    loss.backward()
+    if value:
+        torch.testing.assert_close(loss, l_loss.detach(), rtol=1e-5, atol=1e-6)
+    assert (x.grad[:, L] == 0).all() and (x_l.grad[:, L] == 0).all()
+    scale = x_l.grad.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(x.grad, x_l.grad, rtol=1e-5, atol=1e-5 * scale)
+
+
+# ----------------------------------------------------------------------------- vocabulary parallel
+
+TP_CONFIGS = {"batch": [("is_reshape", "token-mean", {})], "split": [("vespo", "seq-mean-token-mean", {})]}
+
+
+def _tp_batches():
+    """A batch, and 3 tokens of a 64K vocabulary (split into chunks on every rank)."""
+    return {"batch": make_batch(2, 5, 4 * 24, torch.float32, "strided", "bool", seed=10),
+            "split": make_batch(1, 3, 4 * 16384, torch.float32, "BTV", "bool", seed=11)}
+
+
+def _tp_worker(rank, world, init_file, out_dir):
+    os.environ["TRITON_INTERPRET"] = "1"
+    import isreshape_triton as irt  # noqa: F811 - the spawned process imports afresh
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = {}
+    for name, (logits, labels, old, adv, mask) in _tp_batches().items():
+        shard = logits.shape[-1] // world
+        for loss_type, agg, opts in TP_CONFIGS[name]:
+            x = logits[..., rank * shard:(rank + 1) * shard].clone().requires_grad_()
+            loss, metrics, ent = irt.policy_loss_from_logits(
+                x, labels, old, adv, mask, loss_type, agg, temperature=0.8, return_entropy=True,
+                tp_group=dist.group.WORLD, **opts)
+            (loss - _entropy_bonus(ent, mask)).backward()
+            results[(name, loss_type)] = (loss.detach(), ent.detach(), x.grad)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocabulary_parallel_equals_unsharded(world):
+    """Each rank holds V/tp columns; one all-gather of the per-token records; every rank
+    gets the same loss and entropy (bit-identical) and its shard's gradient, all equal
+    to the unsharded op's to 1e-6."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_tp_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True,
+                           start_method="spawn")
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+    for name, batch in _tp_batches().items():
+        shard = batch[0].shape[-1] // world
+        for loss_type, agg, opts in TP_CONFIGS[name]:
+            loss, _, grad, ent, _ = run_kernel(*batch, loss_type, agg, "loss", 0.8, **opts)
+            key = (name, loss_type)
+            for r, res in enumerate(ranks):
+                assert torch.equal(res[key][0], ranks[0][key][0]) and torch.equal(res[key][1], ranks[0][key][1])
+                torch.testing.assert_close(res[key][0], loss, rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(res[key][1], ent, rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(res[key][2], grad[..., r * shard:(r + 1) * shard], rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- sm_90
+
+
+def _specs(monkeypatch) -> list:
+    """The specializations the op launches: forward modes (direct, ticket, records) × entropy,
+    the merge, the backward's gradient combinations, for fp32 and bf16 with 16-byte aligned
+    rows; bf16 rows of any alignment (V = 8191); fp16 (same code as bf16 but its stores)."""
+    configs = [(dt, V, N, world, entropy, grads)
+               for dt in (torch.float32, torch.bfloat16) for N, world in ((512, 1), (2, 1), (2, 2))
+               for entropy in (False, True) for V in (4 * 8192,) for grads in ((1, 0), (0, 1), (1, 1))]
+    configs += [(torch.bfloat16, 8191, 512, world, True, (1, 1)) for world in (1, 2)]
+    configs += [(torch.float16, 4 * 8192, 512, 1, True, (1, 1))]
+    specs = {}
+    for dtype, V, N, world, entropy, (lp_grad, ent_grad) in configs:
+        monkeypatch.setattr(from_logits, "_vocab_layout", lambda V, g, w=world: (0, w, 0, w * V))
+        logits, labels = torch.zeros(N, V, dtype=dtype), torch.zeros(N, dtype=torch.long)
+        cfg = from_logits._Config(1.0, entropy, False, "tp" if world > 1 else None)
+        steps, _, lse, ent = from_logits.plan_forward(logits, labels, cfg)
+        launches = [s for s in steps if hasattr(s, "kernel")]
+        grads = (lse if lp_grad else None, ent if ent_grad and entropy else None)
+        if world == 1 and grads != (None, None):
+            launches.append(from_logits.plan_backward(logits, labels, lse, ent, *grads, cfg)[0])
+        for launch in launches:
+            spec = aot.launch_spec(launch)
+            specs[aot.spec_key(spec)] = spec
+    return list(specs.values())
+
+
+def test_specializations_compile_for_sm90_without_spills(monkeypatch, tmp_path):
+    specs = _specs(monkeypatch)
+    rows = aot.run_in_subprocess(specs, tmp_path / "aot.json")
+    assert len(rows) == len(specs)
+    assert not [r for r in rows if "error" in r], [r["error"][:300] for r in rows if "error" in r]
+    assert all(r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["local_bytes"] == 0 for r in rows), rows
+    kernels = {r["kernel"].split(":")[1] for r in rows}
+    assert kernels == {"logits_forward_kernel", "merge_vocab_records_kernel", "logits_backward_kernel"}
+
+
+_COMPILE_IR = textwrap.dedent("""
+    import json, sys
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from isreshape_triton import aot
+    out = []
+    for spec in json.load(open(sys.argv[1])):
+        fn = aot._kernel(spec["kernel"])
+        ce = {k: getattr(tl, v["dtype"]) if isinstance(v, dict) else v for k, v in spec["constexprs"].items()}
+        sig = {n: "constexpr" if n in ce else spec["signature"][n] for n in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith("*")}
+        c = triton.compile(ASTSource(fn, sig, ce, attrs), target=GPUTarget("cuda", 90, 32), options=spec["options"])
+        out.append({"ttir": c.asm["ttir"], "ptx": c.asm["ptx"]})
+    json.dump(out, open(sys.argv[2], "w"))
+""")
+
+
+def test_int64_row_offsets_and_vectorized_tiles_in_the_compiled_code(tmp_path):
+    """N·V > 2³¹ is safe: the token row offset is computed in i64 (TTIR: the strides are
+    sign-extended and the logits pointer advances by an i64), whatever N; and with 16-byte
+    aligned pointers (as the JIT sees torch tensors) the vocabulary tiles load and store
+    128 bits at a time."""
+    logits = torch.zeros(2, 3, 8192, dtype=torch.bfloat16)
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    cfg = from_logits._Config(1.0, True, False)
+    steps, _, lse, ent = from_logits.plan_forward(logits, labels, cfg)
+    bwd, _ = from_logits.plan_backward(logits, labels, lse, ent, lse, ent, cfg)
+    (tmp_path / "specs.json").write_text(json.dumps([aot.launch_spec(steps[0]), aot.launch_spec(bwd)]))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", _COMPILE_IR, str(tmp_path / "specs.json"), str(tmp_path / "ir.json")],
+                   env=env, check=True, timeout=600)
+    fwd_ir, bwd_ir = json.loads((tmp_path / "ir.json").read_text())
+    for ir in (fwd_ir, bwd_ir):
+        for stride in ("s_outer", "s_inner"):
+            assert f"arith.extsi %{stride} : i32 to i64" in ir["ttir"], stride
+        advances = [line.split(" loc(")[0] for line in ir["ttir"].splitlines() if "tt.addptr %logits_ptr" in line]
+        assert advances and all(line.endswith(": !tt.ptr<bf16>, i64") for line in advances), advances
+        assert "ld.global.v4.b32" in ir["ptx"]
+    assert "st.global.v4.b32" in bwd_ir["ptx"]
