@@ -25,7 +25,7 @@ import argparse
 import hashlib
 import json
 import math
-import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -81,28 +81,29 @@ def cases() -> List[Case]:
 
 
 def case_inputs(case: Case, dtype, device) -> tuple:
-    """(log_prob, old_log_prob, advantages, response_mask, extra kwargs) for a case. Packed with
-    ``PACKED_INPUTS``: 1-D [N] tensors and ``cu_seqlens``; otherwise [R, T] tensors, every token
-    counted for the padded stand-in of the packed case, a ragged bool mask otherwise."""
-    make = (lambda *shape, dt=dtype: torch.empty(shape, dtype=dt, device=device)) if device == "meta" else None
-    if case.lengths and PACKED_INPUTS:
-        N = case.tokens
-        cu = torch.tensor([0, *torch.tensor(case.lengths).cumsum(0).tolist()], dtype=torch.int32)
-        if device == "meta":
-            lp, old, adv = make(N), make(N), make(N)
-            mask = make(N, dt=torch.bool)
-        else:
-            from .data import make_batch
-            b = make_batch(1, N, dtype=dtype, device=device)
-            lp, old, adv, mask = (b.log_prob.reshape(N).detach().requires_grad_(True), b.old_log_prob.reshape(N),
-                                  b.advantages.reshape(N), torch.ones(N, dtype=torch.bool, device=device))
-        return lp.requires_grad_(True), old, adv, mask, {"cu_seqlens": cu.to(device)}
-    if device == "meta":
-        return (make(case.R, case.T).requires_grad_(True), make(case.R, case.T), make(case.R, case.T),
-                make(case.R, case.T, dt=torch.bool), {})
+    """(log_prob, old_log_prob, advantages, response_mask, extra kwargs) of a case: the bench batch
+    (``bench.data.make_batch``: ragged bool masks), [R, T]; for the packed case with
+    ``PACKED_INPUTS``, its sequences' tokens as 1-D [N] tensors and ``cu_seqlens``. On ``meta``
+    only the shapes and dtypes."""
     from .data import make_batch
-    b = make_batch(case.R, case.T, dtype=dtype, device=device)
-    return b.log_prob, b.old_log_prob, b.advantages, b.response_mask, {}
+
+    packed = bool(case.lengths) and PACKED_INPUTS
+    R, T = (len(case.lengths), max(case.lengths)) if packed else (case.R, case.T)
+    if device == "meta":
+        shape = (case.tokens,) if packed else (R, T)
+        lp, old, adv = (torch.empty(shape, dtype=dtype, device=device) for _ in range(3))
+        mask = torch.empty(shape, dtype=torch.bool, device=device)
+    else:
+        b = make_batch(R, T, dtype=dtype, device=device)
+        lp, old, adv, mask = b.log_prob.detach(), b.old_log_prob, b.advantages, b.response_mask
+        if packed:  # the first length_s tokens of row s, concatenated
+            keep = (torch.arange(T)[None, :] < torch.tensor(case.lengths)[:, None]).to(device)
+            lp, old, adv, mask = lp[keep], old[keep], adv[keep], mask[keep]
+    extra = {}
+    if packed:
+        cu = torch.tensor([0, *case.lengths], dtype=torch.int64).cumsum(0).to(torch.int32)
+        extra["cu_seqlens"] = cu.to(device)
+    return lp.requires_grad_(True), old, adv, mask, extra
 
 
 # ----------------------------------------------------------------------------- 1. tracing the op
@@ -148,11 +149,17 @@ def _source_hash() -> str:
 
 
 def compiled(specs: List[dict], cache_dir: Path = CACHE_DIR, log=sys.stderr) -> List[dict]:
-    """AOT rows with SASS for ``specs`` (compiled in a subprocess, cached per specialization)."""
+    """AOT rows with SASS for ``specs`` (compiled in a subprocess, cached per specialization in a
+    folder named by the hash of the kernel sources, aot.py and the Triton version)."""
     from isreshape_triton import aot
 
     source = _source_hash()
-    keys = [hashlib.sha256((aot.spec_key(s) + source).encode()).hexdigest()[:24] for s in specs]
+    if cache_dir.is_dir():  # rows of older kernel sources are never read again
+        for old in cache_dir.iterdir():
+            if old.is_dir() and old.name != source:
+                shutil.rmtree(old, ignore_errors=True)
+    cache_dir = cache_dir / source
+    keys = [hashlib.sha256(aot.spec_key(s).encode()).hexdigest()[:24] for s in specs]
     cache_dir.mkdir(parents=True, exist_ok=True)
     missing = {k: s for k, s in zip(keys, specs) if not (cache_dir / f"{k}.json").exists()}
     if missing:
@@ -245,7 +252,8 @@ def fused_model(tr: Trace, rows: List[dict], m: sm.H100Model = sm.H100) -> Fused
 
 
 def roofline_bytes(loss_type: str, case: Case, dtype) -> int:
-    """SPEC §13 bytes: ``ops.traffic_model`` of the case (float32/bool inputs as in the bench batch)."""
+    """SPEC §13 bytes: ``ops.traffic_model`` of the case (bool masks, per-token advantages, as in the
+    bench batch; the packed case by its padded stand-in until ``PACKED_INPUTS``)."""
     from isreshape_triton.ops import traffic_model
 
     return int(traffic_model(loss_type, dtype, torch.bool, case.R, case.T, "BT"))
@@ -421,6 +429,23 @@ def kernel_table(results: List[Result]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def summary_table(all_results: Dict[str, List[Result]]) -> str:
+    """Modelled fused time (× roofline) per shape and family, and the eager model's range."""
+    keys = list(all_results)
+    first = all_results[keys[0]]
+    head = ("| shape | " + " | ".join(k.split(" (")[0] for k in keys) + " |\n"
+            + "|---|" + "---|" * len(keys) + "\n")
+    lines = []
+    for i, case in enumerate(r.case for r in first):
+        cells = []
+        for k in keys:
+            r = all_results[k][i]
+            cells.append(f"{_us(r.fused.seconds)} ({r.fused.seconds / r.roofline_s:.1f}×); "
+                         f"eager {_us(r.eager[0])}–{_us(r.eager[1])}")
+        lines.append(f"| {case.label} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
 def render(all_results: Dict[str, List[Result]]) -> str:
     parts = ["## Modelled H100 time (a MODEL, not a measurement)\n",
              "Fused op forward + backward (`token-mean`, default options) per family, modelled from the sm_90 "
@@ -429,6 +454,11 @@ def render(all_results: Dict[str, List[Result]]) -> str:
     if not PACKED_INPUTS:
         parts.append("The packed case is modelled as the padded shape with the same token count "
                      "(`bench.h100.PACKED_INPUTS = False` until the op takes `cu_seqlens`).\n")
+    if any(r.measured for rs in all_results.values() for r in rs):
+        parts.append(f"Measured on {torch.cuda.get_device_name()}: `triton.testing.do_bench` medians of the same "
+                     "forward + backward; model error = model / measured − 1.\n")
+    parts.append("### Summary: fused MODEL µs (× roofline); eager MODEL µs\n")
+    parts.append(summary_table(all_results))
     for key, results in all_results.items():
         parts.append(f"### {key}\n")
         parts.append(family_table(results))

@@ -17,18 +17,19 @@ cubin for source lines. Parsing:
     earlier load's result in the same iteration (e.g. loads predicated on a loaded mask value);
   - ``mem_waits``: memory round trips a warp sits through in one iteration with in-order issue:
     walking the body in address order, the first instruction that reads the result of a load
-    still in flight waits for it (and, by assumption, for every load issued before it).
+    still in flight waits for it, and every load then in flight is taken to arrive with it.
 
 The *tile loop* of a kernel is the innermost loop whose back edge is on a source line that
 mentions ``BLOCK_T`` (with ``nvdisasm -g`` line info), else the innermost loop that moves the most
 global bytes per iteration. Its ancestors are the piece loop (its parent) and the work-item loop
-(the outermost one); ``kernel_cost`` splits the function into these regions.
+(the outermost one); ``kernel_structure`` splits the function into these regions.
 
 The H100 constants and the timing rule are in :data:`H100` and :func:`launch_time`; every
 assumption is printed by :func:`assumptions_text`.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -48,8 +49,8 @@ BRANCHES = ("BRA", "JMP", "BRX", "JMX")
 _NO_DEST = {"ST", "STG", "STS", "STL", "RED", "REDG", "BAR", "BRA", "BRX", "JMP", "JMX", "EXIT", "RET",
             "CALL", "BSSY", "BSYNC", "BREAK", "WARPSYNC", "MEMBAR", "FENCE", "ERRBAR", "CCTL", "CCTLL", "NOP",
             "BPT", "YIELD", "NANOSLEEP", "DEPBAR", "KILL", "BMOV", "UCGABAR_ARV", "UCGABAR_WAIT", "SYNCS",
-            "ST.E", "STSM", "ACQBULK", "ELECT"}
-_SETP = re.compile(r"^U?(I|F|D|H|HF|B)?SETP|^U?PLOP3|^U?ISETP|^VOTEU?\.\w+$")
+            "STSM"}
+_SETP = re.compile(r"^U?(I|F|D|H|HF|B)?SETP|^U?PLOP3")
 GLOBAL_LOADS = {"LDG", "LD", "LDGSTS"}
 GLOBAL_STORES = {"STG", "ST"}
 ATOMICS = {"ATOMG", "ATOM", "RED", "REDG"}
@@ -95,10 +96,6 @@ class Block:
     index: int
     instrs: List[Instr]
     succs: List[int] = field(default_factory=list)
-
-    @property
-    def start(self) -> int:
-        return self.instrs[0].addr
 
 
 @dataclass
@@ -307,14 +304,17 @@ def parse_sass(text: str, line_info: Optional[str] = None) -> List[Function]:
 
 
 def _source_line(path: str, line: int) -> str:
+    lines = _source_file(path)
+    return lines[line - 1].strip() if 0 < line <= len(lines) else ""
+
+
+@functools.lru_cache(maxsize=64)
+def _source_file(path: str) -> tuple:
     try:
         with open(path) as fh:
-            for k, text in enumerate(fh, 1):
-                if k == line:
-                    return text.strip()
+            return tuple(fh)
     except OSError:
-        pass
-    return ""
+        return ()
 
 
 # ----------------------------------------------------------------------------- per-region statistics
@@ -479,10 +479,6 @@ class LoopReport:
     innermost: bool
     stats: RegionStats
 
-    def as_dict(self) -> dict:
-        return {"source": self.source, "text": self.text, "depth": self.depth, "innermost": self.innermost,
-                **self.stats.as_dict()}
-
 
 @dataclass
 class KernelStructure:
@@ -622,7 +618,8 @@ def assumptions_text(m: H100Model = H100) -> str:
         "loops other than the tile loop and its parents run once; the chunked kernels' piece loop runs once "
         "per row boundary in a chunk;",
         "- memory: per iteration a CTA waits mem_waits round trips (in-order issue: the first use of a load in "
-        "flight waits for it and every load issued before it); per-SM bandwidth = min(bytes in flight / latency "
+        "flight waits for it, and the loads then in flight arrive with it); per-SM bandwidth = min(bytes in "
+        "flight / latency "
         f"(Little's law, from the iteration time), {m.sm_max_bytes_per_cycle:g} B/cycle L2→SM, achievable HBM / "
         "active SMs);",
         "- per SM: CTAs resident = min(CTAs/SM from registers and threads, CTAs assigned); a region's time = "
@@ -631,8 +628,10 @@ def assumptions_text(m: H100Model = H100) -> str:
         f"- registers → CTAs/SM: ceil(regs × 32 / {REG_ALLOC_UNIT}) × {REG_ALLOC_UNIT} registers per warp, "
         f"floor({REGS_PER_SM} / that) warps, floor(warps / warps per CTA) CTAs, ≤ {MAX_THREADS_PER_SM} threads, "
         f"≤ {MAX_CTAS_PER_SM} CTAs, ≤ {SMEM_PER_SM // 1024} KiB shared memory;",
-        f"- eager PyTorch (launches, syncs and bytes per token of bench/eager.py counted on the CPU at one shape, bytes scaled by tokens): every aten launch costs its bytes / {m.achievable_bytes_per_s / 1e12:.2f} TB/s + "
-        f"{m.launch_s * 1e6:.0f} µs; the high end adds {m.sync_s * 1e6:.0f} µs per host sync;",
+        "- eager PyTorch (launches, syncs and bytes per token of bench/eager.py counted on the CPU at one "
+        f"shape, bytes scaled by tokens): every aten launch costs its bytes / "
+        f"{m.achievable_bytes_per_s / 1e12:.2f} TB/s + {m.launch_s * 1e6:.0f} µs; the high end adds "
+        f"{m.sync_s * 1e6:.0f} µs per host sync;",
         f"- roofline (SPEC §13): traffic-model bytes / {m.hbm_bytes_per_s / 1e12:.2f} TB/s + "
         f"{m.launch_s * 1e6:.0f} µs × launches.",
     ])
@@ -655,14 +654,14 @@ class LaunchCost:
     resident: int
     waves: int
     seconds: float
-    bytes: float
-    bound: str
+    bound: str  # "region:term" of the largest contribution, e.g. "tile:latency"
+
     detail: dict
 
 
 def _region_cycles(st: RegionStats, m: H100Model, warps: int, resident: int, latency: int,
                    bw_per_cycle: float) -> tuple:
-    """(cycles for one execution of the region by ``resident`` co-resident CTAs, bound)."""
+    """(cycles, bound, every term) of one execution of a region by ``resident`` co-resident CTAs."""
     threads = 32 * warps
     lat = (st.mem_waits * latency + st.bar * m.bar_round_trip_cycles
            + st.instructions * max(m.warp_cpi, warps / m.schedulers_per_sm))
@@ -685,25 +684,20 @@ def launch_time(kernel: KernelStructure, registers: int, num_warps: int, shared_
     waves = math.ceil(per_sm / resident)
     active = min(grid, m.sms)
     bw = min(m.sm_max_bytes_per_cycle, m.achievable_bytes_per_s / active / m.clock_hz)  # bytes/cycle per SM
-    threads = 32 * num_warps
     regions = [("once", kernel.once, 1, m.l2_latency_cycles)]
-    if kernel.tile is not None and work is not None:
+    if kernel.tile is not None:
+        work = work or Work(1, 1.0, 1.0)  # unknown work: one pass through the loop nest
         pieces = work.items_per_program * work.pieces_per_item
         regions += [("item", kernel.item, work.items_per_program, m.l2_latency_cycles),
                     ("piece", kernel.piece, pieces, m.l2_latency_cycles),
                     ("tile", kernel.tile, work.items_per_program * work.tiles_per_item, m.dram_latency_cycles)]
-    cycles, detail, bounds = 0.0, {}, {}
-    total_bytes = 0.0
+    wave_cycles, detail, bounds = 0.0, {}, {}
     for name, st, count, latency in regions:
         c, bound, terms = _region_cycles(st, m, num_warps, resident, latency, bw)
-        cycles += count * c
+        wave_cycles += count * c
         bounds[name] = (count * c, bound)
         detail[name] = {"executions": count, "cycles_each": c, "bound": bound, **terms}
-        total_bytes += count * st.bytes * threads
-    wave_cycles = cycles
-    seconds = waves * wave_cycles / m.clock_hz
     main = max(bounds, key=lambda k: bounds[k][0])
-    detail.update(ctas_per_sm=occ, resident=resident, waves=waves, active_sms=active,
-                  sm_bytes_per_cycle=bw)
-    return LaunchCost(kernel.name, grid, occ, resident, waves, seconds + m.launch_s,
-                      total_bytes * grid, f"{main}:{bounds[main][1]}", detail)
+    detail.update(ctas_per_sm=occ, resident=resident, waves=waves, active_sms=active, sm_bytes_per_cycle=bw)
+    return LaunchCost(kernel.name, grid, occ, resident, waves, waves * wave_cycles / m.clock_hz + m.launch_s,
+                      f"{main}:{bounds[main][1]}", detail)

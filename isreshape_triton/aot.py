@@ -72,7 +72,7 @@ def launch_spec(launch, jit_values: bool = False) -> dict:
             "constexprs": {k: _constexpr_value(v) for k, v in launch.constexprs.items()},
             "options": dict(launch.options)}
     if jit_values:
-        fixed = set(getattr(launch.kernel, "do_not_specialize", ()))
+        fixed, unaligned = _unspecialized(launch.kernel)
         divisible = []
         for k, v in launch.args.items():
             if k in fixed or isinstance(v, (bool, float)):
@@ -80,10 +80,23 @@ def launch_spec(launch, jit_values: bool = False) -> dict:
             if isinstance(v, int) and v == 1:
                 spec["constexprs"][k] = 1
                 del spec["signature"][k]
-            elif (v.data_ptr() if isinstance(v, torch.Tensor) else v) % 16 == 0:
+            elif k not in unaligned and (v.data_ptr() if isinstance(v, torch.Tensor) else v) % 16 == 0:
                 divisible.append(k)
         spec["divisible"] = divisible
     return spec
+
+
+def _unspecialized(kernel) -> tuple:
+    """Names of the arguments in ``do_not_specialize`` and ``do_not_specialize_on_alignment``
+    (a JIT function's attributes, an interpreted function's ``kwargs``; names or indices)."""
+    options = getattr(kernel, "kwargs", None) or {}
+    names = kernel.arg_names
+
+    def as_names(key):
+        items = getattr(kernel, key, None) if hasattr(kernel, key) else options.get(key)
+        return {names[i] if isinstance(i, int) else i for i in items or ()}
+
+    return as_names("do_not_specialize"), as_names("do_not_specialize_on_alignment")
 
 
 def spec_key(spec: dict) -> str:
