@@ -446,6 +446,25 @@ def summary_table(all_results: Dict[str, List[Result]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+ACCEPT_RATIO = 1.5
+
+
+def acceptance(results: List[Result]) -> tuple:
+    """(verdict, the shapes that miss): SPEC §13's bar for one family."""
+    misses = [r.case.label for r in results
+              if not (r.fused.seconds <= ACCEPT_RATIO * r.roofline_s and r.fused.seconds < r.eager[0])]
+    return ("PASS" if not misses else "FAIL"), misses
+
+
+def acceptance_text(all_results: Dict[str, List[Result]]) -> str:
+    lines = ["| family | verdict | worst model / roofline | shapes that miss |", "|---|---|---|---|"]
+    for key, results in all_results.items():
+        verdict, misses = acceptance(results)
+        worst = max(r.fused.seconds / r.roofline_s for r in results)
+        lines.append(f"| {key} | {verdict} | {worst:.2f} | {', '.join(misses) or '—'} |")
+    return "\n".join(lines) + "\n"
+
+
 def render(all_results: Dict[str, List[Result]]) -> str:
     parts = ["## Modelled H100 time (a MODEL, not a measurement)\n",
              "Fused op forward + backward (`token-mean`, default options) per family, modelled from the sm_90 "
@@ -459,6 +478,9 @@ def render(all_results: Dict[str, List[Result]]) -> str:
                      "forward + backward; model error = model / measured − 1.\n")
     parts.append("### Summary: fused MODEL µs (× roofline); eager MODEL µs\n")
     parts.append(summary_table(all_results))
+    parts.append(f"### Acceptance (SPEC §13): model ≤ {ACCEPT_RATIO} × roofline and below the eager model's low end "
+                 "at every shape\n")
+    parts.append(acceptance_text(all_results))
     for key, results in all_results.items():
         parts.append(f"### {key}\n")
         parts.append(family_table(results))

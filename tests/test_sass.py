@@ -290,3 +290,13 @@ def test_model_states_its_assumptions_and_is_never_faster_than_the_roofline(comp
             assert r.fused.seconds >= r.roofline_s, (label, r.case.label, r.fused.seconds, r.roofline_s)
             assert r.eager[1] >= r.eager[0] > 0 and r.fused.triton_launches >= 1
             assert all(lc["us"] > 0 for lc in r.fused.launches)
+
+
+@pytest.mark.xfail(strict=False, reason="until the chunked kernels land (issue 8: the SPEC §13 bar)")
+def test_model_within_spec13_bar(compiled):
+    """SPEC §13: modelled time ≤ 1.5 × roofline and below the eager model at every shape, every family."""
+    cache, _, _ = compiled
+    configs = [(fam, "fp32", ()) for fam, dtype, options, shape in OP_CONFIGS if shape is None]
+    results = h100.model(configs, measure=False, log=None, cache_dir=cache)
+    misses = {label: h100.acceptance(rs)[1] for label, rs in results.items() if h100.acceptance(rs)[0] != "PASS"}
+    assert not misses, h100.acceptance_text(results)
