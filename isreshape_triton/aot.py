@@ -75,7 +75,7 @@ def launch_spec(launch, jit_values: bool = False) -> dict:
         fixed, unaligned = _unspecialized(launch.kernel)
         divisible = []
         for k, v in launch.args.items():
-            if k in fixed or isinstance(v, (bool, float)):
+            if k in fixed or isinstance(v, bool) or not isinstance(v, (int, torch.Tensor)):
                 continue
             if isinstance(v, int) and v == 1:
                 spec["constexprs"][k] = 1
