@@ -86,7 +86,8 @@ def _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, ch
 
 
 @triton.jit(do_not_specialize=["N", "T", "S", "chunk", "n_chunks", "n_stats", "s_lp_r", "s_lp_t",
-                               "s_olp_r", "s_olp_t", "s_adv_r", "s_adv_t", "s_mask_r", "s_mask_t"])
+                               "s_olp_r", "s_olp_t", "s_adv_r", "s_adv_t", "s_mask_r", "s_mask_t",
+                               "s_rollout_r", "s_rollout_t", "s_ref_r", "s_ref_t"])
 def token_loss_kernel(
     lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr, cu_ptr, stats_ptr, n_stats,
     gamma_ptr, gamma_row_stride,

@@ -61,7 +61,8 @@ def _store_record(ptr, all_, pos, neg, lsum, a_first, grid_a, grid_b,
 
 
 @triton.jit(do_not_specialize=["N", "T", "S", "chunk", "n_chunks", "s_lp_r", "s_lp_t", "s_olp_r",
-                               "s_olp_t", "s_adv_r", "s_adv_t", "s_mask_r", "s_mask_t"])
+                               "s_olp_t", "s_adv_r", "s_adv_t", "s_mask_r", "s_mask_t",
+                               "s_rollout_r", "s_rollout_t", "s_ref_r", "s_ref_t"])
 def batch_stats_kernel(
     lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr, cu_ptr, rec_ptr,
     N, T, S, chunk, n_chunks,
