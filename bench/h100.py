@@ -47,7 +47,7 @@ PACKED_SEQUENCES = 64
 PACKED_SEED = 0
 # Switch to True once ``fused_policy_loss`` takes 1-D inputs with ``cu_seqlens`` (SPEC §2);
 # until then the packed batch is modelled as the padded shape with the same token count.
-PACKED_INPUTS = False
+PACKED_INPUTS = True
 
 
 @dataclass(frozen=True)

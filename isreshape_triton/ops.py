@@ -43,7 +43,7 @@ _AGG_CODE = {name: i for i, name in enumerate(AGG_MODES)}
 assert _AGG_CODE["seq-mean-token-mean"] == kfin.SEQ_MEAN_TOKEN_MEAN.value
 _SEQ_AGG = {"seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"}
 _METRIC_INDEX = {name: i for i, name in enumerate(layout.METRIC_SLOTS)}
-BLOCK_REC = 64  # records merged per vector step
+BLOCK_REC = 256  # records merged per vector step (ess_exact grids: BLOCK_REC // G per step)
 BLOCK_ELEMENTS = 512  # head/tail elements per step of the finalizer's segmented scan
 
 

@@ -9,11 +9,16 @@ from .rows import locate_row, piece_end
 
 
 @triton.jit
-def _scaled_tile(neg_phi_ptr, grad_ptr, offs, stop, factor):
-    """grad = −m·φ · factor; exactly 0 where −m·φ is 0 (masked tokens), whatever factor is."""
-    x = tl.load(neg_phi_ptr + offs, mask=offs < stop, other=0.0)
-    g = tl.where(x == 0.0, 0.0, x * factor)
-    tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < stop)
+def _scaled_tiles(neg_phi_ptr, grad_ptr, lanes, start, stop, factor, BLOCK_T: tl.constexpr):
+    """grad = ∂L/∂lp · factor over [start, stop); exactly 0 where ∂L/∂lp is 0 (masked tokens),
+    whatever factor is. Each tile's load is issued one tile ahead."""
+    x = tl.load(neg_phi_ptr + start + lanes, mask=start + lanes < stop, other=0.0)
+    for t0 in range(start, stop, BLOCK_T):
+        offs = t0 + lanes
+        ahead = tl.load(neg_phi_ptr + offs + BLOCK_T, mask=offs + BLOCK_T < stop, other=0.0)
+        g = tl.where(x == 0.0, 0.0, x * factor)
+        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < stop)
+        x = ahead
 
 
 @triton.jit(do_not_specialize=["N", "T", "S", "chunk", "n_chunks"])
@@ -34,9 +39,7 @@ def policy_grad_kernel(neg_phi_ptr, grad_ptr, grad_scale_ptr, grad_out_ptr, row_
                 e = piece_end(p, end, b)
                 n_b = tl.load(row_count_ptr + s)
                 row_factor = tl.where(n_b > 0.0, factor / tl.where(n_b > 0.0, n_b, 1.0), 0.0)
-                for t0 in range(p, e, BLOCK_T):
-                    _scaled_tile(neg_phi_ptr, grad_ptr, t0 + lanes, e, row_factor)
+                _scaled_tiles(neg_phi_ptr, grad_ptr, lanes, p, e, row_factor, BLOCK_T)
                 p = e
         else:
-            for t0 in range(a, b, BLOCK_T):
-                _scaled_tile(neg_phi_ptr, grad_ptr, t0 + lanes, b, factor)
+            _scaled_tiles(neg_phi_ptr, grad_ptr, lanes, a, b, factor, BLOCK_T)

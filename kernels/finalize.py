@@ -114,44 +114,65 @@ def finalize(partial_ptr, n_part, element_ptr, n_elements, row_count_ptr, cu_ptr
     ok = p < n_part
     rows = partial_ptr + p.to(tl.int64) * PARTIAL_WIDTH
     dt = partial_ptr.dtype.element_ty
-    # the partial records, one per lane, reduced like lane accumulators
-    n_all, mean_all, m2_all, m3_all, m4_all = moments4_reduce(
-        (_load(rows, P_MOMENTS, ok), _load(rows, P_MOMENTS + 1, ok), _load(rows, P_MOMENTS + 2, ok),
-         _load(rows, P_MOMENTS + 3, ok), _load(rows, P_MOMENTS + 4, ok)))
-    n_pos, mean_pos, m2_pos = moments_reduce(
-        (_load(rows, P_MOMENTS_POS, ok), _load(rows, P_MOMENTS_POS + 1, ok), _load(rows, P_MOMENTS_POS + 2, ok)))
-    n_neg, mean_neg, m2_neg = moments_reduce(
-        (_load(rows, P_MOMENTS_NEG, ok), _load(rows, P_MOMENTS_NEG + 1, ok), _load(rows, P_MOMENTS_NEG + 2, ok)))
-    s_loss = tl.sum(_load(rows, P_LOSS, ok))
-    s_w = tl.sum(_load(rows, P_W, ok))
-    w_max = reduce_max(_load(rows, P_W_MAX, ok))
-    s_phi = tl.sum(_load(rows, P_PHI, ok))
-    phi_max = reduce_max(_load(rows, P_PHI_ABS_MAX, ok))
-    ess_all = expsum_reduce(_expsum_slots(rows, P_ESS, ok))
-    ess_pos = expsum_reduce(_expsum_slots(rows, P_ESS + 3, ok))
-    ess_neg = expsum_reduce(_expsum_slots(rows, P_ESS + 6, ok))
-    s_g = tl.sum(_load(rows, P_GAMMA, ok))
-    g_min = -reduce_max(-_load(rows, P_GAMMA + 1, ok, float("inf")))
-    g_max = reduce_max(_load(rows, P_GAMMA + 2, ok))
-    x0 = tl.sum(_load(rows, P_EXTRAS, ok))
-    x1 = tl.sum(_load(rows, P_EXTRAS + 1, ok))
-    x2 = tl.sum(_load(rows, P_EXTRAS + 2, ok))
-    x3 = tl.sum(_load(rows, P_EXTRAS + 3, ok))
-    x4 = tl.sum(_load(rows, P_EXTRAS + 4, ok))
-    nonfinite = tl.sum(_load(rows, P_NONFINITE, ok))
+    # every slot of every partial record, loaded before any is used (one L2 round trip);
+    # each slot is a lane vector, reduced like the programs' own lane accumulators
+    moments = (_load(rows, P_MOMENTS, ok), _load(rows, P_MOMENTS + 1, ok), _load(rows, P_MOMENTS + 2, ok),
+               _load(rows, P_MOMENTS + 3, ok), _load(rows, P_MOMENTS + 4, ok))
+    pos = (_load(rows, P_MOMENTS_POS, ok), _load(rows, P_MOMENTS_POS + 1, ok), _load(rows, P_MOMENTS_POS + 2, ok))
+    neg = (_load(rows, P_MOMENTS_NEG, ok), _load(rows, P_MOMENTS_NEG + 1, ok), _load(rows, P_MOMENTS_NEG + 2, ok))
+    loss_v = _load(rows, P_LOSS, ok)
+    kl_v = _load(rows, P_KL, ok)
+    w_v = _load(rows, P_W, ok)
+    w_max_v = _load(rows, P_W_MAX, ok)
+    phi_v = _load(rows, P_PHI, ok)
+    phi_max_v = _load(rows, P_PHI_ABS_MAX, ok)
+    ess_v = _expsum_slots(rows, P_ESS, ok)
+    ess_pos_v = _expsum_slots(rows, P_ESS + 3, ok)
+    ess_neg_v = _expsum_slots(rows, P_ESS + 6, ok)
+    g_v = _load(rows, P_GAMMA, ok)
+    g_min_v = _load(rows, P_GAMMA + 1, ok, float("inf"))
+    g_max_v = _load(rows, P_GAMMA + 2, ok)
+    x_v = (_load(rows, P_EXTRAS, ok), _load(rows, P_EXTRAS + 1, ok), _load(rows, P_EXTRAS + 2, ok),
+           _load(rows, P_EXTRAS + 3, ok), _load(rows, P_EXTRAS + 4, ok))
+    nonfinite_v = _load(rows, P_NONFINITE, ok)
+    if SEQ_AGG:
+        seq_loss_v = _load(rows, P_SEQ_LOSS, ok)
+        seq_kl_v = _load(rows, P_SEQ_KL, ok)
+        rows_v = _load(rows, P_ROWS, ok)
+
+    n_all, mean_all, m2_all, m3_all, m4_all = moments4_reduce(moments)
+    n_pos, mean_pos, m2_pos = moments_reduce(pos)
+    n_neg, mean_neg, m2_neg = moments_reduce(neg)
+    s_loss = tl.sum(loss_v)
+    s_kl = tl.sum(kl_v)
+    s_w = tl.sum(w_v)
+    w_max = reduce_max(w_max_v)
+    s_phi = tl.sum(phi_v)
+    phi_max = reduce_max(phi_max_v)
+    ess_all = expsum_reduce(ess_v)
+    ess_pos = expsum_reduce(ess_pos_v)
+    ess_neg = expsum_reduce(ess_neg_v)
+    s_g = tl.sum(g_v)
+    g_min = -reduce_max(-g_min_v)
+    g_max = reduce_max(g_max_v)
+    x0 = tl.sum(x_v[0])
+    x1 = tl.sum(x_v[1])
+    x2 = tl.sum(x_v[2])
+    x3 = tl.sum(x_v[3])
+    x4 = tl.sum(x_v[4])
+    nonfinite = tl.sum(nonfinite_v)
 
     # aggregation (SPEC §5); an empty denominator gives 0
     one = tl.full([], 1.0, dt)
     global_token_count = _given(global_token_count, dt, COUNTS_ON_DEVICE % 2 == 1)
     global_batch_size = _given(global_batch_size, dt, COUNTS_ON_DEVICE // 2 == 1)
     # every mode is (Σ m·L, or for seq-mean-token-mean Σ_b (Σ_t m·L)/n_b) × scale
-    s_kl = tl.sum(_load(rows, P_KL, ok))
     if SEQ_AGG:
         seq_loss, seq_kl, n_rows = _spanning_rows(element_ptr, n_elements, row_count_ptr, dt,
                                                   AGG == SEQ_MEAN_TOKEN_MEAN, BLOCK_E)
-        seq_loss += tl.sum(_load(rows, P_SEQ_LOSS, ok))
-        seq_kl += tl.sum(_load(rows, P_SEQ_KL, ok))
-        n_rows += tl.sum(_load(rows, P_ROWS, ok))
+        seq_loss += tl.sum(seq_loss_v)
+        seq_kl += tl.sum(seq_kl_v)
+        n_rows += tl.sum(rows_v)
         gbs = tl.where(global_batch_size >= 0.0, global_batch_size, n_rows)
     if AGG == TOKEN_MEAN:
         scale = safe_div(one, tl.where(global_token_count >= 0.0, global_token_count, n_all))

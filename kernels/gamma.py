@@ -10,7 +10,7 @@ fixed value ≥ 0 overrides the data-driven rule for its group (sign family), an
 import triton
 import triton.language as tl
 
-from .common import clamp_nan, unbiased_var
+from .common import clamp_nan, moments_init, moments_merge, moments_reduce, unbiased_var
 from .families import IS_RESHAPE, IS_RESHAPE_SIGN, IS_RESHAPE_VAR
 from .layout import S_AFIRST, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
 
@@ -87,70 +87,61 @@ def record_index(j, first, base, stride):
 @triton.jit
 def _merge_group(rec_ptr, count, first, base, stride, slot,
                  KS: tl.constexpr, BLOCK: tl.constexpr):
-    """(count, mean, M2) of one group over ``count`` records, two passes in fixed order."""
+    """(count, mean, M2) of one group over ``count`` records: each lane Chan-merges its
+    records in order, the lanes are merged once at the end (one pass, fixed order)."""
     jj = tl.arange(0, BLOCK)
-    dt = rec_ptr.dtype.element_ty
-    acc_n = tl.zeros([BLOCK], dt)
-    acc_s = tl.zeros([BLOCK], dt)
+    lanes = moments_init(tl.zeros([BLOCK], rec_ptr.dtype.element_ty))
     for j0 in range(0, count, BLOCK):
         j = j0 + jj
         rec = rec_ptr + record_index(j, first, base, stride).to(tl.int64) * KS + slot
-        nr = tl.load(rec, mask=j < count, other=0.0)
-        acc_n += nr
-        acc_s += nr * tl.load(rec + 1, mask=j < count, other=0.0)
-    n = tl.sum(acc_n)
-    mean = tl.sum(acc_s) / tl.maximum(n, 1.0)
-    acc_2 = tl.zeros([BLOCK], dt)
-    for j0 in range(0, count, BLOCK):
-        j = j0 + jj
-        rec = rec_ptr + record_index(j, first, base, stride).to(tl.int64) * KS + slot
-        nr = tl.load(rec, mask=j < count, other=0.0)
-        d = tl.where(nr > 0.0, tl.load(rec + 1, mask=j < count, other=0.0) - mean, 0.0)
-        acc_2 += tl.load(rec + 2, mask=j < count, other=0.0) + nr * d * d
-    return n, mean, tl.sum(acc_2)
+        ok = j < count
+        lanes = moments_merge(lanes, (tl.load(rec, mask=ok, other=0.0), tl.load(rec + 1, mask=ok, other=0.0),
+                                      tl.load(rec + 2, mask=ok, other=0.0)))
+    return moments_reduce(lanes)
 
 
 @triton.jit
 def _merge_grid(rec_ptr, count, first, base, stride, slot, G: tl.constexpr,
                 KS: tl.constexpr, BLOCK: tl.constexpr):
-    """The four ESS grid sums ([G] each) starting at ``slot``, summed over the records."""
-    r = tl.arange(0, BLOCK)[:, None]
+    """The four ESS grid sums ([G] each) starting at ``slot``, summed over the records
+    (BLOCK // G records per step into [BLOCK // G, G] lane accumulators, one reduction at the end)."""
+    r = tl.arange(0, BLOCK // G)[:, None]
     g = tl.arange(0, G)[None, :]
     dt = rec_ptr.dtype.element_ty
-    s1 = tl.zeros([G], dt)
-    s2 = tl.zeros([G], dt)
-    d1 = tl.zeros([G], dt)
-    d2 = tl.zeros([G], dt)
-    for j0 in range(0, count, BLOCK):
+    s1 = tl.zeros([BLOCK // G, G], dt)
+    s2 = tl.zeros([BLOCK // G, G], dt)
+    d1 = tl.zeros([BLOCK // G, G], dt)
+    d2 = tl.zeros([BLOCK // G, G], dt)
+    for j0 in range(0, count, BLOCK // G):
         j = j0 + r
         ok = (j < count) & (g < G)
         rec = rec_ptr + record_index(j, first, base, stride).to(tl.int64) * KS + slot + g
-        s1 += tl.sum(tl.load(rec, mask=ok, other=0.0), 0)
-        s2 += tl.sum(tl.load(rec + G, mask=ok, other=0.0), 0)
-        d1 += tl.sum(tl.load(rec + 2 * G, mask=ok, other=0.0), 0)
-        d2 += tl.sum(tl.load(rec + 3 * G, mask=ok, other=0.0), 0)
-    return s1, s2, d1, d2
+        s1 += tl.load(rec, mask=ok, other=0.0)
+        s2 += tl.load(rec + G, mask=ok, other=0.0)
+        d1 += tl.load(rec + 2 * G, mask=ok, other=0.0)
+        d2 += tl.load(rec + 3 * G, mask=ok, other=0.0)
+    return tl.sum(s1, 0), tl.sum(s2, 0), tl.sum(d1, 0), tl.sum(d2, 0)
 
 
 @triton.jit
 def merge_sequence_sums(rec_ptr, count, first, base, stride, KS: tl.constexpr, BLOCK: tl.constexpr):
-    """(Σ m·ℓ, A of the first counted token) of a row from its piece records (in order)."""
+    """(Σ m·ℓ, A of the first counted token) of a row from its piece records (in order):
+    each lane keeps its first non-empty record, the earliest over the lanes wins."""
     jj = tl.arange(0, BLOCK)
     dt = rec_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK], dt)
-    a_first = tl.zeros([], dt) + 1.0
-    found = tl.zeros([], tl.int32)
+    lane_first = tl.zeros([BLOCK], tl.int32) + count
+    lane_a = tl.zeros([BLOCK], dt) + 1.0
     for j0 in range(0, count, BLOCK):
         j = j0 + jj
         rec = rec_ptr + record_index(j, first, base, stride).to(tl.int64) * KS
         acc += tl.load(rec + S_LSUM, mask=j < count, other=0.0)
-        nr = tl.load(rec + S_N_ALL, mask=j < count, other=0.0)
-        j_first = tl.min(tl.where(nr > 0.0, j, count))
-        a = tl.sum(tl.where(j == j_first, tl.load(rec + S_AFIRST, mask=j < count, other=0.0), 0.0))
-        take = (found == 0) & (j_first < count)
-        a_first = tl.where(take, a, a_first)
-        found = tl.where(take, 1, found)
-    return tl.sum(acc), a_first
+        take = (tl.load(rec + S_N_ALL, mask=j < count, other=0.0) > 0.0) & (lane_first == count)
+        lane_a = tl.where(take, tl.load(rec + S_AFIRST, mask=j < count, other=1.0), lane_a)
+        lane_first = tl.where(take, j, lane_first)
+    j_first = tl.min(lane_first)
+    a_first = tl.sum(tl.where(lane_first == j_first, lane_a, 0.0))
+    return tl.sum(acc), tl.where(j_first < count, a_first, 1.0)
 
 
 @triton.jit

@@ -32,7 +32,7 @@ from .layout import (E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, P_KL,
                      P_LOSS, P_MOMENTS, P_MOMENTS_NEG, P_MOMENTS_POS, P_NONFINITE, P_PHI,
                      P_PHI_ABS_MAX, P_ROWS, P_SEQ_LOSS, P_W, P_W_MAX, PARTIAL_WIDTH, ROW_ENDS,
                      ROW_STARTS)
-from .rows import load_tokens, locate_row, piece_end, row_elements
+from .rows import load_raw, locate_row, piece_end, row_elements, token_values
 
 
 @triton.jit
@@ -165,11 +165,15 @@ def token_loss_kernel(
             row_loss = like
             row_kl = like
             row_n = like
+            raw = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, p + lanes, e,
+                           HAS_ADV, HAS_MASK, HAS_ROLLOUT, KL_TYPE != KL_NONE)
             for t0 in range(p, e, BLOCK_T):
                 offs = t0 + lanes
-                ell, A, m, bad, r, kl_x = load_tokens(lp, olp, adv, mask, rollout, ref, s, origin, start,
-                                                      end, offs, e, clamp, ACC, HAS_ADV, HAS_MASK,
-                                                      HAS_ROLLOUT, KL_TYPE != KL_NONE, PACKED)
+                ahead = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, offs + BLOCK_T, e,
+                                 HAS_ADV, HAS_MASK, HAS_ROLLOUT, KL_TYPE != KL_NONE)  # the next tile
+                ell, A, m, bad, r, kl_x = token_values(raw, offs, e, start, end, clamp, ACC, HAS_ADV, HAS_MASK,
+                                                       HAS_ROLLOUT, KL_TYPE != KL_NONE, PACKED)
+                raw = ahead
                 w = tl.exp(ell)
                 phi, F, g, x = family_token(ell, w, A, ctx, params, FAMILY, OPT)
                 # a non-finite input poisons its token's φ, F and extras, whatever the formula

@@ -63,44 +63,61 @@ def _address(stream, s, tok):
 
 
 @triton.jit
-def load_tokens(lp, olp, adv, mask, rollout, ref, s, origin, start, end, offs, piece_stop, clamp,
-                ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr,
-                HAS_ROLLOUT: tl.constexpr, HAS_REF: tl.constexpr, PACKED: tl.constexpr):
-    """One tile of row s: ℓ, A, the count mask m, the non-finite flag of counted tokens, the
-    rollout IS weight r (1 when absent) and x = lp − ref_lp of the KL term (0 when absent).
-
-    Every stream is (pointer, row stride, token stride); token t of row s lives at
-    s·row_stride + (t − origin)·token_stride. Loads are predicated on bounds only; the
-    mask selects afterwards, so masked NaN/inf never leak (ℓ = A = x = 0, r = 1 there). At
-    counted tokens ℓ = clamp(lp − olp, ±clamp); a non-finite lp − olp gives ℓ = NaN and a
-    non-finite A, r or x is read as NaN, each flagged in ``bad`` (SPEC §11). Inputs are
-    upcast to ACC right after the load.
-    """
+def load_raw(lp, olp, adv, mask, rollout, ref, s, origin, offs, piece_stop,
+             HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
+             HAS_REF: tl.constexpr):
+    """The loads of one tile of row s, as stored and with no arithmetic on them, so a token
+    loop can issue the next tile's loads before it computes on this one (DRAM latency then
+    overlaps compute). Every stream is (pointer, row stride, token stride); token t of row s
+    lives at s·row_stride + (t − origin)·token_stride. Loads are predicated on bounds only
+    (a tile past the piece loads nothing); absent streams repeat log_prob's tile unused."""
     inb = offs < piece_stop
     tok = offs - origin
-    m = inb
+    lp_v = tl.load(_address(lp, s, tok), mask=inb, other=0.0)
+    olp_v = tl.load(_address(olp, s, tok), mask=inb, other=0.0)
+    adv_v = tl.load(_address(adv, s, tok), mask=inb, other=0.0) if HAS_ADV else lp_v
+    mask_v = tl.load(_address(mask, s, tok), mask=inb, other=0) if HAS_MASK else lp_v
+    r_v = tl.load(_address(rollout, s, tok), mask=inb, other=1.0) if HAS_ROLLOUT else lp_v
+    ref_v = tl.load(_address(ref, s, tok), mask=inb, other=0.0) if HAS_REF else lp_v
+    return lp_v, olp_v, adv_v, mask_v, r_v, ref_v
+
+
+@triton.jit
+def token_values(raw, offs, piece_stop, start, end, clamp,
+                 ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr,
+                 HAS_ROLLOUT: tl.constexpr, HAS_REF: tl.constexpr, PACKED: tl.constexpr):
+    """ℓ, A, the count mask m, the non-finite flag of counted tokens, the rollout IS weight r
+    (1 when absent) and x = lp − ref_lp of the KL term (0 when absent) of a tile's raw loads.
+
+    The mask selects, so masked NaN/inf never leak (ℓ = A = x = 0, r = 1 there). At counted
+    tokens ℓ = clamp(lp − olp, ±clamp); a non-finite lp − olp gives ℓ = NaN and a non-finite
+    A, r or x is read as NaN, each flagged in ``bad`` (SPEC §11). Inputs are upcast to ACC
+    first (no bf16/fp16 arithmetic).
+    """
+    lp_v, olp_v, adv_v, mask_v, r_v, ref_v = raw
+    m = offs < piece_stop
     if PACKED:
         m = m & (offs >= start) & (offs < end)
     if HAS_MASK:
-        m = m & (tl.load(_address(mask, s, tok), mask=inb, other=0) != 0)
-    log_p = tl.load(_address(lp, s, tok), mask=inb, other=0.0).to(ACC)
-    d = finite_or_nan(log_p - tl.load(_address(olp, s, tok), mask=inb, other=0.0).to(ACC))
+        m = m & (mask_v != 0)
+    log_p = lp_v.to(ACC)
+    d = finite_or_nan(log_p - olp_v.to(ACC))
     ell = tl.where(m, tl.where(d < -clamp, -clamp, tl.where(d > clamp, clamp, d)), 0.0)
     bad = m & (d != d)
     if HAS_ADV:
-        a = finite_or_nan(tl.load(_address(adv, s, tok), mask=inb, other=0.0).to(ACC))
+        a = finite_or_nan(adv_v.to(ACC))
         bad = bad | (m & (a != a))
         a = tl.where(m, a, 0.0)
     else:
         a = tl.where(m, 1.0, 0.0).to(ACC)
     r = tl.where(m, 1.0, 1.0).to(ACC)
     if HAS_ROLLOUT:
-        r = finite_or_nan(tl.load(_address(rollout, s, tok), mask=inb, other=1.0).to(ACC))
+        r = finite_or_nan(r_v.to(ACC))
         bad = bad | (m & (r != r))
         r = tl.where(m, r, 1.0)
     x = tl.zeros_like(ell)
     if HAS_REF:
-        x = finite_or_nan(log_p - tl.load(_address(ref, s, tok), mask=inb, other=0.0).to(ACC))
+        x = finite_or_nan(log_p - ref_v.to(ACC))
         bad = bad | (m & (x != x))
         x = tl.where(m, x, 0.0)
     return ell, a, m, bad, r, x

@@ -12,7 +12,7 @@ import triton.language as tl
 from .common import moments_add, moments_init, moments_reduce
 from .gamma import ess_grid_terms
 from .layout import S_AFIRST, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
-from .rows import load_tokens, locate_row, piece_end
+from .rows import load_raw, locate_row, piece_end, token_values
 
 
 @triton.jit
@@ -108,12 +108,17 @@ def batch_stats_kernel(
                 grid_a = _grid_init(BLOCK_T, G, ACC)
                 grid_b = _grid_init(BLOCK_T, G, ACC)
                 first = tl.zeros([BLOCK_T], tl.int32) + e
+            # advantages are read only for the A>0 / A<0 groups (VESPO reads one per piece)
+            raw = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, p + lanes, e,
+                           HAS_ADV and SIGN_GROUPS, HAS_MASK, HAS_ROLLOUT and ROW_STATS, False)
             for t0 in range(p, e, BLOCK_T):
                 offs = t0 + lanes
-                # advantages are read only for the A>0 / A<0 groups (VESPO reads one per piece)
-                ell, A, m, bad, r, x = load_tokens(lp, olp, adv, mask, rollout, ref, s, origin, start, end,
-                                                   offs, e, clamp, ACC, HAS_ADV and SIGN_GROUPS, HAS_MASK,
-                                                   HAS_ROLLOUT and ROW_STATS, False, PACKED)
+                ahead = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, offs + BLOCK_T, e,
+                                 HAS_ADV and SIGN_GROUPS, HAS_MASK, HAS_ROLLOUT and ROW_STATS, False)
+                ell, A, m, bad, r, x = token_values(raw, offs, e, start, end, clamp, ACC,
+                                                    HAS_ADV and SIGN_GROUPS, HAS_MASK,
+                                                    HAS_ROLLOUT and ROW_STATS, False, PACKED)
+                raw = ahead
                 all_ = moments_add(all_, ell, m)
                 if SIGN_GROUPS:
                     pos = moments_add(pos, ell, m & (A > 0.0))

@@ -261,7 +261,6 @@ def test_op_kernels_compile_for_sm90_without_spills(compiled):
         assert 0 < row["registers"] <= 255
 
 
-@pytest.mark.xfail(strict=False, reason="until the chunked kernels land (issue 8: lane accumulators)")
 def test_no_block_reduction_inside_any_innermost_loop(compiled):
     """SPEC §13: 0 BAR.* inside the innermost loops (tile loops) of every kernel the op launches."""
     _, _, op = compiled
@@ -292,7 +291,6 @@ def test_model_states_its_assumptions_and_is_never_faster_than_the_roofline(comp
             assert all(lc["us"] > 0 for lc in r.fused.launches)
 
 
-@pytest.mark.xfail(strict=False, reason="until the chunked kernels land (issue 8: the SPEC §13 bar)")
 def test_model_within_spec13_bar(compiled):
     """SPEC §13: modelled time ≤ 1.5 × roofline and below the eager model at every shape, every family."""
     cache, _, _ = compiled
