@@ -25,5 +25,6 @@ PYCHECK
 case "${1:-}" in
   demo) shift; exec "$PY" -m bench "$@" ;;
   test) shift; exec "$PY" -m pytest "$@" ;;
-  *) echo "usage: ./run.sh demo|test [args]" >&2; exit 2 ;;
+  rl-demo) shift; exec "$PY" -m bench.demo_rl "$@" ;;
+  *) echo "usage: ./run.sh demo|test|rl-demo [args]" >&2; exit 2 ;;
 esac
