@@ -26,7 +26,6 @@ import collections
 import copy
 import json
 import math
-import os
 import time
 from pathlib import Path
 
