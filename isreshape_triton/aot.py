@@ -9,7 +9,9 @@ them from the launches the op would make (``ops.plan_launches``), so the report
 covers exactly what runs. Compilation happens in a separate process without
 ``TRITON_INTERPRET`` (the interpreter replaces the JIT); registers and shared
 memory come from ``cuobjdump -res-usage`` on the cubin, spills from ``ptxas -v`` run
-with Triton's own options on Triton's PTX.
+with Triton's own options on Triton's PTX. With ``sass=True`` a row also carries the
+cubin's SASS (``cuobjdump -sass``) and the same listing with source lines (``nvdisasm -g``),
+which ``bench/sass_model.py`` reads.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -58,12 +61,44 @@ def kernel_path(kernel) -> str:
     return f"{fn.__module__}:{fn.__name__}"
 
 
-def launch_spec(launch) -> dict:
-    """The specialization of one ``ops.Launch``: kernel path, argument types, constexprs."""
-    return {"kernel": kernel_path(launch.kernel),
+def launch_spec(launch, jit_values: bool = False) -> dict:
+    """The specialization of one ``ops.Launch``: kernel path, argument types, constexprs.
+
+    ``jit_values``: also what Triton's JIT specializes on argument values on a GPU, for the
+    arguments not in ``do_not_specialize``: an integer equal to 1 becomes a constant, and
+    tensors with a 16-byte-aligned address and integers divisible by 16 are marked
+    ``divisible`` (``tt.divisibility = 16``: what lets loads vectorize).
+    """
+    spec = {"kernel": kernel_path(launch.kernel),
             "signature": {k: _arg_type(v) for k, v in launch.args.items()},
             "constexprs": {k: _constexpr_value(v) for k, v in launch.constexprs.items()},
             "options": dict(launch.options)}
+    if jit_values:
+        fixed, unaligned = _unspecialized(launch.kernel)
+        divisible = []
+        for k, v in launch.args.items():
+            if k in fixed or isinstance(v, bool) or not isinstance(v, (int, torch.Tensor)):
+                continue
+            if isinstance(v, int) and v == 1:
+                spec["constexprs"][k] = 1
+                del spec["signature"][k]
+            elif k not in unaligned and (v.data_ptr() if isinstance(v, torch.Tensor) else v) % 16 == 0:
+                divisible.append(k)
+        spec["divisible"] = divisible
+    return spec
+
+
+def _unspecialized(kernel) -> tuple:
+    """Names of the arguments in ``do_not_specialize`` and ``do_not_specialize_on_alignment``
+    (a JIT function's attributes, an interpreted function's ``kwargs``; names or indices)."""
+    options = getattr(kernel, "kwargs", None) or {}
+    names = kernel.arg_names
+
+    def as_names(key):
+        items = getattr(kernel, key, None) if hasattr(kernel, key) else options.get(key)
+        return {names[i] if isinstance(i, int) else i for i in items or ()}
+
+    return as_names("do_not_specialize"), as_names("do_not_specialize_on_alignment")
 
 
 def spec_key(spec: dict) -> str:
@@ -136,8 +171,18 @@ def _tuples(arg_type):
     return tuple(_tuples(t) for t in arg_type) if isinstance(arg_type, list) else arg_type
 
 
-def compile_spec(spec: dict) -> dict:
-    """Compile one specialization for sm_90 and read its resource usage."""
+_ENCODING = re.compile(r"\s*/\* 0x[0-9a-f]{16} \*/")
+
+
+def _listing(tool: Path, *args) -> str:
+    """A disassembly without the instruction encodings (``/* 0x... */`` comments)."""
+    text = subprocess.run([str(tool), *map(str, args)], capture_output=True, text=True).stdout
+    return "\n".join(line for line in (_ENCODING.sub("", raw) for raw in text.splitlines()) if line.strip())
+
+
+def compile_spec(spec: dict, sass: bool = False) -> dict:
+    """Compile one specialization for sm_90 and read its resource usage (and, with
+    ``sass``, its SASS: ``sass`` from ``cuobjdump -sass``, ``sass_lines`` from ``nvdisasm -g``)."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -149,8 +194,11 @@ def compile_spec(spec: dict) -> dict:
     signature = {name: ("constexpr" if name in constexprs else _tuples(spec["signature"][name]))
                  for name in fn.arg_names}
     row = {"kernel": spec["kernel"], "constexprs": spec["constexprs"], "options": spec["options"]}
+    if "divisible" in spec:
+        row["divisible"] = spec["divisible"]
     try:
-        compiled = triton.compile(ASTSource(fn, signature, constexprs),
+        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in spec.get("divisible", ())}
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
                                   target=GPUTarget("cuda", 90, 32), options=dict(spec["options"]))
     except Exception as e:  # reported, and failed by the test
         row["error"] = f"{type(e).__name__}: {e}"[:2000]
@@ -167,6 +215,9 @@ def compile_spec(spec: dict) -> dict:
                                str(ptx), "-o", str(Path(tmp) / "v.cubin")],
                               capture_output=True, text=True)
         info = info.stdout + info.stderr
+        if sass:
+            row["sass"] = _listing(cuobjdump, "-sass", cubin)
+            row["sass_lines"] = _listing(cuobjdump.parent / "nvdisasm", "-g", "-c", cubin)
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     row.update(registers=int(usage.get("REG", -1)), shared_bytes=int(usage.get("SHARED", -1)),
@@ -177,21 +228,21 @@ def compile_spec(spec: dict) -> dict:
     return row
 
 
-def compile_specs(specs: list, workers: int = 2) -> list:
+def compile_specs(specs: list, workers: int = 2, sass: bool = False) -> list:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("AOT compilation needs a process without TRITON_INTERPRET=1")
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(compile_spec, specs, chunksize=4))
+        return list(pool.map(partial(compile_spec, sass=sass), specs))
 
 
-def run_in_subprocess(specs: list, out: Path, timeout: float = 1500) -> list:
+def run_in_subprocess(specs: list, out: Path, timeout: float = 1500, sass: bool = False) -> list:
     """Compile ``specs`` in a fresh process without the interpreter; returns the report rows."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(specs, f)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-m", "isreshape_triton.aot", "--specs", f.name, "--out", str(out)],
-                   env=env, check=True, timeout=timeout)
+    subprocess.run([sys.executable, "-m", "isreshape_triton.aot", "--specs", f.name, "--out", str(out)]
+                   + (["--sass"] if sass else []), env=env, check=True, timeout=timeout)
     os.unlink(f.name)
     return json.loads(out.read_text())["kernels"]
 
@@ -208,9 +259,10 @@ def main(argv=None) -> None:
     ap.add_argument("--specs", help="JSON list of specializations (default: a representative set)")
     ap.add_argument("--out", default=str(REPORT_PATH))
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--sass", action="store_true", help="add each cubin's SASS listings to its row")
     args = ap.parse_args(argv)
     specs = json.loads(Path(args.specs).read_text()) if args.specs else default_specs()
-    rows = compile_specs(specs, args.workers)
+    rows = compile_specs(specs, args.workers, args.sass)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"target": "cuda sm_90 (H100), warp size 32",
                                           "kernels": rows}, indent=1))

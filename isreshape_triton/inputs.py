@@ -25,6 +25,8 @@ class Inputs:
     response_mask: Optional[torch.Tensor]  # like log_prob, or None (all count)
     shape: torch.Size  # the caller's shape of log_prob
     cu_seqlens: Optional[torch.Tensor] = None  # [S + 1] offsets of the packed layout
+    rollout: Optional[torch.Tensor] = None  # rollout IS weights r, like log_prob (SPEC §2)
+    ref_log_prob: Optional[torch.Tensor] = None  # log π_ref for the KL term, like log_prob (SPEC §4.1)
 
     @property
     def packed(self) -> bool:
@@ -68,7 +70,19 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int) -> None:
                          f"without decreasing, got {c.tolist()[:8]}{'...' if c.numel() > 8 else ''}")
 
 
-def _prepare_packed(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, validate) -> Inputs:
+def _token_streams(streams: dict, shape) -> dict:
+    """Optional per-token float inputs (rollout IS weights, reference log-probs): checked like
+    old_log_prob; returns the given ones."""
+    given = {name: t for name, t in streams.items() if t is not None}
+    for name, t in given.items():
+        _check_tensor(name, t)
+        if t.shape != shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match log_prob shape {tuple(shape)}")
+    return given
+
+
+def _prepare_packed(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, validate,
+                    rollout, ref_log_prob) -> Inputs:
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 \
             or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError("cu_seqlens must be a 1-D int32/int64 tensor of S + 1 offsets, got "
@@ -76,7 +90,8 @@ def _prepare_packed(log_prob, old_log_prob, advantages, response_mask, cu_seqlen
     if log_prob.dim() != 1:
         raise ValueError(f"with cu_seqlens, log_prob must be 1-D [N] (packed), got shape {tuple(log_prob.shape)}")
     n, S = log_prob.shape[0], cu_seqlens.numel() - 1
-    tensors = {"old_log_prob": old_log_prob, "cu_seqlens": cu_seqlens}
+    tensors = {"old_log_prob": old_log_prob, "cu_seqlens": cu_seqlens,
+               **_token_streams({"rollout_is_weights": rollout, "ref_log_prob": ref_log_prob}, log_prob.shape)}
     if advantages is not None:
         _check_tensor("advantages", advantages)
         if advantages.shape not in ((n,), (S,)):
@@ -91,7 +106,8 @@ def _prepare_packed(log_prob, old_log_prob, advantages, response_mask, cu_seqlen
             raise ValueError(f"{name} is on {t.device} but log_prob is on {log_prob.device}")
     if validate:
         check_cu_seqlens(cu_seqlens, n)
-    return Inputs(log_prob, old_log_prob, advantages, response_mask, log_prob.shape, cu_seqlens)
+    return Inputs(log_prob, old_log_prob, advantages, response_mask, log_prob.shape, cu_seqlens,
+                  rollout, ref_log_prob)
 
 
 def pad_packed(x: Inputs, max_len: int) -> Inputs:
@@ -112,11 +128,14 @@ def pad_packed(x: Inputs, max_len: int) -> Inputs:
     adv = x.advantages
     if adv is not None:
         adv = gather(adv) if adv.shape[0] == n else adv[:, None].expand(S, max_len)  # [N] per token, else [S]
-    return Inputs(gather(x.log_prob), gather(x.old_log_prob), adv, mask, torch.Size((S, max_len)))
+    optional = [None if t is None else gather(t) for t in (x.rollout, x.ref_log_prob)]
+    return Inputs(gather(x.log_prob), gather(x.old_log_prob), adv, mask, torch.Size((S, max_len)), None,
+                  *optional)
 
 
 def prepare_inputs(log_prob, old_log_prob, advantages, response_mask,
-                   log_ratio_clamp: float = 20.0, cu_seqlens=None, validate: bool = False) -> Inputs:
+                   log_ratio_clamp: float = 20.0, cu_seqlens=None, validate: bool = False,
+                   rollout_is_weights=None, ref_log_prob=None) -> Inputs:
     _check_tensor("log_prob", log_prob)
     _check_tensor("old_log_prob", old_log_prob)
     if log_prob.dim() < 1:
@@ -128,7 +147,8 @@ def prepare_inputs(log_prob, old_log_prob, advantages, response_mask,
             and math.isfinite(log_ratio_clamp)):
         raise ValueError(f"log_ratio_clamp must be a finite number > 0, got {log_ratio_clamp!r}")
     if cu_seqlens is not None:
-        return _prepare_packed(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, validate)
+        return _prepare_packed(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, validate,
+                               rollout_is_weights, ref_log_prob)
     device = log_prob.device
     shape = log_prob.shape
     if log_prob.dim() == 1:  # a single sequence
@@ -137,7 +157,8 @@ def prepare_inputs(log_prob, old_log_prob, advantages, response_mask,
         lead, T = tuple(shape[:-1]), shape[-1]
     rows = math.prod(lead)
 
-    tensors = {"old_log_prob": old_log_prob}
+    optional = _token_streams({"rollout_is_weights": rollout_is_weights, "ref_log_prob": ref_log_prob}, shape)
+    tensors = {"old_log_prob": old_log_prob, **optional}
     if advantages is not None:
         _check_tensor("advantages", advantages)
         if advantages.shape != shape and advantages.shape != shape[:-1]:
@@ -160,4 +181,6 @@ def prepare_inputs(log_prob, old_log_prob, advantages, response_mask,
         else:
             adv = advantages.reshape(rows, 1).expand(rows, T)
     mask = None if response_mask is None else _rows_view("response_mask", response_mask, rows, T)
-    return Inputs(lp, olp, adv, mask, shape)
+    rollout, ref = (None if t is None else _rows_view(name, t, rows, T)
+                    for name, t in (("rollout_is_weights", rollout_is_weights), ("ref_log_prob", ref_log_prob)))
+    return Inputs(lp, olp, adv, mask, shape, None, rollout, ref)

@@ -51,6 +51,9 @@ gamma="psis" (is_reshape, is_reshape_var; is_reshape_sign per group)
   psis_k           Pareto k̂ of the log-weights ℓ (sign: the max over both groups;
                    "sequence": the max over rows), 0 when too few tokens to fit
   psis_unreliable  1.0 if k̂ > 0.7 anywhere (γ fell back to gamma_fallback), else 0.0
+
+with ref_log_prob (SPEC §4.1)
+  kl_loss          agg(k_t) of verl's kl_penalty (without kl_coef), the loss's own aggregation
 """
 from __future__ import annotations
 
@@ -72,7 +75,11 @@ EXTRAS = {
 PSIS = ("psis_k", "psis_unreliable")
 
 
-def metric_names(loss_type: str, params=None) -> tuple:
-    """The metric keys every path returns for ``loss_type`` (and its params), in a fixed order."""
+KL = ("kl_loss",)
+
+
+def metric_names(loss_type: str, params=None, kl: bool = False) -> tuple:
+    """The metric keys every path returns for ``loss_type`` (and its params), in a fixed order;
+    ``kl``: a ``ref_log_prob`` was given (kl_loss = agg(k_t), without β)."""
     psis = params is not None and getattr(params, "gamma", None) == "psis"
-    return COMMON + EXTRAS[loss_type] + (PSIS if psis else ())
+    return COMMON + EXTRAS[loss_type] + (PSIS if psis else ()) + (KL if kl else ())

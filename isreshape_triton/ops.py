@@ -35,7 +35,8 @@ from .kernels.families import VESPO
 from .kernels.loss import token_loss_kernel
 from .kernels.stats import batch_stats_kernel
 from .metrics import metric_names
-from .params import AGG_MODES, AggConfig, check_log_ratio_clamp, check_process_group, make_params
+from .params import (AGG_MODES, AggConfig, KLConfig, check_log_ratio_clamp, check_process_group,
+                     make_params)
 from .psis import K_HAT_THRESHOLD, psis_gamma
 
 _AGG_CODE = {name: i for i, name in enumerate(AGG_MODES)}
@@ -158,7 +159,8 @@ def _streams(x: Inputs) -> dict:
     per_row_adv = adv is not None and x.packed and adv.shape[0] != lp.shape[0]
     out = {}
     for name, (t, rs, ts) in (("lp", strides(lp)), ("olp", strides(x.old_log_prob)),
-                              ("adv", strides(adv, per_row_adv)), ("mask", strides(x.response_mask))):
+                              ("adv", strides(adv, per_row_adv)), ("mask", strides(x.response_mask)),
+                              ("rollout", strides(x.rollout)), ("ref", strides(x.ref_log_prob))):
         out.update({f"{name}_ptr": t, f"s_{name}_r": rs, f"s_{name}_t": ts})
     return out
 
@@ -177,7 +179,8 @@ def geometry(x: Inputs, tiling: Tiling = None) -> dict:
 
 
 def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, write_grad: bool,
-                  gamma: Optional[torch.Tensor] = None, process_group=None) -> Plan:
+                  gamma: Optional[torch.Tensor] = None, process_group=None,
+                  kl: KLConfig = KLConfig()) -> Plan:
     """Allocate the outputs and list the steps of the forward pass: 1-2 kernel launches,
     plus one all-gather of the statistics records with ``process_group``.
 
@@ -213,12 +216,13 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
     tokens = dict(**_streams(x), cu_ptr=cu, N=N, T=geo["T"], S=S, chunk=geo["chunk"], n_chunks=n_chunks,
                   clamp=float(clamp), gamma_rule=fam.gamma_rule.as_tuple())
     flags = dict(ACC=_tl_dtype(x.log_prob.dtype), HAS_ADV=x.advantages is not None,
-                 HAS_MASK=x.response_mask is not None, PACKED=x.packed, KS=KS, G=G)
+                 HAS_MASK=x.response_mask is not None, HAS_ROLLOUT=x.rollout is not None,
+                 PACKED=x.packed, KS=KS, G=G)
     steps = []
     if fam.needs_stats:
         block, options = _tile(STATS_TILE_ESS_EXACT if fam.ess_exact else STATS_TILE, fp64)
         steps.append(Launch(batch_stats_kernel, (programs,), dict(**tokens, rec_ptr=stats),
-                            dict(**flags, SIGN_GROUPS=fam.sign_groups, ESS_EXACT=fam.ess_exact,
+                            dict(**flags, HAS_REF=False, SIGN_GROUPS=fam.sign_groups, ESS_EXACT=fam.ess_exact,
                                  ROW_STATS=row_stats, BLOCK_T=block),
                             options))
     records = stats
@@ -240,10 +244,12 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
              neg_phi_ptr=neg_phi if write_grad else grad_scale, element_ptr=elements,
              row_count_ptr=row_count, partial_ptr=partial, ticket_ptr=completion_ticket(dev),
              loss_ptr=loss, metrics_ptr=metrics, grad_scale_ptr=grad_scale, params=fam.params,
+             kl_coef=float(kl.kl_coef),
              dp_size=float(agg.dp_size), global_token_count=given(agg.global_token_count),
              global_batch_size=given(agg.global_batch_size),
              loss_scale_factor=given(agg.loss_scale_factor)),
         dict(**flags, FAMILY=fam.family, OPT=fam.opt, GAMMA_MODE=fam.gamma_mode,
+             KL_TYPE=kl.code if x.ref_log_prob is not None else 0,
              BATCH_STATS=batch_stats, ROW_STATS=row_stats, SIGN_GROUPS=fam.sign_groups,
              WRITE_GRAD=write_grad, AGG=_AGG_CODE[agg.loss_agg_mode], SEQ_AGG=seq_agg,
              COUNTS_ON_DEVICE=(isinstance(agg.global_token_count, torch.Tensor)
@@ -368,10 +374,12 @@ class _FusedPolicyLoss(torch.autograd.Function):
     weight −s·m·φ whose own derivative is not part of any trainer's update."""
 
     @staticmethod
-    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, cu_seqlens, config, gamma):
-        x = Inputs(log_prob, old_log_prob, advantages, response_mask, log_prob.shape, cu_seqlens)
+    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout, ref_log_prob,
+                config, gamma):
+        x = Inputs(log_prob, old_log_prob, advantages, response_mask, log_prob.shape, cu_seqlens,
+                   rollout, ref_log_prob)
         plan = plan_launches(x, config.family, config.agg, config.clamp, config.write_grad,
-                             gamma, config.process_group)
+                             gamma, config.process_group, config.kl)
         for step in plan.steps:
             step()
         ctx.grad_dtype = log_prob.dtype
@@ -387,12 +395,12 @@ class _FusedPolicyLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_metrics):
         if grad_loss is None:
-            return None, None, None, None, None, None, None
+            return (None,) * 9
         neg_phi, grad_scale, row_count, cu = ctx.saved_tensors
         grad = _empty(ctx.grad_shape, ctx.grad_dtype, neg_phi.device)
         backward_launch(neg_phi, grad, grad_scale, grad_loss.to(grad_scale.dtype), row_count, cu,
                         ctx.geometry, ctx.per_row)()
-        return grad, None, None, None, None, None, None
+        return (grad,) + (None,) * 8
 
 
 @dataclass(frozen=True)
@@ -402,12 +410,14 @@ class _Config:
     clamp: float
     write_grad: bool
     process_group: object = None
+    kl: KLConfig = KLConfig()
 
 
 def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                       loss_type="is_reshape", loss_agg_mode="token-mean", *, dp_size=1,
                       global_token_count=None, global_batch_size=None, loss_scale_factor=None,
-                      log_ratio_clamp=20.0, cu_seqlens=None, validate=False, process_group=None,
+                      log_ratio_clamp=20.0, cu_seqlens=None, validate=False, rollout_is_weights=None,
+                      ref_log_prob=None, kl_coef=0.0, kl_type="low_var_kl", process_group=None,
                       params=None, **family_params):
     """``irt.policy_loss`` on the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
 
@@ -418,8 +428,9 @@ def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=Non
     log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
     params = make_params(loss_type, params, **family_params)
     agg = AggConfig(loss_agg_mode, dp_size, global_token_count, global_batch_size, loss_scale_factor)
+    kl = KLConfig(kl_coef, kl_type)
     x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, log_ratio_clamp,
-                       cu_seqlens, validate)
+                       cu_seqlens, validate, rollout_is_weights, ref_log_prob)
     agg.check_device(x.log_prob.device)
     mask = x.response_mask
     if mask is not None and mask.dtype.is_floating_point and mask.element_size() == 1:
@@ -429,11 +440,12 @@ def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=Non
     if fam.psis:
         gamma, extra = _psis_context(x, loss_type, params, fam, float(log_ratio_clamp), process_group)
     write_grad = torch.is_grad_enabled() and x.log_prob.requires_grad
-    config = _Config(fam, agg, float(log_ratio_clamp), write_grad, process_group)
+    config = _Config(fam, agg, float(log_ratio_clamp), write_grad, process_group, kl)
     detached = [None if t is None else t.detach() for t in (x.old_log_prob, x.advantages, mask)]
-    loss, metric_vec = _FusedPolicyLoss.apply(x.log_prob, *detached, x.cu_seqlens, config, gamma)
+    optional = [None if t is None else t.detach() for t in (x.rollout, x.ref_log_prob)]
+    loss, metric_vec = _FusedPolicyLoss.apply(x.log_prob, *detached, x.cu_seqlens, *optional, config, gamma)
     metrics = {name: extra[name] if name in extra else metric_vec[_METRIC_INDEX[name]]
-               for name in metric_names(loss_type, params)}
+               for name in metric_names(loss_type, params, kl=x.ref_log_prob is not None)}
     return loss, metrics
 
 

@@ -48,7 +48,10 @@ NEG_SATURATIONS = ("none", "soft", "truncate", "michaelis_menten")
 POS_WEIGHTS = ("power", "michaelis_menten")
 # keyword options of policy_loss that are not family parameters
 CALL_OPTIONS = ("loss_agg_mode", "dp_size", "global_token_count", "global_batch_size",
-                "loss_scale_factor", "log_ratio_clamp", "process_group", "cu_seqlens", "validate")
+                "loss_scale_factor", "log_ratio_clamp", "process_group", "cu_seqlens", "validate",
+                "rollout_is_weights", "ref_log_prob", "kl_coef", "kl_type")
+# verl's kl_penalty names (SPEC §4.1) → the kernels' KL_TYPE (kernels/families.py)
+KL_TYPES = {"kl": 1, "k1": 1, "abs": 2, "mse": 3, "k2": 3, "low_var_kl": 4, "k3": 4}
 
 FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 FP32_TRUE_MIN = 2.0 ** -149  # smallest positive fp32 subnormal
@@ -336,6 +339,22 @@ def check_loss_type(loss_type) -> None:
 def check_log_ratio_clamp(value) -> float:
     """C of ℓ = clamp(d, −C, C) as a Python float (a real number > 0, fp32-representable)."""
     return _real_in("log_ratio_clamp", value, lo=0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    """β·agg(k_t) added to the loss (SPEC §4.1): ``kl_coef`` β and verl's ``kl_type`` name."""
+
+    kl_coef: float = 0.0
+    kl_type: str = "low_var_kl"
+
+    def __post_init__(self):
+        _set_real(self, "kl_coef", lo=0.0)
+        _check_choice("kl_type", self.kl_type, KL_TYPES)
+
+    @property
+    def code(self) -> int:
+        return KL_TYPES[self.kl_type]
 
 
 def check_process_group(process_group) -> None:

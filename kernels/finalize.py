@@ -7,7 +7,7 @@ import triton.language as tl
 
 from .common import (ess_of, expsum_reduce, moments4_reduce, moments_reduce, reduce_max, safe_div,
                      unbiased_var)
-from .layout import (E_COUNT, E_FLAGS, E_LOSS, E_ROW, ELEMENT_WIDTH, P_ESS, P_EXTRAS, P_GAMMA,
+from .layout import (E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, P_KL, P_SEQ_KL, P_ESS, P_EXTRAS, P_GAMMA,
                      P_LOSS, P_MOMENTS, P_MOMENTS_NEG, P_MOMENTS_POS, P_NONFINITE, P_PHI,
                      P_PHI_ABS_MAX, P_ROWS, P_SEQ_LOSS, P_W, P_W_MAX, PARTIAL_WIDTH, ROW_ENDS,
                      ROW_STARTS)
@@ -42,20 +42,23 @@ def _expsum_slots(rows, slot, ok):
 
 
 @triton.jit
-def _seg_add(start_a, n_a, loss_a, start_b, n_b, loss_b):
-    """Segmented sum: b restarts the running sums where its row starts."""
-    return start_a | start_b, tl.where(start_b, n_b, n_a + n_b), tl.where(start_b, loss_b, loss_a + loss_b)
+def _seg_add(start_a, n_a, loss_a, kl_a, start_b, n_b, loss_b, kl_b):
+    """Segmented sums: b restarts the running sums where its row starts."""
+    return (start_a | start_b, tl.where(start_b, n_b, n_a + n_b), tl.where(start_b, loss_b, loss_a + loss_b),
+            tl.where(start_b, kl_b, kl_a + kl_b))
 
 
 @triton.jit
 def _spanning_rows(element_ptr, n_elements, row_count_ptr, dt: tl.constexpr,
                    WRITE_COUNTS: tl.constexpr, BLOCK_E: tl.constexpr):
-    """(Σ (row loss)/n_b, rows with n_b > 0) over the rows that span chunks: a segmented
-    scan over the head/tail elements in chunk order; writes n_b of those rows."""
+    """(Σ (row loss)/n_b, Σ (row KL)/n_b, rows with n_b > 0) over the rows that span chunks:
+    a segmented scan over the head/tail elements in chunk order; writes n_b of those rows."""
     idx = tl.arange(0, BLOCK_E)
     carry_n = tl.zeros([], dt)
     carry_loss = tl.zeros([], dt)
+    carry_kl = tl.zeros([], dt)
     seq_loss = tl.zeros([], dt)
+    seq_kl = tl.zeros([], dt)
     rows = tl.zeros([], dt)
     for e0 in range(0, n_elements, BLOCK_E):
         e = e0 + idx
@@ -63,20 +66,25 @@ def _spanning_rows(element_ptr, n_elements, row_count_ptr, dt: tl.constexpr,
         el = element_ptr + e.to(tl.int64) * ELEMENT_WIDTH
         n = tl.load(el + E_COUNT, mask=ok, other=0.0, cache_modifier=".cg")
         loss = tl.load(el + E_LOSS, mask=ok, other=0.0, cache_modifier=".cg")
+        kl = tl.load(el + E_KL, mask=ok, other=0.0, cache_modifier=".cg")
         flags = tl.load(el + E_FLAGS, mask=ok, other=0.0, cache_modifier=".cg").to(tl.int32)
         starts = (flags & ROW_STARTS) != 0
-        seen, n_run, loss_run = tl.associative_scan((starts, n, loss), 0, _seg_add)
+        seen, n_run, loss_run, kl_run = tl.associative_scan((starts, n, loss, kl), 0, _seg_add)
         n_run = tl.where(seen, n_run, n_run + carry_n)
         loss_run = tl.where(seen, loss_run, loss_run + carry_loss)
+        kl_run = tl.where(seen, kl_run, kl_run + carry_kl)
         ends = (flags & ROW_ENDS) != 0
         seq_loss += tl.sum(tl.where(ends, safe_div(loss_run, n_run), 0.0))
+        seq_kl += tl.sum(tl.where(ends, safe_div(kl_run, n_run), 0.0))
         rows += tl.sum(tl.where(ends & (n_run > 0.0), 1.0, 0.0))
         if WRITE_COUNTS:
             row = tl.load(el + E_ROW, mask=ok & ends, other=0.0, cache_modifier=".cg").to(tl.int64)
             tl.store(row_count_ptr + row, n_run, mask=ok & ends)
-        carry_n = tl.sum(tl.where(idx == BLOCK_E - 1, n_run, 0.0))
-        carry_loss = tl.sum(tl.where(idx == BLOCK_E - 1, loss_run, 0.0))
-    return seq_loss, rows
+        last = idx == BLOCK_E - 1
+        carry_n = tl.sum(tl.where(last, n_run, 0.0))
+        carry_loss = tl.sum(tl.where(last, loss_run, 0.0))
+        carry_kl = tl.sum(tl.where(last, kl_run, 0.0))
+    return seq_loss, seq_kl, rows
 
 
 @triton.jit
@@ -136,33 +144,33 @@ def finalize(partial_ptr, n_part, element_ptr, n_elements, row_count_ptr, cu_ptr
     one = tl.full([], 1.0, dt)
     global_token_count = _given(global_token_count, dt, COUNTS_ON_DEVICE % 2 == 1)
     global_batch_size = _given(global_batch_size, dt, COUNTS_ON_DEVICE // 2 == 1)
+    # every mode is (Σ m·L, or for seq-mean-token-mean Σ_b (Σ_t m·L)/n_b) × scale
+    s_kl = tl.sum(_load(rows, P_KL, ok))
     if SEQ_AGG:
-        seq_loss, n_rows = _spanning_rows(element_ptr, n_elements, row_count_ptr, dt,
-                                          AGG == SEQ_MEAN_TOKEN_MEAN, BLOCK_E)
+        seq_loss, seq_kl, n_rows = _spanning_rows(element_ptr, n_elements, row_count_ptr, dt,
+                                                  AGG == SEQ_MEAN_TOKEN_MEAN, BLOCK_E)
         seq_loss += tl.sum(_load(rows, P_SEQ_LOSS, ok))
+        seq_kl += tl.sum(_load(rows, P_SEQ_KL, ok))
         n_rows += tl.sum(_load(rows, P_ROWS, ok))
         gbs = tl.where(global_batch_size >= 0.0, global_batch_size, n_rows)
     if AGG == TOKEN_MEAN:
-        gtc = tl.where(global_token_count >= 0.0, global_token_count, n_all)
-        loss = safe_div(s_loss, gtc)
-        scale = safe_div(one, gtc)
+        scale = safe_div(one, tl.where(global_token_count >= 0.0, global_token_count, n_all))
     elif AGG == TOKEN_SUM:
-        loss = s_loss
         scale = one
-    elif AGG == SEQ_MEAN_TOKEN_SUM:
-        loss = safe_div(s_loss, gbs)
-        scale = safe_div(one, gbs)
-    elif AGG == SEQ_MEAN_TOKEN_MEAN:
-        loss = safe_div(seq_loss, gbs)
+    elif AGG == SEQ_MEAN_TOKEN_SUM or AGG == SEQ_MEAN_TOKEN_MEAN:
         scale = safe_div(one, gbs)
     else:
         if PACKED:
             longest = _longest_row(cu_ptr, S, BLOCK_E).to(dt)
         else:
             longest = T * one
-        lsf = tl.where(loss_scale_factor >= 0.0, loss_scale_factor, longest)
-        loss = safe_div(s_loss, gbs * lsf)
-        scale = safe_div(one, gbs * lsf)
+        scale = safe_div(one, gbs * tl.where(loss_scale_factor >= 0.0, loss_scale_factor, longest))
+    if AGG == SEQ_MEAN_TOKEN_MEAN:
+        loss = seq_loss * scale
+        kl_loss = seq_kl * scale
+    else:
+        loss = s_loss * scale
+        kl_loss = s_kl * scale
     tl.store(loss_ptr, loss * dp_size)
     tl.store(grad_scale_ptr, scale * dp_size)
 
@@ -218,3 +226,4 @@ def finalize(partial_ptr, n_part, element_ptr, n_elements, row_count_ptr, cu_ptr
     tl.store(m + 29, ess_n)
     tl.store(m + 30, safe_div(ess_n, n_neg))
     tl.store(m + 31, nonfinite)
+    tl.store(m + 32, kl_loss * dp_size)

@@ -9,7 +9,7 @@ advantage (VESPO), then for ``gamma="ess_exact"`` the grid sums Σe^{γ_jℓ},
 G values each.
 
 Row-sum element (``token_loss_kernel``, seq-* aggregation): two per chunk, the
-chunk's head and tail piece (``rows.py``): (count, Σ m·L, row, flags) with flags
+chunk's head and tail piece (``rows.py``): (count, Σ m·L, Σ m·k, row, flags) with flags
 ROW_STARTS (a tail: its row starts here) and ROW_ENDS (a head whose row ends here).
 
 Partial record (one per program of ``token_loss_kernel``, merged by the last one).
@@ -29,9 +29,10 @@ S_BASE_WIDTH = 11
 # row-sum element
 E_COUNT = tl.constexpr(0)
 E_LOSS = tl.constexpr(1)
-E_ROW = tl.constexpr(2)
-E_FLAGS = tl.constexpr(3)
-ELEMENT_WIDTH = tl.constexpr(4)
+E_KL = tl.constexpr(2)
+E_ROW = tl.constexpr(3)
+E_FLAGS = tl.constexpr(4)
+ELEMENT_WIDTH = tl.constexpr(5)
 ROW_STARTS = tl.constexpr(1)
 ROW_ENDS = tl.constexpr(2)
 
@@ -50,7 +51,9 @@ P_ESS = tl.constexpr(18)  # (max z, Σe^{z−max}, Σe^{2(z−max)}), z = γ_t·
 P_GAMMA = tl.constexpr(27)  # Σγ_t, min γ_t, max γ_t
 P_EXTRAS = tl.constexpr(30)  # + k, k = 0..4: the family's extra per-token terms
 P_NONFINITE = tl.constexpr(35)
-PARTIAL_WIDTH = tl.constexpr(36)
+P_KL = tl.constexpr(36)  # Σ m·k of the KL term
+P_SEQ_KL = tl.constexpr(37)  # Σ over complete rows of (Σ_t m·k)/n_b
+PARTIAL_WIDTH = tl.constexpr(38)
 
 METRIC_SLOTS = (
     "token_count", "ppo_kl", "w_mean", "w_max", "phi_mean", "phi_abs_max", "sigma_sq",
@@ -58,6 +61,6 @@ METRIC_SLOTS = (
     "gamma_neg", "sigma_sq_pos", "sigma_sq_neg", "gamma_base", "p_case1", "p_case2",
     "p_case3", "p_case4", "clipfrac", "clipfrac_lower", "skewness", "kurtosis",
     "max_weight_ratio", "ess_pos", "ess_ratio_pos", "ess_neg", "ess_ratio_neg",
-    "nonfinite_tokens",
+    "nonfinite_tokens", "kl_loss",
 )
-METRIC_WIDTH = tl.constexpr(32)
+METRIC_WIDTH = tl.constexpr(33)

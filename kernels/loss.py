@@ -25,10 +25,10 @@ import triton.language as tl
 from .common import (expsum_add, expsum_init, expsum_reduce, max_nan, min_nan, moments4_add,
                      moments4_init, moments4_reduce, moments_add, moments_init, moments_reduce,
                      reduce_max, safe_div)
-from .families import IS_RESHAPE_VAR, VESPO, family_token, vespo_sequence_weight
+from .families import IS_RESHAPE_VAR, KL_NONE, VESPO, family_token, kl_penalty, vespo_sequence_weight
 from .finalize import finalize
 from .gamma import GAMMA_GIVEN, family_context, merge_sequence_sums
-from .layout import (E_COUNT, E_FLAGS, E_LOSS, E_ROW, ELEMENT_WIDTH, P_ESS, P_EXTRAS, P_GAMMA,
+from .layout import (E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, P_KL, P_SEQ_KL, P_ESS, P_EXTRAS, P_GAMMA,
                      P_LOSS, P_MOMENTS, P_MOMENTS_NEG, P_MOMENTS_POS, P_NONFINITE, P_PHI,
                      P_PHI_ABS_MAX, P_ROWS, P_SEQ_LOSS, P_W, P_W_MAX, PARTIAL_WIDTH, ROW_ENDS,
                      ROW_STARTS)
@@ -50,9 +50,10 @@ def _counted(x, m, bad):
 
 
 @triton.jit
-def _store_element(ptr, n, loss, row, flags):
+def _store_element(ptr, n, loss, kl, row, flags):
     tl.store(ptr + E_COUNT, n)
     tl.store(ptr + E_LOSS, loss)
+    tl.store(ptr + E_KL, kl)
     tl.store(ptr + E_ROW, row.to(ptr.dtype.element_ty))
     tl.store(ptr + E_FLAGS, flags.to(ptr.dtype.element_ty))
 
@@ -85,28 +86,36 @@ def _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, ch
 
 
 @triton.jit(do_not_specialize=["N", "T", "S", "chunk", "n_chunks", "n_stats", "s_lp_r", "s_lp_t",
-                               "s_olp_r", "s_olp_t", "s_adv_r", "s_adv_t", "s_mask_r", "s_mask_t"])
+                               "s_olp_r", "s_olp_t", "s_adv_r", "s_adv_t", "s_mask_r", "s_mask_t",
+                               "s_rollout_r", "s_rollout_t", "s_ref_r", "s_ref_t"])
 def token_loss_kernel(
-    lp_ptr, olp_ptr, adv_ptr, mask_ptr, cu_ptr, stats_ptr, n_stats, gamma_ptr, gamma_row_stride,
+    lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr, cu_ptr, stats_ptr, n_stats,
+    gamma_ptr, gamma_row_stride,
     neg_phi_ptr, element_ptr, row_count_ptr, partial_ptr, ticket_ptr,
     loss_ptr, metrics_ptr, grad_scale_ptr,
     N, T, S, chunk, n_chunks,
     s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r, s_mask_t,
-    clamp, gamma_rule, params, dp_size, global_token_count, global_batch_size, loss_scale_factor,
-    FAMILY: tl.constexpr, OPT: tl.constexpr, GAMMA_MODE: tl.constexpr,
+    s_rollout_r, s_rollout_t, s_ref_r, s_ref_t,
+    clamp, gamma_rule, params, kl_coef,
+    dp_size, global_token_count, global_batch_size, loss_scale_factor,
+    FAMILY: tl.constexpr, OPT: tl.constexpr, GAMMA_MODE: tl.constexpr, KL_TYPE: tl.constexpr,
     BATCH_STATS: tl.constexpr, ROW_STATS: tl.constexpr, SIGN_GROUPS: tl.constexpr,
-    ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, AGG: tl.constexpr, SEQ_AGG: tl.constexpr, SEQ_GAMMA: tl.constexpr,
+    ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
+    PACKED: tl.constexpr, WRITE_GRAD: tl.constexpr, AGG: tl.constexpr, SEQ_AGG: tl.constexpr, SEQ_GAMMA: tl.constexpr,
     COUNTS_ON_DEVICE: tl.constexpr, KS: tl.constexpr, G: tl.constexpr, BLOCK_REC: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """Loss, metrics and −m·φ (see module docstring). ``params`` is the family's float tuple,
+    """Loss, metrics and ∂L/∂lp per token (see module docstring): with rollout IS weights r
+    and the KL term, L_t = −F_t·r_t + β·k(x_t) and ∂L_t/∂lp_t = −φ_t·r_t + β·k'(x_t)
+    (VESPO: r is in W, not per token); ``kl_coef`` = β. ``params`` is the family's float tuple,
     ``gamma_rule`` the γ rule (``gamma.py``); global_* < 0 means "not given" (or device
     tensors, see ``finalize``)."""
     lp = (lp_ptr, s_lp_r, s_lp_t)
     olp = (olp_ptr, s_olp_r, s_olp_t)
     adv = (adv_ptr, s_adv_r, s_adv_t)
     mask = (mask_ptr, s_mask_r, s_mask_t)
+    rollout = (rollout_ptr, s_rollout_r, s_rollout_t)
+    ref = (ref_ptr, s_ref_r, s_ref_t)
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_T)
     like = tl.zeros([BLOCK_T], ACC)
@@ -119,6 +128,7 @@ def token_loss_kernel(
                                    FAMILY, GAMMA_MODE, BATCH_STATS, KS, G, BLOCK_REC)
     # lane accumulators of the program
     loss_acc = like
+    kl_acc = like
     moments = moments4_init(like)
     pos = moments_init(like)
     neg = moments_init(like)
@@ -136,13 +146,14 @@ def token_loss_kernel(
     nonfinite = like
     # complete rows of the seq-* modes: Σ (row loss)/n_b and the number of non-empty rows
     seq_loss = zero
+    seq_kl = zero
     seq_rows = zero
     for c in range(pid, n_chunks, tl.num_programs(0)):
         a = c * chunk
         b = tl.minimum(a + chunk, N)
         # the chunk's head and tail elements (neutral unless a piece fills them)
-        h_n, h_loss, h_row, h_flags = zero, zero, tl.zeros([], tl.int32), tl.zeros([], tl.int32)
-        t_n, t_loss, t_row, t_flags = h_n, h_loss, h_row, h_flags
+        h_n, h_loss, h_kl, h_row, h_flags = zero, zero, zero, tl.zeros([], tl.int32), tl.zeros([], tl.int32)
+        t_n, t_loss, t_kl, t_row, t_flags = h_n, h_loss, h_kl, h_row, h_flags
         p = a
         while p < b:
             s, start, end = locate_row(p, cu_ptr, S, T, PACKED)
@@ -152,18 +163,32 @@ def token_loss_kernel(
                                n_chunks, clamp, gamma_rule, params, batch_ctx,
                                FAMILY, GAMMA_MODE, ROW_STATS, ACC, KS, G, BLOCK_REC)
             row_loss = like
+            row_kl = like
             row_n = like
             for t0 in range(p, e, BLOCK_T):
                 offs = t0 + lanes
-                ell, A, m, bad = load_tokens(lp, olp, adv, mask, s, origin, start, end, offs, e, clamp,
-                                             ACC, HAS_ADV, HAS_MASK, PACKED)
+                ell, A, m, bad, r, kl_x = load_tokens(lp, olp, adv, mask, rollout, ref, s, origin, start,
+                                                      end, offs, e, clamp, ACC, HAS_ADV, HAS_MASK,
+                                                      HAS_ROLLOUT, KL_TYPE != KL_NONE, PACKED)
                 w = tl.exp(ell)
                 phi, F, g, x = family_token(ell, w, A, ctx, params, FAMILY, OPT)
                 # a non-finite input poisons its token's φ, F and extras, whatever the formula
                 phi = tl.where(bad, float("nan"), tl.where(m, phi, 0.0))
                 L = tl.where(bad, float("nan"), tl.where(m, -F, 0.0))
+                dL = -phi
+                if HAS_ROLLOUT and FAMILY != VESPO:
+                    L = L * r
+                    dL = dL * r
+                if KL_TYPE != KL_NONE:
+                    k, dk = kl_penalty(kl_x, KL_TYPE)
+                    k = tl.where(m, k, 0.0)
+                    L += kl_coef * k
+                    dL += tl.where(m, kl_coef * dk, 0.0)
+                    kl_acc += k
+                    if SEQ_AGG:
+                        row_kl += k
                 if WRITE_GRAD:
-                    tl.store(neg_phi_ptr + offs, -phi, mask=offs < e)
+                    tl.store(neg_phi_ptr + offs, dL, mask=offs < e)
                 loss_acc += L
                 if SEQ_AGG:
                     row_loss += L
@@ -191,24 +216,30 @@ def token_loss_kernel(
             if SEQ_AGG:  # the piece's row sums: a complete row now, else a head / tail element
                 n_b = tl.sum(row_n)
                 l_b = tl.sum(row_loss)
+                kl_b = tl.sum(row_kl)
                 complete = (start >= a) & (end <= b)
                 seq_loss += tl.where(complete, safe_div(l_b, n_b), 0.0)
+                seq_kl += tl.where(complete, safe_div(kl_b, n_b), 0.0)
                 seq_rows += tl.where(complete & (n_b > 0.0), 1.0, 0.0)
                 tl.store(row_count_ptr + s, n_b, mask=complete)
                 is_head = start < a
                 h_n = tl.where(is_head, n_b, h_n)
                 h_loss = tl.where(is_head, l_b, h_loss)
+                h_kl = tl.where(is_head, kl_b, h_kl)
                 h_row = tl.where(is_head, s, h_row)
                 h_flags = tl.where(is_head, tl.where(end <= b, ROW_ENDS, 0), h_flags)
                 is_tail = (start >= a) & (end > b)
                 t_n = tl.where(is_tail, n_b, t_n)
                 t_loss = tl.where(is_tail, l_b, t_loss)
+                t_kl = tl.where(is_tail, kl_b, t_kl)
                 t_row = tl.where(is_tail, s, t_row)
                 t_flags = tl.where(is_tail, ROW_STARTS, t_flags)
             p = e
         if SEQ_AGG:
-            _store_element(element_ptr + tl.cast(2 * c, tl.int64) * ELEMENT_WIDTH, h_n, h_loss, h_row, h_flags)
-            _store_element(element_ptr + tl.cast(2 * c + 1, tl.int64) * ELEMENT_WIDTH, t_n, t_loss, t_row, t_flags)
+            _store_element(element_ptr + tl.cast(2 * c, tl.int64) * ELEMENT_WIDTH, h_n, h_loss, h_kl, h_row,
+                           h_flags)
+            _store_element(element_ptr + tl.cast(2 * c + 1, tl.int64) * ELEMENT_WIDTH, t_n, t_loss, t_kl, t_row,
+                           t_flags)
 
     # the program's partial record
     out = partial_ptr + pid.to(tl.int64) * PARTIAL_WIDTH
@@ -220,6 +251,8 @@ def token_loss_kernel(
     _store_tuple3(out + P_MOMENTS_NEG, moments_reduce(neg))
     tl.store(out + P_LOSS, tl.sum(loss_acc))
     tl.store(out + P_SEQ_LOSS, seq_loss)
+    tl.store(out + P_KL, tl.sum(kl_acc))
+    tl.store(out + P_SEQ_KL, seq_kl)
     tl.store(out + P_ROWS, seq_rows)
     tl.store(out + P_W, tl.sum(w_sum))
     tl.store(out + P_W_MAX, reduce_max(w_max))

@@ -63,16 +63,18 @@ def _address(stream, s, tok):
 
 
 @triton.jit
-def load_tokens(lp, olp, adv, mask, s, origin, start, end, offs, piece_stop, clamp,
+def load_tokens(lp, olp, adv, mask, rollout, ref, s, origin, start, end, offs, piece_stop, clamp,
                 ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr,
-                PACKED: tl.constexpr):
-    """One tile of row s: ℓ, A, the count mask m and the non-finite flag of counted tokens.
+                HAS_ROLLOUT: tl.constexpr, HAS_REF: tl.constexpr, PACKED: tl.constexpr):
+    """One tile of row s: ℓ, A, the count mask m, the non-finite flag of counted tokens, the
+    rollout IS weight r (1 when absent) and x = lp − ref_lp of the KL term (0 when absent).
 
     Every stream is (pointer, row stride, token stride); token t of row s lives at
     s·row_stride + (t − origin)·token_stride. Loads are predicated on bounds only; the
-    mask selects afterwards, so masked NaN/inf never leak (ℓ = A = 0 there). At counted
-    tokens ℓ = clamp(lp − olp, ±clamp) and a non-finite lp, olp or A gives NaN (SPEC §11).
-    Inputs are upcast to ACC right after the load.
+    mask selects afterwards, so masked NaN/inf never leak (ℓ = A = x = 0, r = 1 there). At
+    counted tokens ℓ = clamp(lp − olp, ±clamp); a non-finite lp − olp gives ℓ = NaN and a
+    non-finite A, r or x is read as NaN, each flagged in ``bad`` (SPEC §11). Inputs are
+    upcast to ACC right after the load.
     """
     inb = offs < piece_stop
     tok = offs - origin
@@ -81,9 +83,8 @@ def load_tokens(lp, olp, adv, mask, s, origin, start, end, offs, piece_stop, cla
         m = m & (offs >= start) & (offs < end)
     if HAS_MASK:
         m = m & (tl.load(_address(mask, s, tok), mask=inb, other=0) != 0)
-    d = (tl.load(_address(lp, s, tok), mask=inb, other=0.0).to(ACC)
-         - tl.load(_address(olp, s, tok), mask=inb, other=0.0).to(ACC))
-    d = finite_or_nan(d)
+    log_p = tl.load(_address(lp, s, tok), mask=inb, other=0.0).to(ACC)
+    d = finite_or_nan(log_p - tl.load(_address(olp, s, tok), mask=inb, other=0.0).to(ACC))
     ell = tl.where(m, tl.where(d < -clamp, -clamp, tl.where(d > clamp, clamp, d)), 0.0)
     bad = m & (d != d)
     if HAS_ADV:
@@ -92,4 +93,14 @@ def load_tokens(lp, olp, adv, mask, s, origin, start, end, offs, piece_stop, cla
         a = tl.where(m, a, 0.0)
     else:
         a = tl.where(m, 1.0, 0.0).to(ACC)
-    return ell, a, m, bad
+    r = tl.where(m, 1.0, 1.0).to(ACC)
+    if HAS_ROLLOUT:
+        r = finite_or_nan(tl.load(_address(rollout, s, tok), mask=inb, other=1.0).to(ACC))
+        bad = bad | (m & (r != r))
+        r = tl.where(m, r, 1.0)
+    x = tl.zeros_like(ell)
+    if HAS_REF:
+        x = finite_or_nan(log_p - tl.load(_address(ref, s, tok), mask=inb, other=0.0).to(ACC))
+        bad = bad | (m & (x != x))
+        x = tl.where(m, x, 0.0)
+    return ell, a, m, bad, r, x

@@ -61,21 +61,27 @@ def _store_record(ptr, all_, pos, neg, lsum, a_first, grid_a, grid_b,
 
 
 @triton.jit(do_not_specialize=["N", "T", "S", "chunk", "n_chunks", "s_lp_r", "s_lp_t", "s_olp_r",
-                               "s_olp_t", "s_adv_r", "s_adv_t", "s_mask_r", "s_mask_t"])
+                               "s_olp_t", "s_adv_r", "s_adv_t", "s_mask_r", "s_mask_t",
+                               "s_rollout_r", "s_rollout_t", "s_ref_r", "s_ref_t"])
 def batch_stats_kernel(
-    lp_ptr, olp_ptr, adv_ptr, mask_ptr, cu_ptr, rec_ptr,
+    lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr, cu_ptr, rec_ptr,
     N, T, S, chunk, n_chunks,
     s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r, s_mask_t,
+    s_rollout_r, s_rollout_t, s_ref_r, s_ref_t,
     clamp, gamma_rule,
-    ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
+    ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
+    HAS_REF: tl.constexpr, PACKED: tl.constexpr,
     SIGN_GROUPS: tl.constexpr, ESS_EXACT: tl.constexpr, G: tl.constexpr, KS: tl.constexpr,
     ROW_STATS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Statistics records of ℓ per piece (ROW_STATS) or per program (see module docstring)."""
+    """Statistics records of ℓ per piece (ROW_STATS) or per program (see module docstring).
+    With rollout IS weights a row's Σℓ (VESPO's log W) also sums log max(r, 1e-8)."""
     lp = (lp_ptr, s_lp_r, s_lp_t)
     olp = (olp_ptr, s_olp_r, s_olp_t)
     adv = (adv_ptr, s_adv_r, s_adv_t)
     mask = (mask_ptr, s_mask_r, s_mask_t)
+    rollout = (rollout_ptr, s_rollout_r, s_rollout_t)
+    ref = (ref_ptr, s_ref_r, s_ref_t)
     rho, fixed_a, fixed_b, a_lo, a_hi, b_lo, b_hi = gamma_rule
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_T)
@@ -105,8 +111,9 @@ def batch_stats_kernel(
             for t0 in range(p, e, BLOCK_T):
                 offs = t0 + lanes
                 # advantages are read only for the A>0 / A<0 groups (VESPO reads one per piece)
-                ell, A, m, bad = load_tokens(lp, olp, adv, mask, s, origin, start, end, offs, e, clamp,
-                                             ACC, HAS_ADV and SIGN_GROUPS, HAS_MASK, PACKED)
+                ell, A, m, bad, r, x = load_tokens(lp, olp, adv, mask, rollout, ref, s, origin, start, end,
+                                                   offs, e, clamp, ACC, HAS_ADV and SIGN_GROUPS, HAS_MASK,
+                                                   HAS_ROLLOUT and ROW_STATS, False, PACKED)
                 all_ = moments_add(all_, ell, m)
                 if SIGN_GROUPS:
                     pos = moments_add(pos, ell, m & (A > 0.0))
@@ -118,6 +125,8 @@ def batch_stats_kernel(
                     grid_a = _grid_add(grid_a, ell, m, a_lo, a_hi, G)
                 if ROW_STATS:
                     lsum += ell
+                    if HAS_ROLLOUT:
+                        lsum += tl.where(m, tl.log(tl.maximum(r, 1e-8)), 0.0)
                     first = tl.minimum(first, tl.where(m, offs, e))
             if ROW_STATS:
                 a_first = tl.zeros([], ACC) + 1.0

@@ -270,10 +270,12 @@ def vespo(ell, adv, *, log_W, first_adv, params):
     return TokenTerms(phi, phi * ell, _ones_like(ell), {})
 
 
-def vespo_stats(ell, adv, mask, p, log_ratio_clamp):
-    """log W_b = clamp(Σ_t m_t ℓ_t, ±C); A of each row's first counted token."""
+def vespo_stats(ell, adv, mask, p, log_ratio_clamp, log_rollout=None):
+    """log W_b = clamp(Σ_t m_t (ℓ_t + log max(r_t, 1e-8)), ±C) (rollout IS weights r, when
+    given, folded in before the clamp); A of each row's first counted token."""
     mf = mask.to(ell.dtype)
-    log_W = torch.clamp((mf * ell).sum(dim=-1, keepdim=True), -log_ratio_clamp, log_ratio_clamp)
+    z = ell if log_rollout is None else ell + log_rollout
+    log_W = torch.clamp((mf * z).sum(dim=-1, keepdim=True), -log_ratio_clamp, log_ratio_clamp)
     first = mask & (torch.cumsum(mf, dim=-1) == 1)
     first_adv = torch.where(first, adv, 0.0).sum(dim=-1, keepdim=True)
     return {"log_W": log_W, "first_adv": first_adv}

@@ -23,7 +23,7 @@ import math
 import torch
 
 from ..inputs import pad_packed, prepare_inputs
-from ..params import AggConfig, check_log_ratio_clamp, check_process_group, make_params
+from ..params import AggConfig, KLConfig, check_log_ratio_clamp, check_process_group, make_params
 from .aggregation import aggregate
 from .diagnostics import compute_metrics
 from .families import FAMILIES, STATS, _TAKES_PARAMS, TokenTerms, split_psis
@@ -51,7 +51,8 @@ def poison(terms: TokenTerms, nan: torch.Tensor, ell: torch.Tensor) -> TokenTerm
 def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                 loss_type="is_reshape", loss_agg_mode="token-mean", *,
                 dp_size=1, global_token_count=None, global_batch_size=None, loss_scale_factor=None,
-                log_ratio_clamp=20.0, cu_seqlens=None, validate=False, process_group=None, params=None,
+                log_ratio_clamp=20.0, cu_seqlens=None, validate=False, rollout_is_weights=None,
+                ref_log_prob=None, kl_coef=0.0, kl_type="low_var_kl", process_group=None, params=None,
                 **family_params):
     """Aggregated loss (0-dim, fp32 / fp64) and the metrics dict of ``loss_type``.
 
@@ -59,21 +60,25 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
     treated as constants (no gradient flows to them).
     """
     if cu_seqlens is not None:  # the padded form: every row rule applies per sequence
-        x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, 20.0, cu_seqlens, validate)
+        x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, 20.0, cu_seqlens, validate,
+                           rollout_is_weights, ref_log_prob)
         longest = int((x.cu_seqlens[1:] - x.cu_seqlens[:-1]).max()) if x.rows else 0
         x = pad_packed(x, longest)
         return policy_loss(x.log_prob, x.old_log_prob, x.advantages, x.response_mask, loss_type,
                            loss_agg_mode, dp_size=dp_size, global_token_count=global_token_count,
                            global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
-                           log_ratio_clamp=log_ratio_clamp, process_group=process_group, params=params,
-                           **family_params)
+                           log_ratio_clamp=log_ratio_clamp, rollout_is_weights=x.rollout,
+                           ref_log_prob=x.ref_log_prob, kl_coef=kl_coef, kl_type=kl_type,
+                           process_group=process_group, params=params, **family_params)
     check_process_group(process_group)
     if process_group is not None:
         raise NotImplementedError("process_group is supported on the kernel path")
     C = check_log_ratio_clamp(log_ratio_clamp)
     p = make_params(loss_type, params, **family_params)
     agg = AggConfig(loss_agg_mode, dp_size, global_token_count, global_batch_size, loss_scale_factor)
-    x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, C)
+    kl = KLConfig(kl_coef, kl_type)
+    x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, C, None, False,
+                       rollout_is_weights, ref_log_prob)
     agg.check_device(x.log_prob.device)
     dt = compute_dtype(x.log_prob)
 
@@ -92,14 +97,41 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
     d = lp - olp
     bad_d = mask & ~torch.isfinite(d.detach())
     bad = bad_d | (mask & torch.isnan(adv))
+    r = None
+    if x.rollout is not None:  # rollout IS weights: detached, NaN where not finite
+        r = torch.where(mask, x.rollout.detach().to(dt), 1.0)
+        r = torch.where(torch.isfinite(r), r, math.nan)
+        bad = bad | (mask & torch.isnan(r))
+    k = None
+    if x.ref_log_prob is not None:  # verl's kl_penalty of x = log π − log π_ref
+        k = kl_penalty(lp - torch.where(mask, x.ref_log_prob.detach().to(dt), 0.0), kl.kl_type)
+        bad = bad | (mask & torch.isnan(k.detach()))
     nan = torch.where(bad, math.nan, 0.0).to(dt)
     ell = torch.clamp(d.detach(), -C, C) + (d - d.detach()) + torch.where(bad_d, math.nan, 0.0).to(dt)
 
-    stats, diag = split_psis(STATS[loss_type](ell.detach(), adv, mask, p, C))
+    vespo_rollout = {"log_rollout": torch.log(r.clamp_min(1e-8))} if loss_type == "vespo" and r is not None else {}
+    stats, diag = split_psis(STATS[loss_type](ell.detach(), adv, mask, p, C, **vespo_rollout))
     kwargs = {**stats, "params": p} if loss_type in _TAKES_PARAMS else stats
     terms = poison(FAMILIES[loss_type](ell, adv, **kwargs), nan, ell)
 
-    loss = aggregate(-terms.F, mask, agg)
+    L = -terms.F if r is None or loss_type == "vespo" else -terms.F * r  # VESPO: r is in W
+    extra = {}
+    if k is not None:
+        L = L + kl.kl_coef * k
+        extra["kl_loss"] = aggregate(k.detach(), mask, agg).to(dt)
+    loss = aggregate(L, mask, agg)
     metrics = compute_metrics(loss_type, ell, adv, mask, terms, {**stats, **diag}, p, dt,
                               nonfinite=bad)
-    return loss, metrics
+    return loss, {**metrics, **extra}
+
+
+def kl_penalty(x: torch.Tensor, kl_type: str) -> torch.Tensor:
+    """verl's ``kl_penalty`` of x = log π − log π_ref (SPEC §4.1), differentiable in x."""
+    if kl_type in ("kl", "k1"):
+        return x
+    if kl_type == "abs":
+        return x.abs()
+    if kl_type in ("mse", "k2"):
+        return 0.5 * x.square()
+    kappa = torch.clamp(-x, min=-20, max=20)  # low_var_kl / k3
+    return torch.clamp(kappa.exp() - kappa - 1, min=-10, max=10)
