@@ -15,7 +15,6 @@ import isreshape_triton as irt
 from isreshape_triton.profiling import LaunchCounter
 
 AGG_MODES = irt.AGG_MODES
-UNTIL_ROLLOUT_KL = pytest.mark.xfail(strict=False, reason="until rollout_is_weights/KL land")
 
 
 def batch(B=4, T=7, seed=0, dtype=torch.float32):
@@ -79,7 +78,7 @@ def test_verl_registry_returns_ours(verl):
     assert "isreshape_triton.integrations.verl" in {ep.value for ep in plugins}
 
 
-@pytest.mark.parametrize("with_weights", [False, pytest.param(True, marks=UNTIL_ROLLOUT_KL)])
+@pytest.mark.parametrize("with_weights", [False, True])
 @pytest.mark.parametrize("mode", AGG_MODES)
 def test_verl_ppo_clip_irt_equals_vanilla(verl, mode, with_weights):
     """ppo_clip_irt == verl's vanilla: loss, gradient and verl's metrics, with global batch info
@@ -172,7 +171,7 @@ def test_verl_config_from_yaml_override(verl):
         verl.core.get_policy_loss_fn("is_reshape")(old, lp, adv, mask, "token-mean", bad)
 
 
-@pytest.mark.parametrize("full", [False, pytest.param(True, marks=UNTIL_ROLLOUT_KL)])
+@pytest.mark.parametrize("full", [False, True])
 def test_verl_ppo_loss_call_site(verl, full):
     """verl's real actor loss (workers.utils.losses.ppo_loss: no-padding log-probs, TensorDict
     batch with global counts; with ``full``, rollout IS weights and verl's KL loss) gives the
@@ -290,9 +289,9 @@ def trl_step(trainer, inputs):
 
 TRL_CASES = [
     ("grpo", {}), ("bnpo", {}), ("dr_grpo", {}), ("dapo", {}), ("sapo", {}), ("vespo", {}),
-    pytest.param("grpo", {"beta": 0.05}, marks=UNTIL_ROLLOUT_KL, id="grpo-kl"),
-    pytest.param("dapo", {"is_ratio": "token", "vllm": True}, marks=UNTIL_ROLLOUT_KL, id="dapo-is-token"),
-    pytest.param("vespo", {"is_ratio": "sequence", "beta": 0.05}, marks=UNTIL_ROLLOUT_KL, id="vespo-is-seq-kl"),
+    pytest.param("grpo", {"beta": 0.05}, id="grpo-kl"),
+    pytest.param("dapo", {"is_ratio": "token", "vllm": True}, id="dapo-is-token"),
+    pytest.param("vespo", {"is_ratio": "sequence", "beta": 0.05}, id="vespo-is-seq-kl"),
 ]
 
 
@@ -398,7 +397,7 @@ OPENRLHF_IS = [
 
 
 @pytest.mark.parametrize("init, call", OPENRLHF_CASES + [
-    pytest.param({"token_level_loss": i % 2 == 0, **c}, {}, marks=UNTIL_ROLLOUT_KL) for i, c in enumerate(OPENRLHF_IS)])
+    ({"token_level_loss": i % 2 == 0, **c}, {}) for i, c in enumerate(OPENRLHF_IS)])
 def test_openrlhf_policy_loss_contract(openrlhf_loss, init, call):
     """Our PolicyLoss == OpenRLHF's PolicyLoss: same constructor, same forward arguments, same
     5-tuple (loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio), same gradient."""
