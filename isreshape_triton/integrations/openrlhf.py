@@ -1,0 +1,109 @@
+"""OpenRLHF adapter (OpenRLHF 0.11): ``PolicyLoss`` with OpenRLHF's contract.
+
+OpenRLHF's actor builds ``PolicyLoss(clip_eps_low, clip_eps_high, dual_clip,
+token_level_loss, policy_loss_type, is_correction_level, is_correction_mode,
+is_correction_gating, is_correction_threshold)`` and calls
+``forward(log_probs, old_log_probs, advantages, action_mask, rollout_log_probs,
+dp_size, batch_num_tokens, global_batch_size)``, which returns
+``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``. This class takes the same
+arguments, plus ``loss_type=`` (any of our families; default ``ppo_clip``, which
+is OpenRLHF's ``policy_loss_type="ppo"``) and that family's parameters::
+
+    from isreshape_triton.integrations.openrlhf import PolicyLoss
+    actor_loss_fn = PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, loss_type="is_reshape", rho_min=0.3)
+
+Mapping: ``clip_eps_low/high`` and ``dual_clip`` are ppo_clip's clip ratios and
+``clip_ratio_c``; ``token_level_loss`` selects token-mean (``batch_num_tokens`` is the
+global token count) or seq-mean-token-mean (``global_batch_size``); ``dp_size`` as
+given. The train/rollout correction (``is_correction_*``) gives the per-token weight
+OpenRLHF multiplies the loss with (kept ratio exp(old − rollout), its clamp, or 0 for
+rejected units), passed to the op as ``rollout_is_weights`` (VESPO folds it into W).
+``clip_ratio`` is the op's ``clipfrac`` (0 for families without clipping); every
+metric of the op is kept in ``self.metrics`` after a call. ``policy_loss_type="gspo"``
+is not a family of the op (ValueError).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import api
+from ..params import make_params
+
+_GATINGS = ("ratio", "binary_kl", "tv")
+
+
+def _masked_mean(x, mask, dim=None):
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+class PolicyLoss(torch.nn.Module):
+    """OpenRLHF's ``PolicyLoss`` contract around :func:`isreshape_triton.policy_loss`."""
+
+    def __init__(self, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, token_level_loss=True,
+                 policy_loss_type="ppo", is_correction_level="off", is_correction_mode="mask",
+                 is_correction_gating="ratio", is_correction_threshold=(0.5, 5.0), *, loss_type="ppo_clip",
+                 **params):
+        super().__init__()
+        if policy_loss_type != "ppo":
+            raise ValueError(f"policy_loss_type must be 'ppo' (the family is loss_type=), got {policy_loss_type!r}")
+        if is_correction_level not in ("off", "token", "seq"):
+            raise ValueError(f"is_correction_level must be off/token/seq, got {is_correction_level!r}")
+        if is_correction_mode not in ("mask", "clip"):
+            raise ValueError(f"is_correction_mode must be mask/clip, got {is_correction_mode!r}")
+        if is_correction_gating not in _GATINGS:
+            raise ValueError(f"is_correction_gating must be one of {_GATINGS}, got {is_correction_gating!r}")
+        if is_correction_mode == "clip" and (is_correction_level == "seq" or is_correction_gating != "ratio"):
+            raise ValueError("is_correction_mode='clip' requires is_correction_level='token' and "
+                             "is_correction_gating='ratio'")
+        if loss_type == "ppo_clip":
+            params = {"clip_ratio_low": clip_eps_low, "clip_ratio_high": clip_eps_high,
+                      "clip_ratio_c": dual_clip, **params}
+        self.token_level_loss = token_level_loss
+        self.is_correction = (is_correction_level, is_correction_mode, is_correction_gating,
+                              tuple(is_correction_threshold))
+        self.loss_type = loss_type
+        self.params = make_params(loss_type, **params)
+        self.metrics = {}
+
+    def correction(self, old_log_probs, rollout_log_probs, action_mask):
+        """(per-token weight, filtered fraction, vllm_kl) of OpenRLHF's train/rollout correction."""
+        level, mode, gating, (low, high) = self.is_correction
+        seq = level == "seq"
+        mask = action_mask.to(old_log_probs.dtype)
+        log_is = (old_log_probs - rollout_log_probs).detach()
+        if gating == "ratio":
+            stat = _masked_mean(log_is, mask, -1).unsqueeze(-1) if seq else log_is
+            stat = stat.exp()
+        else:
+            p = rollout_log_probs.detach().exp().clamp(1e-6, 1 - 1e-6)
+            q = old_log_probs.detach().exp().clamp(1e-6, 1 - 1e-6)
+            stat = (p - q).abs() if gating == "tv" else p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+            stat = _masked_mean(stat, mask, -1).unsqueeze(-1) if seq else stat
+        out = (stat < low) | (stat > high)
+        weight = stat.clamp(low, high) if mode == "clip" else torch.where(out, 0.0, log_is.exp())
+        filtered = out.to(mask.dtype).mean() if seq else _masked_mean(out.to(mask.dtype), mask)
+        vllm_kl = _masked_mean(rollout_log_probs - old_log_probs, mask)
+        return weight.expand_as(log_is), filtered, vllm_kl
+
+    def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None,
+                dp_size=1, batch_num_tokens=None, global_batch_size=None):
+        if action_mask is None:
+            action_mask = torch.ones_like(log_probs, dtype=torch.bool)
+        options = {"dp_size": dp_size}
+        if self.token_level_loss and batch_num_tokens is not None:
+            options["global_token_count"] = batch_num_tokens
+        if not self.token_level_loss and global_batch_size is not None:
+            options["global_batch_size"] = global_batch_size
+        vllm_kl = filtered = None
+        if self.is_correction[0] != "off":
+            if rollout_log_probs is None:
+                raise ValueError("rollout_log_probs is required when is_correction_level != 'off'")
+            options["rollout_is_weights"], filtered, vllm_kl = self.correction(
+                old_log_probs, rollout_log_probs, action_mask)
+        mode = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
+        loss, self.metrics = api.policy_loss(log_probs, old_log_probs, advantages, action_mask, self.loss_type,
+                                             mode, params=self.params, **options)
+        clip_ratio = self.metrics.get("clipfrac", torch.zeros_like(self.metrics["ppo_kl"]))
+        return loss, clip_ratio, self.metrics["ppo_kl"], vllm_kl, filtered

@@ -1,0 +1,190 @@
+"""TRL adapter (TRL 1.16): ``GRPOTrainer``'s policy loss through the op.
+
+:func:`grpo_policy_loss` computes what ``GRPOTrainer._compute_loss`` computes from
+the per-token log-probs, for ``loss_type`` grpo / bnpo / dr_grpo / dapo / sapo /
+vespo, with TRL's normalizers written as aggregation modes (SPEC §5):
+
+=================  ==========================  =====================================================
+TRL ``loss_type``  family (default)            aggregation
+=================  ==========================  =====================================================
+grpo, sapo         ppo_clip, sapo              seq-mean-token-mean, global_batch_size = B·acc
+bnpo               ppo_clip                    token-mean, global_token_count = max(Σm, 1)·acc
+dr_grpo            ppo_clip                    seq-mean-token-sum-norm, global_batch_size = B·acc,
+                                               loss_scale_factor = max_completion_length
+dapo, vespo        ppo_clip, vespo             token-mean, global_token_count =
+                                               max(num_items_in_batch, 1)/processes·acc/steps_per_gen
+=================  ==========================  =====================================================
+
+(acc: gradient-accumulation steps in training, 1 in evaluation; ``num_items_in_batch``
+stays a tensor: no sync.) ``epsilon_low`` / ``epsilon_high`` are the clip ratios with
+the dual clip off (TRL has none); ``sapo_temperature_pos/neg`` are τ_pos/τ_neg;
+``vespo_k_*`` / ``vespo_lambda_*`` VESPO's (k, λ); ``importance_sampling_ratio`` is
+``rollout_is_weights`` (a per-sequence ``[B, 1]`` ratio r is spread as r^(1/n_b) over
+the row's n_b tokens for VESPO, whose log W sums it); ``beta`` is ``kl_coef`` of the
+k3 (``low_var_kl``) term against ``ref_per_token_logps``. ``family=`` swaps the
+per-token loss for any of ours (``"is_reshape"``, ...) under the same normalizer.
+
+:class:`IRTGRPOTrainer` is ``GRPOTrainer`` with ``_compute_loss`` computing the
+log-probs as TRL does and the loss with :func:`grpo_policy_loss`::
+
+    trainer = IRTGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(loss_type="dapo"),
+                             train_dataset=..., irt_loss_type="is_reshape", irt_params={"rho_min": 0.3})
+
+Differences from TRL: VESPO's loss *value* is our surrogate −φ·A·(log π − log π_old)
+(zero on-policy) where TRL logs −φ·A·log π; gradients are identical. TRL options the
+op does not express are refused when the trainer is built (``delta``,
+``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
+``importance_sampling_level="sequence"``, ``use_bias_correction_kl``, the entropy
+bonus, MoE aux loss, loss types cispo / luspo). The from-logits op is not used:
+TRL's own fused LM head already computes the log-probs from the hidden states
+without materializing logits, which our from-logits op would need.
+"""
+from __future__ import annotations
+
+import torch
+from trl import GRPOTrainer
+
+from .. import api
+
+#: TRL loss_type → (our default family, aggregation mode)
+TRL_LOSS_TYPES = {
+    "grpo": ("ppo_clip", "seq-mean-token-mean"),
+    "bnpo": ("ppo_clip", "token-mean"),
+    "dr_grpo": ("ppo_clip", "seq-mean-token-sum-norm"),
+    "dapo": ("ppo_clip", "token-mean"),
+    "sapo": ("sapo", "seq-mean-token-mean"),
+    "vespo": ("vespo", "token-mean"),
+}
+_MM_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+            "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def _check_loss_type(loss_type):
+    if loss_type not in TRL_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {tuple(TRL_LOSS_TYPES)} for the op, got {loss_type!r}")
+
+
+def _rollout_weights(ratio, mask, family, shape):
+    """TRL's ``importance_sampling_ratio`` (``[B, T]`` or per sequence ``[B, 1]``) as the
+    op's per-token ``rollout_is_weights``."""
+    if ratio.shape == shape:
+        return ratio
+    if family == "vespo":  # Σ_t m_t·log r^(1/n_b) = log r
+        n = mask.sum(-1, keepdim=True).clamp(min=1).to(ratio.dtype)
+        ratio = ratio.pow(1.0 / n)
+    return ratio.expand(shape)
+
+
+def grpo_policy_loss(per_token_logps, old_per_token_logps, advantages, mask, *, loss_type="dapo",
+                     family=None, params=None, epsilon_low=0.2, epsilon_high=0.2,
+                     sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
+                     vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, beta=0.0,
+                     ref_per_token_logps=None, importance_sampling_ratio=None, num_items_in_batch=None,
+                     num_processes=1, accumulation_steps=1, steps_per_generation=1,
+                     max_completion_length=None):
+    """(loss, metrics) of ``GRPOTrainer._compute_loss`` for ``loss_type`` (see the module
+    docstring), the per-token loss computed by ``family`` (default: TRL's own)."""
+    _check_loss_type(loss_type)
+    default, mode = TRL_LOSS_TYPES[loss_type]
+    family = family or default
+    rows = per_token_logps.shape[0]
+    if advantages.dim() == 2 and advantages.shape[1] == 1:
+        advantages = advantages.reshape(rows)  # per sequence: [B]
+    agg = {}
+    if loss_type in ("grpo", "sapo", "dr_grpo"):
+        agg["global_batch_size"] = rows * accumulation_steps
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("max_completion_length is required for loss_type='dr_grpo'")
+        agg["loss_scale_factor"] = max_completion_length
+    elif loss_type == "bnpo":
+        agg["global_token_count"] = mask.sum().clamp(min=1.0) * accumulation_steps
+    elif loss_type in ("dapo", "vespo"):
+        if num_items_in_batch is None:
+            raise ValueError(f"num_items_in_batch is required for loss_type={loss_type!r}")
+        n = torch.as_tensor(num_items_in_batch, device=per_token_logps.device)
+        agg["global_token_count"] = n.clamp(min=1.0) / num_processes * (accumulation_steps / steps_per_generation)
+    kwargs = dict(params or {})
+    if family == "ppo_clip":
+        kwargs = {"clip_ratio_low": epsilon_low, "clip_ratio_high": epsilon_high, "clip_ratio_c": None, **kwargs}
+    elif family == "sapo":
+        kwargs = {"tau_pos": sapo_temperature_pos, "tau_neg": sapo_temperature_neg, **kwargs}
+    elif family == "vespo":
+        kwargs = {"k_pos": vespo_k_pos, "lambda_pos": vespo_lambda_pos, "k_neg": vespo_k_neg,
+                  "lambda_neg": vespo_lambda_neg, **kwargs}
+    if importance_sampling_ratio is not None:
+        kwargs["rollout_is_weights"] = _rollout_weights(importance_sampling_ratio, mask, family,
+                                                        per_token_logps.shape)
+    if beta != 0.0:
+        if ref_per_token_logps is None:
+            raise ValueError("ref_per_token_logps is required when beta != 0")
+        kwargs.update(ref_log_prob=ref_per_token_logps, kl_coef=beta, kl_type="low_var_kl")
+    return api.policy_loss(per_token_logps, old_per_token_logps, advantages, mask, family, mode,
+                           **agg, **kwargs)
+
+
+class IRTGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` whose policy loss is :func:`grpo_policy_loss`.
+
+    ``irt_loss_type``: our family for the per-token loss (default: the one of TRL's
+    ``loss_type``); ``irt_params``: its parameters. Metrics: TRL's ``entropy`` and the
+    op's metrics as ``irt/<name>`` (means over processes), one host read per step.
+    """
+
+    def __init__(self, *args, irt_loss_type=None, irt_params=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        _check_loss_type(self.loss_type)
+        a = self.args
+        refused = {
+            "delta": a.delta is not None,
+            "top_entropy_quantile": self.top_entropy_quantile < 1.0,
+            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
+            "importance_sampling_level": self.importance_sampling_level != "token",
+            "use_bias_correction_kl": bool(getattr(a, "use_bias_correction_kl", False)) and self.beta != 0.0,
+            "entropy bonus": bool(getattr(self, "_entropy_bonus_enabled", False)),
+            "router aux loss": bool(getattr(self, "aux_loss_enabled", False)),
+        }
+        bad = [k for k, v in refused.items() if v]
+        if bad:
+            raise ValueError(f"IRTGRPOTrainer cannot express these GRPOConfig options: {bad}")
+        self.irt_loss_type = irt_loss_type or TRL_LOSS_TYPES[self.loss_type][0]
+        api.PolicyLoss(self.irt_loss_type, **(irt_params or {}))  # validate now, not at the first step
+        self.irt_params = dict(irt_params or {})
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        completion_mask = inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model, torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], completion_mask], dim=1), completion_ids.size(1),
+            compute_entropy=True, **{k: inputs.get(k) for k in _MM_KEYS})
+        old = inputs.get("old_per_token_logps")
+        old = per_token_logps.detach() if old is None else old
+        vllm_is = self.use_vllm and self.vllm_importance_sampling_correction
+        ratio = inputs.get("importance_sampling_ratio") if (vllm_is or self.loss_type == "vespo") else None
+        mode = "train" if self.model.training else "eval"
+        acc = self.current_gradient_accumulation_steps if mode == "train" else 1
+        a = self.args
+        loss, metrics = grpo_policy_loss(
+            per_token_logps, old, inputs["advantages"], mask, loss_type=self.loss_type,
+            family=self.irt_loss_type, params=self.irt_params, epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high, sapo_temperature_pos=a.sapo_temperature_pos,
+            sapo_temperature_neg=a.sapo_temperature_neg, vespo_k_pos=a.vespo_k_pos,
+            vespo_lambda_pos=a.vespo_lambda_pos, vespo_k_neg=a.vespo_k_neg, vespo_lambda_neg=a.vespo_lambda_neg,
+            beta=self.beta, ref_per_token_logps=inputs.get("ref_per_token_logps"),
+            importance_sampling_ratio=ratio, num_items_in_batch=inputs.get("num_items_in_batch"),
+            num_processes=self.accelerator.num_processes, accumulation_steps=acc,
+            steps_per_generation=a.steps_per_generation if mode == "train" else 1,
+            max_completion_length=self.max_completion_length)
+        self._log_irt_metrics(mode, entropies, mask, metrics)
+        return loss
+
+    def _log_irt_metrics(self, mode, entropies, mask, metrics):
+        m = mask.to(entropies.dtype)
+        local = torch.stack([(entropies.detach() * m).sum(), m.sum()]
+                            + [v.detach().to(entropies.dtype) for v in metrics.values()])
+        total = self.accelerator.reduce(local, reduction="sum").tolist()
+        self._metrics[mode]["entropy"].append(total[0] / max(total[1], 1.0))
+        for name, value in zip(metrics, total[2:]):
+            self._metrics[mode][f"irt/{name}"].append(value / self.accelerator.num_processes)
