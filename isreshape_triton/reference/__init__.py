@@ -10,6 +10,7 @@ boolean indexing). Modules:
   (PSIS itself: :mod:`isreshape_triton.psis`, shared with the fused op)
 * :mod:`.aggregation` — :func:`aggregate` and :func:`agg_scale` (s_t)
 * :mod:`.diagnostics` — :func:`compute_metrics`
+* :mod:`.sampling`    — :func:`optimal_sampling` (SPEC §9, fp64 brute force)
 """
 from .aggregation import agg_scale, aggregate
 from .diagnostics import compute_metrics
@@ -19,10 +20,11 @@ from .families import (FAMILIES, STATS, TokenTerms, expm1_over, family_stats, is
 from .gamma import (ess_ratio, gamma_closed_form, gamma_ess_exact, masked_moments, select_gamma,
                     select_gamma_k, sign_gammas)
 from .loss import compute_dtype, policy_loss
+from .sampling import optimal_sampling
 
 __all__ = [
     "policy_loss", "compute_dtype", "phi_F", "family_stats", "FAMILIES", "STATS", "TokenTerms",
     "is_reshape", "is_reshape_sign", "is_reshape_tr", "is_reshape_var", "ppo_clip", "sapo", "vespo",
     "expm1_over", "aggregate", "agg_scale", "compute_metrics", "masked_moments", "gamma_closed_form",
-    "gamma_ess_exact", "ess_ratio", "select_gamma", "select_gamma_k", "sign_gammas",
+    "gamma_ess_exact", "ess_ratio", "select_gamma", "select_gamma_k", "sign_gammas", "optimal_sampling",
 ]
