@@ -21,12 +21,13 @@ import numbers
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 
 METHODS = ("kl_symmetry", "snr")
 NEWTON_PASSES = 6  # kl_symmetry evaluation passes (the last one in fp64); 6 Newton updates
-SNR_PASSES = 6  # grid-search passes of G points each, fp64
-SNR_POINTS = 8  # G: the search step shrinks by (G + 1)/2 per pass; 1/7 · (2/9)^5 ≈ 8e-5 at the end
+SNR_PASSES = 7  # grid-search passes of G points each, fp64: 2 cover a 2G-point grid, 5 refine
+SNR_POINTS = 8  # G: the refinement step shrinks by (G + 1)/2 per pass; 1/15·(2/9)^5 ≈ 4e-5 at the end
 SEG_UNIT = 1024  # segment lengths are multiples of this (every tile size divides it)
 MAX_SEGMENTS = 64  # per row, up to V = 64 · SEG_UNIT · 4 = 256K with 4096-element segments
 TARGET_PROGRAMS = 1056  # 8 programs per SM on 132 SMs
@@ -156,15 +157,16 @@ def segment_length(n_rows: int, vocab: int) -> int:
     return -(-seg // SEG_UNIT) * SEG_UNIT
 
 
-def pass_schedule(method: str) -> List[Tuple[bool, bool, bool, bool]]:
-    """(FIRST, PREV_SNR, EVAL_SNR, fp64) of every search launch."""
+def pass_schedule(method: str) -> List[Tuple[bool, int, bool, bool]]:
+    """(FIRST, SNR_UPDATE, EVAL_SNR, fp64) of every search launch (SNR_UPDATE: 0 none, 1 after the
+    even coarse points, 2 after the odd ones, 3 after a refinement pass)."""
     if method == "kl_symmetry":
-        return ([(True, False, False, False)] + [(False, False, False, False)] * (NEWTON_PASSES - 2)
-                + [(False, False, False, True)])
+        return ([(True, 0, False, False)] + [(False, 0, False, False)] * (NEWTON_PASSES - 2)
+                + [(False, 0, False, True)])
     if method == "snr":
-        return ([(True, False, True, True)] + [(False, True, True, True)] * (SNR_PASSES - 1)
-                + [(False, True, False, True)])
-    return [(True, False, False, True)]
+        return ([(True, 0, True, True), (False, 1, True, True), (False, 2, True, True)]
+                + [(False, 3, True, True)] * (SNR_PASSES - 3) + [(False, 3, False, True)])
+    return [(True, 0, False, True)]
 
 
 def launch_count(method: str) -> int:
@@ -215,27 +217,28 @@ def plan_sampling(pol: torch.Tensor, tgt: torch.Tensor, ref: Optional[torch.Tens
         log_q_full=_empty((N, V), torch.float32, dev) if config.return_log_q else None)
     has_ref = ref is not None
     ref = ref if has_ref else pol
-    inv_temp = 1.0 / config.temperature
+    # 1/T as an fp32 value plus its fp32 residual (Triton passes float arguments as fp32)
+    inv_temp = float(np.float32(1.0 / config.temperature))
+    temps = dict(inv_temp=inv_temp, inv_temp_lo=1.0 / config.temperature - inv_temp)
     common = dict(V=V, nseg=nseg, seg=seg, s_pr=pol.stride(0), s_pv=pol.stride(1), s_tr=tgt.stride(0),
                   s_tv=tgt.stride(1))
     ref_strides = dict(s_rr=ref.stride(0), s_rv=ref.stride(1))
     block, options = STATS_TILE
     steps = [Launch(ks.sampling_stats_kernel, (programs,),
-                    dict(pol_ptr=pol, tgt_ptr=tgt, ref_ptr=ref, stats_ptr=stats, **common, **ref_strides,
-                         inv_temp=inv_temp),
+                    dict(pol_ptr=pol, tgt_ptr=tgt, ref_ptr=ref, stats_ptr=stats, **common, **ref_strides, **temps),
                     dict(HAS_REF=has_ref, BLOCK=block), {**options, "num_stages": 1})]
     method_code = {"kl_symmetry": ks.METHOD_KL, "snr": ks.METHOD_SNR, "fixed": ks.METHOD_FIXED}[config.method]
     schedule = pass_schedule(config.method)
     prev_fp64 = True  # pass 0
-    for k, (first, prev_snr, eval_snr, fp64) in enumerate(schedule, start=1):
+    for k, (first, snr_update, eval_snr, fp64) in enumerate(schedule, start=1):
         block, options = ALPHA_TILE[fp64]
         steps.append(Launch(
             ks.sampling_alpha_kernel, (programs,),
             dict(pol_ptr=pol, tgt_ptr=tgt, ref_ptr=ref, stats_ptr=stats, prev_ptr=recs[(k - 1) % 2],
                  rec_ptr=recs[k % 2], state_in_ptr=states[(k - 1) % 2], state_out_ptr=states[k % 2],
-                 **common, **ref_strides, inv_temp=inv_temp, method=method_code.value,
+                 **common, **ref_strides, **temps, method=method_code.value,
                  fixed_alpha=float(config.alpha if config.alpha is not None else 0.0)),
-            dict(FIRST=first, PREV_SNR=prev_snr, PREV_FP64=prev_fp64, EVAL_SNR=eval_snr, HAS_REF=has_ref,
+            dict(FIRST=first, SNR_UPDATE=snr_update, PREV_FP64=prev_fp64, EVAL_SNR=eval_snr, HAS_REF=has_ref,
                  ACC=tl.float64 if fp64 else tl.float32, REC_W=rec_w, G=G, BLOCK=block, BLOCK_C=REC_BLOCK),
             {**options, "num_stages": 1}))
         prev_fp64 = fp64
@@ -255,7 +258,7 @@ def plan_sampling(pol: torch.Tensor, tgt: torch.Tensor, ref: Optional[torch.Tens
              alpha_ptr=out.alpha, logq_ptr=out.log_q, lp_pol_ptr=out.log_p_policy, lp_tgt_ptr=out.log_p_target,
              kl_p_ptr=out.kl_q_policy, kl_t_ptr=out.kl_q_target, bound_ptr=out.alpha_at_bound,
              N=N, V=V, nseg=nseg, s_pr=pol.stride(0), s_pv=pol.stride(1), s_tr=tgt.stride(0),
-             s_tv=tgt.stride(1), inv_temp=inv_temp),
+             s_tv=tgt.stride(1), **temps),
         dict(REC_W=rec_w, BLOCK_R=FINAL_ROWS, BLOCK_C=FINAL_SEGS),
         {**FINAL_OPTIONS, "num_stages": 1}))
     return SamplingPlan(steps, out, seg, nseg)

@@ -4,6 +4,11 @@ Per row: a = z_θ/T, b = z_t/T (logits), A = lse(a), B = lse(b), d = b − a, �
 = log π_t − log π_θ, S = {a > −∞} ∩ {b > −∞}. For α ∈ (0, 1), q_α = softmax(s), s = α·a + (1−α)·b
 on S (q = 0 off S); q_1 = π_θ and q_0 = π_t. KL symmetry: E_{q_α}[ℓ] = 0, dE/dα = −Var_{q_α}(ℓ).
 
+After pass 0 every pass works with max-shifted logits a' = (z_θ − max z_θ)/T ≤ 0 (b', r' alike)
+and the log-sums λ_a = A − max a ≥ 0, λ_b, λ_r, so log π_θ = a' − λ_a and ℓ = (b' − a') − (λ_b − λ_a)
+keep fp32's relative precision where the probability mass is (ℓ of a token with π ≈ 1 − 1e-10 is
+~1e-10, which fp32 loses in d − (B − A) but not in this form).
+
 Work items: a row's V is cut into segments of ``seg`` elements (a multiple of 1024 chosen by the
 host so that the grid fills the GPU for any N; ≤ 64 segments per row up to V = 256K), one program
 per (row, segment). Each program keeps lane (vector) accumulators over its tiles — online max and
@@ -60,18 +65,21 @@ Z_LO = tl.constexpr(1)  # Newton bracket [lo, hi]; SNR: first grid point, grid s
 Z_HI = tl.constexpr(2)
 Z_MODE = tl.constexpr(3)
 Z_BOUND = tl.constexpr(4)
-Z_LSE_A = tl.constexpr(5)
-Z_LSE_B = tl.constexpr(6)
-Z_LSE_R = tl.constexpr(7)
-Z_LMIN = tl.constexpr(8)  # min_S ℓ (SNR shift)
-Z_BEST_A = tl.constexpr(9)
-Z_BEST_V = tl.constexpr(10)
-Z_NP = tl.constexpr(11)
-Z_NT = tl.constexpr(12)
-Z_LSE_S = tl.constexpr(13)  # after the draw: lse(s) at the final α, KLs
-Z_KL_P = tl.constexpr(14)
-Z_KL_T = tl.constexpr(15)
-Z_W = tl.constexpr(16)
+Z_ZA = tl.constexpr(5)  # max raw logit of the policy, target, reference
+Z_ZB = tl.constexpr(6)
+Z_ZR = tl.constexpr(7)
+Z_LA = tl.constexpr(8)  # λ = lse − max of the scaled logits (≥ 0)
+Z_LB = tl.constexpr(9)
+Z_LR = tl.constexpr(10)
+Z_LMIN = tl.constexpr(11)  # min_S ℓ (SNR shift)
+Z_BEST_A = tl.constexpr(12)
+Z_BEST_V = tl.constexpr(13)
+Z_NP = tl.constexpr(14)
+Z_NT = tl.constexpr(15)
+Z_LSE_S = tl.constexpr(16)  # after the draw: lse(s') at the final α, KLs
+Z_KL_P = tl.constexpr(17)
+Z_KL_T = tl.constexpr(18)
+Z_W = tl.constexpr(19)
 
 # row modes
 NEWTON = tl.constexpr(0.0)
@@ -79,6 +87,7 @@ FIXED = tl.constexpr(1.0)
 SNR = tl.constexpr(2.0)
 INVALID = tl.constexpr(3.0)
 FP32_TOL = tl.constexpr(1e-3)  # |g| below which an fp32 evaluation does not move the Newton bracket
+IDENTICAL_SPREAD = tl.constexpr(1e-5)  # max − min of d on S below which equal supports count as identical
 # methods (runtime argument)
 METHOD_KL = tl.constexpr(0)
 METHOD_SNR = tl.constexpr(1)
@@ -88,13 +97,22 @@ METHOD_FIXED = tl.constexpr(2)
 # ----------------------------------------------------------------------------- tiles and lanes
 
 @triton.jit
-def _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, inv_temp, ACC: tl.constexpr):
-    """Policy and target logits × 1/T of one tile in ACC; lanes past V read −∞ (outside every support)."""
+def _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, ACC: tl.constexpr):
+    """Raw policy and target logits of one tile in ACC; lanes past V read −∞ (outside every support)."""
     inside = offs < V
     offs64 = offs.to(tl.int64)
-    a = tl.load(pol_row + offs64 * s_pv, mask=inside, other=float("-inf")).to(ACC) * inv_temp
-    b = tl.load(tgt_row + offs64 * s_tv, mask=inside, other=float("-inf")).to(ACC) * inv_temp
-    return a, b
+    za = tl.load(pol_row + offs64 * s_pv, mask=inside, other=float("-inf")).to(ACC)
+    zb = tl.load(tgt_row + offs64 * s_tv, mask=inside, other=float("-inf")).to(ACC)
+    return za, zb
+
+
+@triton.jit
+def _inv_temp(hi, lo, ACC: tl.constexpr):
+    """1/T in ACC: hi = fp32(1/T), lo = the fp32 residual (kernel float arguments are fp32)."""
+    if ACC == tl.float64:
+        return tl.cast(hi, tl.float64) + lo
+    else:
+        return hi
 
 
 @triton.jit
@@ -216,21 +234,24 @@ def _merge_snr(base, nseg, W: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constex
 @triton.jit
 def _load_state(ptr):
     return (tl.load(ptr + Z_ALPHA), tl.load(ptr + Z_LO), tl.load(ptr + Z_HI), tl.load(ptr + Z_MODE),
-            tl.load(ptr + Z_BOUND), tl.load(ptr + Z_LSE_A), tl.load(ptr + Z_LSE_B), tl.load(ptr + Z_LSE_R),
-            tl.load(ptr + Z_LMIN), tl.load(ptr + Z_BEST_A), tl.load(ptr + Z_BEST_V), tl.load(ptr + Z_NP),
-            tl.load(ptr + Z_NT))
+            tl.load(ptr + Z_BOUND), tl.load(ptr + Z_ZA), tl.load(ptr + Z_ZB), tl.load(ptr + Z_ZR),
+            tl.load(ptr + Z_LA), tl.load(ptr + Z_LB), tl.load(ptr + Z_LR), tl.load(ptr + Z_LMIN),
+            tl.load(ptr + Z_BEST_A), tl.load(ptr + Z_BEST_V), tl.load(ptr + Z_NP), tl.load(ptr + Z_NT))
 
 
 @triton.jit
-def _store_state(ptr, alpha, lo, hi, mode, bound, lse_a, lse_b, lse_r, lmin, best_a, best_v, n_p, n_t):
+def _store_state(ptr, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t):
     tl.store(ptr + Z_ALPHA, alpha)
     tl.store(ptr + Z_LO, lo)
     tl.store(ptr + Z_HI, hi)
     tl.store(ptr + Z_MODE, mode)
     tl.store(ptr + Z_BOUND, bound)
-    tl.store(ptr + Z_LSE_A, lse_a)
-    tl.store(ptr + Z_LSE_B, lse_b)
-    tl.store(ptr + Z_LSE_R, lse_r)
+    tl.store(ptr + Z_ZA, za)
+    tl.store(ptr + Z_ZB, zb)
+    tl.store(ptr + Z_ZR, zr)
+    tl.store(ptr + Z_LA, la)
+    tl.store(ptr + Z_LB, lb)
+    tl.store(ptr + Z_LR, lr)
     tl.store(ptr + Z_LMIN, lmin)
     tl.store(ptr + Z_BEST_A, best_a)
     tl.store(ptr + Z_BEST_V, best_v)
@@ -239,28 +260,29 @@ def _store_state(ptr, alpha, lo, hi, mode, bound, lse_a, lse_b, lse_r, lmin, bes
 
 
 @triton.jit
-def _init_state(base, nseg, method, fixed_alpha, HAS_REF: tl.constexpr, G: tl.constexpr,
+def _init_state(base, nseg, method, fixed_alpha, inv_t, HAS_REF: tl.constexpr, G: tl.constexpr,
                 BLOCK_C: tl.constexpr):
     """Row constants and the first α from the pass-0 records.
 
     Newton rows start at the secant root of E_S between the ends, E_S(0) > 0 > E_S(1), with the
     bracket [0, 1]. No interior root: E_S(1) ≥ 0 → α = 1, E_S(0) ≤ 0 → α = 0 (at the bound); ℓ
     constant on S → the sign of that constant decides (0.5 if it is 0); disjoint supports → α = 1;
-    d = b − a constant with equal supports (identical distributions) → α = 0.5. SNR rows (equal
-    supports, not identical) start the grid search; other rows of an SNR call run Newton.
+    equal supports and d = b − a constant up to IDENTICAL_SPREAD (identical distributions up to
+    rounding; the root is then 1/2 + O(spread)) → α = 0.5. SNR rows (equal supports, not identical)
+    start the grid search; other rows of an SNR call run Newton. inv_t: 1/T in fp64.
     Rows with NaN/+∞ entries, or with no finite logit, are INVALID (α = NaN).
     """
     (m_a, s_a, u_a, ud_a, m_b, s_b, u_b, ud_b, m_r, s_r, d_min, d_max,
      n_s, n_p, n_t, n_r, bad) = _merge_stats(base, nseg, BLOCK_C)
-    lse_a = m_a + tl.log(s_a)
-    lse_b = m_b + tl.log(s_b)
+    la = tl.log(s_a)
+    lb = tl.log(s_b)
     zero = n_s * 0.0  # counts are finite
     invalid = (bad > 0.0) | (s_a == 0.0) | (s_b == 0.0)
-    lse_r = zero
+    lr = zero
     if HAS_REF:
-        lse_r = m_r + tl.log(s_r)
+        lr = tl.log(s_r)
         invalid = invalid | (s_r == 0.0)
-    c = lse_b - lse_a
+    c = (m_b + lb) - (m_a + la)  # B − A
     e1 = ud_a / u_a - c  # E_S(1) = E_{π_θ|S}[ℓ]
     e0 = ud_b / u_b - c  # E_S(0) = E_{π_t|S}[ℓ]
     lower = e0 <= 0.0
@@ -273,15 +295,15 @@ def _init_state(base, nseg, method, fixed_alpha, HAS_REF: tl.constexpr, G: tl.co
     bound = tl.where(const, tl.where(e_const == 0.0, 0.0, 1.0), bound)
     alpha = tl.where(n_s == 0.0, 1.0, alpha)
     bound = tl.where(n_s == 0.0, 1.0, bound)
-    identical = const & (n_p + n_t == 0.0)
+    identical = (d_max - d_min <= IDENTICAL_SPREAD) & (n_p + n_t == 0.0)
     alpha = tl.where(identical, 0.5, alpha)
     bound = tl.where(identical, 0.0, bound)
-    mode = tl.where(bound + identical.to(tl.float64) + const.to(tl.float64) > 0.0, FIXED, NEWTON)
+    mode = tl.where((bound > 0.0) | identical | const, FIXED, NEWTON)
     mode = tl.where(n_s == 0.0, FIXED, mode)
     snr = (method == METHOD_SNR) & (n_p + n_t + n_r == 0.0) & ~identical
     mode = tl.where(snr, SNR, mode)
     lo = zero
-    hi = tl.where(snr, 1.0 / (G - 1), zero + 1.0)
+    hi = tl.where(snr, 2.0 / (2 * G - 1), zero + 1.0)
     fixed = method == METHOD_FIXED
     alpha = tl.where(fixed, zero + fixed_alpha, alpha)
     bound = tl.where(fixed, 0.0, bound)
@@ -291,7 +313,9 @@ def _init_state(base, nseg, method, fixed_alpha, HAS_REF: tl.constexpr, G: tl.co
     alpha = tl.where(invalid, float("nan"), alpha)
     bound = tl.where(invalid, 0.0, bound)
     mode = tl.where(invalid, INVALID, mode)
-    return alpha, lo, hi, mode, bound, lse_a, lse_b, lse_r, d_min - c, zero, zero - 1.0, n_p, n_t
+    # raw maxima: max(z·inv_t) = max(z)·inv_t up to rounding (the shift needs no more)
+    return (alpha, lo, hi, mode, bound, m_a / inv_t, m_b / inv_t, m_r / inv_t, la, lb, lr, d_min - c, zero,
+            zero - 1.0, n_p, n_t)
 
 
 @triton.jit
@@ -319,9 +343,13 @@ def _snr_grid(lo, h, G: tl.constexpr):
 
 
 @triton.jit
-def _snr_step(base, nseg, lo, h, best_a, best_v, W: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constexpr):
-    """SNR_i = |Φ1|/√Φ2 at the last pass's points; keep the best point so far and search the
-    interior of [best − h, best + h] next (G points, the step shrinks by (G + 1)/2)."""
+def _snr_step(base, nseg, lo, h, best_a, best_v, STAGE: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
+              BLOCK_C: tl.constexpr):
+    """SNR_i = |Φ1|/√Φ2 at the last pass's points α_i = lo + i·h; keep the best point so far. The
+    first two passes cover the 2G-point grid k/(2G−1) (even k, then odd k: STAGE 1 moves to the odd
+    points), so a secondary maximum is not taken for the global one on a coarse grid alone; then
+    every pass searches G interior points of [best − δ, best + δ], δ the distance between
+    neighbouring points so far (h/2 after the coarse grid, STAGE 2), shrinking by (G + 1)/2."""
     i = tl.arange(0, G)
     t1, t2, t3 = _merge_snr(base, nseg, W, G, BLOCK_C)
     var = t3 - t2 * t2
@@ -332,17 +360,22 @@ def _snr_step(base, nseg, lo, h, best_a, best_v, W: tl.constexpr, G: tl.constexp
     better = v_max > best_v
     best_a = tl.where(better, a_max, best_a)
     best_v = tl.where(better, v_max, best_v)
-    new_lo = tl.maximum(best_a - h, 0.0)
-    step = (tl.minimum(best_a + h, 1.0) - new_lo) / (G + 1)
-    return new_lo + step, step, best_a, best_v
+    if STAGE == 1:
+        return 0.5 * h, h, best_a, best_v
+    else:
+        delta = 0.5 * h if STAGE == 2 else h
+        new_lo = tl.maximum(best_a - delta, 0.0)
+        step = (tl.minimum(best_a + delta, 1.0) - new_lo) / (G + 1)
+        return new_lo + step, step, best_a, best_v
 
 
 @triton.jit
 def _advance(base, nseg, alpha, lo, hi, mode, bound, best_a, best_v,
-             PREV_SNR: tl.constexpr, END_SNR: tl.constexpr, PREV_FP64: tl.constexpr, W: tl.constexpr,
+             SNR_UPDATE: tl.constexpr, END_SNR: tl.constexpr, PREV_FP64: tl.constexpr, W: tl.constexpr,
              G: tl.constexpr, BLOCK_C: tl.constexpr):
     """Update a row from the previous launch's records: a Newton step (NEWTON rows), a grid step
-    (SNR rows after an SNR pass; END_SNR fixes α at the best point); FIXED rows keep α.
+    (SNR rows after an SNR pass, SNR_UPDATE > 0 the stage of _snr_step; END_SNR fixes α at the best
+    point); FIXED rows keep α.
     Also returns the merged moments (used by the draw's last step)."""
     mx, s0, p, n, p2, n2 = _merge_moments(base, nseg, W, BLOCK_C)
     new, new_lo, new_hi = _newton_step(alpha, lo, hi, p, n, p2, n2, 0.0 if PREV_FP64 else FP32_TOL)
@@ -350,8 +383,8 @@ def _advance(base, nseg, alpha, lo, hi, mode, bound, best_a, best_v,
     alpha_n = tl.where(newton, new, alpha)
     lo_n = tl.where(newton, new_lo, lo)
     hi_n = tl.where(newton, new_hi, hi)
-    if PREV_SNR:
-        g_lo, g_h, g_best_a, g_best_v = _snr_step(base, nseg, lo, hi, best_a, best_v, W, G, BLOCK_C)
+    if SNR_UPDATE > 0:
+        g_lo, g_h, g_best_a, g_best_v = _snr_step(base, nseg, lo, hi, best_a, best_v, SNR_UPDATE, W, G, BLOCK_C)
         snr = mode == SNR
         lo_n = tl.where(snr, g_lo, lo_n)
         hi_n = tl.where(snr, g_h, hi_n)
@@ -367,16 +400,19 @@ def _advance(base, nseg, alpha, lo, hi, mode, bound, best_a, best_v,
 # ----------------------------------------------------------------------------- streaming evaluations
 
 @triton.jit
-def _moments_segment(pol_row, tgt_row, e0, e1, V, s_pv, s_tv, inv_temp, alpha, c,
+def _moments_segment(pol_row, tgt_row, e0, e1, V, s_pv, s_tv, inv_t, za, zb, la, lb, alpha,
                      ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """(max s, Σw, Σwℓ⁺, Σwℓ⁻, Σwℓ⁺², Σwℓ⁻²), w = e^{s − max}, over elements e0 … e1−1 of a row.
-    ℓ is taken on S only (q's mass off S, possible at α ∈ {0, 1}, is accounted for by the counts)."""
+    """(max s', Σw, Σwℓ⁺, Σwℓ⁻, Σwℓ⁺², Σwℓ⁻²), w = e^{s' − max}, over elements e0 … e1−1 of a row,
+    s' = α·a' + (1−α)·b'. ℓ is taken on S only (q's mass off S, possible at α ∈ {0, 1}, is
+    accounted for by the support counts)."""
     lanes = tl.arange(0, BLOCK)
     at_one = alpha == 1.0
     at_zero = alpha == 0.0
     al = alpha.to(ACC)
     be = (1.0 - alpha).to(ACC)
-    cc = c.to(ACC)
+    c = (lb - la).to(ACC)
+    za = za.to(ACC)
+    zb = zb.to(ACC)
     m = tl.full([BLOCK], float("-inf"), ACC)
     s0 = tl.zeros([BLOCK], ACC)
     sp = tl.zeros([BLOCK], ACC)
@@ -385,9 +421,11 @@ def _moments_segment(pol_row, tgt_row, e0, e1, V, s_pv, s_tv, inv_temp, alpha, c
     sn2 = tl.zeros([BLOCK], ACC)
     for t0 in range(e0, e1, BLOCK):
         offs = t0 + lanes
-        a, b = _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, inv_temp, ACC)
+        a, b = _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, ACC)
+        a = (a - za) * inv_t
+        b = (b - zb) * inv_t
         s, both = _q_logits(a, b, al, be, at_one, at_zero)
-        ell = tl.where(both, (b - a) - cc, 0.0)
+        ell = tl.where(both, (b - a) - c, 0.0)
         lp = tl.maximum(ell, 0.0)
         ln = tl.maximum(-ell, 0.0)
         m, r, w = _online(m, s)
@@ -403,28 +441,29 @@ def _moments_segment(pol_row, tgt_row, e0, e1, V, s_pv, s_tv, inv_temp, alpha, c
 
 
 @triton.jit
-def _snr_segment(pol_row, tgt_row, ref_row, e0, e1, V, s_pv, s_tv, s_rv, inv_temp,
-                 lse_a, lse_b, lse_r, lmin, alphas, HAS_REF: tl.constexpr, BLOCK: tl.constexpr,
-                 G: tl.constexpr):
+def _snr_segment(pol_row, tgt_row, ref_row, e0, e1, V, s_pv, s_tv, s_rv, inv_t, za, zb, zr, la, lb, lr,
+                 lmin, alphas, HAS_REF: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr):
     """SNR terms at G points α_i (fp64), with w = π_θ/q_α = Z·e^{−(1−α)ℓ} and r = log π_t/π_ref:
     T1 = Σ(π_t − π_θ)·u·r, T2 = Σπ_θ·u·r, T3 = Σπ_θ·u²·r², u = e^{−(1−α)(ℓ − min ℓ)} ≤ 1.
     SNR = |T1|/√(T3 − T2²) = |Φ1|/√Φ2 (Z and the shift cancel). Rows here have equal supports."""
     lanes = tl.arange(0, BLOCK)
     beta = (1.0 - alphas)[None, :]
-    c = lse_b - lse_a
+    c = lb - la
     t1 = tl.zeros([BLOCK, G], tl.float64)
     t2 = tl.zeros([BLOCK, G], tl.float64)
     t3 = tl.zeros([BLOCK, G], tl.float64)
     for t0 in range(e0, e1, BLOCK):
         offs = t0 + lanes
-        a, b = _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, inv_temp, tl.float64)
+        a, b = _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, tl.float64)
+        a = (a - za) * inv_t
+        b = (b - zb) * inv_t
         both = (a > float("-inf")) & (b > float("-inf"))
         ell = tl.where(both, (b - a) - c, 0.0)
-        p_th = tl.where(both, tl.exp(a - lse_a), 0.0)
-        p_t = tl.where(both, tl.exp(b - lse_b), 0.0)
+        p_th = tl.where(both, tl.exp(a - la), 0.0)
+        p_t = tl.where(both, tl.exp(b - lb), 0.0)
         if HAS_REF:
-            rl = tl.load(ref_row + offs.to(tl.int64) * s_rv, mask=offs < V, other=float("-inf")).to(tl.float64) * inv_temp
-            r = tl.where(both, (b - lse_b) - (rl - lse_r), 0.0)
+            rl = tl.load(ref_row + offs.to(tl.int64) * s_rv, mask=offs < V, other=float("-inf")).to(tl.float64)
+            r = tl.where(both, (b - lb) - ((rl - zr) * inv_t - lr), 0.0)
         else:
             r = ell
         u = tl.exp(-beta * tl.where(both, ell - lmin, 0.0)[:, None])
@@ -458,7 +497,7 @@ def _segment(pid, nseg, seg, V):
 
 @triton.jit(do_not_specialize=["V", "nseg", "seg", "s_pr", "s_pv", "s_tr", "s_tv", "s_rr", "s_rv"])
 def sampling_stats_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, V, nseg, seg,
-                          s_pr, s_pv, s_tr, s_tv, s_rr, s_rv, inv_temp,
+                          s_pr, s_pv, s_tr, s_tv, s_rr, s_rv, inv_temp, inv_temp_lo,
                           HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 0 (fp64) over one segment: online lse of a and b (and the reference), the S-restricted
     sums that give E_S(1) = E_{π_θ|S}[ℓ] and E_S(0) = E_{π_t|S}[ℓ], min/max of d on S, support
@@ -468,6 +507,7 @@ def sampling_stats_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, V, nseg, seg,
     pol_row = pol_ptr + row * s_pr
     tgt_row = tgt_ptr + row * s_tr
     ref_row = ref_ptr + row * s_rr
+    inv_t = _inv_temp(inv_temp, inv_temp_lo, tl.float64)
     lanes = tl.arange(0, BLOCK)
     ninf = tl.full([BLOCK], float("-inf"), tl.float64)
     zero = tl.zeros([BLOCK], tl.float64)
@@ -478,12 +518,14 @@ def sampling_stats_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, V, nseg, seg,
     n_s, n_p, n_t, n_r, bad = zero, zero, zero, zero, zero
     for t0 in range(e0, e1, BLOCK):
         offs = t0 + lanes
-        a, b = _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, inv_temp, tl.float64)
+        a, b = _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, tl.float64)
+        bad += ((a != a) | (a == float("inf")) | (b != b) | (b == float("inf"))).to(tl.float64)
+        a = a * inv_t
+        b = b * inv_t
         fa = a > float("-inf")
         fb = b > float("-inf")
         both = fa & fb
         d = tl.where(both, b - a, 0.0)
-        bad += ((a != a) | (a == float("inf")) | (b != b) | (b == float("inf"))).to(tl.float64)
         m_a, r, w = _online(m_a, a)
         s_a = s_a * r + w
         u_a = u_a * r + tl.where(both, w, 0.0)
@@ -498,9 +540,9 @@ def sampling_stats_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, V, nseg, seg,
         n_p += (fa & ~fb).to(tl.float64)
         n_t += (fb & ~fa).to(tl.float64)
         if HAS_REF:
-            rl = tl.load(ref_row + offs.to(tl.int64) * s_rv, mask=offs < V, other=float("-inf")).to(tl.float64) * inv_temp
+            rl = tl.load(ref_row + offs.to(tl.int64) * s_rv, mask=offs < V, other=float("-inf")).to(tl.float64)
             bad += ((rl != rl) | (rl == float("inf"))).to(tl.float64)
-            m_r, r, w = _online(m_r, rl)
+            m_r, r, w = _online(m_r, rl * inv_t)
             s_r = s_r * r + w
             n_r += (both & (rl == float("-inf"))).to(tl.float64)
     out = stats_ptr + pid.to(tl.int64) * ST_W
@@ -530,8 +572,8 @@ def sampling_stats_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, V, nseg, seg,
                                "method"])
 def sampling_alpha_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, prev_ptr, rec_ptr, state_in_ptr,
                           state_out_ptr, V, nseg, seg, s_pr, s_pv, s_tr, s_tv, s_rr, s_rv, inv_temp,
-                          method, fixed_alpha,
-                          FIRST: tl.constexpr, PREV_SNR: tl.constexpr, PREV_FP64: tl.constexpr,
+                          inv_temp_lo, method, fixed_alpha,
+                          FIRST: tl.constexpr, SNR_UPDATE: tl.constexpr, PREV_FP64: tl.constexpr,
                           EVAL_SNR: tl.constexpr, HAS_REF: tl.constexpr, ACC: tl.constexpr, REC_W: tl.constexpr,
                           G: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
     """One search pass: update the row's α from the previous records (FIRST: initialise from the
@@ -540,16 +582,17 @@ def sampling_alpha_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, prev_ptr, rec_pt
     pid = tl.program_id(0)
     row, j, e0, e1 = _segment(pid, nseg, seg, V)
     if FIRST:
-        alpha, lo, hi, mode, bound, lse_a, lse_b, lse_r, lmin, best_a, best_v, n_p, n_t = _init_state(
-            stats_ptr + row * nseg * ST_W, nseg, method, fixed_alpha, HAS_REF, G, BLOCK_C)
+        (alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t) = _init_state(
+            stats_ptr + row * nseg * ST_W, nseg, method, fixed_alpha,
+            _inv_temp(inv_temp, inv_temp_lo, tl.float64), HAS_REF, G, BLOCK_C)
     else:
-        alpha, lo, hi, mode, bound, lse_a, lse_b, lse_r, lmin, best_a, best_v, n_p, n_t = _load_state(
+        (alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t) = _load_state(
             state_in_ptr + row * Z_W)
         alpha, lo, hi, mode, bound, best_a, best_v, mx, s0, p, n, p2, n2 = _advance(
             prev_ptr + row * nseg * REC_W, nseg, alpha, lo, hi, mode, bound, best_a, best_v,
-            PREV_SNR, not EVAL_SNR, PREV_FP64, REC_W, G, BLOCK_C)
+            SNR_UPDATE, not EVAL_SNR, PREV_FP64, REC_W, G, BLOCK_C)
     if j == 0:
-        _store_state(state_out_ptr + row * Z_W, alpha, lo, hi, mode, bound, lse_a, lse_b, lse_r, lmin,
+        _store_state(state_out_ptr + row * Z_W, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin,
                      best_a, best_v, n_p, n_t)
     pol_row = pol_ptr + row * s_pr
     tgt_row = tgt_ptr + row * s_tr
@@ -558,30 +601,32 @@ def sampling_alpha_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, prev_ptr, rec_pt
         if mode == SNR:
             i = tl.arange(0, G)
             t1, t2, t3 = _snr_segment(pol_row, tgt_row, ref_ptr + row * s_rr, e0, e1, V, s_pv, s_tv, s_rv,
-                                      inv_temp, lse_a, lse_b, lse_r, lmin, _snr_grid(lo, hi, G),
-                                      HAS_REF, BLOCK // G, G)
+                                      _inv_temp(inv_temp, inv_temp_lo, tl.float64), za, zb, zr, la, lb, lr,
+                                      lmin, _snr_grid(lo, hi, G), HAS_REF, BLOCK // G, G)
             tl.store(out + i, t1)
             tl.store(out + G + i, t2)
             tl.store(out + 2 * G + i, t3)
         else:
-            mx, s0, p, n, p2, n2 = _moments_segment(pol_row, tgt_row, e0, e1, V, s_pv, s_tv, inv_temp, alpha,
-                                                    lse_b - lse_a, ACC, BLOCK)
+            mx, s0, p, n, p2, n2 = _moments_segment(pol_row, tgt_row, e0, e1, V, s_pv, s_tv,
+                                                    _inv_temp(inv_temp, inv_temp_lo, ACC), za, zb, la, lb,
+                                                    alpha, ACC, BLOCK)
             _store_moments(out, mx, s0, p, n, p2, n2)
     else:
-        mx, s0, p, n, p2, n2 = _moments_segment(pol_row, tgt_row, e0, e1, V, s_pv, s_tv, inv_temp, alpha,
-                                                lse_b - lse_a, ACC, BLOCK)
+        mx, s0, p, n, p2, n2 = _moments_segment(pol_row, tgt_row, e0, e1, V, s_pv, s_tv,
+                                                _inv_temp(inv_temp, inv_temp_lo, ACC), za, zb, la, lb,
+                                                alpha, ACC, BLOCK)
         _store_moments(out, mx, s0, p, n, p2, n2)
 
 
 @triton.jit
-def _final(alpha_k, alpha, mode, lse_a, lse_b, n_p, n_t, mx, s0, p, n, p2, n2):
-    """lse(s), KL(q‖π_θ), KL(q‖π_t) at the final α from the moments at α_k (the last evaluation):
-    log Z(α) = lse(s) − α·A − (1−α)·B, d log Z/dα = −E, dE/dα = −Var, δ = α − α_k (0 unless the
-    draw took a Newton step), so log Z(α) = log Z_k − δ·E_k + δ²·Var_k/2 and E(α) = E_k − δ·Var_k.
+def _final(alpha_k, alpha, mode, la, lb, n_p, n_t, mx, s0, p, n, p2, n2):
+    """lse(s'), KL(q‖π_θ), KL(q‖π_t) at the final α from the moments at α_k (the last evaluation):
+    log Z(α) = lse(s') − α·λ_a − (1−α)·λ_b, d log Z/dα = −E, dE/dα = −Var, δ = α − α_k (0 unless
+    the draw took a Newton step), so log Z(α) = log Z_k − δ·E_k + δ²·Var_k/2 and E(α) = E_k − δ·Var_k.
     KL(q‖π_θ) = (1−α)·E − log Z, KL(q‖π_t) = −α·E − log Z; ∞ where q has mass off the other support."""
     e_k = (p - n) / s0
     var_k = (p2 + n2) / s0 - e_k * e_k
-    log_z_k = mx + tl.log(s0) - alpha_k * lse_a - (1.0 - alpha_k) * lse_b
+    log_z_k = mx + tl.log(s0) - alpha_k * la - (1.0 - alpha_k) * lb
     delta = alpha - alpha_k
     log_z = log_z_k - delta * e_k + 0.5 * delta * delta * var_k
     e = e_k - delta * var_k
@@ -592,7 +637,7 @@ def _final(alpha_k, alpha, mode, lse_a, lse_b, n_p, n_t, mx, s0, p, n, p2, n2):
     invalid = mode == INVALID
     kl_p = tl.where(invalid, float("nan"), kl_p)
     kl_t = tl.where(invalid, float("nan"), kl_t)
-    return log_z + alpha * lse_a + (1.0 - alpha) * lse_b, kl_p, kl_t
+    return log_z + alpha * la + (1.0 - alpha) * lb, kl_p, kl_t
 
 
 @triton.jit(do_not_specialize=["V", "nseg", "seg", "s_pr", "s_pv", "s_tr", "s_tv", "s_qr"])
@@ -600,21 +645,21 @@ def sampling_draw_kernel(pol_ptr, tgt_ptr, prev_ptr, rec_ptr, state_in_ptr, stat
                          V, nseg, seg, s_pr, s_pv, s_tr, s_tv, s_qr, inv_temp,
                          WRITE_LOGQ: tl.constexpr, PREV_FP64: tl.constexpr, REC_W: tl.constexpr, G: tl.constexpr,
                          BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The last Newton step, lse(s) and the KLs at the final α (segment 0 stores them), then one
-    Gumbel-max pass: argmax_v s_v + g_v, g = −log(−log U), U = Philox(seed, row·V + v), which
+    """The last Newton step, lse(s') and the KLs at the final α (segment 0 stores them), then one
+    Gumbel-max pass: argmax_v s'_v + g_v, g = −log(−log U), U = Philox(seed, row·V + v), which
     draws v with probability q_v. Records the segment's best (score, index); writes
-    log q = s − lse(s) (fp32) with WRITE_LOGQ."""
+    log q = s' − lse(s') (fp32) with WRITE_LOGQ."""
     pid = tl.program_id(0)
     row, j, e0, e1 = _segment(pid, nseg, seg, V)
-    alpha_k, lo, hi, mode, bound, lse_a, lse_b, lse_r, lmin, best_a, best_v, n_p, n_t = _load_state(
+    (alpha_k, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t) = _load_state(
         state_in_ptr + row * Z_W)
     alpha, lo, hi, mode, bound, best_a, best_v, mx, s0, p, n, p2, n2 = _advance(
         prev_ptr + row * nseg * REC_W, nseg, alpha_k, lo, hi, mode, bound, best_a, best_v,
-        False, False, PREV_FP64, REC_W, G, BLOCK_C)
-    lse_s, kl_p, kl_t = _final(alpha_k, alpha, mode, lse_a, lse_b, n_p, n_t, mx, s0, p, n, p2, n2)
+        0, False, PREV_FP64, REC_W, G, BLOCK_C)
+    lse_s, kl_p, kl_t = _final(alpha_k, alpha, mode, la, lb, n_p, n_t, mx, s0, p, n, p2, n2)
     if j == 0:
         st = state_out_ptr + row * Z_W
-        _store_state(st, alpha, lo, hi, mode, bound, lse_a, lse_b, lse_r, lmin, best_a, best_v, n_p, n_t)
+        _store_state(st, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t)
         tl.store(st + Z_LSE_S, lse_s)
         tl.store(st + Z_KL_P, kl_p)
         tl.store(st + Z_KL_T, kl_t)
@@ -625,6 +670,8 @@ def sampling_draw_kernel(pol_ptr, tgt_ptr, prev_ptr, rec_ptr, state_in_ptr, stat
     at_zero = alpha == 0.0
     al = alpha.to(tl.float32)
     be = (1.0 - alpha).to(tl.float32)
+    za = za.to(tl.float32)
+    zb = zb.to(tl.float32)
     lse32 = lse_s.to(tl.float32)
     invalid = mode == INVALID
     seed = tl.load(seed_ptr)
@@ -632,8 +679,8 @@ def sampling_draw_kernel(pol_ptr, tgt_ptr, prev_ptr, rec_ptr, state_in_ptr, stat
     best_i = tl.zeros([BLOCK], tl.int32)
     for t0 in range(e0, e1, BLOCK):
         offs = t0 + lanes
-        a, b = _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, inv_temp, tl.float32)
-        s, both = _q_logits(a, b, al, be, at_one, at_zero)
+        a, b = _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, tl.float32)
+        s, both = _q_logits((a - za) * inv_temp, (b - zb) * inv_temp, al, be, at_one, at_zero)
         u = tl.rand(seed, row * V + offs.to(tl.int64))
         score = s - tl.log(-tl.log(u))
         take = score > best
@@ -651,7 +698,7 @@ def sampling_draw_kernel(pol_ptr, tgt_ptr, prev_ptr, rec_ptr, state_in_ptr, stat
 @triton.jit(do_not_specialize=["N", "V", "nseg", "s_pr", "s_pv", "s_tr", "s_tv"])
 def sampling_finalize_kernel(pol_ptr, tgt_ptr, rec_ptr, state_ptr, tokens_ptr, alpha_ptr, logq_ptr,
                              lp_pol_ptr, lp_tgt_ptr, kl_p_ptr, kl_t_ptr, bound_ptr,
-                             N, V, nseg, s_pr, s_pv, s_tr, s_tv, inv_temp,
+                             N, V, nseg, s_pr, s_pv, s_tr, s_tv, inv_temp, inv_temp_lo,
                              REC_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per row: the token (best score over the segments, first index on ties; −1 for an invalid
     row), log π_θ, log π_t and log q at the token (fp64 math, fp32 outputs), α, the KLs and
@@ -679,12 +726,15 @@ def sampling_finalize_kernel(pol_ptr, tgt_ptr, rec_ptr, state_ptr, tokens_ptr, a
     invalid = mode == INVALID
     drawn = rm & ~invalid & (top > float("-inf"))
     tok = tl.where(drawn, idx, -1.0).to(tl.int64)
-    a = tl.load(pol_ptr + rows64 * s_pr + tok * s_pv, mask=drawn, other=0.0).to(tl.float64) * inv_temp
-    b = tl.load(tgt_ptr + rows64 * s_tr + tok * s_tv, mask=drawn, other=0.0).to(tl.float64) * inv_temp
+    inv_t = _inv_temp(inv_temp, inv_temp_lo, tl.float64)
+    za = tl.load(pol_ptr + rows64 * s_pr + tok * s_pv, mask=drawn, other=0.0).to(tl.float64)
+    zb = tl.load(tgt_ptr + rows64 * s_tr + tok * s_tv, mask=drawn, other=0.0).to(tl.float64)
+    a = (za - tl.load(st + Z_ZA, mask=rm, other=0.0)) * inv_t
+    b = (zb - tl.load(st + Z_ZB, mask=rm, other=0.0)) * inv_t
     s = tl.where(alpha == 1.0, a, tl.where(alpha == 0.0, b, alpha * a + (1.0 - alpha) * b))
     lq = s - tl.load(st + Z_LSE_S, mask=rm, other=0.0)
-    lp_pol = a - tl.load(st + Z_LSE_A, mask=rm, other=0.0)
-    lp_tgt = b - tl.load(st + Z_LSE_B, mask=rm, other=0.0)
+    lp_pol = a - tl.load(st + Z_LA, mask=rm, other=0.0)
+    lp_tgt = b - tl.load(st + Z_LB, mask=rm, other=0.0)
     nan = float("nan")
     tl.store(tokens_ptr + rows, tok, mask=rm)
     tl.store(alpha_ptr + rows, alpha.to(tl.float32), mask=rm)

@@ -11,7 +11,8 @@ q_α = softmax(α·log π_θ + (1−α)·log π_t) on S for α ∈ (0, 1), q_1 =
   the better of the refined point and the grid's best (an end point gives ``alpha_at_bound``).
   Rows whose supports differ (θ, t, and π_ref) fall back to kl_symmetry.
 * The shared special cases, decided the same way as the kernels: identical distributions
-  (b − a constant on S, equal supports) → 0.5; ℓ constant on S with unequal supports → the end
+  (equal supports, b − a constant on S up to IDENTICAL_SPREAD = 1e-5, where the root is
+  1/2 + O(spread)) → 0.5; ℓ constant on S with unequal supports → the end
   point given by the sign of that constant (0.5 if 0); disjoint supports → α = 1; NaN/+inf logits
   or a row without a finite logit → NaN outputs and token −1.
 * KL(q‖π) = Σ_{q>0} q·(log q − log π) (∞ where q has mass off supp π); the token is drawn by
@@ -29,6 +30,7 @@ KL_GRID = 101
 BISECTION_STEPS = 60
 SNR_GRID = 1001
 GOLDEN_STEPS = 80
+IDENTICAL_SPREAD = 1e-5
 GRID_BLOCK = 32  # α points evaluated at once ([N, GRID_BLOCK, V] temporaries)
 
 
@@ -130,7 +132,7 @@ def optimal_sampling(logits_policy, logits_target, method="kl_symmetry", tempera
     d_min = torch.where(both, d, math.inf).amin(-1)
     d_max = torch.where(both, d, -math.inf).amax(-1)
     const = d_min == d_max
-    identical = const & same_support
+    identical = (d_max - d_min <= IDENTICAL_SPREAD) & same_support
     disjoint = ~both.any(-1)
     ends = _e_s(lpp, lpt, torch.tensor([0.0, 1.0], dtype=torch.float64, device=dev).expand(n, 2))
     e0, e1 = ends[:, 0], ends[:, 1]
