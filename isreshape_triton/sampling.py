@@ -28,10 +28,9 @@ METHODS = ("kl_symmetry", "snr")
 NEWTON_PASSES = 6  # kl_symmetry evaluation passes (the last one in fp64); 6 Newton updates
 SNR_PASSES = 7  # grid-search passes of G points each, fp64: 2 cover a 2G-point grid, 5 refine
 SNR_POINTS = 8  # G: the refinement step shrinks by (G + 1)/2 per pass; 1/15·(2/9)^5 ≈ 4e-5 at the end
-SEG_UNIT = 1024  # segment lengths are multiples of this (every tile size divides it)
-MAX_SEGMENTS = 64  # per row, up to V = 64 · SEG_UNIT · 4 = 256K with 4096-element segments
+SEG_UNIT = 4096  # segment lengths are multiples of this work-item size (every tile size divides it)
 TARGET_PROGRAMS = 1056  # 8 programs per SM on 132 SMs
-REC_BLOCK = 16  # records merged per vector step
+REC_BLOCK = 64  # records merged per vector step (one step up to V = 256K)
 FINAL_ROWS, FINAL_SEGS = 32, 32  # finalize tile: rows × segments
 
 # (tile, launch options) per kernel; every tile divides SEG_UNIT and is fixed, so only dtypes and
@@ -151,9 +150,10 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 def segment_length(n_rows: int, vocab: int) -> int:
-    """Elements per program: ≥ SEG_UNIT, ≤ MAX_SEGMENTS segments per row, and about
-    TARGET_PROGRAMS programs in all when the batch is large (a multiple of SEG_UNIT)."""
-    seg = max(SEG_UNIT, -(-vocab // MAX_SEGMENTS), -(-(n_rows * vocab) // TARGET_PROGRAMS))
+    """Elements per program, a multiple of SEG_UNIT: one work item each (grid = #work items) until
+    the batch has more than TARGET_PROGRAMS of them, then about TARGET_PROGRAMS programs in all,
+    each walking consecutive work items of one row with the same lane accumulators."""
+    seg = max(SEG_UNIT, -(-(n_rows * vocab) // TARGET_PROGRAMS))
     return -(-seg // SEG_UNIT) * SEG_UNIT
 
 
@@ -286,20 +286,42 @@ def _optimal_sampling_kernels(logits_policy, logits_target, ref_logits, generato
                           r.log_q_full.view(*lead, V) if r.log_q_full is not None else None)
 
 
+def default_specs() -> list:
+    """Every kernel specialization ``optimal_sampling`` can launch (for the sm_90 AOT check):
+    each input dtype × method × reference × log q output (sizes never specialise)."""
+    from . import aot
+
+    specs = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        x = torch.zeros(2, 64, dtype=dtype)
+        for method, ref in (("kl_symmetry", None), ("snr", None), ("snr", x), (0.5, None)):
+            for log_q in (False, True):
+                config = validate(x, x, method, 1.0, ref, None, log_q)
+                for step in plan_sampling(x, x, ref, config, torch.zeros(1, dtype=torch.int64)).steps:
+                    spec = aot.launch_spec(step)
+                    specs[aot.spec_key(spec)] = spec
+    return list(specs.values())
+
+
 def traffic_model(n_rows: int, vocab: int, itemsize: int, method: str = "kl_symmetry", has_ref: bool = False,
                   return_log_q: bool = False) -> dict:
-    """Bytes one call moves, by stream: every pass reads the policy and target rows (pass 0 and
-    the SNR passes also the reference), the draw writes log q (fp32) when asked; records and
-    states are O(rows × segments) fp64 (each program merges its row's records)."""
+    """Bytes one call moves, by stream. Every launch but the finalize streams the policy and
+    target rows once (pass 0 and the SNR passes also the reference); the draw writes log q (fp32)
+    when asked. The fp64 records: each program writes one and, in the next launch, every program
+    of a row reads all of the row's records (L2-resident, O(rows × segments²))."""
+    from .kernels import sampling as ks
+
     seg = segment_length(n_rows, vocab)
     nseg = -(-vocab // seg)
-    passes = launch_count(method) - 1  # every launch but the finalize streams the rows
-    inputs = 2 * itemsize * vocab
-    ref_bytes = itemsize * vocab if has_ref else 0
-    snr_passes = SNR_PASSES if method == "snr" else 0
-    logits = n_rows * (passes * inputs + (1 + snr_passes) * ref_bytes)
-    rec_w = 3 * SNR_POINTS if method == "snr" else 6
-    records = n_rows * nseg * 8 * (17 + passes * rec_w + (passes - 1) * nseg * rec_w + 17 * nseg)
+    n_search = len(pass_schedule(method))
+    passes = n_search + 2
+    ref_passes = (1 + (SNR_PASSES if method == "snr" else 0)) if has_ref else 0
+    logits = n_rows * vocab * itemsize * (2 * passes + ref_passes)
+    rec_w = 3 * SNR_POINTS if method == "snr" else ks.MO_W.value
+    st_w = ks.ST_W.value
+    writes = st_w + n_search * rec_w + 2
+    reads = nseg * (st_w + n_search * rec_w + 2)  # the search passes and the draw read the previous records
+    records = 8 * n_rows * nseg * (writes + reads) + 8 * n_rows * ks.Z_W.value * (passes + 1)
     logq = 4 * n_rows * vocab if return_log_q else 0
     return {"logits": logits, "records": records, "log_q": logq, "total": logits + records + logq,
             "passes": passes, "segment": seg, "segments_per_row": nseg}

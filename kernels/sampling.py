@@ -9,9 +9,9 @@ and the log-sums λ_a = A − max a ≥ 0, λ_b, λ_r, so log π_θ = a' − λ_
 keep fp32's relative precision where the probability mass is (ℓ of a token with π ≈ 1 − 1e-10 is
 ~1e-10, which fp32 loses in d − (B − A) but not in this form).
 
-Work items: a row's V is cut into segments of ``seg`` elements (a multiple of 1024 chosen by the
-host so that the grid fills the GPU for any N; ≤ 64 segments per row up to V = 256K), one program
-per (row, segment). Each program keeps lane (vector) accumulators over its tiles — online max and
+Work items: a row's V is cut into segments of ``seg`` elements (a multiple of the 4096-element work
+item, chosen by the host: one work item per program until there are more than ~8 per SM, so the
+grid is min(#work items, ~1056) programs for any N), one program per (row, segment). Each program keeps lane (vector) accumulators over its tiles — online max and
 rescaled sums, like an online softmax — and writes one record; the next launch merges the row's
 records in a fixed order (deterministic). Every program of a row merges the same records with the
 same code, so all of them see bit-identical α; the segment-0 program also writes the row state.
@@ -88,6 +88,7 @@ SNR = tl.constexpr(2.0)
 INVALID = tl.constexpr(3.0)
 FP32_TOL = tl.constexpr(1e-3)  # |g| below which an fp32 evaluation does not move the Newton bracket
 IDENTICAL_SPREAD = tl.constexpr(1e-5)  # max − min of d on S below which equal supports count as identical
+FLAT = tl.constexpr(1e-12)  # E_S(0) − E_S(1) below this: E_S is constant at fp64 resolution
 # methods (runtime argument)
 METHOD_KL = tl.constexpr(0)
 METHOD_SNR = tl.constexpr(1)
@@ -265,10 +266,11 @@ def _init_state(base, nseg, method, fixed_alpha, inv_t, HAS_REF: tl.constexpr, G
     """Row constants and the first α from the pass-0 records.
 
     Newton rows start at the secant root of E_S between the ends, E_S(0) > 0 > E_S(1), with the
-    bracket [0, 1]. No interior root: E_S(1) ≥ 0 → α = 1, E_S(0) ≤ 0 → α = 0 (at the bound); ℓ
-    constant on S → the sign of that constant decides (0.5 if it is 0); disjoint supports → α = 1;
-    equal supports and d = b − a constant up to IDENTICAL_SPREAD (identical distributions up to
-    rounding; the root is then 1/2 + O(spread)) → α = 0.5. SNR rows (equal supports, not identical)
+    bracket [0, 1]. No interior root: E_S(1) ≥ 0 → α = 1, E_S(0) ≤ 0 → α = 0 (at the bound). E_S
+    flat (ℓ constant on S, or E_S(0) − E_S(1), the Jeffreys divergence on S, ≤ FLAT, e.g. two
+    near-certain rows) → the sign of E_S decides (0.5 within ±FLAT); disjoint supports → α = 1;
+    equal supports and d = b − a constant up to IDENTICAL_SPREAD, or E_S flat and ≈ 0 (identical
+    distributions up to rounding; the root is then 1/2 + O(spread)) → α = 0.5. SNR rows (equal supports, not identical)
     start the grid search; other rows of an SNR call run Newton. inv_t: 1/T in fp64.
     Rows with NaN/+∞ entries, or with no finite logit, are INVALID (α = NaN).
     """
@@ -290,15 +292,16 @@ def _init_state(base, nseg, method, fixed_alpha, inv_t, HAS_REF: tl.constexpr, G
     alpha = tl.where(upper, 1.0, tl.where(lower, 0.0, e0 / (e0 - e1)))
     bound = tl.where(lower | upper, 1.0, 0.0)
     const = d_min == d_max
-    e_const = d_min - c
-    alpha = tl.where(const, tl.where(e_const > 0.0, 1.0, tl.where(e_const < 0.0, 0.0, 0.5)), alpha)
-    bound = tl.where(const, tl.where(e_const == 0.0, 0.0, 1.0), bound)
+    flat = const | (e0 - e1 <= FLAT)
+    e_flat = tl.where(const, d_min - c, 0.5 * (e0 + e1))
+    alpha = tl.where(flat, tl.where(e_flat > FLAT, 1.0, tl.where(e_flat < -FLAT, 0.0, 0.5)), alpha)
+    bound = tl.where(flat, tl.where(tl.abs(e_flat) > FLAT, 1.0, 0.0), bound)
     alpha = tl.where(n_s == 0.0, 1.0, alpha)
     bound = tl.where(n_s == 0.0, 1.0, bound)
-    identical = (d_max - d_min <= IDENTICAL_SPREAD) & (n_p + n_t == 0.0)
+    identical = ((d_max - d_min <= IDENTICAL_SPREAD) | (flat & (tl.abs(e_flat) <= FLAT))) & (n_p + n_t == 0.0)
     alpha = tl.where(identical, 0.5, alpha)
     bound = tl.where(identical, 0.0, bound)
-    mode = tl.where((bound > 0.0) | identical | const, FIXED, NEWTON)
+    mode = tl.where((bound > 0.0) | identical | flat, FIXED, NEWTON)
     mode = tl.where(n_s == 0.0, FIXED, mode)
     snr = (method == METHOD_SNR) & (n_p + n_t + n_r == 0.0) & ~identical
     mode = tl.where(snr, SNR, mode)

@@ -10,10 +10,11 @@ q_α = softmax(α·log π_θ + (1−α)·log π_t) on S for α ∈ (0, 1), q_1 =
   Φ2 = Var_{π_θ}[w·r], on a dense grid, then golden-section refinement around the grid maximum;
   the better of the refined point and the grid's best (an end point gives ``alpha_at_bound``).
   Rows whose supports differ (θ, t, and π_ref) fall back to kl_symmetry.
-* The shared special cases, decided the same way as the kernels: identical distributions
-  (equal supports, b − a constant on S up to IDENTICAL_SPREAD = 1e-5, where the root is
-  1/2 + O(spread)) → 0.5; ℓ constant on S with unequal supports → the end
-  point given by the sign of that constant (0.5 if 0); disjoint supports → α = 1; NaN/+inf logits
+* The shared special cases, decided the same way as the kernels: E_S flat (ℓ constant on S, or
+  E_S(0) − E_S(1) ≤ FLAT = 1e-12, below fp64 resolution) → the end point given by its sign (0.5
+  within ±FLAT); identical distributions (equal supports and b − a constant on S up to
+  IDENTICAL_SPREAD = 1e-5
+FLAT = 1e-12, where the root is 1/2 + O(spread), or E_S flat at 0) → 0.5; disjoint supports → α = 1; NaN/+inf logits
   or a row without a finite logit → NaN outputs and token −1.
 * KL(q‖π) = Σ_{q>0} q·(log q − log π) (∞ where q has mass off supp π); the token is drawn by
   Gumbel-max with ``torch.rand`` noise from ``generator``.
@@ -31,6 +32,7 @@ BISECTION_STEPS = 60
 SNR_GRID = 1001
 GOLDEN_STEPS = 80
 IDENTICAL_SPREAD = 1e-5
+FLAT = 1e-12
 GRID_BLOCK = 32  # α points evaluated at once ([N, GRID_BLOCK, V] temporaries)
 
 
@@ -131,11 +133,12 @@ def optimal_sampling(logits_policy, logits_target, method="kl_symmetry", tempera
     d = torch.where(both, zt - zp, 0.0)
     d_min = torch.where(both, d, math.inf).amin(-1)
     d_max = torch.where(both, d, -math.inf).amax(-1)
-    const = d_min == d_max
-    identical = (d_max - d_min <= IDENTICAL_SPREAD) & same_support
     disjoint = ~both.any(-1)
     ends = _e_s(lpp, lpt, torch.tensor([0.0, 1.0], dtype=torch.float64, device=dev).expand(n, 2))
     e0, e1 = ends[:, 0], ends[:, 1]
+    flat = (d_min == d_max) | (e0 - e1 <= FLAT)
+    e_flat = 0.5 * (e0 + e1)
+    identical = ((d_max - d_min <= IDENTICAL_SPREAD) | (flat & (e_flat.abs() <= FLAT))) & same_support
 
     half = torch.full((n,), 0.5, dtype=torch.float64, device=dev)
     if config.method == "fixed":
@@ -145,9 +148,8 @@ def optimal_sampling(logits_policy, logits_target, method="kl_symmetry", tempera
     else:
         alpha = torch.where(e1 >= 0, 1.0, torch.where(e0 <= 0, 0.0, _kl_root(lpp, lpt)))
         bound = (e1 >= 0) | (e0 <= 0)
-        e_const = e1
-        alpha = torch.where(const, torch.where(e_const > 0, 1.0, torch.where(e_const < 0, 0.0, 0.5)), alpha)
-        bound = torch.where(const, e_const != 0, bound)
+        alpha = torch.where(flat, torch.where(e_flat > FLAT, 1.0, torch.where(e_flat < -FLAT, 0.0, 0.5)), alpha)
+        bound = torch.where(flat, e_flat.abs() > FLAT, bound)
         alpha = torch.where(disjoint, 1.0, alpha)
         bound |= disjoint
         if config.method == "snr":
