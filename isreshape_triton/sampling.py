@@ -250,7 +250,8 @@ def plan_sampling(pol: torch.Tensor, tgt: torch.Tensor, ref: Optional[torch.Tens
         dict(pol_ptr=pol, tgt_ptr=tgt, prev_ptr=recs[(k - 1) % 2], rec_ptr=recs[k % 2],
              state_in_ptr=states[(k - 1) % 2], state_out_ptr=states[k % 2], seed_ptr=seed, logq_ptr=logq,
              **common, s_qr=V, inv_temp=inv_temp),
-        dict(WRITE_LOGQ=config.return_log_q, PREV_FP64=prev_fp64, REC_W=rec_w, G=G, BLOCK=block, BLOCK_C=REC_BLOCK),
+        dict(WRITE_LOGQ=config.return_log_q, PREV_FP64=prev_fp64, REC_W=rec_w, G=G, BLOCK=block,
+             BLOCK_C=REC_BLOCK),
         {**options, "num_stages": 1}))
     steps.append(Launch(
         ks.sampling_finalize_kernel, (-(-N // FINAL_ROWS),),
@@ -272,11 +273,9 @@ def _optimal_sampling_kernels(logits_policy, logits_target, ref_logits, generato
     ref = ref_logits.reshape(-1, V) if ref_logits is not None else None
     N = pol.shape[0]
     if N == 0:
-        dev = pol.device
-        e32 = torch.empty(lead, dtype=torch.float32, device=dev)
-        return SamplingResult(torch.empty(lead, dtype=torch.int64, device=dev), e32, e32.clone(), e32.clone(),
-                              e32.clone(), e32.clone(), e32.clone(), torch.empty(lead, dtype=torch.bool, device=dev),
-                              torch.empty((*lead, V), dtype=torch.float32, device=dev)
+        dtypes = (torch.int64,) + (torch.float32,) * 6 + (torch.bool,)
+        return SamplingResult(*(torch.empty(lead, dtype=dt, device=pol.device) for dt in dtypes),
+                              torch.empty((*lead, V), dtype=torch.float32, device=pol.device)
                               if config.return_log_q else None)
     plan = plan_sampling(pol, tgt, ref, config, _seed_tensor(generator, pol.device))
     for step in plan.steps:

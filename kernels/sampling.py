@@ -11,10 +11,17 @@ keep fp32's relative precision where the probability mass is (ℓ of a token wit
 
 Work items: a row's V is cut into segments of ``seg`` elements (a multiple of the 4096-element work
 item, chosen by the host: one work item per program until there are more than ~8 per SM, so the
-grid is min(#work items, ~1056) programs for any N), one program per (row, segment). Each program keeps lane (vector) accumulators over its tiles — online max and
-rescaled sums, like an online softmax — and writes one record; the next launch merges the row's
-records in a fixed order (deterministic). Every program of a row merges the same records with the
-same code, so all of them see bit-identical α; the segment-0 program also writes the row state.
+grid is min(#work items, ~1056) programs for any N — one row of V = 256K is 64 programs, not one).
+Each program keeps lane (vector) accumulators over its tiles — online max and rescaled sums, like
+an online softmax; no block reduction inside a tile loop — and writes one record; the next launch
+merges the row's records in a fixed order (deterministic). Every program of a row merges the same
+records with the same code, so all of them see bit-identical α; segment 0 also writes the row
+state. The price of splitting V is one launch per Newton step (no program waits on another) and
+O(segments²) record reads per row from L2.
+
+Precision: pass 0 and the last search pass do their element math in fp64 (so α, log Z and the KLs
+have fp64 accuracy); the other Newton passes are fp32. SNR passes are fp64 (a flat maximum located
+to 1e-4 needs the ratio to ~1e-8).
 
 Launches (fixed per method, never data-dependent):
   ``sampling_stats_kernel``     pass 0 (fp64): A, B (and the reference's lse), E_S(0), E_S(1), the
@@ -46,6 +53,8 @@ ST_NT = tl.constexpr(14)  # #{b > −∞, a = −∞}
 ST_NR = tl.constexpr(15)  # #{on S, reference = −∞}
 ST_BAD = tl.constexpr(16)  # #NaN or +∞ entries
 ST_W = tl.constexpr(17)
+
+STATS_MERGE_BLOCK = tl.constexpr(16)  # pass-0 records merged per vector step
 
 # moments record (Newton passes): max s, Σw, Σwℓ⁺, Σwℓ⁻, Σwℓ⁺², Σwℓ⁻² with w = e^{s−max} on supp(q)
 MO_M = tl.constexpr(0)
@@ -146,7 +155,8 @@ def _q_logits(a, b, alpha, beta, at_one, at_zero):
 @triton.jit
 def _merge_stats(base, nseg, BLOCK_C: tl.constexpr):
     """The pass-0 records of one row: max and rescaled sums of a, b and the reference, the S sums
-    behind E_S(0) and E_S(1), min/max of d, and the counts."""
+    behind E_S(0) and E_S(1), min/max of d, and the counts. (BLOCK_C × 32 fp64 tiles: the caller
+    passes a small BLOCK_C, the first launch's registers are set by this merge.)"""
     j = tl.arange(0, BLOCK_C)
     k = tl.arange(0, 32)
     cols = k < ST_W
@@ -270,8 +280,9 @@ def _init_state(base, nseg, method, fixed_alpha, inv_t, HAS_REF: tl.constexpr, G
     flat (ℓ constant on S, or E_S(0) − E_S(1), the Jeffreys divergence on S, ≤ FLAT, e.g. two
     near-certain rows) → the sign of E_S decides (0.5 within ±FLAT); disjoint supports → α = 1;
     equal supports and d = b − a constant up to IDENTICAL_SPREAD, or E_S flat and ≈ 0 (identical
-    distributions up to rounding; the root is then 1/2 + O(spread)) → α = 0.5. SNR rows (equal supports, not identical)
-    start the grid search; other rows of an SNR call run Newton. inv_t: 1/T in fp64.
+    distributions up to rounding; the root is then 1/2 + O(spread)) → α = 0.5. SNR rows (equal
+    supports, not identical) start the grid search; other rows of an SNR call run Newton.
+    inv_t: 1/T in fp64.
     Rows with NaN/+∞ entries, or with no finite logit, are INVALID (α = NaN).
     """
     (m_a, s_a, u_a, ud_a, m_b, s_b, u_b, ud_b, m_r, s_r, d_min, d_max,
@@ -587,7 +598,7 @@ def sampling_alpha_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, prev_ptr, rec_pt
     if FIRST:
         (alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t) = _init_state(
             stats_ptr + row * nseg * ST_W, nseg, method, fixed_alpha,
-            _inv_temp(inv_temp, inv_temp_lo, tl.float64), HAS_REF, G, BLOCK_C)
+            _inv_temp(inv_temp, inv_temp_lo, tl.float64), HAS_REF, G, STATS_MERGE_BLOCK)
     else:
         (alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t) = _load_state(
             state_in_ptr + row * Z_W)

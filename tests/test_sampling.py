@@ -255,13 +255,18 @@ def test_fixed_launches_and_no_sync(method, kernels):
     assert work.torch_launches <= 1  # the seed draw
 
 
-def test_grid_fills_the_gpu_for_any_batch():
-    """Work items of 4096 elements: ≥ min(#work items, 264) programs for any N (SPEC §13)."""
+def test_work_items_and_byte_budget():
+    """Work items of 4096 elements: ≥ min(#work items, 264) programs for any N (SPEC §13);
+    kl_symmetry reads each logits tensor (Newton passes + 2) times, nothing else per element."""
     for n, vocab in [(1, 262144), (1, 32000), (8, 128000), (256, 151936), (4096, 32000), (3, 7)]:
         seg = S.segment_length(n, vocab)
         chunks = n * -(-vocab // 4096)
         assert seg % 4096 == 0
         assert n * -(-vocab // seg) >= min(chunks, 264), (n, vocab)
+        for item in (2, 4):
+            tm = S.traffic_model(n, vocab, item)
+            assert tm["logits"] == 2 * n * (S.NEWTON_PASSES + 2) * vocab * item
+            assert tm["total"] - tm["logits"] <= 0.25 * tm["logits"] or n * vocab < 2 ** 20
 
 
 def test_strided_and_batched_inputs():

@@ -13,9 +13,8 @@ q_α = softmax(α·log π_θ + (1−α)·log π_t) on S for α ∈ (0, 1), q_1 =
 * The shared special cases, decided the same way as the kernels: E_S flat (ℓ constant on S, or
   E_S(0) − E_S(1) ≤ FLAT = 1e-12, below fp64 resolution) → the end point given by its sign (0.5
   within ±FLAT); identical distributions (equal supports and b − a constant on S up to
-  IDENTICAL_SPREAD = 1e-5
-FLAT = 1e-12, where the root is 1/2 + O(spread), or E_S flat at 0) → 0.5; disjoint supports → α = 1; NaN/+inf logits
-  or a row without a finite logit → NaN outputs and token −1.
+  IDENTICAL_SPREAD = 1e-5, where the root is 1/2 + O(spread), or E_S flat at 0) → 0.5; disjoint
+  supports → α = 1; NaN/+inf logits or a row without a finite logit → NaN outputs and token −1.
 * KL(q‖π) = Σ_{q>0} q·(log q − log π) (∞ where q has mass off supp π); the token is drawn by
   Gumbel-max with ``torch.rand`` noise from ``generator``.
 """
@@ -34,10 +33,6 @@ GOLDEN_STEPS = 80
 IDENTICAL_SPREAD = 1e-5
 FLAT = 1e-12
 GRID_BLOCK = 32  # α points evaluated at once ([N, GRID_BLOCK, V] temporaries)
-
-
-def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.log_softmax(logits.to(torch.float64) / temperature, dim=-1)
 
 
 def _q_log(lpp: torch.Tensor, lpt: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
