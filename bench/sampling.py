@@ -1,5 +1,6 @@
 """``python -m bench.sampling [--experiment] [--aot]``: what one call of ``irt.optimal_sampling``
-costs per decode step, and (``--experiment``) the learning-speed experiment of issue 11.
+costs per decode step (bench/results/sampling.md), and (``--experiment``) the learning-speed
+experiment of issue 11 (bench/results/sampling_experiment.{md,png,json}).
 
 Cost table (machine-independent): launches, streaming passes, bytes per row read from the logits
 against the budget (Newton iterations + 2) × V × itemsize per logits tensor, the fp64 record
@@ -130,16 +131,16 @@ def main(argv=None) -> int:
         parts += ["\n## GPU timings\n", gpu_timings()]
     if args.aot:
         parts += ["\n## sm_90 compile report\n", aot_table()]
-    if args.experiment:
-        from .sampling_experiment import run_experiment
-
-        t0 = time.perf_counter()
-        parts += ["\n## Experiment\n", run_experiment(args.seeds, args.steps, RESULTS)]
-        sys.stderr.write(f"experiment: {time.perf_counter() - t0:.0f} s\n")
     text = "\n".join(parts) + "\n"
     print(text)
     with open(os.path.join(RESULTS, "sampling.md"), "w") as fh:
         fh.write(text)
+    if args.experiment:
+        from .sampling_experiment import run_experiment
+
+        t0 = time.perf_counter()
+        print("## Experiment\n\n" + run_experiment(args.seeds, args.steps, RESULTS))
+        sys.stderr.write(f"experiment: {time.perf_counter() - t0:.0f} s\n")
     with open(os.path.join(RESULTS, "sampling.json"), "w") as fh:
         json.dump(rows, fh, indent=1)
     return 0

@@ -112,7 +112,10 @@ def run_experiment(seeds: int, steps: int, out_dir: str) -> str:
     _plot(reward, alpha, os.path.join(out_dir, "sampling_experiment.png"))
     with open(os.path.join(out_dir, "sampling_experiment.json"), "w") as fh:
         json.dump({"reward": curves, "alpha": alpha_traces, "config": dict(L=L, V=V, B=B, beta=BETA, lr=LR)}, fh)
-    return "\n".join(lines) + "\n\n![reward vs step](results/sampling_experiment.png)\n"
+    text = "\n".join(lines) + "\n\n![reward vs step](sampling_experiment.png)\n"
+    with open(os.path.join(out_dir, "sampling_experiment.md"), "w") as fh:
+        fh.write(text)
+    return text
 
 
 def _plot(reward, alpha, path):
