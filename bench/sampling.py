@@ -24,8 +24,6 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def cost_table(dtypes=("bf16", "fp32")) -> tuple:
-    import torch
-
     from isreshape_triton import sampling as S
 
     item = {"bf16": 2, "fp32": 4}
@@ -47,7 +45,6 @@ def cost_table(dtypes=("bf16", "fp32")) -> tuple:
                                  records_per_row=tm["records"] / n, programs=programs, model_us=model_us))
                 lines.append(f"| {method} | {dt} | {n} × {v} | {launches} | {tm['passes']} | {per_tensor:,} "
                              f"| {budget:,} | {tm['records'] / n:,.0f} | {programs} | {model_us:.1f} |")
-    del torch
     return "\n".join(lines), rows
 
 
@@ -76,10 +73,9 @@ def gpu_timings() -> str:
     import triton
 
     import isreshape_triton as irt
-
-    lines = ["| method | N × V (bf16) | µs (do_bench) | GB/s of logits read |", "|---|---|---|---|"]
     from isreshape_triton import sampling as S
 
+    lines = ["| method | N × V (bf16) | µs (do_bench) | GB/s of logits read |", "|---|---|---|---|"]
     for method in ("kl_symmetry", "snr"):
         for n, v in SHAPES:
             a = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
