@@ -6,10 +6,11 @@ from .metrics import metric_names
 from .params import (AGG_MODES, LOSS_TYPES, IsReshapeParams, IsReshapeSignParams,
                      IsReshapeTRParams, IsReshapeVarParams, PPOClipParams, SAPOParams,
                      VESPOParams, make_params)
+from .sampling import SamplingResult, optimal_sampling
 
 __all__ = [
     "policy_loss", "PolicyLoss", "policy_loss_from_logits", "selective_log_softmax", "reference", "LOSS_TYPES", "AGG_MODES", "make_params",
     "metric_names", "uses_kernels", "IsReshapeParams", "IsReshapeSignParams", "IsReshapeTRParams",
-    "IsReshapeVarParams", "PPOClipParams", "SAPOParams", "VESPOParams",
+    "IsReshapeVarParams", "PPOClipParams", "SAPOParams", "VESPOParams", "optimal_sampling", "SamplingResult",
 ]
 __version__ = "0.1.0"

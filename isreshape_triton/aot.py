@@ -128,8 +128,10 @@ def specs_from_plan(log_prob, old_log_prob, advantages, response_mask, loss_type
 
 def default_specs() -> list:
     """A representative set: every family option and γ mode, every input dtype, with and
-    without advantages and mask (tile sizes do not depend on the shape)."""
+    without advantages and mask (tile sizes do not depend on the shape), and every
+    specialization of ``optimal_sampling``."""
     from .params import LOSS_TYPES
+    from .sampling import default_specs as sampling_specs
 
     configs = [(lt, {}) for lt in LOSS_TYPES] + [
         ("is_reshape", {"gamma": "ess_exact"}), ("is_reshape", {"gamma_granularity": "sequence"}),
@@ -146,6 +148,8 @@ def default_specs() -> list:
             for lt, opts in configs:
                 for s in specs_from_plan(lp, lp.detach(), adv, mask, lt, **opts):
                     specs[spec_key(s)] = s
+    for s in sampling_specs():
+        specs[spec_key(s)] = s
     return list(specs.values())
 
 

@@ -11,6 +11,7 @@ boolean indexing). Modules:
 * :mod:`.aggregation` — :func:`aggregate` and :func:`agg_scale` (s_t)
 * :mod:`.diagnostics` — :func:`compute_metrics`
 * :mod:`.from_logits` — :func:`policy_loss_from_logits`, :func:`selective_log_softmax` (SPEC §8)
+* :mod:`.sampling`    — :func:`optimal_sampling` (SPEC §9, fp64 brute force)
 """
 from .aggregation import agg_scale, aggregate
 from .diagnostics import compute_metrics
@@ -21,10 +22,11 @@ from .gamma import (ess_ratio, gamma_closed_form, gamma_ess_exact, masked_moment
                     select_gamma_k, sign_gammas)
 from .from_logits import policy_loss_from_logits, selective_log_softmax
 from .loss import compute_dtype, policy_loss
+from .sampling import optimal_sampling
 
 __all__ = [
     "policy_loss", "policy_loss_from_logits", "selective_log_softmax", "compute_dtype", "phi_F", "family_stats", "FAMILIES", "STATS", "TokenTerms",
     "is_reshape", "is_reshape_sign", "is_reshape_tr", "is_reshape_var", "ppo_clip", "sapo", "vespo",
     "expm1_over", "aggregate", "agg_scale", "compute_metrics", "masked_moments", "gamma_closed_form",
-    "gamma_ess_exact", "ess_ratio", "select_gamma", "select_gamma_k", "sign_gammas",
+    "gamma_ess_exact", "ess_ratio", "select_gamma", "select_gamma_k", "sign_gammas", "optimal_sampling",
 ]
