@@ -1,10 +1,14 @@
 """The ``@triton.jit`` code of isreshape-triton (installed as ``isreshape_triton.kernels``).
 
-common.py    tile loads, stable moments, accurate expm1/log1p/tanh
-families.py  one device function per loss family: (φ, F) per token
-gamma.py     γ rules on the device (closed form, exact sample ESS)
-layout.py    slot layouts of the record / partial / metric buffers
-stats.py     pass 1: sufficient statistics of ℓ per row and per program
-loss.py      pass 2: φ, F, gradient and partial sums per program
-finalize.py  pass 3: loss, metrics and per-row gradient scale
+rows.py      work items: chunks, the row pieces inside them, tile loads
+common.py    lane accumulators (moments, shifted exp sums), NaN-loud helpers, expm1/log1p/tanh
+families.py  one device function per loss family: (φ, F) per token; verl's KL penalty
+gamma.py     γ rules on the device (closed form, exact sample ESS), record merges
+layout.py    slot layouts of the record / element / partial / metric buffers
+stats.py     forward pass 1: statistics records of ℓ per program or per row piece
+loss.py      forward pass 2: φ, F, ∂L/∂log_prob, lane-accumulated partials; the last program finalizes
+finalize.py  the last program's merge: loss, metrics, gradient scale
+backward.py  the backward: ∂L/∂log_prob · scale · grad_out
+logits.py    from logits: online log-softmax, entropy and their backward (SPEC §8)
+sampling.py  the optimal sampling distribution of seed 003 (SPEC §9)
 """

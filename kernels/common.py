@@ -5,7 +5,8 @@ libdevice, no asm).
 
 Lane accumulators are tuples of [BLOCK] vectors updated element-wise inside a
 tile loop (no block-level reduction there); ``*_reduce`` folds the lanes into
-scalars once per piece or program, ``*_merge`` combines two scalar summaries.
+scalars once per piece or program; ``moments_merge`` combines two summaries
+element-wise (lanes of records).
 """
 import triton
 import triton.language as tl
@@ -169,17 +170,6 @@ def expsum_reduce(acc):
     mx = tl.max(zmax)
     f = _rescale(zmax, mx)
     return mx, tl.sum(s1 * f), tl.sum(s2 * (f * f))
-
-
-@triton.jit
-def expsum_merge(a, b):
-    """Merge two shifted exponential sums onto the larger maximum."""
-    za, s1a, s2a = a
-    zb, s1b, s2b = b
-    mx = tl.maximum(za, zb)
-    fa = _rescale(za, mx)
-    fb = _rescale(zb, mx)
-    return mx, s1a * fa + s1b * fb, s2a * (fa * fa) + s2b * (fb * fb)
 
 
 @triton.jit
