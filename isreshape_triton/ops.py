@@ -18,6 +18,7 @@ scalars (Triton's scalar ABI), also for fp64 inputs, whose arithmetic is fp64.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -481,7 +482,9 @@ def traffic_model(loss_type: str, dtype: torch.dtype, mask_dtype: Optional[torch
     records = 0
     if fam.needs_stats:
         ks = layout.S_BASE_WIDTH + (8 * ESS_GRID_POINTS if fam.ess_exact else 0)
-        records = 2 * ((2 * n_chunks + B) if fam.per_row else programs) * ks
+        # row rules: one record per piece = rows + chunk boundaries that cut a row
+        cuts = max(n_chunks - 1, 0) - (max(n - 1, 0) // math.lcm(chunk, T) if T else 0)
+        records = 2 * ((B + cuts) if fam.per_row else programs) * ks
     buffers = acc * (records + 2 * programs * layout.PARTIAL_WIDTH.value
                      + 2 * 2 * n_chunks * layout.ELEMENT_WIDTH.value + 2 * B + 2 + layout.METRIC_WIDTH.value)
     return (streams, buffers) if split else streams + buffers
