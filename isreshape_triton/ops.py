@@ -45,7 +45,7 @@ assert _AGG_CODE["seq-mean-token-mean"] == kfin.SEQ_MEAN_TOKEN_MEAN.value
 _SEQ_AGG = {"seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"}
 _METRIC_INDEX = {name: i for i, name in enumerate(layout.METRIC_SLOTS)}
 BLOCK_REC = 256  # records merged per vector step (ess_exact grids: BLOCK_REC // G per step)
-BLOCK_ELEMENTS = 512  # head/tail elements per step of the finalizer's segmented scan
+BLOCK_ELEMENTS = 256  # head/tail elements per step of the finalizer's segmented scan
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,8 @@ TILING = Tiling()
 STATS_TILE = {False: (1024, dict(num_warps=8)), True: (512, dict(num_warps=8))}  # by fp64
 STATS_TILE_ESS_EXACT = {False: (32, dict(num_warps=4)), True: (32, dict(num_warps=8))}
 LOSS_TILE = {False: (512, dict(num_warps=8, maxnreg=128)), True: (256, dict(num_warps=8, maxnreg=255))}
+# seq-* modes keep three more lane accumulators (the piece's row sums): one token per thread
+LOSS_TILE_SEQ = {False: (256, dict(num_warps=8, maxnreg=128)), True: (256, dict(num_warps=8, maxnreg=255))}
 GRAD_TILE = {False: (1024, dict(num_warps=4)), True: (1024, dict(num_warps=4))}
 
 
@@ -236,7 +238,7 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
     def given(v):  # a device tensor is read by the kernel (no sync); None: derive it
         return v if isinstance(v, torch.Tensor) else (-1.0 if v is None else float(v))
 
-    block, options = _tile(LOSS_TILE, fp64)
+    block, options = _tile(LOSS_TILE_SEQ if seq_agg else LOSS_TILE, fp64)
     steps.append(Launch(
         token_loss_kernel, (programs,),
         dict(**tokens, stats_ptr=records, n_stats=records.shape[0] if batch_stats else 0,
@@ -245,14 +247,14 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
              neg_phi_ptr=neg_phi if write_grad else grad_scale, element_ptr=elements,
              row_count_ptr=row_count, partial_ptr=partial, ticket_ptr=completion_ticket(dev),
              loss_ptr=loss, metrics_ptr=metrics, grad_scale_ptr=grad_scale, params=fam.params,
-             kl_coef=float(kl.kl_coef),
+             kl_coef=float(kl.kl_coef), agg_mode=_AGG_CODE[agg.loss_agg_mode],
              dp_size=float(agg.dp_size), global_token_count=given(agg.global_token_count),
              global_batch_size=given(agg.global_batch_size),
              loss_scale_factor=given(agg.loss_scale_factor)),
         dict(**flags, FAMILY=fam.family, OPT=fam.opt, GAMMA_MODE=fam.gamma_mode,
              KL_TYPE=kl.code if x.ref_log_prob is not None else 0,
              BATCH_STATS=batch_stats, ROW_STATS=row_stats, SIGN_GROUPS=fam.sign_groups,
-             WRITE_GRAD=write_grad, AGG=_AGG_CODE[agg.loss_agg_mode], SEQ_AGG=seq_agg,
+             WRITE_GRAD=write_grad, SEQ_AGG=seq_agg,
              COUNTS_ON_DEVICE=(isinstance(agg.global_token_count, torch.Tensor)
                                + 2 * isinstance(agg.global_batch_size, torch.Tensor)),
              SEQ_GAMMA=fam.per_row and fam.family != VESPO.value,

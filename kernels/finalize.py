@@ -49,8 +49,7 @@ def _seg_add(start_a, n_a, loss_a, kl_a, start_b, n_b, loss_b, kl_b):
 
 
 @triton.jit
-def _spanning_rows(element_ptr, n_elements, row_count_ptr, dt: tl.constexpr,
-                   WRITE_COUNTS: tl.constexpr, BLOCK_E: tl.constexpr):
+def _spanning_rows(element_ptr, n_elements, row_count_ptr, dt: tl.constexpr, BLOCK_E: tl.constexpr):
     """(Σ (row loss)/n_b, Σ (row KL)/n_b, rows with n_b > 0) over the rows that span chunks:
     a segmented scan over the head/tail elements in chunk order; writes n_b of those rows."""
     idx = tl.arange(0, BLOCK_E)
@@ -77,9 +76,8 @@ def _spanning_rows(element_ptr, n_elements, row_count_ptr, dt: tl.constexpr,
         seq_loss += tl.sum(tl.where(ends, safe_div(loss_run, n_run), 0.0))
         seq_kl += tl.sum(tl.where(ends, safe_div(kl_run, n_run), 0.0))
         rows += tl.sum(tl.where(ends & (n_run > 0.0), 1.0, 0.0))
-        if WRITE_COUNTS:
-            row = tl.load(el + E_ROW, mask=ok & ends, other=0.0, cache_modifier=".cg").to(tl.int64)
-            tl.store(row_count_ptr + row, n_run, mask=ok & ends)
+        row = tl.load(el + E_ROW, mask=ok & ends, other=0.0, cache_modifier=".cg").to(tl.int64)
+        tl.store(row_count_ptr + row, n_run, mask=ok & ends)
         last = idx == BLOCK_E - 1
         carry_n = tl.sum(tl.where(last, n_run, 0.0))
         carry_loss = tl.sum(tl.where(last, loss_run, 0.0))
@@ -104,7 +102,7 @@ def _longest_row(cu_ptr, S, BLOCK: tl.constexpr):
 def finalize(partial_ptr, n_part, element_ptr, n_elements, row_count_ptr, cu_ptr,
              loss_ptr, metrics_ptr, grad_scale_ptr, batch_ctx, S, T,
              dp_size, global_token_count, global_batch_size, loss_scale_factor,
-             AGG: tl.constexpr, SEQ_AGG: tl.constexpr, SEQ_GAMMA: tl.constexpr, PACKED: tl.constexpr,
+             agg, SEQ_AGG: tl.constexpr, SEQ_GAMMA: tl.constexpr, PACKED: tl.constexpr,
              COUNTS_ON_DEVICE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
     """All n_part (≤ BLOCK_P) partial records merged in one fixed-order tile; the loss,
     metrics (slot order = layout.METRIC_SLOTS) and the gradient scale s of SPEC §2
@@ -114,6 +112,8 @@ def finalize(partial_ptr, n_part, element_ptr, n_elements, row_count_ptr, cu_ptr
     ok = p < n_part
     rows = partial_ptr + p.to(tl.int64) * PARTIAL_WIDTH
     dt = partial_ptr.dtype.element_ty
+    if SEQ_AGG:  # the rows that span chunks first, before the partials' registers are live
+        span_loss, span_kl, span_rows = _spanning_rows(element_ptr, n_elements, row_count_ptr, dt, BLOCK_E)
     # every slot of every partial record, loaded before any is used (one L2 round trip);
     # each slot is a lane vector, reduced like the programs' own lane accumulators
     moments = (_load(rows, P_MOMENTS, ok), _load(rows, P_MOMENTS + 1, ok), _load(rows, P_MOMENTS + 2, ok),
@@ -166,32 +166,33 @@ def finalize(partial_ptr, n_part, element_ptr, n_elements, row_count_ptr, cu_ptr
     one = tl.full([], 1.0, dt)
     global_token_count = _given(global_token_count, dt, COUNTS_ON_DEVICE % 2 == 1)
     global_batch_size = _given(global_batch_size, dt, COUNTS_ON_DEVICE // 2 == 1)
-    # every mode is (Σ m·L, or for seq-mean-token-mean Σ_b (Σ_t m·L)/n_b) × scale
+    # every mode is (Σ m·L, or for seq-mean-token-mean Σ_b (Σ_t m·L)/n_b) × scale; ``agg`` is a
+    # runtime code (one specialization for the token modes, one for the seq-* modes)
+    seq_loss = s_loss
+    seq_kl = s_kl
+    gbs = one
     if SEQ_AGG:
-        seq_loss, seq_kl, n_rows = _spanning_rows(element_ptr, n_elements, row_count_ptr, dt,
-                                                  AGG == SEQ_MEAN_TOKEN_MEAN, BLOCK_E)
-        seq_loss += tl.sum(seq_loss_v)
+        seq_loss = span_loss + tl.sum(seq_loss_v)
+        seq_kl = span_kl
+        n_rows = span_rows
         seq_kl += tl.sum(seq_kl_v)
         n_rows += tl.sum(rows_v)
         gbs = tl.where(global_batch_size >= 0.0, global_batch_size, n_rows)
-    if AGG == TOKEN_MEAN:
+    if agg == TOKEN_MEAN:
         scale = safe_div(one, tl.where(global_token_count >= 0.0, global_token_count, n_all))
-    elif AGG == TOKEN_SUM:
+    elif agg == TOKEN_SUM:
         scale = one
-    elif AGG == SEQ_MEAN_TOKEN_SUM or AGG == SEQ_MEAN_TOKEN_MEAN:
-        scale = safe_div(one, gbs)
-    else:
+    elif agg == SEQ_MEAN_TOKEN_SUM_NORM:
         if PACKED:
             longest = _longest_row(cu_ptr, S, BLOCK_E).to(dt)
         else:
             longest = T * one
         scale = safe_div(one, gbs * tl.where(loss_scale_factor >= 0.0, loss_scale_factor, longest))
-    if AGG == SEQ_MEAN_TOKEN_MEAN:
-        loss = seq_loss * scale
-        kl_loss = seq_kl * scale
-    else:
-        loss = s_loss * scale
-        kl_loss = s_kl * scale
+    else:  # seq-mean-token-sum, seq-mean-token-mean
+        scale = safe_div(one, gbs)
+    per_row_mean = agg == SEQ_MEAN_TOKEN_MEAN
+    loss = tl.where(per_row_mean, seq_loss, s_loss) * scale
+    kl_loss = tl.where(per_row_mean, seq_kl, s_kl) * scale
     tl.store(loss_ptr, loss * dp_size)
     tl.store(grad_scale_ptr, scale * dp_size)
 

@@ -87,7 +87,7 @@ def _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, ch
 
 @triton.jit(do_not_specialize=["N", "T", "S", "chunk", "n_chunks", "n_stats", "s_lp_r", "s_lp_t",
                                "s_olp_r", "s_olp_t", "s_adv_r", "s_adv_t", "s_mask_r", "s_mask_t",
-                               "s_rollout_r", "s_rollout_t", "s_ref_r", "s_ref_t"])
+                               "s_rollout_r", "s_rollout_t", "s_ref_r", "s_ref_t", "agg_mode"])
 def token_loss_kernel(
     lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr, cu_ptr, stats_ptr, n_stats,
     gamma_ptr, gamma_row_stride,
@@ -96,16 +96,17 @@ def token_loss_kernel(
     N, T, S, chunk, n_chunks,
     s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r, s_mask_t,
     s_rollout_r, s_rollout_t, s_ref_r, s_ref_t,
-    clamp, gamma_rule, params, kl_coef,
+    clamp, gamma_rule, params, kl_coef, agg_mode,
     dp_size, global_token_count, global_batch_size, loss_scale_factor,
     FAMILY: tl.constexpr, OPT: tl.constexpr, GAMMA_MODE: tl.constexpr, KL_TYPE: tl.constexpr,
     BATCH_STATS: tl.constexpr, ROW_STATS: tl.constexpr, SIGN_GROUPS: tl.constexpr,
     ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
-    PACKED: tl.constexpr, WRITE_GRAD: tl.constexpr, AGG: tl.constexpr, SEQ_AGG: tl.constexpr, SEQ_GAMMA: tl.constexpr,
+    PACKED: tl.constexpr, WRITE_GRAD: tl.constexpr, SEQ_AGG: tl.constexpr, SEQ_GAMMA: tl.constexpr,
     COUNTS_ON_DEVICE: tl.constexpr, KS: tl.constexpr, G: tl.constexpr, BLOCK_REC: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """Loss, metrics and ∂L/∂lp per token (see module docstring): with rollout IS weights r
+    """Loss, metrics and ∂L/∂lp per token (see module docstring); ``agg_mode`` is the
+    aggregation's index in ``AGG_MODES`` (SEQ_AGG: one of the seq-* modes). With rollout IS weights r
     and the KL term, L_t = −F_t·r_t + β·k(x_t) and ∂L_t/∂lp_t = −φ_t·r_t + β·k'(x_t)
     (VESPO: r is in W, not per token); ``kl_coef`` = β. ``params`` is the family's float tuple,
     ``gamma_rule`` the γ rule (``gamma.py``); global_* < 0 means "not given" (or device
@@ -281,5 +282,5 @@ def token_loss_kernel(
         finalize(partial_ptr, tl.num_programs(0), element_ptr, 2 * n_chunks, row_count_ptr, cu_ptr,
                  loss_ptr, metrics_ptr, grad_scale_ptr, batch_ctx, S, T,
                  dp_size, global_token_count, global_batch_size, loss_scale_factor,
-                 AGG, SEQ_AGG, SEQ_GAMMA, PACKED, COUNTS_ON_DEVICE, BLOCK_P, BLOCK_E)
+                 agg_mode, SEQ_AGG, SEQ_GAMMA, PACKED, COUNTS_ON_DEVICE, BLOCK_P, BLOCK_E)
         tl.store(ticket_ptr, 0)
