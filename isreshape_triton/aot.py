@@ -110,14 +110,16 @@ def specs_from_plan(log_prob, old_log_prob, advantages, response_mask, loss_type
     from . import ops
     from .families import kernel_family
     from .inputs import prepare_inputs
-    from .params import AggConfig, make_params
+    from .params import AggConfig, KLConfig, make_params
 
     agg = AggConfig(options.pop("loss_agg_mode", "token-mean"))
     clamp = options.pop("log_ratio_clamp", 20.0)
-    x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, clamp)
+    kl = KLConfig(options.pop("kl_coef", 0.0), options.pop("kl_type", "low_var_kl"))
+    x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, clamp, options.pop("cu_seqlens", None),
+                       False, options.pop("rollout_is_weights", None), options.pop("ref_log_prob", None))
     fam = kernel_family(loss_type, make_params(loss_type, **options))
     gamma = torch.zeros(2, dtype=ops._acc_dtype(log_prob.dtype)) if fam.psis else None
-    plan = ops.plan_launches(x, fam, agg, clamp, write_grad=log_prob.requires_grad, gamma=gamma)
+    plan = ops.plan_launches(x, fam, agg, clamp, write_grad=log_prob.requires_grad, gamma=gamma, kl=kl)
     launches = [step for step in plan.steps if isinstance(step, ops.Launch)]
     if log_prob.requires_grad:
         launches.append(ops.backward_launch(plan.neg_phi, torch.empty_like(log_prob), plan.grad_scale,
