@@ -75,8 +75,9 @@ TILING = Tiling()
 STATS_TILE = {False: (512, dict(num_warps=8, maxnreg=128)), True: (512, dict(num_warps=8, maxnreg=255))}
 STATS_TILE_ESS_EXACT = {False: (16, dict(num_warps=8, maxnreg=128)), True: (16, dict(num_warps=8, maxnreg=255))}
 LOSS_TILE = {False: (512, dict(num_warps=8, maxnreg=128)), True: (256, dict(num_warps=8, maxnreg=255))}
-# seq-* modes keep three more lane accumulators (the piece's row sums): one token per thread
-LOSS_TILE_SEQ = {False: (256, dict(num_warps=8, maxnreg=128)), True: (256, dict(num_warps=8, maxnreg=255))}
+# seq-* modes keep three more lane accumulators (the piece's row sums) and the sign family two
+# groups of metric lanes: one token per thread
+LOSS_TILE_NARROW = {False: (256, dict(num_warps=8, maxnreg=128)), True: (256, dict(num_warps=8, maxnreg=255))}
 GRAD_TILE = {False: (1024, dict(num_warps=4)), True: (1024, dict(num_warps=4))}
 
 
@@ -239,7 +240,7 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
     def given(v):  # a device tensor is read by the kernel (no sync); None: derive it
         return v if isinstance(v, torch.Tensor) else (-1.0 if v is None else float(v))
 
-    block, options = _tile(LOSS_TILE_SEQ if seq_agg else LOSS_TILE, fp64)
+    block, options = _tile(LOSS_TILE_NARROW if seq_agg or fam.sign_groups else LOSS_TILE, fp64)
     steps.append(Launch(
         token_loss_kernel, (programs,),
         dict(**tokens, stats_ptr=records, n_stats=records.shape[0] if batch_stats else 0,
