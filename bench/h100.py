@@ -175,14 +175,15 @@ def compiled(specs: List[dict], cache_dir: Path = CACHE_DIR, log=sys.stderr) -> 
 _STRUCTURES: Dict[str, sm.KernelStructure] = {}
 
 
-def structure(row: dict) -> sm.KernelStructure:
-    """The kernel's regions (tile loop, piece, item, once) from its SASS."""
-    key = hashlib.sha256(row["sass"].encode()).hexdigest()
+def structure(row: dict, tile_pattern: str = sm.TILE_LOOP) -> sm.KernelStructure:
+    """The kernel's regions (tile loop, piece, item, once) from its SASS (``tile_pattern``: see
+    ``sass_model.kernel_structure``)."""
+    key = hashlib.sha256((row["sass"] + "\0" + tile_pattern).encode()).hexdigest()
     if key not in _STRUCTURES:
         fns = sm.parse_sass(row["sass"], row.get("sass_lines"))
         name = row["kernel"].split(":")[-1]
         fn = next((f for f in fns if f.name == name), fns[0])
-        _STRUCTURES[key] = sm.kernel_structure(fn)
+        _STRUCTURES[key] = sm.kernel_structure(fn, tile_pattern)
     return _STRUCTURES[key]
 
 
@@ -235,14 +236,17 @@ class FusedModel:
         return self.triton_launches + self.aten_launches
 
 
-def fused_model(tr: Trace, rows: List[dict], m: sm.H100Model = sm.H100) -> FusedModel:
+def fused_model(tr: Trace, rows: List[dict], m: sm.H100Model = sm.H100, work=launch_work,
+                tile_pattern: str = sm.TILE_LOOP) -> FusedModel:
+    """Every launch of ``tr`` modelled from its compiled row; ``work(launch, kernel)`` says how many
+    tile iterations its busiest program runs (default: the loss op's ``launch_work``)."""
     out, total = [], 0.0
     for launch, row in zip(tr.launches, rows):
         if "error" in row:
             raise RuntimeError(f"{row['kernel']} does not compile for sm_90: {row['error'][:300]}")
-        k = structure(row)
+        k = structure(row, tile_pattern)
         cost = sm.launch_time(k, row["registers"], row["num_warps"], max(0, row["shared_bytes"]),
-                              int(math.prod(launch.grid)), launch_work(launch, k), m)
+                              int(math.prod(launch.grid)), work(launch, k), m)
         total += cost.seconds
         out.append({"kernel": row["kernel"].split(":")[-1], "grid": cost.grid, "registers": row["registers"],
                     "num_warps": row["num_warps"], "ctas_per_sm": cost.ctas_per_sm, "waves": cost.waves,

@@ -20,7 +20,8 @@ cubin for source lines. Parsing:
     still in flight waits for it, and every load then in flight is taken to arrive with it.
 
 The *tile loop* of a kernel is the innermost loop whose back edge is on a source line that
-mentions ``BLOCK_T`` (with ``nvdisasm -g`` line info), else the innermost loop that moves the most
+matches ``tile_pattern`` (default :data:`TILE_LOOP`, ``BLOCK_T``: the loss kernels' token loops;
+with ``nvdisasm -g`` line info), else the innermost loop that moves the most
 global bytes per iteration. Its ancestors are the piece loop (its parent) and the work-item loop
 (the outermost one); ``kernel_structure`` splits the function into these regions.
 
@@ -498,17 +499,22 @@ class KernelStructure:
         return [lp for lp in self.loops if lp.innermost]
 
 
-def _is_tile_loop(fn: Function, lp: Loop) -> bool:
-    return bool(lp.source) and "BLOCK_T" in fn.source_text.get(lp.source, "")
+TILE_LOOP = r"BLOCK_T"  # the loss kernels' token-tile loops: ``for t0 in range(..., BLOCK_T)``
 
 
-def kernel_structure(fn: Function) -> KernelStructure:
+def _is_tile_loop(fn: Function, lp: Loop, tile_pattern: str) -> bool:
+    return bool(lp.source) and re.search(tile_pattern, fn.source_text.get(lp.source, "")) is not None
+
+
+def kernel_structure(fn: Function, tile_pattern: str = TILE_LOOP) -> KernelStructure:
+    """Split ``fn`` into regions; the tile loop is the innermost loop whose back-edge source line
+    matches the regular expression ``tile_pattern``."""
     reports = []
     for lp in fn.loops:
         reports.append(LoopReport(lp.source, fn.source_text.get(lp.source or "", ""), lp.depth, lp.innermost,
                                   region_stats(fn.loop_instrs(lp))))
     inner = [lp for lp in fn.loops if lp.innermost]
-    tiles = [lp for lp in inner if _is_tile_loop(fn, lp)]
+    tiles = [lp for lp in inner if _is_tile_loop(fn, lp, tile_pattern)]
     if not fn.source_text and inner:  # no line info: the innermost loop moving the most bytes
         best = max(inner, key=lambda lp: (region_stats(fn.loop_instrs(lp)).bytes, len(lp.blocks)))
         tiles = [best] if region_stats(fn.loop_instrs(best)).bytes > 0 else []
