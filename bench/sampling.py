@@ -115,7 +115,6 @@ MODEL_SHAPES = [(1, 262144), (64, 151936), (256, 32000), (1024, 128256)]
 MODEL_METHODS = ("kl_symmetry", "snr")
 MODEL_DTYPES = ("fp32", "bf16")
 SAMPLING_TILE = r"range\(e0, e1, BLOCK\)"  # the V loops: ``for t0 in range(e0, e1, BLOCK)``
-ACCEPT_RATIO = 1.5
 MODEL_ASSUMPTIONS = [
     "optimal_sampling: a call is pass 0, K search passes, the draw and the finalize (all traced from "
     "``plan_sampling`` at the shape), plus one aten launch (the seed, torch.randint); grid = N × segments;",
@@ -133,7 +132,7 @@ MODEL_ASSUMPTIONS = [
 ]
 
 
-def _tile_is_snr(kernel) -> bool:
+def snr_tile(kernel) -> bool:
     """Whether the costed V loop is the one of ``_snr_segment`` (G points per element)."""
     import inspect
 
@@ -158,7 +157,7 @@ def sampling_work(launch, kernel):
     block = launch.constexprs.get("BLOCK")
     if block is None or kernel.tile is None:
         return None
-    per_iter = block // launch.constexprs["G"] if _tile_is_snr(kernel) else block
+    per_iter = block // launch.constexprs["G"] if snr_tile(kernel) else block
     seg, V, nseg = int(launch.args["seg"]), int(launch.args["V"]), int(launch.args["nseg"])
     longest = math.ceil(min(seg, V) / per_iter)
     mean = ((nseg - 1) * math.ceil(seg / per_iter) + math.ceil((V - (nseg - 1) * seg) / per_iter)) / nseg
@@ -195,12 +194,14 @@ def model_call(tr, rows):
     return h100.fused_model(tr, rows, work=sampling_work, tile_pattern=SAMPLING_TILE)
 
 
-def _model_row(method: str, dtype: str, n: int, v: int, tr, rows) -> dict:
+def model_row(method: str, dtype: str, n: int, v: int, tr, rows) -> dict:
+    """One call's MODEL time (total, per kernel, per region) beside its roofline and bytes."""
     from isreshape_triton import sampling as S
 
+    from . import h100
     from . import sass_model as sm
 
-    item = {"bf16": 2, "fp32": 4}[dtype]
+    item = h100.DTYPES[dtype].itemsize
     fused = model_call(tr, rows)
     tm = S.traffic_model(n, v, item, method)
     k = len(S.pass_schedule(method))
@@ -230,18 +231,15 @@ def h100_model(methods=MODEL_METHODS, dtypes=MODEL_DTYPES, shapes=MODEL_SHAPES, 
 
     from . import h100
 
-    dt = {"fp32": "float32", "bf16": "bfloat16"}
-    import torch
-
     configs = [(m, d, n, v) for m in methods for d in dtypes for n, v in shapes]
-    traces = [trace_sampling(n, v, getattr(torch, dt[d]), m) for m, d, n, v in configs]
+    traces = [trace_sampling(n, v, h100.DTYPES[d], m) for m, d, n, v in configs]
     specs = [aot.launch_spec(launch, jit_values=True) for tr in traces for launch in tr.launches]
     rows = iter(h100.compiled(specs, cache_dir or h100.CACHE_DIR, log))
     results, kernel_rows = [], []
     for (m, d, n, v), tr in zip(configs, traces):
         mine = [next(rows) for _ in tr.launches]
         kernel_rows += [(m, d, row) for row in mine]
-        results.append(_model_row(m, d, n, v, tr, mine))
+        results.append(model_row(m, d, n, v, tr, mine))
     return results, kernel_rows
 
 
@@ -267,11 +265,10 @@ def sass_table(kernel_rows) -> str:
     for method, dtype, row in kernel_rows:
         k = h100.structure(row, SAMPLING_TILE)
         t = k.tile
-        fn = sm.parse_sass(row["sass"], row.get("sass_lines"))[0]
-        bars = sum(n for _, n in sm.bars_in_innermost_loops(fn))
+        bars = sum(lp.stats.bar for lp in k.innermost())
         occ = sm.ctas_per_sm(row["registers"], row["num_warps"], max(0, row["shared_bytes"]))
         block = row["constexprs"].get("BLOCK")
-        per_iter = (block // row["constexprs"]["G"] if _tile_is_snr(k) else block) if t else ""
+        per_iter = (block // row["constexprs"]["G"] if snr_tile(k) else block) if t else ""
         cells = ([k.tile_source, per_iter, t.instructions, t.bar, t.mufu, t.fp64,
                   f"{t.global_loads} ({','.join(str(w) for w in sorted(set(t.load_widths)))})", t.mem_waits]
                  if t else ["— (no V loop)"] + [""] * 7)
@@ -285,6 +282,7 @@ def sass_table(kernel_rows) -> str:
 
 
 def render_model(results) -> str:
+    from . import h100
     from . import sass_model as sm
 
     lines = ["| method | logits | N × V | launches (Triton + aten) | K | bytes / row per logits tensor "
@@ -293,20 +291,21 @@ def render_model(results) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         parts = ", ".join(f"{k.replace('sampling_', '').replace('_kernel', '')} {us:,.0f}"
-                          for k, us in r["us_by_kernel"].items()) + f", aten {r['aten_launches'] * sm.H100.launch_s * 1e6:.0f}"
+                          for k, us in r["us_by_kernel"].items())
+        parts += f", aten {r['aten_launches'] * sm.H100.launch_s * 1e6:.0f}"
         reg = r["us_by_region"]
         bounds = ", ".join(f"{b} {us:,.0f}" for b, us in sorted(r["vloop_us_by_bound"].items(), key=lambda x: -x[1]))
         split = f"{reg['launch']:,.0f} + {reg['once']:,.0f} + {reg['vloop']:,.0f} ({bounds})"
-        ok_bytes = "" if r["bytes_per_row_per_tensor"] <= r["budget"] else " (over)"
+        ratio = r["model_over_roofline"]
         lines.append(f"| {r['method']} | {r['dtype']} | {r['n']} × {r['v']:,} | {r['triton_launches']} + "
-                     f"{r['aten_launches']} | {r['search_passes']} | {r['bytes_per_row_per_tensor']:,}{ok_bytes} "
+                     f"{r['aten_launches']} | {r['search_passes']} | {r['bytes_per_row_per_tensor']:,} "
                      f"| {r['budget']:,} | {r['roofline_us']:,.1f} | **{r['model_us']:,.1f}** "
-                     f"| {r['model_over_roofline']:.2f} | {'yes' if r['model_over_roofline'] <= ACCEPT_RATIO else 'no'} "
-                     f"| {split} | {parts} |")
+                     f"| {ratio:.2f} | {'yes' if ratio <= h100.ACCEPT_RATIO else 'no'} | {split} | {parts} |")
     return "\n".join(lines)
 
 
 def model_text(results, kernel_rows) -> str:
+    from . import h100
     from . import sass_model as sm
 
     return "\n".join([
@@ -317,7 +316,8 @@ def model_text(results, kernel_rows) -> str:
         "(kl_symmetry: the 6 Newton passes; snr: 7 SNR passes + 1 moments pass); every launch but the finalize "
         "reads each logits row once, so bytes / row per logits tensor = (K + 2) · V · itemsize (snr: 2 passes "
         "over the Newton budget (6 + 2) · V · itemsize of the cost table). Verdict per row: MODEL ≤ "
-        f"{ACCEPT_RATIO} × roofline (SPEC §13). Assumptions:\n", "```", sm.assumptions_text(), *("- " + a for a in MODEL_ASSUMPTIONS), "```\n",
+        f"{h100.ACCEPT_RATIO} × roofline (SPEC §13). Assumptions:\n",
+        "```", sm.assumptions_text(), *("- " + a for a in MODEL_ASSUMPTIONS), "```\n",
         render_model(results),
         "\n### What the SASS says (per V-loop iteration of each specialization)\n",
         sass_table(kernel_rows), ""])

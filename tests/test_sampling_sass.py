@@ -64,7 +64,7 @@ def test_sampling_kernels_compile_without_spills_and_v_loops_hold_no_barrier(com
     # the SNR launch is costed with its SNR loop: BLOCK / G elements per iteration
     newton, snr = launches
     k_newton, k_snr = (h100.structure(r, bs.SAMPLING_TILE) for r in rows)
-    assert not bs._tile_is_snr(k_newton) and bs._tile_is_snr(k_snr)
+    assert not bs.snr_tile(k_newton) and bs.snr_tile(k_snr)
     seg = min(newton.args["seg"], V)
     assert bs.sampling_work(newton, k_newton).tiles_per_item == -(-seg // newton.constexprs["BLOCK"])
     assert bs.sampling_work(snr, k_snr).tiles_per_item == -(-seg // (snr.constexprs["BLOCK"] // snr.constexprs["G"]))
@@ -77,7 +77,7 @@ def test_sampling_model_is_produced_and_labelled(compiled):
     assert fused.triton_launches == 2 and len(fused.launches) == 2
     for lc in fused.launches:
         assert lc["us"] > sm.H100.launch_s * 1e6 and lc["bound"].split(":")[0] in ("tile", "once")
-    row = bs._model_row("kl_symmetry", "fp32", N, V, part, rows)
+    row = bs.model_row("kl_symmetry", "fp32", N, V, part, rows)
     assert row["model_us"] == pytest.approx(fused.seconds * 1e6) and row["roofline_us"] > 0
     assert row["budget"] == (row["search_passes"] + 2) * V * 4 == row["bytes_per_row_per_tensor"]
     text = bs.model_text([row], [("kl_symmetry", "fp32", r) for r in rows])
