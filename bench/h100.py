@@ -2,6 +2,7 @@
 kernel it launches, beside the eager-PyTorch model and the roofline: a MODEL, not a measurement.
 
     python -m bench.h100 [--families is_reshape,ppo_clip] [--dtypes fp32,bf16] [--out bench/results]
+    python -m bench.h100 --op sampling   # irt.optimal_sampling (bench/sampling.py: sampling_model.md)
 
 (``python -m bench`` runs it too.) Steps:
 
@@ -555,7 +556,13 @@ def main(argv=None) -> int:
     ap.add_argument("--families", default=None)
     ap.add_argument("--dtypes", default="fp32")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--op", choices=("loss", "sampling"), default="loss")
     args = ap.parse_args(argv)
+    if args.op == "sampling":
+        from .sampling import h100_model, write_model
+
+        print(write_model(*h100_model(), out_dir=args.out))
+        return 0
     fams = [f for f in args.families.split(",") if f] if args.families else None
     text, _ = run(fams, [d for d in args.dtypes.split(",") if d], Path(args.out))
     print(text)

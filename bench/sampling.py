@@ -124,9 +124,10 @@ MODEL_ASSUMPTIONS = [
     "row's segments (the last one is shorter; CTAs are dispatched as slots free up), e.g. 1024 × 128,256 "
     "is cut into 126,976 + 1,280; an SNR search launch is costed with its SNR loop (the heavier of its two "
     "V loops) for every row;",
-    "the record merges (loops over a row's segments, 64 records per step; pass 0's 16 per step in the first "
-    "search launch) are costed once per program: exact up to 64 (16) segments; at 1 × 262,144 (64 segments) "
-    "the pass-0 merge runs 4 steps and is counted as 1;",
+    "the record merges (loops over a row's segments: 64 records per step in the search and draw launches, 32 "
+    "in the finalize, 16 for the pass-0 records in the first search launch) are costed once per program: "
+    "exact up to 16 segments; at 1 × 262,144 (64 segments) the pass-0 merge runs 4 steps and the finalize's "
+    "2, each counted as 1 (about 4 µs left out of that shape's call);",
     "roofline: ``sampling.traffic_model`` bytes (both logits rows per pass + the fp64 records, counted as "
     "HBM traffic although they are L2-resident) / 3.35 TB/s + 4 µs × (Triton + aten launches).",
 ]
