@@ -121,8 +121,9 @@ MODEL_ASSUMPTIONS = [
     "the tile loop of a kernel is its V loop (``for t0 in range(e0, e1, BLOCK)``), BLOCK elements per "
     "iteration (BLOCK / G in the SNR loop, whose [BLOCK / G, G] tile evaluates G points); a program streams "
     "one segment: the longest (min(seg, V) elements) when the grid is ≤ 132 programs, else the mean over a "
-    "row's segments (the last one is shorter; CTAs are dispatched as slots free up), e.g. 1024 × 128,256 "
-    "is cut into 126,976 + 1,280; an SNR search launch is costed with its SNR loop (the heavier of its two "
+    "row's segments (the last one is shorter; CTAs are dispatched as slots free up), e.g. 64 × 151,936 is "
+    "cut into 7 × 20,480 + 8,576 and 1024 × 128,256 into 2 × 45,056 + 38,144 (24 CTAs per SM: whole waves at "
+    "4 and 6 resident CTAs); an SNR search launch is costed with its SNR loop (the heavier of its two "
     "V loops) for every row;",
     "the record merges (loops over a row's segments: 64 records per step in the search and draw launches, 32 "
     "in the finalize, 16 for the pass-0 records in the first search launch) are costed once per program: "

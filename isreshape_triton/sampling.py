@@ -29,7 +29,8 @@ NEWTON_PASSES = 6  # kl_symmetry evaluation passes (the last one in fp64); 6 New
 SNR_PASSES = 7  # grid-search passes of G points each, fp64: 2 cover a 2G-point grid, 5 refine
 SNR_POINTS = 8  # G: the refinement step shrinks by (G + 1)/2 per pass; 1/15·(2/9)^5 ≈ 4e-5 at the end
 SEG_UNIT = 4096  # segment lengths are multiples of this work-item size (every tile size divides it)
-TARGET_PROGRAMS = 1056  # 8 programs per SM on 132 SMs
+SMS = 132
+TARGET_PROGRAMS = 4 * SMS  # 4 programs per SM on 132 SMs: one wave (every streaming kernel fits 4 CTAs/SM)
 REC_BLOCK = 64  # records merged per vector step (one step up to V = 256K)
 FINAL_ROWS, FINAL_SEGS = 32, 32  # finalize tile: rows × segments
 
@@ -152,9 +153,23 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 def segment_length(n_rows: int, vocab: int) -> int:
     """Elements per program, a multiple of SEG_UNIT: one work item each (grid = #work items) until
     the batch has more than TARGET_PROGRAMS of them, then about TARGET_PROGRAMS programs in all,
-    each walking consecutive work items of one row with the same lane accumulators."""
-    seg = max(SEG_UNIT, -(-(n_rows * vocab) // TARGET_PROGRAMS))
-    return -(-seg // SEG_UNIT) * SEG_UNIT
+    each walking consecutive work items of one row with the same lane accumulators. A row's
+    segments are evened out (V = 128,256 in two segments: 65,536 + 62,720, not 126,976 + 1,280)."""
+    def units(n: int) -> int:
+        return -(-n // SEG_UNIT) * SEG_UNIT
+
+    nseg = -(-vocab // units(-(-(n_rows * vocab) // TARGET_PROGRAMS)))
+    if n_rows * nseg > TARGET_PROGRAMS:  # several waves: whole ones at 4 or 6 resident CTAs per SM
+        fits = [n for n in range(nseg, nseg + 4) if -(-(n_rows * n) // SMS) % 12 == 0 and units(-(-vocab // n)) < vocab]
+        nseg = fits[0] if fits else nseg
+    return units(-(-vocab // nseg))
+
+
+def _contiguous_rows(vocab: int, *logits: torch.Tensor) -> bool:
+    """CONTIG of the streaming kernels: unit element strides, and V and the row strides multiples
+    of 16 elements, so every row and tile starts 16-element aligned and the V loads vectorise
+    (two specialisations; sizes themselves never specialise)."""
+    return vocab % 16 == 0 and all(t.stride(1) == 1 and t.stride(0) % 16 == 0 for t in logits)
 
 
 def pass_schedule(method: str) -> List[Tuple[bool, int, bool, bool]]:
@@ -222,11 +237,12 @@ def plan_sampling(pol: torch.Tensor, tgt: torch.Tensor, ref: Optional[torch.Tens
     temps = dict(inv_temp=inv_temp, inv_temp_lo=1.0 / config.temperature - inv_temp)
     common = dict(V=V, nseg=nseg, seg=seg, s_pr=pol.stride(0), s_pv=pol.stride(1), s_tr=tgt.stride(0),
                   s_tv=tgt.stride(1))
+    contig = _contiguous_rows(V, pol, tgt, ref)
     ref_strides = dict(s_rr=ref.stride(0), s_rv=ref.stride(1))
     block, options = STATS_TILE
     steps = [Launch(ks.sampling_stats_kernel, (programs,),
                     dict(pol_ptr=pol, tgt_ptr=tgt, ref_ptr=ref, stats_ptr=stats, **common, **ref_strides, **temps),
-                    dict(HAS_REF=has_ref, BLOCK=block), {**options, "num_stages": 1})]
+                    dict(HAS_REF=has_ref, BLOCK=block, CONTIG=contig), {**options, "num_stages": 1})]
     method_code = {"kl_symmetry": ks.METHOD_KL, "snr": ks.METHOD_SNR, "fixed": ks.METHOD_FIXED}[config.method]
     schedule = pass_schedule(config.method)
     prev_fp64 = True  # pass 0
@@ -239,7 +255,8 @@ def plan_sampling(pol: torch.Tensor, tgt: torch.Tensor, ref: Optional[torch.Tens
                  **common, **ref_strides, **temps, method=method_code.value,
                  fixed_alpha=float(config.alpha if config.alpha is not None else 0.0)),
             dict(FIRST=first, SNR_UPDATE=snr_update, PREV_FP64=prev_fp64, EVAL_SNR=eval_snr, HAS_REF=has_ref,
-                 ACC=tl.float64 if fp64 else tl.float32, REC_W=rec_w, G=G, BLOCK=block, BLOCK_C=REC_BLOCK),
+                 ACC=tl.float64 if fp64 else tl.float32, REC_W=rec_w, G=G, BLOCK=block, BLOCK_C=REC_BLOCK,
+                 CONTIG=contig),
             {**options, "num_stages": 1}))
         prev_fp64 = fp64
     k = len(schedule) + 1
@@ -251,7 +268,7 @@ def plan_sampling(pol: torch.Tensor, tgt: torch.Tensor, ref: Optional[torch.Tens
              state_in_ptr=states[(k - 1) % 2], state_out_ptr=states[k % 2], seed_ptr=seed, logq_ptr=logq,
              **common, s_qr=V, inv_temp=inv_temp),
         dict(WRITE_LOGQ=config.return_log_q, PREV_FP64=prev_fp64, REC_W=rec_w, G=G, BLOCK=block,
-             BLOCK_C=REC_BLOCK),
+             BLOCK_C=REC_BLOCK, CONTIG=contig),
         {**options, "num_stages": 1}))
     steps.append(Launch(
         ks.sampling_finalize_kernel, (-(-N // FINAL_ROWS),),
@@ -287,12 +304,13 @@ def _optimal_sampling_kernels(logits_policy, logits_target, ref_logits, generato
 
 def default_specs() -> list:
     """Every kernel specialization ``optimal_sampling`` can launch (for the sm_90 AOT check):
-    each input dtype × method × reference × log q output (sizes never specialise)."""
+    each input dtype × method × reference × log q output, and CONTIG (sizes never specialise)."""
     from . import aot
 
     specs = {}
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        x = torch.zeros(2, 64, dtype=dtype)
+    layouts = [(dtype, 64) for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
+    for dtype, vocab in layouts + [(torch.float32, 63)]:  # V = 63: the CONTIG=False specialisations
+        x = torch.zeros(2, vocab, dtype=dtype)
         for method, ref in (("kl_symmetry", None), ("snr", None), ("snr", x), (0.5, None)):
             for log_q in (False, True):
                 config = validate(x, x, method, 1.0, ref, None, log_q)

@@ -10,8 +10,9 @@ keep fp32's relative precision where the probability mass is (ℓ of a token wit
 ~1e-10, which fp32 loses in d − (B − A) but not in this form).
 
 Work items: a row's V is cut into segments of ``seg`` elements (a multiple of the 4096-element work
-item, chosen by the host: one work item per program until there are more than ~8 per SM, so the
-grid is min(#work items, ~1056) programs for any N — one row of V = 256K is 64 programs, not one).
+item, chosen by the host: one work item per program until there are more than 4 per SM, so the
+grid is min(#work items, ~528) programs — one wave — for any N; one row of V = 256K is 64 programs,
+not one). With CONTIG (unit element stride, V and row strides multiples of 16) the V loads vectorise.
 Each program keeps lane (vector) accumulators over its tiles — online max and rescaled sums, like
 an online softmax; no block reduction inside a tile loop — and writes one record; the next launch
 merges the row's records in a fixed order (deterministic). Every program of a row merges the same
@@ -28,7 +29,7 @@ Launches (fixed per method, never data-dependent):
                                 range of d on S, support counts, non-finite count;
   ``sampling_alpha_kernel`` ×K  merge the previous records, update α, evaluate at the new α:
                                 Newton moments (kl_symmetry, fixed α) or SNR terms at G points;
-  ``sampling_draw_kernel``      last update, KLs and log Z, Gumbel-max per segment, optional log q;
+  ``sampling_draw_kernel``      last update, KLs and log Z, the draw per segment (exponential race), optional log q;
   ``sampling_finalize_kernel``  per row: token, log-probs at the token, outputs.
 """
 import triton
@@ -64,7 +65,7 @@ MO_N = tl.constexpr(3)
 MO_P2 = tl.constexpr(4)
 MO_N2 = tl.constexpr(5)
 MO_W = tl.constexpr(6)
-# SNR record: T1, T2, T3 at G points (slots k·G + i); draw record: best Gumbel score, its index
+# SNR record: T1, T2, T3 at G points (slots k·G + i); draw record: best race key, its index
 DR_SCORE = tl.constexpr(0)
 DR_IDX = tl.constexpr(1)
 
@@ -107,13 +108,30 @@ METHOD_FIXED = tl.constexpr(2)
 # ----------------------------------------------------------------------------- tiles and lanes
 
 @triton.jit
-def _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, ACC: tl.constexpr):
-    """Raw policy and target logits of one tile in ACC; lanes past V read −∞ (outside every support)."""
-    inside = offs < V
-    offs64 = offs.to(tl.int64)
-    za = tl.load(pol_row + offs64 * s_pv, mask=inside, other=float("-inf")).to(ACC)
-    zb = tl.load(tgt_row + offs64 * s_tv, mask=inside, other=float("-inf")).to(ACC)
-    return za, zb
+def _load_row(row_ptr, offs, V, s_v, ACC: tl.constexpr, CONTIG: tl.constexpr):
+    """Raw logits of one tile in ACC; lanes past V read −∞ (outside every support). CONTIG: unit
+    element stride and V a multiple of 16 (``_hint``), so the loads vectorise."""
+    if CONTIG:
+        ptrs = row_ptr + offs
+    else:
+        ptrs = row_ptr + offs.to(tl.int64) * s_v
+    return tl.load(ptrs, mask=offs < V, other=float("-inf")).to(ACC)
+
+
+@triton.jit
+def _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, ACC: tl.constexpr, CONTIG: tl.constexpr):
+    """Raw policy and target logits of one tile (``_load_row``)."""
+    return _load_row(pol_row, offs, V, s_pv, ACC, CONTIG), _load_row(tgt_row, offs, V, s_tv, ACC, CONTIG)
+
+
+@triton.jit
+def _hint(x, CONTIG: tl.constexpr):
+    """x, a multiple of 16 under CONTIG (V, row strides, segment length), written so that the
+    compiler sees it (tl.multiple_of does not survive on scalars): the vector loads."""
+    if CONTIG:
+        return (x // 16) * 16
+    else:
+        return x
 
 
 @triton.jit
@@ -127,10 +145,12 @@ def _inv_temp(hi, lo, ACC: tl.constexpr):
 
 @triton.jit
 def _online(m, x):
-    """Lane-wise online max: the new max m' and the factors e^{m−m'}, e^{x−m'} (0 for −∞)."""
+    """Lane-wise online max: the new max m' and the factors e^{m−m'}, e^{x−m'} (0 for −∞), with one
+    exponential: one of the two factors is 1, the other e^{−|x − m|}."""
     m_new = tl.maximum(m, x)
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return m_new, tl.exp(m - shift), tl.exp(x - shift)
+    up = x > m
+    e = tl.exp(tl.where(m_new == float("-inf"), float("-inf"), tl.where(up, m - x, x - m)))
+    return m_new, tl.where(up, e, 1.0), tl.where(up, 1.0, e)
 
 
 @triton.jit
@@ -415,7 +435,7 @@ def _advance(base, nseg, alpha, lo, hi, mode, bound, best_a, best_v,
 
 @triton.jit
 def _moments_segment(pol_row, tgt_row, e0, e1, V, s_pv, s_tv, inv_t, za, zb, la, lb, alpha,
-                     ACC: tl.constexpr, BLOCK: tl.constexpr):
+                     ACC: tl.constexpr, BLOCK: tl.constexpr, CONTIG: tl.constexpr):
     """(max s', Σw, Σwℓ⁺, Σwℓ⁻, Σwℓ⁺², Σwℓ⁻²), w = e^{s' − max}, over elements e0 … e1−1 of a row,
     s' = α·a' + (1−α)·b'. ℓ is taken on S only (q's mass off S, possible at α ∈ {0, 1}, is
     accounted for by the support counts)."""
@@ -435,7 +455,7 @@ def _moments_segment(pol_row, tgt_row, e0, e1, V, s_pv, s_tv, inv_t, za, zb, la,
     sn2 = tl.zeros([BLOCK], ACC)
     for t0 in range(e0, e1, BLOCK):
         offs = t0 + lanes
-        a, b = _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, ACC)
+        a, b = _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, ACC, CONTIG)
         a = (a - za) * inv_t
         b = (b - zb) * inv_t
         s, both = _q_logits(a, b, al, be, at_one, at_zero)
@@ -456,7 +476,7 @@ def _moments_segment(pol_row, tgt_row, e0, e1, V, s_pv, s_tv, inv_t, za, zb, la,
 
 @triton.jit
 def _snr_segment(pol_row, tgt_row, ref_row, e0, e1, V, s_pv, s_tv, s_rv, inv_t, za, zb, zr, la, lb, lr,
-                 lmin, alphas, HAS_REF: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr):
+                 lmin, alphas, HAS_REF: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr, CONTIG: tl.constexpr):
     """SNR terms at G points α_i (fp64), with w = π_θ/q_α = Z·e^{−(1−α)ℓ} and r = log π_t/π_ref:
     T1 = Σ(π_t − π_θ)·u·r, T2 = Σπ_θ·u·r, T3 = Σπ_θ·u²·r², u = e^{−(1−α)(ℓ − min ℓ)} ≤ 1.
     SNR = |T1|/√(T3 − T2²) = |Φ1|/√Φ2 (Z and the shift cancel). Rows here have equal supports."""
@@ -468,7 +488,7 @@ def _snr_segment(pol_row, tgt_row, ref_row, e0, e1, V, s_pv, s_tv, s_rv, inv_t, 
     t3 = tl.zeros([BLOCK, G], tl.float64)
     for t0 in range(e0, e1, BLOCK):
         offs = t0 + lanes
-        a, b = _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, tl.float64)
+        a, b = _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, tl.float64, CONTIG)
         a = (a - za) * inv_t
         b = (b - zb) * inv_t
         both = (a > float("-inf")) & (b > float("-inf"))
@@ -476,7 +496,7 @@ def _snr_segment(pol_row, tgt_row, ref_row, e0, e1, V, s_pv, s_tv, s_rv, inv_t, 
         p_th = tl.where(both, tl.exp(a - la), 0.0)
         p_t = tl.where(both, tl.exp(b - lb), 0.0)
         if HAS_REF:
-            rl = tl.load(ref_row + offs.to(tl.int64) * s_rv, mask=offs < V, other=float("-inf")).to(tl.float64)
+            rl = _load_row(ref_row, offs, V, s_rv, tl.float64, CONTIG)
             r = tl.where(both, (b - lb) - ((rl - zr) * inv_t - lr), 0.0)
         else:
             r = ell
@@ -499,11 +519,11 @@ def _store_moments(ptr, mx, s0, p, n, p2, n2):
 
 
 @triton.jit
-def _segment(pid, nseg, seg, V):
+def _segment(pid, nseg, seg, V, CONTIG: tl.constexpr):
     """(row, segment index, first element, end element) of program ``pid``."""
     row = pid // nseg
     j = pid - row * nseg
-    e0 = j * seg
+    e0 = j * _hint(seg, CONTIG)
     return row.to(tl.int64), j, e0, tl.minimum(e0 + seg, V)
 
 
@@ -512,15 +532,16 @@ def _segment(pid, nseg, seg, V):
 @triton.jit(do_not_specialize=["V", "nseg", "seg", "s_pr", "s_pv", "s_tr", "s_tv", "s_rr", "s_rv"])
 def sampling_stats_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, V, nseg, seg,
                           s_pr, s_pv, s_tr, s_tv, s_rr, s_rv, inv_temp, inv_temp_lo,
-                          HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_REF: tl.constexpr, BLOCK: tl.constexpr, CONTIG: tl.constexpr):
     """Pass 0 (fp64) over one segment: online lse of a and b (and the reference), the S-restricted
     sums that give E_S(1) = E_{π_θ|S}[ℓ] and E_S(0) = E_{π_t|S}[ℓ], min/max of d on S, support
     counts and the number of NaN/+∞ entries."""
     pid = tl.program_id(0)
-    row, j, e0, e1 = _segment(pid, nseg, seg, V)
-    pol_row = pol_ptr + row * s_pr
-    tgt_row = tgt_ptr + row * s_tr
-    ref_row = ref_ptr + row * s_rr
+    row, j, e0, e1 = _segment(pid, nseg, seg, V, CONTIG)
+    V = _hint(V, CONTIG)
+    pol_row = pol_ptr + _hint(row * s_pr, CONTIG)
+    tgt_row = tgt_ptr + _hint(row * s_tr, CONTIG)
+    ref_row = ref_ptr + _hint(row * s_rr, CONTIG)
     inv_t = _inv_temp(inv_temp, inv_temp_lo, tl.float64)
     lanes = tl.arange(0, BLOCK)
     ninf = tl.full([BLOCK], float("-inf"), tl.float64)
@@ -532,7 +553,7 @@ def sampling_stats_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, V, nseg, seg,
     n_s, n_p, n_t, n_r, bad = zero, zero, zero, zero, zero
     for t0 in range(e0, e1, BLOCK):
         offs = t0 + lanes
-        a, b = _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, tl.float64)
+        a, b = _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, tl.float64, CONTIG)
         bad += ((a != a) | (a == float("inf")) | (b != b) | (b == float("inf"))).to(tl.float64)
         a = a * inv_t
         b = b * inv_t
@@ -554,7 +575,7 @@ def sampling_stats_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, V, nseg, seg,
         n_p += (fa & ~fb).to(tl.float64)
         n_t += (fb & ~fa).to(tl.float64)
         if HAS_REF:
-            rl = tl.load(ref_row + offs.to(tl.int64) * s_rv, mask=offs < V, other=float("-inf")).to(tl.float64)
+            rl = _load_row(ref_row, offs, V, s_rv, tl.float64, CONTIG)
             bad += ((rl != rl) | (rl == float("inf"))).to(tl.float64)
             m_r, r, w = _online(m_r, rl * inv_t)
             s_r = s_r * r + w
@@ -589,12 +610,13 @@ def sampling_alpha_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, prev_ptr, rec_pt
                           inv_temp_lo, method, fixed_alpha,
                           FIRST: tl.constexpr, SNR_UPDATE: tl.constexpr, PREV_FP64: tl.constexpr,
                           EVAL_SNR: tl.constexpr, HAS_REF: tl.constexpr, ACC: tl.constexpr, REC_W: tl.constexpr,
-                          G: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+                          G: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, CONTIG: tl.constexpr):
     """One search pass: update the row's α from the previous records (FIRST: initialise from the
     pass-0 records), then evaluate at the new α over this program's segment — the Newton moments
     in ACC, or (EVAL_SNR, SNR rows) the SNR terms at G points in fp64."""
     pid = tl.program_id(0)
-    row, j, e0, e1 = _segment(pid, nseg, seg, V)
+    row, j, e0, e1 = _segment(pid, nseg, seg, V, CONTIG)
+    V = _hint(V, CONTIG)
     if FIRST:
         (alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t) = _init_state(
             stats_ptr + row * nseg * ST_W, nseg, method, fixed_alpha,
@@ -608,27 +630,27 @@ def sampling_alpha_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, prev_ptr, rec_pt
     if j == 0:
         _store_state(state_out_ptr + row * Z_W, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin,
                      best_a, best_v, n_p, n_t)
-    pol_row = pol_ptr + row * s_pr
-    tgt_row = tgt_ptr + row * s_tr
+    pol_row = pol_ptr + _hint(row * s_pr, CONTIG)
+    tgt_row = tgt_ptr + _hint(row * s_tr, CONTIG)
     out = rec_ptr + pid.to(tl.int64) * REC_W
     if EVAL_SNR:
         if mode == SNR:
             i = tl.arange(0, G)
-            t1, t2, t3 = _snr_segment(pol_row, tgt_row, ref_ptr + row * s_rr, e0, e1, V, s_pv, s_tv, s_rv,
-                                      _inv_temp(inv_temp, inv_temp_lo, tl.float64), za, zb, zr, la, lb, lr,
-                                      lmin, _snr_grid(lo, hi, G), HAS_REF, BLOCK // G, G)
+            t1, t2, t3 = _snr_segment(pol_row, tgt_row, ref_ptr + _hint(row * s_rr, CONTIG), e0, e1, V, s_pv, s_tv,
+                                      s_rv, _inv_temp(inv_temp, inv_temp_lo, tl.float64), za, zb, zr, la, lb, lr,
+                                      lmin, _snr_grid(lo, hi, G), HAS_REF, BLOCK // G, G, CONTIG)
             tl.store(out + i, t1)
             tl.store(out + G + i, t2)
             tl.store(out + 2 * G + i, t3)
         else:
             mx, s0, p, n, p2, n2 = _moments_segment(pol_row, tgt_row, e0, e1, V, s_pv, s_tv,
                                                     _inv_temp(inv_temp, inv_temp_lo, ACC), za, zb, la, lb,
-                                                    alpha, ACC, BLOCK)
+                                                    alpha, ACC, BLOCK, CONTIG)
             _store_moments(out, mx, s0, p, n, p2, n2)
     else:
         mx, s0, p, n, p2, n2 = _moments_segment(pol_row, tgt_row, e0, e1, V, s_pv, s_tv,
                                                 _inv_temp(inv_temp, inv_temp_lo, ACC), za, zb, la, lb,
-                                                alpha, ACC, BLOCK)
+                                                alpha, ACC, BLOCK, CONTIG)
         _store_moments(out, mx, s0, p, n, p2, n2)
 
 
@@ -654,17 +676,35 @@ def _final(alpha_k, alpha, mode, la, lb, n_p, n_t, mx, s0, p, n, p2, n2):
     return log_z + alpha * la + (1.0 - alpha) * lb, kl_p, kl_t
 
 
+@triton.jit
+def _race(pol_row, tgt_row, logq_row, offs, u, V, s_pv, s_tv, inv_temp, za, zb, al, be, at_one, at_zero, lse32,
+          invalid, best, best_i, WRITE_LOGQ: tl.constexpr, CONTIG: tl.constexpr):
+    """One tile of the draw: key = log₂(U)·e^{lse(s') − s'} = −E/(q·ln 2), E = −ln U ~ Exp(1);
+    the largest key is the first arrival of the exponential race, the token v with probability q_v
+    (as Gumbel-max argmax s' − ln E, with one logarithm; q < 1e-38 gives e^{…} = ∞, key −∞).
+    Keeps the lane's best key and its first index; writes log q = s' − lse(s') with WRITE_LOGQ."""
+    a, b = _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, tl.float32, CONTIG)
+    s, both = _q_logits((a - za) * inv_temp, (b - zb) * inv_temp, al, be, at_one, at_zero)
+    log_q = s - lse32
+    key = tl.log2(u) * tl.exp(-log_q)
+    take = key > best
+    if WRITE_LOGQ:
+        tl.store(logq_row + offs, tl.where(invalid, float("nan"), log_q), mask=offs < V)
+    return tl.where(take, key, best), tl.where(take, offs, best_i)
+
+
 @triton.jit(do_not_specialize=["V", "nseg", "seg", "s_pr", "s_pv", "s_tr", "s_tv", "s_qr"])
 def sampling_draw_kernel(pol_ptr, tgt_ptr, prev_ptr, rec_ptr, state_in_ptr, state_out_ptr, seed_ptr, logq_ptr,
                          V, nseg, seg, s_pr, s_pv, s_tr, s_tv, s_qr, inv_temp,
                          WRITE_LOGQ: tl.constexpr, PREV_FP64: tl.constexpr, REC_W: tl.constexpr, G: tl.constexpr,
-                         BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+                         BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, CONTIG: tl.constexpr):
     """The last Newton step, lse(s') and the KLs at the final α (segment 0 stores them), then one
-    Gumbel-max pass: argmax_v s'_v + g_v, g = −log(−log U), U = Philox(seed, row·V + v), which
-    draws v with probability q_v. Records the segment's best (score, index); writes
-    log q = s' − lse(s') (fp32) with WRITE_LOGQ."""
+    sampling pass: argmax_v log₂(U_v)/q_v (``_race``, the Gumbel-max draw with one logarithm), the
+    uniforms U from Philox(seed, counter): one counter gives the 4 uniforms of 4 neighbours.
+    Records the segment's best (key, index); writes log q = s' − lse(s') (fp32) with WRITE_LOGQ."""
     pid = tl.program_id(0)
-    row, j, e0, e1 = _segment(pid, nseg, seg, V)
+    row, j, e0, e1 = _segment(pid, nseg, seg, V, CONTIG)
+    V = _hint(V, CONTIG)
     (alpha_k, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t) = _load_state(
         state_in_ptr + row * Z_W)
     alpha, lo, hi, mode, bound, best_a, best_v, mx, s0, p, n, p2, n2 = _advance(
@@ -677,9 +717,8 @@ def sampling_draw_kernel(pol_ptr, tgt_ptr, prev_ptr, rec_ptr, state_in_ptr, stat
         tl.store(st + Z_LSE_S, lse_s)
         tl.store(st + Z_KL_P, kl_p)
         tl.store(st + Z_KL_T, kl_t)
-    pol_row = pol_ptr + row * s_pr
-    tgt_row = tgt_ptr + row * s_tr
-    lanes = tl.arange(0, BLOCK)
+    pol_row = pol_ptr + _hint(row * s_pr, CONTIG)
+    tgt_row = tgt_ptr + _hint(row * s_tr, CONTIG)
     at_one = alpha == 1.0
     at_zero = alpha == 0.0
     al = alpha.to(tl.float32)
@@ -689,20 +728,20 @@ def sampling_draw_kernel(pol_ptr, tgt_ptr, prev_ptr, rec_ptr, state_in_ptr, stat
     lse32 = lse_s.to(tl.float32)
     invalid = mode == INVALID
     seed = tl.load(seed_ptr)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_i = tl.zeros([BLOCK], tl.int32)
+    Q: tl.constexpr = BLOCK // 4
+    quad = tl.arange(0, Q)
+    lanes = 4 * quad[:, None] + tl.arange(0, 4)[None, :]  # [Q, 4]: element t0 + 4i + k
+    ctr_row = row * (tl.cdiv(V, BLOCK) * Q)  # Philox counters: one per 4 elements (its 4 uniforms)
+    logq_row = logq_ptr + _hint(row * s_qr, CONTIG)
+    best = tl.full([Q, 4], float("-inf"), tl.float32)
+    best_i = tl.zeros([Q, 4], tl.int32)
     for t0 in range(e0, e1, BLOCK):
-        offs = t0 + lanes
-        a, b = _load_pair(pol_row, tgt_row, offs, V, s_pv, s_tv, tl.float32)
-        s, both = _q_logits((a - za) * inv_temp, (b - zb) * inv_temp, al, be, at_one, at_zero)
-        u = tl.rand(seed, row * V + offs.to(tl.int64))
-        score = s - tl.log(-tl.log(u))
-        take = score > best
-        best = tl.where(take, score, best)
-        best_i = tl.where(take, offs, best_i)
-        if WRITE_LOGQ:
-            tl.store(logq_ptr + row * s_qr + offs.to(tl.int64), tl.where(invalid, float("nan"), s - lse32),
-                     mask=offs < V)
+        u0, u1, u2, u3 = tl.rand4x(seed, ctr_row + t0 // 4 + quad)
+        u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [Q, 4])
+        best, best_i = _race(pol_row, tgt_row, logq_row, t0 + lanes, u, V, s_pv, s_tv, inv_temp, za, zb, al, be,
+                             at_one, at_zero, lse32, invalid, best, best_i, WRITE_LOGQ, CONTIG)
+    best = tl.reshape(best, [BLOCK])
+    best_i = tl.reshape(best_i, [BLOCK])
     top = tl.max(best, 0)
     out = rec_ptr + pid.to(tl.int64) * REC_W
     tl.store(out + DR_SCORE, top.to(tl.float64))
