@@ -71,10 +71,9 @@ class PolicyLoss(torch.nn.Module):
         mode = overrides.pop("loss_agg_mode", self.loss_agg_mode)
         params = overrides.pop("params", self.params)
         family = {k: overrides.pop(k) for k in list(overrides) if k not in CALL_OPTIONS}
-        params = make_params(self.loss_type, params, **family)
-        options = {**self.options, **overrides}
+        options = {**self.options, **overrides}  # family overrides are applied (and validated) by policy_loss
         return policy_loss(log_prob, old_log_prob, advantages, response_mask, self.loss_type,
-                           mode, params=params, **options)
+                           mode, params=params, **family, **options)
 
     def extra_repr(self) -> str:
         return f"loss_type={self.loss_type!r}, loss_agg_mode={self.loss_agg_mode!r}, params={self.params}"
