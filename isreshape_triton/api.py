@@ -10,6 +10,7 @@ import os
 import torch
 
 from . import reference
+from .boundary import compile_boundary
 from .params import (AGG_MODES, CALL_OPTIONS, AggConfig, check_log_ratio_clamp,  # noqa: F401
                      check_loss_type, check_process_group, make_params)
 
@@ -31,6 +32,7 @@ def _check_call_options(options: dict) -> dict:
     return options
 
 
+@compile_boundary
 def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                 loss_type="is_reshape", loss_agg_mode="token-mean", **kwargs):
     """Aggregated loss and metrics dict for one family; see SPEC §2-6."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import operator
 import os
 import threading
 from dataclasses import dataclass
@@ -38,8 +37,7 @@ from .kernels.families import VESPO
 from .kernels.loss import token_loss_kernel
 from .kernels.stats import batch_stats_kernel
 from .metrics import metric_names
-from .params import (AGG_MODES, PARAMS_BY_LOSS_TYPE, AggConfig, check_log_ratio_clamp, check_process_group,
-                     make_params)
+from .params import AGG_MODES, AggConfig, check_log_ratio_clamp, check_process_group, make_params
 from .psis import K_HAT_THRESHOLD, psis_gamma
 
 _AGG_CODE = {name: i for i, name in enumerate(AGG_MODES)}
@@ -543,36 +541,6 @@ def _run_fused(x: Inputs, mask, gamma, fam: KernelFamily, agg: AggConfig, clamp:
     return loss, metrics
 
 
-def _static_number(v):
-    """``v``, except that a number torch.compile traces as symbolic (an int or float argument
-    of the compiled function whose value changed) becomes its value, which validation needs:
-    each new parameter value compiles a new graph (never a new kernel). ``.hex()`` and
-    ``operator.index`` are exact for Python numbers and make Dynamo specialize."""
-    if type(v) is float:
-        return float.fromhex(v.hex())
-    if type(v) is int:
-        return operator.index(v)
-    return v
-
-
-def _compile_boundary(fn):
-    """``fn`` for torch.compile: its Python (validation, dataclasses, planning) runs outside
-    Dynamo's tracer (``nonstrict_trace``; the graph holds its torch ops and the custom op),
-    with its numbers made static first. Eager calls go straight to ``fn``."""
-    opaque = torch._dynamo.nonstrict_trace(fn)
-
-    @functools.wraps(fn)
-    def entry(*args, **kwargs):
-        return opaque(*map(_static_number, args), **{k: _static_number(v) for k, v in kwargs.items()})
-
-    return entry
-
-
-for _cls in PARAMS_BY_LOSS_TYPE.values():  # a params= dataclass crosses the boundary field by field
-    torch.utils._pytree.register_dataclass(_cls)
-
-
-@_compile_boundary
 def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                       loss_type="is_reshape", loss_agg_mode="token-mean", *, dp_size=1,
                       global_token_count=None, global_batch_size=None, loss_scale_factor=None,
