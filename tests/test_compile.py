@@ -191,6 +191,17 @@ def test_compiled_float_parameter_change_recompiles_and_stays_exact():
     assert not counters["graph_break"]
 
 
+def test_compiled_new_shapes_compile_one_dynamic_graph():
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lambda *b: irt.policy_loss(*b, "vespo", "seq-mean-token-mean")[0],
+                             backend="aot_eager", fullgraph=True)
+    for B, T in ((3, 8), (4, 11), (2, 19)):
+        batch = make_batch(B, T, seed=B)
+        assert torch.equal(compiled(*batch), irt.policy_loss(*batch, "vespo", "seq-mean-token-mean")[0])
+    assert counters["stats"]["unique_graphs"] == 2  # static, then dynamic shapes
+
+
 def test_compiled_policy_loss_module_and_errors():
     torch._dynamo.reset()
     lp, olp, adv, mask = make_batch(3, 10, seed=5)
@@ -385,6 +396,26 @@ def test_double_backward_refused_with_a_clear_error(loss_type):
         (loss + g.square().sum()).backward()
     (loss + g.detach().square().sum()).backward()  # the gradient as data: fine
     assert torch.equal(x.grad, plain)
+
+
+def test_readme_snippet():
+    """The snippet of the README section (notes/README_compile.md, or README.md once merged)
+    runs as written, on the kernel path, with the CPU's aot_eager backend."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    marker = "<!-- tested: tests/test_compile.py::test_readme_snippet -->"
+    text = next(t for t in (p.read_text() for p in (root / "README.md", root / "notes" / "README_compile.md")
+                            if p.exists()) if marker in t)
+    code = re.search(r"```python\n(.*?)```", text.split(marker, 1)[1], re.S).group(1)
+    assert "torch.compile(fullgraph=True)" in code
+    torch._dynamo.reset()
+    counters.clear()
+    scope = {}
+    exec(code.replace("torch.compile(fullgraph=True)", 'torch.compile(fullgraph=True, backend="aot_eager")'), scope)
+    assert torch.isfinite(scope["loss"]) and scope["model"].weight.grad is not None
+    assert scope["grad"].shape == (4, 50) and counters["stats"]["unique_graphs"] == 1
 
 
 if __name__ == "__main__":
