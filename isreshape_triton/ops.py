@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -332,7 +333,7 @@ def _psis_context(x: Inputs, loss_type: str, params, fam: KernelFamily, clamp: f
     counted = (torch.ones_like(x.log_prob, dtype=torch.bool) if x.response_mask is None
                else x.response_mask != 0)
     diff = x.log_prob.detach().to(acc) - x.old_log_prob.to(acc)
-    ell = torch.where(counted, diff, 0.0).clamp(-clamp, clamp)
+    ell = torch.where(counted, torch.where(torch.isfinite(diff), diff, math.nan), 0.0).clamp(-clamp, clamp)
     dims = (1,) if per_row else (0, 1)
     sign = loss_type == "is_reshape_sign"
     if sign:
@@ -343,8 +344,15 @@ def _psis_context(x: Inputs, loss_type: str, params, fam: KernelFamily, clamp: f
     if process_group is not None and not per_row:
         ell, *groups = _gather_rows([ell, *groups], process_group)
     lo_hi = (fam.gamma_rule.range_a, fam.gamma_rule.range_b)
-    fits = [psis_gamma(ell, grp, rho_min=params.rho_min, lo=lo, hi=hi, fallback=params.gamma_fallback,
-                       per_row=per_row) for grp, (lo, hi) in zip(groups, lo_hi)]
+    finite = torch.where(ell.isnan(), 0.0, ell)
+
+    def fit(grp, lo, hi):  # a group holding a non-finite ℓ: NaN γ and k̂ (SPEC §11)
+        g, k = psis_gamma(finite, grp, rho_min=params.rho_min, lo=lo, hi=hi, fallback=params.gamma_fallback,
+                          per_row=per_row)
+        tainted = (grp & ell.isnan()).any(dim=dims)
+        return torch.where(tainted, math.nan, g), torch.where(tainted, math.nan, k)
+
+    fits = [fit(grp, lo, hi) for grp, (lo, hi) in zip(groups, lo_hi)]
     if sign:
         (g_pos, k_pos), (d_neg, k_neg) = fits
         c0 = torch.where(groups[0].sum(dims) > 0, g_pos.to(acc), 0.5)
@@ -360,7 +368,7 @@ def _psis_context(x: Inputs, loss_type: str, params, fam: KernelFamily, clamp: f
         c1 = torch.zeros_like(c0)
     k_hat = k_hat.to(acc)
     extra = {"psis_k": k_hat.amax() if k_hat.numel() else k_hat.new_zeros(()),
-             "psis_unreliable": (k_hat > K_HAT_THRESHOLD).any().to(acc)}
+             "psis_unreliable": torch.where(k_hat.isnan().any(), math.nan, (k_hat > K_HAT_THRESHOLD).any().to(acc))}
     return torch.stack([c0, c1], dim=-1).contiguous(), extra
 
 
