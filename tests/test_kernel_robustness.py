@@ -74,20 +74,20 @@ def _close(a, b, rtol, what):
     torch.testing.assert_close(a[keep], b[keep], rtol=rtol, atol=rtol * (1e-3 + scale), msg=what)
 
 
-def assert_paths_agree(k, r, rtol=1e-5, grad_rtol=1e-5):
-    """Loss, every metric and the gradient of the two paths agree, NaN for NaN."""
+def assert_paths_agree(k, r, rtol=1e-5, grad_rtol=1e-5, skip=()):
+    """Loss, every metric (but ``skip``) and the gradient of the two paths agree, NaN for NaN."""
     _close(k[0], r[0], rtol, "loss")
     assert k[1].keys() == r[1].keys()
-    for name in r[1]:
+    for name in set(r[1]) - set(skip):
         _close(k[1][name], r[1][name], rtol, name)
     assert k[2].dtype == r[2].dtype and k[2].shape == r[2].shape
     _close(k[2], r[2], max(rtol, grad_rtol), "grad")
 
 
-def both(*args, rtol=1e-5, **opts):
+def both(*args, rtol=1e-5, skip=(), **opts):
     """Both paths on the same input, checked against each other; returns the kernel's."""
     k = kernel(*args, **opts)
-    assert_paths_agree(k, reference(*args, **opts), rtol)
+    assert_paths_agree(k, reference(*args, **opts), rtol, skip=skip)
     return k
 
 
@@ -123,6 +123,31 @@ def test_nonfinite_single_token_group_statistics(loss_type):
     assert loss.isnan() and metrics["sigma_sq"].isnan()
 
 
+def test_nonfinite_psis_context():
+    """PSIS on the kernel path (torch ops before the kernels) follows the policy: a NaN or
+    ±inf ℓ gives NaN γ and k̂ for its group, never γ_min or the fallback (±inf was clamped
+    to ±20 there); per row only for that row."""
+    for value in (NAN, INF):
+        lp, olp, adv, mask = _batch(4, 40, seed=1)
+        lp[0, 0] = value
+        for loss_type in ("is_reshape", "is_reshape_sign"):
+            loss, metrics, grad = both(lp, olp, adv, mask, loss_type, gamma="psis")
+            assert metrics["psis_k"].isnan() and metrics["psis_unreliable"].isnan() and grad[mask].isnan().any()
+        loss, metrics, grad = both(lp, olp, adv, mask, "is_reshape", gamma="psis", gamma_granularity="sequence")
+        assert grad[0][mask[0]].isnan().all() and torch.isfinite(grad[1:]).all()
+
+
+@pytest.mark.xfail(strict=True, reason="kernel: with per-row γ the sign family's gamma_neg (gamma_pos) metric "
+                                      "is NaN when a row's other group's γ is NaN; the reference averages "
+                                      "only the group's own tokens")
+@pytest.mark.parametrize("rule", ["ess", "psis"])
+def test_nonfinite_per_row_sign_metrics_follow_their_own_group(rule):
+    lp, olp, adv, mask = _batch(2, 12, seed=1)
+    lp[0, 0] = NAN  # A > 0: row 0's γ+ is NaN, its γ− is not
+    loss, metrics, grad = both(lp, olp, adv, mask, "is_reshape_sign", gamma=rule, gamma_granularity="sequence")
+    assert metrics["gamma_pos"].isnan() and torch.isfinite(metrics["gamma_neg"])
+
+
 @pytest.mark.parametrize("loss_type", ["ppo_clip", "is_reshape_tr", "sapo", "is_reshape_sign"])
 def test_nonfinite_advantage_at_counted_token(loss_type):
     """A NaN advantage: NaN loss and a NaN gradient at that token (ppo_clip's gradient was
@@ -145,18 +170,21 @@ def test_nonfinite_masked_positions_stay_isolated():
 
 
 # ============================================================================ metrics overflow
-@pytest.mark.parametrize("opts", [{}, {"gamma_pos": 3.0, "gamma_neg": 3.0}])
-def test_sign_family_ess_finite_at_large_log_ratio(opts):
-    """ℓ ≈ 20 in both sign groups: Σe^{γℓ} and Σe^{2γℓ} (e^{120} at γ = 3) are summed
-    shifted by their running max, so every ess metric is finite where the loss is."""
-    lp, olp, adv, mask = _batch(B=2, T=9, seed=3)
-    lp[:, :3] = olp[:, :3] + torch.tensor([19.5, 20.0, 25.0])  # the last one clamps to 20
-    adv[0, :3], adv[1, :3] = 1.0, -1.0
-    loss, metrics, grad = both(lp, olp, adv, mask, "is_reshape_sign", rtol=2e-5, **opts)
-    assert torch.isfinite(loss)
+@pytest.mark.parametrize("T,opts", [(6000, {}), (9, {"gamma_pos": 3.0, "gamma_neg": 3.0})])
+def test_sign_family_ess_finite_at_large_log_ratio(T, opts):
+    """ℓ ≈ 20 in both sign groups. At γ− = 1.99, 6000 terms e^{2γℓ} = e^{79.6} sum past fp32's
+    max (the kernels gave inf); at a fixed γ = 3 one term does (NaN). Summed shifted by their
+    running max, every ess metric is finite where the loss is."""
+    g = torch.Generator().manual_seed(3)
+    olp = -3.0 * torch.rand(2, T, generator=g)
+    lp = olp + 20.0 - 0.5 * torch.rand(2, T, generator=g)
+    lp[:, 0] = olp[:, 0] + 25.0  # clamps to 20
+    adv = torch.tensor([[1.0], [-1.0]]).expand(2, T).contiguous()
+    # fp32 ℓ ≈ 20 ± 0.25 leaves the third and fourth central moments ~1e-4 relative precision
+    loss, metrics, grad = both(lp, olp, adv, None, "is_reshape_sign", skip=("skewness", "kurtosis"), **opts)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
     for name in ("ess", "ess_ratio", "ess_pos", "ess_ratio_pos", "ess_neg", "ess_ratio_neg"):
-        assert torch.isfinite(metrics[name]), name
-        assert metrics[name].item() > 0, name
+        assert torch.isfinite(metrics[name]) and metrics[name].item() > 0, name
     assert 0 < metrics["ess_ratio"].item() <= 1 and metrics["ess"].item() >= 1
 
 
@@ -202,12 +230,21 @@ def test_fp8_mask_on_the_kernel_path(fp8):
     assert torch.equal(got[0], plain[0]) and torch.equal(got[2], plain[2])
 
 
-@pytest.mark.parametrize("loss_type", ["is_reshape", "is_reshape_sign", "is_reshape_var"])
-@pytest.mark.parametrize("rule", ["ess", "ess_exact"])
-def test_all_masked_sequence_gamma_same_on_both_paths(loss_type, rule):
+FIXED_GAMMA_XFAIL = pytest.mark.xfail(strict=True, reason=(
+    "kernel: a fixed γ with gamma_granularity='sequence' reports the fixed value on an all-masked "
+    "batch; the metrics contract (and the reference) say gamma = gamma_mean = 0 there"))
+
+
+@pytest.mark.parametrize("loss_type,opts", [
+    ("is_reshape", {"gamma": "ess"}), ("is_reshape_sign", {"gamma": "ess_exact"}),
+    ("is_reshape_var", {"gamma": "psis"}), ("is_reshape_sign", {"gamma_pos": 0.3}),
+    pytest.param("is_reshape", {"gamma": 0.3}, marks=FIXED_GAMMA_XFAIL),  # issue 12: 0.3 vs 0
+    pytest.param("is_reshape_sign", {"gamma_pos": 0.3, "gamma_neg": 1.3}, marks=FIXED_GAMMA_XFAIL),
+])
+def test_all_masked_sequence_gamma_same_on_both_paths(loss_type, opts):
     lp, olp, adv, _ = _batch(seed=7)
     mask = torch.zeros_like(lp)
-    loss, metrics, grad = both(lp, olp, adv, mask, loss_type, gamma=rule, gamma_granularity="sequence")
+    loss, metrics, grad = both(lp, olp, adv, mask, loss_type, gamma_granularity="sequence", **opts)
     assert loss.item() == 0.0 and torch.all(grad == 0)
     for name in metrics:
         assert metrics[name].item() == 0.0, name
