@@ -402,16 +402,17 @@ def encode_config(fam: KernelFamily, agg: AggConfig, clamp: float, write_grad: b
 
 def decode_config(loss_agg_mode: str, ints, floats, global_token_count=None, global_batch_size=None):
     """(KernelFamily, AggConfig, clamp, write_grad) back from :func:`encode_config`."""
-    family, opt, gamma_mode, needs_stats, per_row, sign_groups, dp_size, write_grad = ints
-    clamp, rho_min, fixed_a, fixed_b, a_lo, a_hi, b_lo, b_hi, *counts = floats[:len(_CONFIG_FLOATS)]
-    fam = KernelFamily(family, tuple(floats[len(_CONFIG_FLOATS):]), opt, gamma_mode,
-                       GammaRule(rho_min, fixed_a, fixed_b, (a_lo, a_hi), (b_lo, b_hi)),
-                       bool(needs_stats), bool(per_row), bool(sign_groups))
-    gtc, gbs, lsf = (None if v < 0 else v for v in counts)
-    agg = AggConfig(loss_agg_mode, dp_size,
-                    global_token_count if global_token_count is not None else gtc,
+    i = dict(zip(_CONFIG_INTS, ints, strict=True))
+    f = dict(zip(_CONFIG_FLOATS, floats))
+    fam = KernelFamily(i["family"], tuple(floats[len(_CONFIG_FLOATS):]), i["opt"], i["gamma_mode"],
+                       GammaRule(f["rho_min"], f["fixed_a"], f["fixed_b"], (f["range_a_lo"], f["range_a_hi"]),
+                                 (f["range_b_lo"], f["range_b_hi"])),
+                       bool(i["needs_stats"]), bool(i["per_row"]), bool(i["sign_groups"]))
+    gtc, gbs, lsf = (None if f[k] < 0 else f[k] for k in ("global_token_count", "global_batch_size",
+                                                          "loss_scale_factor"))
+    agg = AggConfig(loss_agg_mode, i["dp_size"], global_token_count if global_token_count is not None else gtc,
                     global_batch_size if global_batch_size is not None else gbs, lsf)
-    return fam, agg, clamp, bool(write_grad)
+    return fam, agg, f["clamp"], bool(i["write_grad"])
 
 
 def _policy_loss_forward(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: Optional[torch.Tensor],
