@@ -120,8 +120,9 @@ def pad_packed(x: Inputs, max_len: int) -> Inputs:
     idx = pos.clamp(0, max(n - 1, 0))
 
     def gather(t, fill=0.0):
-        if n == 0:
-            return t.new_full((S, max_len), fill)
+        if n == 0:  # an empty batch: nothing to gather, but the graph still reaches t (zero gradients)
+            out = t.new_full((S, max_len), fill)
+            return out + t.sum() * 0 if t.requires_grad else out
         return torch.where(inside, t[idx], torch.as_tensor(fill, dtype=t.dtype, device=t.device))
 
     mask = inside if x.response_mask is None else inside & (gather(x.response_mask, 0) != 0)

@@ -56,9 +56,6 @@ def kernel(lp, olp, adv, mask, loss_type="is_reshape", agg="token-mean", syncs=0
 def reference(lp, olp, adv, mask, loss_type="is_reshape", agg="token-mean", **opts):
     x = lp.detach().clone().requires_grad_()
     loss, metrics = irt.reference.policy_loss(x, olp, adv, mask, loss_type, agg, **opts)
-    if not loss.requires_grad:  # an empty packed batch: the reference's padded copy has no graph
-        assert lp.numel() == 0
-        return loss, metrics, torch.zeros_like(lp)
     (grad,) = torch.autograd.grad(loss, x)
     return loss.detach(), metrics, grad
 
@@ -113,8 +110,6 @@ def test_nonfinite_log_prob_at_counted_token(where, value, loss_type, opts):
     assert metrics["token_count"].item() == mask.sum().item()
 
 
-@pytest.mark.xfail(strict=True, reason="kernel: the n < 2 rule gives σ² = 0 for a group whose one counted "
-                                      "token is non-finite (then γ = its upper bound); the reference gives NaN")
 @pytest.mark.parametrize("loss_type", ["is_reshape", "is_reshape_sign"])
 def test_nonfinite_single_token_group_statistics(loss_type):
     """A statistic over a group holding one counted token, which is non-finite, is NaN (SPEC §11)."""
@@ -137,9 +132,6 @@ def test_nonfinite_psis_context():
         assert grad[0][mask[0]].isnan().all() and torch.isfinite(grad[1:]).all()
 
 
-@pytest.mark.xfail(strict=True, reason="kernel: with per-row γ the sign family's gamma_neg (gamma_pos) metric "
-                                      "is NaN when a row's other group's γ is NaN; the reference averages "
-                                      "only the group's own tokens")
 @pytest.mark.parametrize("rule", ["ess", "psis"])
 def test_nonfinite_per_row_sign_metrics_follow_their_own_group(rule):
     lp, olp, adv, mask = _batch(2, 12, seed=1)
@@ -230,16 +222,11 @@ def test_fp8_mask_on_the_kernel_path(fp8):
     assert torch.equal(got[0], plain[0]) and torch.equal(got[2], plain[2])
 
 
-FIXED_GAMMA_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "kernel: a fixed γ with gamma_granularity='sequence' reports the fixed value on an all-masked "
-    "batch; the metrics contract (and the reference) say gamma = gamma_mean = 0 there"))
-
-
 @pytest.mark.parametrize("loss_type,opts", [
     ("is_reshape", {"gamma": "ess"}), ("is_reshape_sign", {"gamma": "ess_exact"}),
     ("is_reshape_var", {"gamma": "psis"}), ("is_reshape_sign", {"gamma_pos": 0.3}),
-    pytest.param("is_reshape", {"gamma": 0.3}, marks=FIXED_GAMMA_XFAIL),  # issue 12: 0.3 vs 0
-    pytest.param("is_reshape_sign", {"gamma_pos": 0.3, "gamma_neg": 1.3}, marks=FIXED_GAMMA_XFAIL),
+    ("is_reshape", {"gamma": 0.3}), ("is_reshape_sign", {"gamma_pos": 0.3, "gamma_neg": 1.3}),
+    ("is_reshape_var", {"gamma": 0.3}),
 ])
 def test_all_masked_sequence_gamma_same_on_both_paths(loss_type, opts):
     lp, olp, adv, _ = _batch(seed=7)
@@ -377,3 +364,34 @@ def test_fuzz_both_paths_agree(data):
     assert k[1]["nonfinite_tokens"].item() == n_bad
     assert k[0].isnan() == (n_bad > 0)
     assert torch.all(k[2][~counted.view(k[2].shape)] == 0)
+
+
+@pytest.mark.parametrize("loss_type,opts,names", [
+    ("is_reshape", {"gamma": 0.3}, ("gamma",)),
+    ("is_reshape_sign", {"gamma_pos": 0.3, "gamma_neg": 1.3}, ("gamma_pos", "gamma_neg")),
+])
+def test_fixed_sequence_gamma_metrics_are_token_means(loss_type, opts, names):
+    """A fixed γ with gamma_granularity="sequence": its metrics are token means of the fixed
+    value (the fixed value itself), also next to a non-finite token (a fixed γ stays)."""
+    lp, olp, adv, mask = _batch(seed=3)
+    lp[1, 2], mask[1, 2] = NAN, True
+    loss, metrics, grad = both(lp, olp, adv, mask, loss_type, gamma_granularity="sequence", **opts)
+    assert loss.isnan()
+    for name, value in zip(names, (0.3, 1.3)):
+        torch.testing.assert_close(metrics[name], torch.tensor(value), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("loss_type,agg", [("is_reshape", "token-mean"), ("vespo", "seq-mean-token-mean"),
+                                           ("is_reshape_sign", "seq-mean-token-sum-norm")])
+def test_empty_packed_batch_backward(loss_type, agg):
+    """N = 0 packed tokens (rows of length 0): loss 0 with a graph, backward gives an empty
+    zero gradient on both paths (the reference's padded copy had no graph)."""
+    cu = torch.tensor([0, 0, 0], dtype=torch.int32)
+    lp, olp, adv = torch.empty(0), torch.empty(0), torch.empty(0)
+    loss, metrics, grad = both(lp, olp, adv, None, loss_type, agg, cu_seqlens=cu)
+    assert loss.item() == 0.0 and grad.shape == (0,)
+    x = lp.clone().requires_grad_()
+    ref = irt.reference.policy_loss(x, olp, adv, None, loss_type, agg, cu_seqlens=cu)[0]
+    assert ref.requires_grad
+    ref.backward()
+    assert x.grad is not None and x.grad.shape == (0,)
