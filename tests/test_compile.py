@@ -145,12 +145,17 @@ def _padded_case(seed):
 def _packed_case(seed):
     lp, olp, adv, mask, cu = _packed((9, 0, 20, 4), seed)
     features, labels, _ = _step_inputs(lp.shape, seed)
-    return features, labels, (olp, adv, mask), {"cu_seqlens": cu, "global_batch_size": torch.tensor(6.0)}
+    g = torch.Generator().manual_seed(seed + 100)
+    extra = {"cu_seqlens": cu, "global_batch_size": torch.tensor(6.0),
+             "rollout_is_weights": 0.5 + torch.rand(lp.shape, generator=g), "ref_log_prob": olp - 0.1,
+             "kl_coef": 0.05, "kl_type": "k3"}
+    return features, labels, (olp, adv, mask), extra
 
 
 COMPILE_CASES = [
     ("is_reshape_sign", "token-mean", {}, _padded_case),  # statistics: two forward launches
-    ("vespo", "seq-mean-token-sum-norm", {}, _packed_case),  # packed, a count as a device tensor
+    # packed, a count as a device tensor, rollout IS weights, the KL term
+    ("vespo", "seq-mean-token-sum-norm", {}, _packed_case),
     ("is_reshape", "seq-mean-token-mean", {"gamma": "psis"}, _padded_case),  # torch ops before the op
 ]
 
@@ -400,15 +405,15 @@ def test_double_backward_refused_with_a_clear_error(loss_type):
 
 
 def test_readme_snippet():
-    """The snippet of the README section (notes/README_compile.md, or README.md once merged)
-    runs as written, on the kernel path, with the CPU's aot_eager backend."""
+    """The snippet of the README's compile section runs as written, on the kernel path,
+    with the CPU's aot_eager backend."""
     import pathlib
     import re
 
     root = pathlib.Path(__file__).resolve().parents[1]
     marker = "<!-- tested: tests/test_compile.py::test_readme_snippet -->"
-    text = next(t for t in (p.read_text() for p in (root / "README.md", root / "notes" / "README_compile.md")
-                            if p.exists()) if marker in t)
+    text = (root / "README.md").read_text()
+    assert marker in text
     code = re.search(r"```python\n(.*?)```", text.split(marker, 1)[1], re.S).group(1)
     assert "torch.compile(fullgraph=True)" in code
     torch._dynamo.reset()
