@@ -7,12 +7,13 @@ opaque call whose torch ops (the custom op ``isreshape_triton::policy_loss``,
 PSIS's smoothing, the reference's ops) AOTAutograd traces with fake tensors. No
 graph break under ``fullgraph=True``.
 
-Numbers are graph constants: a float or int argument of the compiled function that
-Dynamo would trace as symbolic (after its value changed once) is made static here,
-so validation sees a value and each new parameter value compiles one new graph; the
-Triton kernels take floats as runtime arguments and never recompile. Tensors (the
-batch, ``cu_seqlens``, tensor-valued counts) are graph inputs: new values never
-recompile. The option dataclasses (``params=``) cross the boundary field by field
+Floats: a float argument of the compiled function that Dynamo traces as symbolic
+(after its value changed once) stays symbolic through the front end: validation
+compares it (range guards, never a guard on its value), and it reaches the custom op
+as a float64 tensor computed in the graph (``ops.split_symbolic``), so new values of
+a parameter schedule reuse the graph. Ints are made static here (they select kernel
+specializations and shapes). Tensors (the batch, ``cu_seqlens``, tensor-valued
+counts) are graph inputs: new values never recompile. The option dataclasses (``params=``) cross the boundary field by field
 (pytree dataclasses).
 """
 from __future__ import annotations
@@ -29,10 +30,8 @@ for _cls in PARAMS_BY_LOSS_TYPE.values():
 
 
 def static_number(v):
-    """``v``; a Python float or int as its exact value, which makes Dynamo specialize a
-    symbolic one (``.hex()`` and ``operator.index`` have no symbolic form)."""
-    if type(v) is float:
-        return float.fromhex(v.hex())
+    """``v``; a Python int as its exact value, which makes Dynamo specialize a symbolic one
+    (``operator.index`` has no symbolic form). Floats stay symbolic (ops.split_symbolic)."""
     if type(v) is int:
         return operator.index(v)
     return v

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .kernels import families as kf
 from .kernels import gamma as kg
 from .params import (IsReshapeParams, IsReshapeSignParams, IsReshapeTRParams, IsReshapeVarParams,
-                     PPOClipParams, SAPOParams, VESPOParams)
+                     PPOClipParams, SAPOParams, VESPOParams, as_number)
 
 ESS_GRID_POINTS = 32  # G of the ess_exact grid (cubic Hermite refinement inside the bracket)
 SIGN_GAMMA_POS_RANGE = (0.05, 0.99)  # γ+ interval (SPEC §4)
@@ -33,7 +33,7 @@ class GammaRule:
     range_b: tuple = (0.0, 1.0)
 
     def as_tuple(self) -> tuple:
-        return tuple(float(v) for v in (self.rho_min, self.fixed_a, self.fixed_b, *self.range_a, *self.range_b))
+        return tuple(as_number(v) for v in (self.rho_min, self.fixed_a, self.fixed_b, *self.range_a, *self.range_b))
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class KernelFamily:
 
 
 def _floats(*values) -> tuple:
-    return tuple(float(v) for v in values)
+    return tuple(as_number(v) for v in values)
 
 
 def _gamma_mode(gamma) -> int:

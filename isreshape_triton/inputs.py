@@ -144,8 +144,7 @@ def prepare_inputs(log_prob, old_log_prob, advantages, response_mask,
     if old_log_prob.shape != log_prob.shape:
         raise ValueError(f"old_log_prob shape {tuple(old_log_prob.shape)} does not match "
                          f"log_prob shape {tuple(log_prob.shape)}")
-    if not (isinstance(log_ratio_clamp, (int, float)) and log_ratio_clamp > 0
-            and math.isfinite(log_ratio_clamp)):
+    if not (isinstance(log_ratio_clamp, (int, float, torch.SymFloat)) and 0 < log_ratio_clamp < math.inf):
         raise ValueError(f"log_ratio_clamp must be a finite number > 0, got {log_ratio_clamp!r}")
     if cu_seqlens is not None:
         return _prepare_packed(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, validate,

@@ -38,8 +38,8 @@ from .kernels.families import VESPO
 from .kernels.loss import token_loss_kernel
 from .kernels.stats import batch_stats_kernel
 from .metrics import metric_names
-from .params import (AGG_MODES, KL_TYPES, AggConfig, KLConfig, check_log_ratio_clamp, check_process_group,
-                     make_params)
+from .params import (AGG_MODES, KL_TYPES, AggConfig, KLConfig, as_number, check_log_ratio_clamp,
+                     check_process_group, make_params)
 from .psis import K_HAT_THRESHOLD, psis_gamma
 
 _AGG_CODE = {name: i for i, name in enumerate(AGG_MODES)}
@@ -343,7 +343,9 @@ def _psis_context(x: Inputs, loss_type: str, params, fam: KernelFamily, clamp: f
     counted = (torch.ones_like(x.log_prob, dtype=torch.bool) if x.response_mask is None
                else x.response_mask != 0)
     diff = x.log_prob.detach().to(acc) - x.old_log_prob.to(acc)
-    ell = torch.where(counted, torch.where(torch.isfinite(diff), diff, math.nan), 0.0).clamp(-clamp, clamp)
+    bound = diff.new_ones(()) * clamp  # a tensor: a symbolic clamp stays symbolic under torch.compile
+    ell = torch.where(counted, torch.where(torch.isfinite(diff), diff, math.nan), 0.0)
+    ell = torch.minimum(torch.maximum(ell, -bound), bound)
     dims = (1,) if per_row else (0, 1)
     sign = loss_type == "is_reshape_sign"
     if sign:
@@ -403,13 +405,28 @@ _KL_NAMES = {code: name for name, code in reversed(KL_TYPES.items())}  # a code'
 def encode_config(fam: KernelFamily, agg: AggConfig, kl: KLConfig, clamp: float, write_grad: bool) -> tuple:
     """(loss_agg_mode, ints, floats): the op's configuration as custom-op arguments, ints
     and floats in the order of ``_CONFIG_INTS`` and ``_CONFIG_FLOATS`` + the family's
-    runtime floats. A count given as a tensor is an op input; it and a missing number are −1."""
+    runtime floats. A count given as a tensor is an op input; it and a missing number are −1.
+    A float may be a ``torch.SymFloat`` (see :func:`split_symbolic`)."""
     ints = [fam.family, fam.opt, fam.gamma_mode, int(fam.needs_stats), int(fam.per_row),
             int(fam.sign_groups), agg.dp_size, int(write_grad), kl.code]
-    counts = [-1.0 if v is None or isinstance(v, torch.Tensor) else float(v)
+    counts = [-1.0 if v is None or isinstance(v, torch.Tensor) else as_number(v)
               for v in (agg.global_token_count, agg.global_batch_size, agg.loss_scale_factor)]
-    floats = [float(clamp), *fam.gamma_rule.as_tuple(), *counts, float(kl.kl_coef), *fam.params]
+    floats = [as_number(clamp), *fam.gamma_rule.as_tuple(), *counts, as_number(kl.kl_coef), *fam.params]
     return agg.loss_agg_mode, ints, floats
+
+
+def split_symbolic(floats: list) -> tuple:
+    """(floats, symbolic values, their indices): under torch.compile a float that Dynamo
+    traces as a graph input is a ``torch.SymFloat``, which a custom op's ``float`` argument
+    would specialize (one graph per value). Those values travel instead as a float64 CPU
+    tensor computed in the graph (1·v), read back on the host inside the op (no device
+    sync); their places in ``floats`` hold 0. Eager calls have none: (floats, None, [])."""
+    index = [i for i, v in enumerate(floats) if isinstance(v, torch.SymFloat)]
+    if not index:
+        return floats, None, []
+    one = torch.ones((), dtype=torch.float64)
+    values = torch.stack([one * floats[i] for i in index])
+    return [0.0 if i in index else v for i, v in enumerate(floats)], values, index
 
 
 def decode_config(loss_agg_mode: str, ints, floats, global_token_count=None, global_batch_size=None):
@@ -431,12 +448,17 @@ def _policy_loss_forward(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv
                          response_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                          gamma: Optional[torch.Tensor], global_token_count: Optional[torch.Tensor],
                          global_batch_size: Optional[torch.Tensor], rollout: Optional[torch.Tensor],
-                         ref_log_prob: Optional[torch.Tensor], loss_agg_mode: str, ints: list[int],
-                         floats: list[float], group: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                   torch.Tensor, torch.Tensor]:
+                         ref_log_prob: Optional[torch.Tensor], symbolic_floats: Optional[torch.Tensor],
+                         loss_agg_mode: str, ints: list[int], floats: list[float], symbolic_index: list[int],
+                         group: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, metric vector, −m·φ, grad_scale, row_count) of the prepared inputs ([R, T], or
     [N] packed; see :func:`encode_config` for the rest): the launches of :func:`plan_launches`.
+    ``symbolic_floats`` go to the places ``symbolic_index`` of ``floats`` (:func:`split_symbolic`).
     ``group``: the process group's name ("" for none)."""
+    if symbolic_floats is not None:
+        floats = list(floats)
+        for i, v in zip(symbolic_index, symbolic_floats.tolist(), strict=True):
+            floats[i] = v
     fam, agg, kl, clamp, write_grad = decode_config(loss_agg_mode, ints, floats, global_token_count,
                                                     global_batch_size)
     x = Inputs(log_prob, old_log_prob, advantages, response_mask, log_prob.shape, cu_seqlens, rollout,
@@ -557,12 +579,13 @@ def _run_fused(x: Inputs, mask, gamma, fam: KernelFamily, agg: AggConfig, kl: KL
     rollout weights and ref_log_prob enter detached, so the loss requires grad exactly when
     log_prob does."""
     mode, ints, floats = encode_config(fam, agg, kl, clamp, write_grad)
+    floats, symbolic, index = split_symbolic(floats)
     counts = [v if isinstance(v, torch.Tensor) else None for v in (agg.global_token_count, agg.global_batch_size)]
     detached = [None if t is None else t.detach() for t in (x.old_log_prob, x.advantages, mask)]
     optional = [None if t is None else t.detach() for t in (x.rollout, x.ref_log_prob)]
     group = process_group.group_name if process_group is not None else ""
     loss, metrics, *_saved = _FusedPolicyLoss.apply(x.log_prob, *detached, x.cu_seqlens, gamma, *counts, *optional,
-                                                    mode, ints, floats, group)
+                                                    symbolic, mode, ints, floats, index, group)
     return loss, metrics
 
 
@@ -591,9 +614,9 @@ def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=Non
     fam = kernel_family(loss_type, params)
     gamma, extra = (None, {})
     if fam.psis:
-        gamma, extra = _psis_context(x, loss_type, params, fam, float(log_ratio_clamp), process_group)
+        gamma, extra = _psis_context(x, loss_type, params, fam, as_number(log_ratio_clamp), process_group)
     write_grad = torch.is_grad_enabled() and x.log_prob.requires_grad
-    loss, metric_vec = _run_fused(x, mask, gamma, fam, agg, kl, float(log_ratio_clamp), write_grad,
+    loss, metric_vec = _run_fused(x, mask, gamma, fam, agg, kl, as_number(log_ratio_clamp), write_grad,
                                   process_group)
     metrics = {name: extra[name] if name in extra else metric_vec[_METRIC_INDEX[name]]
                for name in metric_names(loss_type, params, kl=x.ref_log_prob is not None)}

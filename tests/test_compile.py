@@ -6,8 +6,8 @@ graphs, threads, double backward, on the kernel path (interpreter).
   the configuration encoding round-trips for every family;
 * ``torch.compile(fullgraph=True)`` of a training step (a tiny policy, its
   log-probs, ``irt.policy_loss``) matches eager, with no graph break and no
-  recompilation when the batch values change; a new float parameter value
-  compiles a new graph (Dynamo guards on it) and never gives a stale result;
+  recompilation when the batch values or float parameters change (after the first
+  change, floats are symbolic and reach the op as a tensor), never a stale result;
 * ``torch.func.grad`` equals autograd's gradient;
 * the forward + backward make no sync and allocate only buffers whose sizes come
   from the shapes (CPU), and capture in a CUDA graph and replay (GPU only);
@@ -86,7 +86,8 @@ def _op_args(loss_type="is_reshape_sign", agg="seq-mean-token-mean", packed=Fals
         lp, olp, adv, mask, cu = _packed((7, 0, 12, 3))
     else:
         (lp, olp, adv, mask), cu = make_batch(3, 9, seed=2), None
-    return (lp.requires_grad_(), olp, adv, mask, cu, None, None, None, None, None, mode, ints, floats, "")
+    return (lp.requires_grad_(), olp, adv, mask, cu, None, None, None, None, None, None, mode, ints, floats, [],
+            "")
 
 
 @pytest.mark.parametrize("loss_type,agg,packed,opts", [
@@ -104,6 +105,20 @@ def test_opcheck(loss_type, agg, packed, opts):
     back = (neg_phi, grad_scale, torch.tensor(1.5), row_count, args[4], list(lp.shape), lp.dtype,
             agg == "seq-mean-token-mean")
     torch.library.opcheck(torch.ops.isreshape_triton.policy_loss_backward.default, back)
+
+
+def test_op_symbolic_floats_replace_their_places():
+    """Floats given as the float64 tensor of ``split_symbolic`` (how a traced float reaches
+    the op under torch.compile) give the results of the same floats given as numbers."""
+    args = list(_op_args("is_reshape_sign", "seq-mean-token-sum", gamma="ess_exact"))
+    floats = args[-3]
+    index = [0, 1, len(floats) - 1]  # clamp, rho_min, the last family float
+    moved = [0.0 if i in index else v for i, v in enumerate(floats)]
+    symbolic = args[:10] + [torch.tensor([floats[i] for i in index], dtype=torch.float64)] + args[11:13] + [moved, index, ""]
+    torch.library.opcheck(torch.ops.isreshape_triton.policy_loss.default, tuple(symbolic))
+    got, want = torch.ops.isreshape_triton.policy_loss(*symbolic), torch.ops.isreshape_triton.policy_loss(*args)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
 
 
 def test_op_called_directly_is_differentiable():
@@ -178,23 +193,45 @@ def test_compiled_training_step_fullgraph(loss_type, agg, opts, case):
     assert not counters["graph_break"]
 
 
-def test_compiled_float_parameter_change_recompiles_and_stays_exact():
-    """A float parameter is a constant of the graph: each new value (a schedule, an argument
-    of the compiled function) compiles one new graph and gives that value's result, never a
-    stale one; the kernels take it as a runtime argument (no kernel recompiles)."""
+@pytest.mark.parametrize("loss_type,name,values", [
+    ("sapo", "tau_pos", (1.0, 2.5, 0.7, 3.0)),
+    ("is_reshape_sign", "gamma_pos", (0.3, 0.5, 0.2, 0.9)),
+    ("is_reshape", "rho_min", (0.3, 0.5, 0.6, 0.2)),  # with gamma="psis": torch ops before the op
+])
+def test_compiled_float_parameter_changes_do_not_recompile(loss_type, name, values):
+    """A float argument of the compiled function (a schedule: a family parameter, the clamp,
+    kl_coef) changing every step: Dynamo compiles the first value, then one graph with the
+    floats symbolic, which every later value reuses (no recompile) and which gives that
+    value's loss and gradient exactly, never a stale one. A bad value still raises."""
     torch._dynamo.reset()
     counters.clear()
     lp, olp, adv, mask = make_batch(3, 10, seed=4)
+    opts = {"gamma": "psis"} if loss_type == "is_reshape" else {}
 
-    def step(x, tau, clamp):
-        return irt.policy_loss(x, olp, adv, mask, "sapo", tau_pos=tau, log_ratio_clamp=clamp)[0]
+    def step(x, v, clamp):
+        return irt.policy_loss(x, olp, adv, mask, loss_type, **{name: v}, **opts, log_ratio_clamp=clamp,
+                               ref_log_prob=olp - 0.2, kl_coef=0.1 * v)[0]
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    values = [(1.0, 20.0), (2.5, 20.0), (2.5, 0.3), (1.0, 20.0)]
-    for tau, clamp in values:
-        assert torch.equal(compiled(lp, tau, clamp), step(lp, tau, clamp))
-    assert counters["stats"]["unique_graphs"] == 3  # one per distinct value set
+    for i, v in enumerate(values):
+        with torch._dynamo.config.patch(error_on_recompile=i > 1):
+            got, want = _loss_and_grad(compiled, lp, v, 20.0 - i), _loss_and_grad(step, lp, v, 20.0 - i)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert counters["stats"]["unique_graphs"] == 2  # the first values, then symbolic floats
     assert not counters["graph_break"]
+    with pytest.raises(Exception) as info:  # a bad value: the validation error names it
+        compiled(lp, -1.0, 20.0)
+    e = info.value
+    while e.__cause__ or e.__context__:
+        e = e.__cause__ or e.__context__
+    assert isinstance(e, ValueError) and name in str(e) and "-1.0" in str(e)
+
+
+def _loss_and_grad(fn, lp, *args):
+    x = lp.clone().requires_grad_()
+    loss = fn(x, *args)
+    loss.backward()
+    return loss.detach(), x.grad
 
 
 def test_compiled_new_shapes_compile_one_dynamic_graph():
