@@ -195,7 +195,6 @@ def test_compiled_training_step_fullgraph(loss_type, agg, opts, case):
 
 @pytest.mark.parametrize("loss_type,name,values", [
     ("sapo", "tau_pos", (1.0, 2.5, 0.7, 3.0)),
-    ("is_reshape_sign", "gamma_pos", (0.3, 0.5, 0.2, 0.9)),
     ("is_reshape", "rho_min", (0.3, 0.5, 0.6, 0.2)),  # with gamma="psis": torch ops before the op
 ])
 def test_compiled_float_parameter_changes_do_not_recompile(loss_type, name, values):
