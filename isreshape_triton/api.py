@@ -10,6 +10,7 @@ import os
 import torch
 
 from . import reference
+from .boundary import compile_boundary
 from .params import (AGG_MODES, CALL_OPTIONS, AggConfig, check_log_ratio_clamp,  # noqa: F401
                      check_loss_type, check_process_group, make_params)
 
@@ -31,6 +32,7 @@ def _check_call_options(options: dict) -> dict:
     return options
 
 
+@compile_boundary
 def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                 loss_type="is_reshape", loss_agg_mode="token-mean", **kwargs):
     """Aggregated loss and metrics dict for one family; see SPEC §2-6."""
@@ -71,10 +73,9 @@ class PolicyLoss(torch.nn.Module):
         mode = overrides.pop("loss_agg_mode", self.loss_agg_mode)
         params = overrides.pop("params", self.params)
         family = {k: overrides.pop(k) for k in list(overrides) if k not in CALL_OPTIONS}
-        params = make_params(self.loss_type, params, **family)
-        options = {**self.options, **overrides}
+        options = {**self.options, **overrides}  # family overrides are applied (and validated) by policy_loss
         return policy_loss(log_prob, old_log_prob, advantages, response_mask, self.loss_type,
-                           mode, params=params, **options)
+                           mode, params=params, **family, **options)
 
     def extra_repr(self) -> str:
         return f"loss_type={self.loss_type!r}, loss_agg_mode={self.loss_agg_mode!r}, params={self.params}"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .kernels import families as kf
 from .kernels import gamma as kg
 from .params import (IsReshapeParams, IsReshapeSignParams, IsReshapeTRParams, IsReshapeVarParams,
-                     PPOClipParams, SAPOParams, VESPOParams)
+                     PPOClipParams, SAPOParams, VESPOParams, as_number)
 
 ESS_GRID_POINTS = 32  # G of the ess_exact grid (cubic Hermite refinement inside the bracket)
 SIGN_GAMMA_POS_RANGE = (0.05, 0.99)  # γ+ interval (SPEC §4)
@@ -33,7 +33,7 @@ class GammaRule:
     range_b: tuple = (0.0, 1.0)
 
     def as_tuple(self) -> tuple:
-        return tuple(float(v) for v in (self.rho_min, self.fixed_a, self.fixed_b, *self.range_a, *self.range_b))
+        return tuple(as_number(v) for v in (self.rho_min, self.fixed_a, self.fixed_b, *self.range_a, *self.range_b))
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ class KernelFamily:
     gamma_mode: int = 0  # kernels.gamma.GAMMA_FIXED / _ESS / _ESS_EXACT / _GIVEN (psis)
     gamma_rule: GammaRule = GammaRule()
     needs_stats: bool = False  # pass 1 must run
-    per_row: bool = False  # statistics per row (per-sequence γ, VESPO) rather than per batch
+    per_row: bool = False  # per-row γ (gamma_granularity="sequence", VESPO's W): statistics per row
+    # (when the γ rule needs them; a fixed γ has none) and γ metrics as token means (metrics.py)
     sign_groups: bool = False  # A>0 / A<0 groups
 
     @property
@@ -57,7 +58,7 @@ class KernelFamily:
 
 
 def _floats(*values) -> tuple:
-    return tuple(float(v) for v in values)
+    return tuple(as_number(v) for v in values)
 
 
 def _gamma_mode(gamma) -> int:
@@ -73,7 +74,7 @@ def _is_reshape(p: IsReshapeParams, family=kf.IS_RESHAPE.value, params=()) -> Ke
     return KernelFamily(family, params, gamma_mode=mode,
                         gamma_rule=GammaRule(p.rho_min, fixed, -1.0, (p.gamma_min, p.gamma_max)),
                         needs_stats=from_stats,
-                        per_row=p.gamma_granularity == "sequence" and mode != kg.GAMMA_FIXED.value)
+                        per_row=p.gamma_granularity == "sequence")
 
 
 def _is_reshape_var(p: IsReshapeVarParams) -> KernelFamily:
@@ -91,7 +92,7 @@ def _is_reshape_sign(p: IsReshapeSignParams) -> KernelFamily:
                         _floats(p.saturation_lambda, p.saturation_w_th, p.truncate_max, p.mm_tau),
                         opt=opt, gamma_mode=mode, gamma_rule=rule,
                         needs_stats=not fixed and mode != kg.GAMMA_GIVEN.value,
-                        per_row=p.gamma_granularity == "sequence" and not fixed, sign_groups=True)
+                        per_row=p.gamma_granularity == "sequence", sign_groups=True)
 
 
 def _is_reshape_tr(p: IsReshapeTRParams) -> KernelFamily:

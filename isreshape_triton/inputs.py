@@ -120,8 +120,9 @@ def pad_packed(x: Inputs, max_len: int) -> Inputs:
     idx = pos.clamp(0, max(n - 1, 0))
 
     def gather(t, fill=0.0):
-        if n == 0:
-            return t.new_full((S, max_len), fill)
+        if n == 0:  # an empty batch: nothing to gather, but the graph still reaches t (zero gradients)
+            out = t.new_full((S, max_len), fill)
+            return out + t.sum() * 0 if t.requires_grad else out
         return torch.where(inside, t[idx], torch.as_tensor(fill, dtype=t.dtype, device=t.device))
 
     mask = inside if x.response_mask is None else inside & (gather(x.response_mask, 0) != 0)
@@ -143,8 +144,7 @@ def prepare_inputs(log_prob, old_log_prob, advantages, response_mask,
     if old_log_prob.shape != log_prob.shape:
         raise ValueError(f"old_log_prob shape {tuple(old_log_prob.shape)} does not match "
                          f"log_prob shape {tuple(log_prob.shape)}")
-    if not (isinstance(log_ratio_clamp, (int, float)) and log_ratio_clamp > 0
-            and math.isfinite(log_ratio_clamp)):
+    if not (isinstance(log_ratio_clamp, (int, float, torch.SymFloat)) and 0 < log_ratio_clamp < math.inf):
         raise ValueError(f"log_ratio_clamp must be a finite number > 0, got {log_ratio_clamp!r}")
     if cu_seqlens is not None:
         return _prepare_packed(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, validate,

@@ -60,16 +60,28 @@ GammaSpec = Union[str, float]
 
 
 # ----------------------------------------------------------------------------- numbers
+def as_number(v):
+    """``v`` as a Python float; a symbolic float (``torch.SymFloat``: a float argument that
+    torch.compile traces as a graph input) stays symbolic, so a new value does not recompile."""
+    return v if isinstance(v, torch.SymFloat) else float(v)
+
+
+def _shown(value):
+    """``value`` for an error message: a symbolic float's traced example value."""
+    return value.node.hint if isinstance(value, torch.SymFloat) else value
+
+
 def as_real(name: str, value) -> float:
-    """``value`` as a Python float: a real number (not a bool), finite, representable in fp32."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    """``value`` as a Python float: a real number (not a bool), finite, representable in fp32.
+    A ``torch.SymFloat`` passes the same checks as comparisons (range guards, no value guard)."""
+    if not isinstance(value, torch.SymFloat) and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number (int, float or numpy scalar), "
                         f"got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+    v = as_number(value)
+    if not (-math.inf < v < math.inf):  # NaN fails too
+        raise ValueError(f"{name} must be finite, got {_shown(value)!r}")
     if abs(v) > FP32_MAX or (v != 0 and abs(v) < FP32_TRUE_MIN):
-        raise ValueError(f"{name}={value!r} is not representable in fp32: it must be 0 or have a "
+        raise ValueError(f"{name}={_shown(value)!r} is not representable in fp32: it must be 0 or have a "
                          f"magnitude in [{FP32_TRUE_MIN:.4g}, {FP32_MAX:.6g}]")
     return v
 
@@ -85,7 +97,7 @@ def _real_in(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False) -
             what = f"a finite number {'<' if hi_open else '<='} {hi}"
         else:
             what = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"{name} must be {what}, got {value!r}")
+        raise ValueError(f"{name} must be {what}, got {_shown(value)!r}")
     return v
 
 

@@ -31,6 +31,10 @@ Counting rules of ``OpCounter`` (every aten op that reaches the Python dispatche
   counted ops (outputs and allocations) alive at the same time inside the
   region, tracked through the storages' lifetimes. Inputs created before the
   region are not included; the CUDA caching allocator's rounding is not modelled.
+* **fused custom ops** registered with :func:`register_fused_op` (the package's
+  ``torch.library`` ops) are not one launch: their Python implementation runs
+  under the counter, which counts what it does (allocations, aten ops, syncs;
+  Triton launches are counted by ``LaunchCounter`` in any case).
 * ops run **while a Triton kernel is launching** are ignored: the interpreter
   (``TRITON_INTERPRET=1``) copies every tensor argument to the host and back
   with aten ops, which are not work of the kernel.  ``LaunchCounter``'s hook
@@ -62,7 +66,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 __all__ = ["OpCounter", "LaunchCounter", "KernelLaunch", "Work", "count_work",
-           "in_triton_launch", "tensor_bytes", "install_triton_hooks"]
+           "in_triton_launch", "tensor_bytes", "install_triton_hooks", "register_fused_op"]
 
 # ----------------------------------------------------------------------------- op classes
 
@@ -81,6 +85,15 @@ _SYNC = frozenset({
     "bincount", "histc", "allclose",
 })
 _BOOL_INDEX = frozenset({"index", "index_put", "index_put_", "_index_put_impl", "_index_put_impl_"})
+
+
+_FUSED_OPS = {}  # OpOverload -> its Python implementation (counted by what it runs)
+
+
+def register_fused_op(op, impl) -> None:
+    """Count the custom op ``op`` (an ``OpOverload``) by the work of ``impl``, its Python
+    implementation, instead of as one aten op."""
+    _FUSED_OPS[op] = impl
 
 
 def _base_name(func) -> str:
@@ -285,6 +298,10 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         if _IN_LAUNCH > 0:  # the interpreter's host copies around a Triton launch
             return func(*args, **kwargs)
+        impl = _FUSED_OPS.get(func)
+        if impl is not None:
+            with self:  # the mode is off inside its own handler: count the ops impl runs
+                return impl(*args, **kwargs)
         name = _base_name(func)
         if func.is_view or name in _SKIP:
             return func(*args, **kwargs)

@@ -52,8 +52,9 @@ def safe_div(num, den):
 
 @triton.jit
 def unbiased_var(n, m2):
-    """M2/(n−1); a group of fewer than 2 tokens has variance 0."""
-    return tl.where(n >= 2.0, m2 / tl.maximum(n - 1.0, 1.0), 0.0)
+    """M2/(n−1); a group of fewer than 2 tokens has variance 0, NaN if its token is
+    (its M2 is then NaN: 0·M2 keeps it, SPEC §11)."""
+    return tl.where(n >= 2.0, m2 / tl.maximum(n - 1.0, 1.0), 0.0 * m2)
 
 
 # ----------------------------------------------------------------------------- moments

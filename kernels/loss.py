@@ -215,8 +215,11 @@ def token_loss_kernel(
                     g_max = tl.where(m, max_nan(g_max, g), g_max)
                 x0, x1, x2, x3, x4 = x
                 e0, e1, e2, e3, e4 = extras
-                extras = (e0 + _counted(x0, m, bad), e1 + _counted(x1, m, bad), e2 + _counted(x2, m, bad),
-                          e3 + _counted(x3, m, bad), e4 + _counted(x4, m, bad))
+                x_bad = bad
+                if SIGN_GROUPS:  # γ± of the token's own group: NaN only through that group's γ (metrics.py)
+                    x_bad = tl.zeros_like(bad)
+                extras = (e0 + _counted(x0, m, x_bad), e1 + _counted(x1, m, x_bad), e2 + _counted(x2, m, x_bad),
+                          e3 + _counted(x3, m, x_bad), e4 + _counted(x4, m, x_bad))
                 nonfinite += tl.where(bad, 1.0, 0.0)
             if SEQ_AGG:  # the piece's row sums: a complete row now, else a head / tail element
                 n_b = tl.sum(row_n)

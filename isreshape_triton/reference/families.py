@@ -150,19 +150,22 @@ def is_reshape_sign(ell, adv, *, gamma_pos, gamma_neg, params):
     """A>0: w^{γ+}·A (or Michaelis-Menten); A<0: b(w)·A (``neg_saturation``); A=0: 0."""
     p = params
     gamma_pos, gamma_neg = _const(gamma_pos, ell), _const(gamma_neg, ell)
+    pos, neg = adv > 0, adv < 0
+    # each group's γ only where it applies: a NaN γ of one group (a non-finite token in it)
+    # must not reach the other group's gradient through torch.where's backward (0·NaN)
+    g_pos, g_neg = torch.where(pos, gamma_pos, 1.0), torch.where(neg, gamma_neg, 1.0)
     if p.pos_weight == "power":
-        b_pos, int_pos = _power_weight(gamma_pos, ell)
+        b_pos, int_pos = _power_weight(g_pos, ell)
     else:
         b_pos, int_pos = _michaelis_menten_weight(p.mm_tau, ell)
     if p.neg_saturation == "none":
-        b_neg, int_neg = _power_weight(gamma_neg, ell)
+        b_neg, int_neg = _power_weight(g_neg, ell)
     elif p.neg_saturation == "soft":
-        b_neg, int_neg = _soft_saturated_weight(gamma_neg, p.saturation_lambda, p.saturation_w_th, ell)
+        b_neg, int_neg = _soft_saturated_weight(g_neg, p.saturation_lambda, p.saturation_w_th, ell)
     elif p.neg_saturation == "truncate":
-        b_neg, int_neg = _truncated_power_weight(gamma_neg, p.truncate_max, ell)
+        b_neg, int_neg = _truncated_power_weight(g_neg, p.truncate_max, ell)
     else:  # michaelis_menten
         b_neg, int_neg = _michaelis_menten_weight(p.mm_tau, ell)
-    pos, neg = adv > 0, adv < 0
     phi = torch.where(pos, adv * b_pos, torch.where(neg, adv * b_neg, 0.0))
     F = torch.where(pos, adv * int_pos, torch.where(neg, adv * int_neg, 0.0))
     gamma_t = torch.where(adv >= 0, gamma_pos, gamma_neg)

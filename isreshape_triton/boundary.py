@@ -1,0 +1,49 @@
+"""The torch.compile boundary of the public entry point (``irt.policy_loss``).
+
+Dynamo cannot trace the package's Python front end (frozen option dataclasses,
+validation of Python numbers, the launch plan), and it does not have to: the front
+end is wrapped in ``torch._dynamo.nonstrict_trace``, so a compiled function holds one
+opaque call whose torch ops (the custom op ``isreshape_triton::policy_loss``,
+PSIS's smoothing, the reference's ops) AOTAutograd traces with fake tensors. No
+graph break under ``fullgraph=True``.
+
+Floats: a float argument of the compiled function that Dynamo traces as symbolic
+(after its value changed once) stays symbolic through the front end: validation
+compares it (range guards, never a guard on its value), and it reaches the custom op
+as a float64 tensor computed in the graph (``ops.split_symbolic``), so new values of
+a parameter schedule reuse the graph. Ints are made static here (they select kernel
+specializations and shapes). Tensors (the batch, ``cu_seqlens``, tensor-valued
+counts) are graph inputs: new values never recompile. The option dataclasses (``params=``) cross the boundary field by field
+(pytree dataclasses).
+"""
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+
+from .params import PARAMS_BY_LOSS_TYPE
+
+for _cls in PARAMS_BY_LOSS_TYPE.values():
+    torch.utils._pytree.register_dataclass(_cls)
+
+
+def static_number(v):
+    """``v``; a Python int as its exact value, which makes Dynamo specialize a symbolic one
+    (``operator.index`` has no symbolic form). Floats stay symbolic (ops.split_symbolic)."""
+    if type(v) is int:
+        return operator.index(v)
+    return v
+
+
+def compile_boundary(fn):
+    """``fn`` with its body hidden from Dynamo (see the module docstring); eager calls
+    go straight to ``fn``."""
+    opaque = torch._dynamo.nonstrict_trace(fn)
+
+    @functools.wraps(fn)
+    def entry(*args, **kwargs):
+        return opaque(*map(static_number, args), **{k: static_number(v) for k, v in kwargs.items()})
+
+    return entry

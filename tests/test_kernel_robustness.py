@@ -1,0 +1,397 @@
+"""Issue 12's probes, each run on both paths (the Triton kernels under the interpreter
+and the PyTorch reference) and checked against each other; every test here failed on
+the main of commit e15a9ea and passes now. Then a bounded fuzz of both paths.
+
+* a NaN/±inf log-prob or old log-prob at a counted token: NaN loss, NaN σ² and γ,
+  NaN gradient there, ``nonfinite_tokens`` (the kernels clamped it to ℓ = ±20); a NaN
+  advantage: NaN gradient there (ppo_clip's was finite);
+* the sign family's ``ess*`` metrics finite at ℓ ≈ 20, also with a fixed γ = 3 (their
+  sums of e^{γℓ} overflowed fp32);
+* a log_prob without grad next to an old_log_prob / advantages with grad: autograd's
+  rules (the kernel path crashed on backward);
+* fp8 masks (the kernel path crashed); an all-masked batch with per-sequence γ (the
+  paths reported different γ); is_reshape_tr's loss value at |ℓ| = 1e-7 (w − 1 in
+  fp32); parameters outside fp32, numpy scalars and bools (accepted / refused alike).
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import isreshape_triton as irt
+from isreshape_triton import ops
+from isreshape_triton.profiling import count_work
+
+from _cases import FAMILY_CONFIGS
+from test_kernels import GRAD_RTOL, SMALL_TILING
+
+F32, F64 = torch.float32, torch.float64
+NAN, INF = math.nan, math.inf
+
+
+def _batch(B=3, T=7, seed=0, dtype=F32, spread=0.5):
+    g = torch.Generator().manual_seed(seed)
+    olp = -3.0 * torch.rand(B, T, generator=g, dtype=F64) - 0.05
+    lp = olp + spread * torch.randn(B, T, generator=g, dtype=F64)
+    adv = torch.randn(B, T, generator=g, dtype=F64)
+    mask = torch.rand(B, T, generator=g) > 0.25
+    mask[:, 0] = True
+    return lp.to(dtype), olp.to(dtype), adv.to(dtype), mask
+
+
+def kernel(lp, olp, adv, mask, loss_type="is_reshape", agg="token-mean", syncs=0, **opts):
+    """(loss, metrics, gradient) of the fused op; asserts that its kernels ran, sync-free
+    (or with the ``syncs`` documented ones)."""
+    x = lp.detach().clone().requires_grad_()
+    with count_work(strict=syncs == 0, track_memory=False) as work:
+        loss, metrics = irt.policy_loss(x, olp, adv, mask, loss_type, agg, **opts)
+        loss.backward()
+    assert work.triton_launches >= 2 and work.syncs == syncs, work.kernels
+    return loss.detach(), metrics, x.grad
+
+
+def reference(lp, olp, adv, mask, loss_type="is_reshape", agg="token-mean", **opts):
+    x = lp.detach().clone().requires_grad_()
+    loss, metrics = irt.reference.policy_loss(x, olp, adv, mask, loss_type, agg, **opts)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), metrics, grad
+
+
+def _close(a, b, rtol, what):
+    """Same NaN pattern (NaN must match NaN); the rest within rtol (atol relative to the
+    largest finite magnitude)."""
+    a, b = a.double(), b.double()
+    assert torch.equal(a.isnan(), b.isnan()), (what, a, b)
+    keep = ~a.isnan()
+    finite = b[keep & b.isfinite()]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    torch.testing.assert_close(a[keep], b[keep], rtol=rtol, atol=rtol * (1e-3 + scale), msg=what)
+
+
+def assert_paths_agree(k, r, rtol=1e-5, grad_rtol=1e-5, skip=()):
+    """Loss, every metric (but ``skip``) and the gradient of the two paths agree, NaN for NaN."""
+    _close(k[0], r[0], rtol, "loss")
+    assert k[1].keys() == r[1].keys()
+    for name in set(r[1]) - set(skip):
+        _close(k[1][name], r[1][name], rtol, name)
+    assert k[2].dtype == r[2].dtype and k[2].shape == r[2].shape
+    _close(k[2], r[2], max(rtol, grad_rtol), "grad")
+
+
+def both(*args, rtol=1e-5, skip=(), **opts):
+    """Both paths on the same input, checked against each other; returns the kernel's."""
+    k = kernel(*args, **opts)
+    assert_paths_agree(k, reference(*args, **opts), rtol, skip=skip)
+    return k
+
+
+# ============================================================================ non-finite inputs
+INJECTIONS = [("log_prob", NAN), ("log_prob", INF), ("log_prob", -INF), ("old_log_prob", NAN),
+              ("old_log_prob", -INF)]
+
+
+@pytest.mark.parametrize("where,value", INJECTIONS)
+@pytest.mark.parametrize("loss_type,opts", [("is_reshape", {}), ("is_reshape", {"gamma": "ess_exact"}),
+                                            ("is_reshape_sign", {}), ("vespo", {}), ("ppo_clip", {})])
+def test_nonfinite_log_prob_at_counted_token(where, value, loss_type, opts):
+    lp, olp, adv, mask = _batch()
+    {"log_prob": lp, "old_log_prob": olp}[where][1, 2] = value
+    mask[1, 2] = True
+    loss, metrics, grad = both(lp, olp, adv, mask, loss_type, **opts)
+    assert loss.isnan() and metrics["nonfinite_tokens"].item() == 1.0
+    assert metrics["sigma_sq"].isnan() and metrics["ppo_kl"].isnan() and metrics["w_max"].isnan()
+    gamma = {"is_reshape": "gamma", "is_reshape_sign": "gamma_pos" if adv[1, 2] > 0 else "gamma_neg"}
+    if loss_type in gamma:  # a γ from a set holding ℓ = NaN (was computed from ℓ = ±20)
+        assert metrics[gamma[loss_type]].isnan()
+    assert grad[1, 2].isnan() and torch.all(grad[~mask] == 0)
+    assert metrics["token_count"].item() == mask.sum().item()
+
+
+@pytest.mark.parametrize("loss_type", ["is_reshape", "is_reshape_sign"])
+def test_nonfinite_single_token_group_statistics(loss_type):
+    """A statistic over a group holding one counted token, which is non-finite, is NaN (SPEC §11)."""
+    lp, olp, adv = torch.tensor([[NAN, -1.0, -2.0]]), torch.tensor([[-3.2, -1.5, -1.0]]), torch.tensor([[0.5, -1.0, 2.0]])
+    loss, metrics, grad = both(lp, olp, adv, torch.tensor([[True, False, False]]), loss_type)
+    assert loss.isnan() and metrics["sigma_sq"].isnan()
+
+
+def test_nonfinite_psis_context():
+    """PSIS on the kernel path (torch ops before the kernels) follows the policy: a NaN or
+    ±inf ℓ gives NaN γ and k̂ for its group, never γ_min or the fallback (±inf was clamped
+    to ±20 there); per row only for that row."""
+    for value in (NAN, INF):
+        lp, olp, adv, mask = _batch(4, 40, seed=1)
+        lp[0, 0] = value
+        for loss_type in ("is_reshape", "is_reshape_sign"):
+            loss, metrics, grad = both(lp, olp, adv, mask, loss_type, gamma="psis")
+            assert metrics["psis_k"].isnan() and metrics["psis_unreliable"].isnan() and grad[mask].isnan().any()
+        loss, metrics, grad = both(lp, olp, adv, mask, "is_reshape", gamma="psis", gamma_granularity="sequence")
+        assert grad[0][mask[0]].isnan().all() and torch.isfinite(grad[1:]).all()
+
+
+@pytest.mark.parametrize("rule", ["ess", "psis"])
+def test_nonfinite_per_row_sign_metrics_follow_their_own_group(rule):
+    lp, olp, adv, mask = _batch(2, 12, seed=1)
+    lp[0, 0] = NAN  # A > 0: row 0's γ+ is NaN, its γ− is not
+    loss, metrics, grad = both(lp, olp, adv, mask, "is_reshape_sign", gamma=rule, gamma_granularity="sequence")
+    assert metrics["gamma_pos"].isnan() and torch.isfinite(metrics["gamma_neg"])
+
+
+@pytest.mark.parametrize("loss_type", ["ppo_clip", "is_reshape_tr", "sapo", "is_reshape_sign"])
+def test_nonfinite_advantage_at_counted_token(loss_type):
+    """A NaN advantage: NaN loss and a NaN gradient at that token (ppo_clip's gradient was
+    finite), the statistics of ℓ untouched."""
+    lp, olp, adv, mask = _batch(seed=1)
+    adv[0, 0] = NAN
+    loss, metrics, grad = both(lp, olp, adv, mask, loss_type)
+    assert loss.isnan() and grad[0, 0].isnan() and metrics["nonfinite_tokens"].item() == 1.0
+    assert torch.isfinite(metrics["sigma_sq"]) and torch.isfinite(grad[1:][mask[1:]]).all()
+
+
+def test_nonfinite_masked_positions_stay_isolated():
+    lp, olp, adv, mask = _batch(B=4, T=9, seed=2)
+    dirty = [torch.where(mask, t, torch.full_like(t, v)) for t, v in ((lp, NAN), (olp, INF), (adv, -INF))]
+    for loss_type in ("is_reshape", "is_reshape_sign", "vespo"):
+        clean = both(lp, olp, adv, mask, loss_type, "seq-mean-token-mean")
+        got = both(*dirty, mask, loss_type, "seq-mean-token-mean")
+        assert torch.equal(got[0], clean[0]) and torch.equal(got[2], clean[2])
+        assert got[1]["nonfinite_tokens"].item() == 0.0
+
+
+# ============================================================================ metrics overflow
+@pytest.mark.parametrize("T,opts", [(6000, {}), (9, {"gamma_pos": 3.0, "gamma_neg": 3.0})])
+def test_sign_family_ess_finite_at_large_log_ratio(T, opts):
+    """ℓ ≈ 20 in both sign groups. At γ− = 1.99, 6000 terms e^{2γℓ} = e^{79.6} sum past fp32's
+    max (the kernels gave inf); at a fixed γ = 3 one term does (NaN). Summed shifted by their
+    running max, every ess metric is finite where the loss is."""
+    g = torch.Generator().manual_seed(3)
+    olp = -3.0 * torch.rand(2, T, generator=g)
+    lp = olp + 20.0 - 0.5 * torch.rand(2, T, generator=g)
+    lp[:, 0] = olp[:, 0] + 25.0  # clamps to 20
+    adv = torch.tensor([[1.0], [-1.0]]).expand(2, T).contiguous()
+    # fp32 ℓ ≈ 20 ± 0.25 leaves the third and fourth central moments ~1e-4 relative precision
+    loss, metrics, grad = both(lp, olp, adv, None, "is_reshape_sign", skip=("skewness", "kurtosis"), **opts)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    for name in ("ess", "ess_ratio", "ess_pos", "ess_ratio_pos", "ess_neg", "ess_ratio_neg"):
+        assert torch.isfinite(metrics[name]) and metrics[name].item() > 0, name
+    assert 0 < metrics["ess_ratio"].item() <= 1 and metrics["ess"].item() >= 1
+
+
+def test_fixed_gamma_three_ess_matches_float64():
+    """γ = 3 fixed: ess from the shifted sums equals the float64 value of (Σω)²/Σω²."""
+    lp, olp, adv, mask = _batch(B=1, T=6, seed=4)
+    mask[:] = True
+    adv = adv.abs() + 0.1  # all A > 0: one group
+    lp[0, :2] = olp[0, :2] + 20.0
+    _, metrics, _ = both(lp, olp, adv, mask, "is_reshape_sign", gamma_pos=3.0, gamma_neg=3.0)
+    ell = (lp.double() - olp.double()).clamp(-20, 20)
+    z = 3.0 * ell
+    w = torch.exp(z - z.max())
+    assert metrics["ess"].item() == pytest.approx((w.sum() ** 2 / (w * w).sum()).item(), rel=1e-5)
+
+
+# ============================================================================ autograd rules
+@pytest.mark.parametrize("loss_type", ["is_reshape", "ppo_clip", "vespo"])
+def test_constant_inputs_with_grad_follow_autograd_rules(loss_type):
+    """old_log_prob and advantages are constants: with a log_prob without grad the loss has
+    no grad (backward: autograd's RuntimeError, not AttributeError), and no gradient
+    reaches them when log_prob has one."""
+    lp, olp, adv, mask = _batch(seed=5)
+    olp.requires_grad_()
+    adv.requires_grad_()
+    for fn in (irt.policy_loss, irt.reference.policy_loss):
+        loss, _ = fn(lp, olp, adv, mask, loss_type)
+        assert not loss.requires_grad
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            loss.backward()
+        x = lp.clone().requires_grad_()
+        fn(x, olp, adv, mask, loss_type)[0].backward()
+        assert x.grad is not None and olp.grad is None and adv.grad is None
+
+
+# ============================================================================ path divergences
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_mask_on_the_kernel_path(fp8):
+    lp, olp, adv, mask = _batch(seed=6)
+    weights = torch.where(mask, 0.5, 0.0).to(fp8)
+    got = both(lp, olp, adv, weights, "is_reshape", "seq-mean-token-mean")
+    plain = kernel(lp, olp, adv, mask, "is_reshape", "seq-mean-token-mean")
+    assert torch.equal(got[0], plain[0]) and torch.equal(got[2], plain[2])
+
+
+@pytest.mark.parametrize("loss_type,opts", [
+    ("is_reshape", {"gamma": "ess"}), ("is_reshape_sign", {"gamma": "ess_exact"}),
+    ("is_reshape_var", {"gamma": "psis"}), ("is_reshape_sign", {"gamma_pos": 0.3}),
+    ("is_reshape", {"gamma": 0.3}), ("is_reshape_sign", {"gamma_pos": 0.3, "gamma_neg": 1.3}),
+    ("is_reshape_var", {"gamma": 0.3}),
+])
+def test_all_masked_sequence_gamma_same_on_both_paths(loss_type, opts):
+    lp, olp, adv, _ = _batch(seed=7)
+    mask = torch.zeros_like(lp)
+    loss, metrics, grad = both(lp, olp, adv, mask, loss_type, gamma_granularity="sequence", **opts)
+    assert loss.item() == 0.0 and torch.all(grad == 0)
+    for name in metrics:
+        assert metrics[name].item() == 0.0, name
+
+
+@pytest.mark.parametrize("ell", [1e-7, -1e-7, 3e-6])
+def test_is_reshape_tr_small_log_ratio_loss_value(ell):
+    """expm1, not w − 1: the fp32 kernel loss at |ℓ| = 1e-7 within 1e-5 of the fp64 value's
+    change from ℓ = 0 (was 78% off), and the fp64 kernel equals the fp64 reference."""
+    lp = torch.tensor([[ell, 0.5 * ell, -ell]], dtype=F64)
+    olp = torch.zeros(1, 3, dtype=F64)
+    adv = torch.tensor([[1.3, -0.7, 0.4]], dtype=F64)
+    l64 = both(lp, olp, adv, None, "is_reshape_tr", rtol=1e-12)[0]
+    l32 = both(lp.float(), olp.float(), adv.float(), None, "is_reshape_tr")[0]
+    on_policy = reference(olp, olp, adv, None, "is_reshape_tr")[0]
+    assert abs(l32.double() - l64).item() <= 1e-5 * abs(l64 - on_policy).item() + 1e-7 * abs(on_policy).item()
+    assert l64.item() != 0.0
+
+
+@pytest.mark.parametrize("loss_type,name", [("is_reshape", "rho_min"), ("is_reshape", "gamma"),
+                                            ("is_reshape_tr", "tau_h"), ("ppo_clip", "clip_ratio_c"),
+                                            ("sapo", "tau_pos"), ("vespo", "k_pos")])
+def test_parameter_numbers_same_rules_on_both_paths(loss_type, name):
+    """Outside fp32 (1e39, 1e-50): ValueError naming it; a bool: TypeError; numpy
+    scalars: accepted, the same result as the Python float, on both paths."""
+    lp, olp, adv, mask = _batch(seed=8)
+    for fn in (irt.policy_loss, irt.reference.policy_loss):
+        for value in (1e39, -1e39, 1e-50):
+            with pytest.raises(ValueError, match=name):
+                fn(lp, olp, adv, mask, loss_type, **{name: value})
+        for value in (True, np.bool_(False)):
+            with pytest.raises(TypeError, match=name):
+                fn(lp, olp, adv, mask, loss_type, **{name: value})
+    value = {"rho_min": 0.25, "gamma": 0.5, "clip_ratio_c": 3.0}.get(name, 2.0)  # exact in fp32
+    base = both(lp, olp, adv, mask, loss_type, **{name: value})
+    for scalar in (np.float32, np.float64, np.int64 if value == 2.0 else np.float16):
+        got = both(lp, olp, adv, mask, loss_type, **{name: scalar(value)})
+        assert torch.equal(got[0], base[0]) and torch.equal(got[2], base[2])
+    with pytest.raises(ValueError, match="log_ratio_clamp"):
+        irt.policy_loss(lp, olp, adv, mask, loss_type, log_ratio_clamp=1e39)
+
+
+# ============================================================================ fuzz: both paths
+def _draw_batch(draw, dtype):
+    """Padded [B, T] or packed [N] with cu_seqlens (empty sequences allowed)."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    if draw(st.booleans()):
+        lengths = draw(st.lists(st.integers(0, 20), min_size=1, max_size=5))
+        cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=draw(st.sampled_from([torch.int32, torch.int64])))
+        shape, rows = (int(cu[-1]),), len(lengths)
+    else:
+        cu, rows = None, draw(st.integers(1, 4))
+        shape = (rows, draw(st.integers(1, 24)))
+    olp = -3.0 * torch.rand(shape, generator=g, dtype=F64)
+    lp = olp + draw(st.floats(0.05, 4.0)) * torch.randn(shape, generator=g, dtype=F64)
+    if draw(st.booleans()):  # some log-ratios beyond the clamp
+        far = torch.rand(shape, generator=g) < 0.2
+        lp = torch.where(far, olp + draw(st.sampled_from([-25.0, 23.0])), lp)
+    adv = torch.randn(shape, generator=g, dtype=F64)
+    adv_kind = draw(st.sampled_from(["token", "row", "none"]))
+    adv = {"token": adv.to(dtype), "row": torch.randn(rows, generator=g, dtype=F64).to(dtype), "none": None}[adv_kind]
+    counted = torch.rand(shape, generator=g) > draw(st.floats(0.0, 0.9))
+    mask_kind = draw(st.sampled_from(["bool", "int", "float", "fp8", "none"]))
+    if mask_kind == "none":
+        counted[:] = True
+    mask = {"bool": counted, "int": counted.to(torch.int32), "float": counted * 0.5,
+            "fp8": counted.to(torch.float8_e5m2), "none": None}[mask_kind]
+    return lp.to(dtype), olp.to(dtype), adv, mask, cu, counted
+
+
+def _inject(draw, lp, olp, adv, counted):
+    """NaN/±inf at 0-2 counted and 0-3 masked positions; the number of bad counted tokens."""
+    flat = [t.view(-1) for t in (lp, olp)] + ([adv.view(-1)] if adv is not None and adv.shape == lp.shape else [])
+    on = counted.view(-1).nonzero().flatten().tolist()
+    off = (~counted).view(-1).nonzero().flatten().tolist()
+    bad = set()
+    for pool, k in ((on, draw(st.integers(0, min(2, len(on))))), (off, draw(st.integers(0, min(3, len(off)))))):
+        for i in draw(st.lists(st.sampled_from(pool), min_size=k, max_size=k, unique=True)) if k else []:
+            draw(st.sampled_from(flat))[i] = draw(st.sampled_from([NAN, INF, -INF]))
+            if pool is on:
+                bad.add(i)
+    return len(bad)
+
+
+def _pin_gammas(loss_type, opts, metrics):
+    """The reference options with ess_exact's finite batch γ pinned to the kernel's (its
+    bracket refinement is checked to 1e-3 in test_kernels); NaN γ stay data-driven."""
+    if opts.get("gamma") != "ess_exact" or opts.get("gamma_granularity") == "sequence":
+        return opts
+    if loss_type == "is_reshape_sign":
+        pinned = {k: float(metrics[k]) for k in ("gamma_pos", "gamma_neg") if torch.isfinite(metrics[k])}
+        return {**opts, **pinned} if len(pinned) < 2 else {**{k: v for k, v in opts.items() if k != "gamma"},
+                                                           **pinned}
+    key = "gamma_base" if loss_type == "is_reshape_var" else "gamma"
+    return {**opts, "gamma": float(metrics[key])} if torch.isfinite(metrics[key]) else opts
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_fuzz_both_paths_agree(data):
+    """Random family and parameters, shapes (padded, packed), dtypes, masks, advantages,
+    aggregation, tiling and non-finite injections at counted and masked positions: the two
+    paths give the same loss, metrics and gradient (NaN where the other has NaN)."""
+    draw = data.draw
+    loss_type, opts = draw(st.sampled_from(FAMILY_CONFIGS))
+    opts = dict(opts)
+    fields = irt.make_params(loss_type).__dataclass_fields__
+    if "rho_min" in fields:
+        opts["rho_min"] = draw(st.floats(0.05, 0.95))
+    for name, lo, hi in (("tau_pos", 0.2, 4.0), ("clip_ratio_high", 0.0, 0.5), ("k_neg", 0.0, 4.0),
+                         ("tau_c", 0.1, 3.0), ("temperature", 0.5, 8.0)):
+        if name in fields and draw(st.booleans()):
+            opts[name] = draw(st.floats(lo, hi))
+    dtype = draw(st.sampled_from([F32, F64, torch.bfloat16, torch.float16]))
+    lp, olp, adv, mask, cu, counted = _draw_batch(draw, dtype)
+    n_bad = _inject(draw, lp, olp, adv, counted)
+    agg = draw(st.sampled_from(irt.AGG_MODES))
+    kw = dict(opts, log_ratio_clamp=draw(st.sampled_from([20.0, 3.0])), cu_seqlens=cu)
+    saved = ops.TILING
+    ops.TILING = draw(st.sampled_from([saved, SMALL_TILING]))
+    psis_rows = opts.get("gamma") == "psis" and opts.get("gamma_granularity") == "sequence"
+    try:  # packed PSIS per sequence pads to the longest sequence: one documented sync
+        k = kernel(lp, olp, adv, mask, loss_type, agg, syncs=int(psis_rows and cu is not None), **kw)
+    finally:
+        ops.TILING = saved
+    r = reference(lp, olp, adv, mask, loss_type, agg, **_pin_gammas(loss_type, kw, k[1]))
+    per_row_exact = opts.get("gamma") == "ess_exact" and opts.get("gamma_granularity") == "sequence"
+    rtol = 2e-3 if per_row_exact else (1e-6 if dtype == F64 else 1e-5)
+    assert_paths_agree(k, r, rtol, GRAD_RTOL[dtype])
+    assert k[1]["nonfinite_tokens"].item() == n_bad
+    assert k[0].isnan() == (n_bad > 0)
+    assert torch.all(k[2][~counted.view(k[2].shape)] == 0)
+
+
+@pytest.mark.parametrize("loss_type,opts,names", [
+    ("is_reshape", {"gamma": 0.3}, ("gamma",)),
+    ("is_reshape_sign", {"gamma_pos": 0.3, "gamma_neg": 1.3}, ("gamma_pos", "gamma_neg")),
+])
+def test_fixed_sequence_gamma_metrics_are_token_means(loss_type, opts, names):
+    """A fixed γ with gamma_granularity="sequence": its metrics are token means of the fixed
+    value (the fixed value itself), also next to a non-finite token (a fixed γ stays)."""
+    lp, olp, adv, mask = _batch(seed=3)
+    lp[1, 2], mask[1, 2] = NAN, True
+    loss, metrics, grad = both(lp, olp, adv, mask, loss_type, gamma_granularity="sequence", **opts)
+    assert loss.isnan()
+    for name, value in zip(names, (0.3, 1.3)):
+        torch.testing.assert_close(metrics[name], torch.tensor(value), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("loss_type,agg", [("is_reshape", "token-mean"), ("vespo", "seq-mean-token-mean"),
+                                           ("is_reshape_sign", "seq-mean-token-sum-norm")])
+def test_empty_packed_batch_backward(loss_type, agg):
+    """N = 0 packed tokens (rows of length 0): loss 0 with a graph, backward gives an empty
+    zero gradient on both paths (the reference's padded copy had no graph)."""
+    cu = torch.tensor([0, 0, 0], dtype=torch.int32)
+    lp, olp, adv = torch.empty(0), torch.empty(0), torch.empty(0)
+    loss, metrics, grad = both(lp, olp, adv, None, loss_type, agg, cu_seqlens=cu)
+    assert loss.item() == 0.0 and grad.shape == (0,)
+    x = lp.clone().requires_grad_()
+    ref = irt.reference.policy_loss(x, olp, adv, None, loss_type, agg, cu_seqlens=cu)[0]
+    assert ref.requires_grad
+    ref.backward()
+    assert x.grad is not None and x.grad.shape == (0,)
