@@ -74,7 +74,7 @@ TILING = Tiling()
 # loops carry lane accumulators, and pipelining costs minutes of compile time. Each
 # choice is spill-free on sm_90 (``python -m isreshape_triton.aot``, tests/test_zz_aot.py).
 # (with 8 warps ptxas aims at 64 registers and spills a few bytes unless maxnreg lets it take more)
-STATS_TILE = {False: (512, dict(num_warps=8, maxnreg=128)), True: (512, dict(num_warps=8, maxnreg=255))}
+STATS_TILE = {False: (1024, dict(num_warps=8, maxnreg=128)), True: (512, dict(num_warps=8, maxnreg=255))}
 STATS_TILE_ESS_EXACT = {False: (16, dict(num_warps=8, maxnreg=128)), True: (16, dict(num_warps=8, maxnreg=255))}
 LOSS_TILE = {False: (512, dict(num_warps=8, maxnreg=128)), True: (256, dict(num_warps=8, maxnreg=255))}
 # seq-* modes keep three more lane accumulators (the piece's row sums) and the sign family two

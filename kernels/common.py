@@ -4,9 +4,11 @@ clamps, and accurate special functions. Everything is interpreter-safe (no
 libdevice, no asm).
 
 Lane accumulators are tuples of [BLOCK] vectors updated element-wise inside a
-tile loop (no block-level reduction there); ``*_reduce`` folds the lanes into
+tile loop (no block-level reduction there); ``moments_reduce`` folds the lanes into
 scalars once per piece or program; ``moments_merge`` combines two summaries
-element-wise (lanes of records).
+element-wise (lanes of records); ``shift_moments*`` and ``expsum_scale`` re-base
+summaries on a common mean / max, so that merging lanes is a sum (``stack8``: many
+sums in one reduction).
 """
 import triton
 import triton.language as tl
@@ -28,26 +30,31 @@ def clamp_nan(x, lo, hi):
 
 @triton.jit
 def max_nan(a, b):
-    """max(a, b) that propagates NaN."""
-    return tl.where((a != a) | (a > b), a, b)
+    """max(a, b) that propagates NaN (one ``max.NaN`` instruction on sm_90)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
 def min_nan(a, b):
     """min(a, b) that propagates NaN."""
-    return tl.where((a != a) | (a < b), a, b)
-
-
-@triton.jit
-def reduce_max(x):
-    """max over all lanes, NaN if any lane is NaN."""
-    return tl.reduce(x, 0, max_nan)
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
 def safe_div(num, den):
     """num/den, and 0 where den == 0 (an empty denominator never gives NaN)."""
     return tl.where(den != 0.0, num / tl.where(den != 0.0, den, 1.0), 0.0)
+
+
+@triton.jit
+def fast_div(num, den):
+    """num/den for the per-token paths: fp32 ``div.approx`` (≤ 2 ulp for |den| in [2⁻¹²⁶, 2¹²⁶],
+    no IEEE fix-up sequence), IEEE division in fp64."""
+    if num.dtype == tl.float32:
+        q = tl.math.fdiv(num, den, approx=True)
+    else:
+        q = num / den
+    return q
 
 
 @triton.jit
@@ -71,7 +78,7 @@ def moments_add(acc, x, m):
     n, mean, m2 = acc
     n1 = n + tl.where(m, 1.0, 0.0)
     d = tl.where(m, x - mean, 0.0)
-    mean = mean + d / tl.maximum(n1, 1.0)
+    mean = mean + fast_div(d, tl.maximum(n1, 1.0))
     return n1, mean, m2 + d * tl.where(m, x - mean, 0.0)
 
 
@@ -109,7 +116,7 @@ def moments4_add(acc, x, m):
     n, mean, m2, m3, m4 = acc
     n1 = n + 1.0
     delta = x - mean
-    dn = delta / n1
+    dn = fast_div(delta, n1)
     dn2 = dn * dn
     term = delta * dn * n
     new_m4 = m4 + term * dn2 * (n1 * n1 - 3.0 * n1 + 3.0) + 6.0 * dn2 * m2 - 4.0 * dn * m3
@@ -129,13 +136,10 @@ def shift_moments4(n, mean, m2, m3, m4, mu):
 
 
 @triton.jit
-def moments4_reduce(acc):
-    """Lanes → one (count, mean, M2, M3, M4) about the common mean."""
-    n_l, mean_l, m2_l, m3_l, m4_l = acc
-    n = tl.sum(n_l)
-    mean = tl.sum(n_l * mean_l) / tl.maximum(n, 1.0)
-    s2, s3, s4 = shift_moments4(n_l, mean_l, m2_l, m3_l, m4_l, mean)
-    return n, mean, tl.sum(s2), tl.sum(s3), tl.sum(s4)
+def shift_moments(n, mean, m2, mu):
+    """M2 of one (count, mean, M2) summary re-centred on mu: M2 + nδ²."""
+    d = tl.where(n > 0.0, mean - mu, 0.0)
+    return m2 + n * d * d
 
 
 # ----------------------------------------------------------------------------- shifted exponential sums
@@ -159,18 +163,10 @@ def expsum_add(acc, z, m):
 
 
 @triton.jit
-def _rescale(zmax, mx):
-    """e^{zmax − mx}, 0 for an empty summary (zmax = −inf)."""
+def expsum_scale(zmax, mx):
+    """e^{zmax − mx}: the factor that re-bases a summary on a larger max mx; 0 for an empty
+    summary (zmax = −inf)."""
     return tl.where(zmax == -INF, 0.0, tl.exp(zmax - tl.where(zmax == -INF, 0.0, mx)))
-
-
-@triton.jit
-def expsum_reduce(acc):
-    """Lanes → one (max z, Σe^{z−max}, Σe^{2(z−max)})."""
-    zmax, s1, s2 = acc
-    mx = tl.max(zmax)
-    f = _rescale(zmax, mx)
-    return mx, tl.sum(s1 * f), tl.sum(s2 * (f * f))
 
 
 @triton.jit
@@ -180,13 +176,43 @@ def ess_of(acc):
     return safe_div(s1 * s1, s2)
 
 
+# ----------------------------------------------------------------------------- stacks
+@triton.jit
+def stack8(v):
+    """The 8-tuple v of equal-shape tensors as one tensor [..., 2, 2, 2], element (a, b, c) =
+    v[a + 2b + 4c] (``tl.join`` appends its axis, inside the thread: stacking is free, and one
+    reduction of a stack shares the cross-warp exchanges among its 8 values)."""
+    return tl.join(tl.join(tl.join(v[0], v[1]), tl.join(v[2], v[3])),
+                   tl.join(tl.join(v[4], v[5]), tl.join(v[6], v[7])))
+
+
+@triton.jit
+def unstack8(x):
+    """The 8-tuple of a stack (inverse of ``stack8``)."""
+    lo, hi = tl.split(x)
+    lo0, lo1 = tl.split(lo)
+    hi0, hi1 = tl.split(hi)
+    v0, v1 = tl.split(lo0)
+    v2, v3 = tl.split(lo1)
+    v4, v5 = tl.split(hi0)
+    v6, v7 = tl.split(hi1)
+    return v0, v1, v2, v3, v4, v5, v6, v7
+
+
+@triton.jit
+def stack8_offsets():
+    """Index a + 2b + 4c of each element of a [2, 2, 2] stack (to store it as 8 slots)."""
+    i = tl.arange(0, 2)
+    return i[:, None, None] + 2 * i[None, :, None] + 4 * i[None, None, :]
+
+
 # ----------------------------------------------------------------------------- special functions
 @triton.jit
 def expm1(x):
     """e^x − 1 accurate near 0: Kahan's (u−1)·x/log(u) for |x| < 1/2."""
     u = tl.exp(x)
     um1 = u - 1.0
-    small = tl.where(um1 == 0.0, x, um1 * x / tl.log(tl.where(um1 == 0.0, 2.0, u)))
+    small = tl.where(um1 == 0.0, x, fast_div(um1 * x, tl.log(tl.where(um1 == 0.0, 2.0, u))))
     return tl.where(tl.abs(x) < 0.5, small, um1)
 
 
@@ -205,7 +231,7 @@ def expm1_over(x, g):
     g = 0 gives the limit x and a subnormal g never divides a flushed product."""
     gx = g * x
     small = tl.abs(gx) < 1e-4
-    return tl.where(small, x * (1.0 + 0.5 * gx), expm1(gx) / tl.where(small, 1.0, g))
+    return tl.where(small, x * (1.0 + 0.5 * gx), fast_div(expm1(gx), tl.where(small, 1.0, g)))
 
 
 @triton.jit

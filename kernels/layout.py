@@ -36,24 +36,23 @@ ELEMENT_WIDTH = tl.constexpr(5)
 ROW_STARTS = tl.constexpr(1)
 ROW_ENDS = tl.constexpr(2)
 
-# partial record
-P_MOMENTS = tl.constexpr(0)  # (count, mean, M2, M3, M4) of ℓ over all counted tokens
-P_MOMENTS_POS = tl.constexpr(5)  # (count, mean, M2) of ℓ over A>0
-P_MOMENTS_NEG = tl.constexpr(8)  # (count, mean, M2) of ℓ over A<0
-P_LOSS = tl.constexpr(11)  # Σ m·L
-P_SEQ_LOSS = tl.constexpr(12)  # Σ over complete rows of (Σ_t m·L)/n_b
-P_ROWS = tl.constexpr(13)  # complete rows with n_b > 0
-P_W = tl.constexpr(14)
-P_W_MAX = tl.constexpr(15)
-P_PHI = tl.constexpr(16)
-P_PHI_ABS_MAX = tl.constexpr(17)
-P_ESS = tl.constexpr(18)  # (max z, Σe^{z−max}, Σe^{2(z−max)}), z = γ_t·ℓ: all, A>0, A<0 at +0, +3, +6
-P_GAMMA = tl.constexpr(27)  # Σγ_t, min γ_t, max γ_t
-P_EXTRAS = tl.constexpr(30)  # + k, k = 0..4: the family's extra per-token terms
-P_NONFINITE = tl.constexpr(35)
-P_KL = tl.constexpr(36)  # Σ m·k of the KL term
-P_SEQ_KL = tl.constexpr(37)  # Σ over complete rows of (Σ_t m·k)/n_b
-PARTIAL_WIDTH = tl.constexpr(38)
+# partial record: five stacks of 8 slots (``finalize.merge_record``); moments, maxima and
+# exponential sums as (count, mean, M2..) / max / Σ about the program's own mean and max
+P_COUNTS = tl.constexpr(0)  # (count, mean) of ℓ: all +0, A>0 +2, A<0 +4
+P_SEQ_LOSS = tl.constexpr(6)  # Σ over complete rows of (Σ_t m·L)/n_b
+P_SEQ_KL = tl.constexpr(7)  # Σ over complete rows of (Σ_t m·k)/n_b
+P_MAXIMA = tl.constexpr(8)  # max w, max |φ|, max γ_t, −min γ_t, max z of ESS all / A>0 / A<0, unused
+P_CENTRAL = tl.constexpr(16)  # M2, M3, M4 of all, M2 of A>0, M2 of A<0
+P_ESS = tl.constexpr(21)  # (Σe^{z−max}, Σe^{2(z−max)}), z = γ_t·ℓ: all +0, A>0 +2, A<0 +4
+P_LOSS = tl.constexpr(27)  # Σ m·L
+P_KL = tl.constexpr(28)  # Σ m·k of the KL term
+P_W = tl.constexpr(29)
+P_PHI = tl.constexpr(30)
+P_GAMMA = tl.constexpr(31)  # Σγ_t
+P_EXTRAS = tl.constexpr(32)  # + k, k = 0..4: the family's extra per-token terms
+P_NONFINITE = tl.constexpr(37)
+P_ROWS = tl.constexpr(38)  # complete rows with n_b > 0
+PARTIAL_WIDTH = tl.constexpr(40)
 
 METRIC_SLOTS = (
     "token_count", "ppo_kl", "w_mean", "w_max", "phi_mean", "phi_abs_max", "sigma_sq",

@@ -22,25 +22,13 @@ in order, the last pid finalizes).
 import triton
 import triton.language as tl
 
-from .common import (expsum_add, expsum_init, expsum_reduce, max_nan, min_nan, moments4_add,
-                     moments4_init, moments4_reduce, moments_add, moments_init, moments_reduce,
-                     reduce_max, safe_div)
+from .common import (expsum_add, expsum_init, max_nan, min_nan, moments4_add, moments4_init, moments_add,
+                     moments_init, safe_div)
 from .families import IS_RESHAPE_VAR, KL_NONE, VESPO, family_token, kl_penalty, vespo_sequence_weight
-from .finalize import finalize
+from .finalize import finalize, merge_record, store_record
 from .gamma import GAMMA_GIVEN, family_context, merge_sequence_sums
-from .layout import (E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, P_KL, P_SEQ_KL, P_ESS, P_EXTRAS, P_GAMMA,
-                     P_LOSS, P_MOMENTS, P_MOMENTS_NEG, P_MOMENTS_POS, P_NONFINITE, P_PHI,
-                     P_PHI_ABS_MAX, P_ROWS, P_SEQ_LOSS, P_W, P_W_MAX, PARTIAL_WIDTH, ROW_ENDS,
-                     ROW_STARTS)
-from .rows import load_raw, locate_row, piece_end, row_elements, token_values
-
-
-@triton.jit
-def _store_tuple3(ptr, values):
-    x0, x1, x2 = values
-    tl.store(ptr, x0)
-    tl.store(ptr + 1, x1)
-    tl.store(ptr + 2, x2)
+from .layout import E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, PARTIAL_WIDTH, ROW_ENDS, ROW_STARTS
+from .rows import load_raw, locate_row, piece_end, row_elements, streams, token_values
 
 
 @triton.jit
@@ -111,12 +99,9 @@ def token_loss_kernel(
     (VESPO: r is in W, not per token); ``kl_coef`` = β. ``params`` is the family's float tuple,
     ``gamma_rule`` the γ rule (``gamma.py``); global_* < 0 means "not given" (or device
     tensors, see ``finalize``)."""
-    lp = (lp_ptr, s_lp_r, s_lp_t)
-    olp = (olp_ptr, s_olp_r, s_olp_t)
-    adv = (adv_ptr, s_adv_r, s_adv_t)
-    mask = (mask_ptr, s_mask_r, s_mask_t)
-    rollout = (rollout_ptr, s_rollout_r, s_rollout_t)
-    ref = (ref_ptr, s_ref_r, s_ref_t)
+    lp, olp, adv, mask, rollout, ref = streams(lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr,
+                                               s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r,
+                                               s_mask_t, s_rollout_r, s_rollout_t, s_ref_r, s_ref_t)
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_T)
     like = tl.zeros([BLOCK_T], ACC)
@@ -249,34 +234,16 @@ def token_loss_kernel(
             _store_element(element_ptr + tl.cast(2 * c + 1, tl.int64) * ELEMENT_WIDTH, t_n, t_loss, t_kl, t_row,
                            t_flags)
 
-    # the program's partial record
-    out = partial_ptr + pid.to(tl.int64) * PARTIAL_WIDTH
-    n, mean, m2, m3, m4 = moments4_reduce(moments)
-    _store_tuple3(out + P_MOMENTS, (n, mean, m2))
-    tl.store(out + P_MOMENTS + 3, m3)
-    tl.store(out + P_MOMENTS + 4, m4)
-    _store_tuple3(out + P_MOMENTS_POS, moments_reduce(pos))
-    _store_tuple3(out + P_MOMENTS_NEG, moments_reduce(neg))
-    tl.store(out + P_LOSS, tl.sum(loss_acc))
-    tl.store(out + P_SEQ_LOSS, seq_loss)
-    tl.store(out + P_KL, tl.sum(kl_acc))
-    tl.store(out + P_SEQ_KL, seq_kl)
-    tl.store(out + P_ROWS, seq_rows)
-    tl.store(out + P_W, tl.sum(w_sum))
-    tl.store(out + P_W_MAX, reduce_max(w_max))
-    tl.store(out + P_PHI, tl.sum(phi_sum))
-    tl.store(out + P_PHI_ABS_MAX, reduce_max(phi_max))
-    _store_tuple3(out + P_ESS, expsum_reduce(ess_all))
-    _store_tuple3(out + P_ESS + 3, expsum_reduce(ess_pos))
-    _store_tuple3(out + P_ESS + 6, expsum_reduce(ess_neg))
-    _store_tuple3(out + P_GAMMA, (tl.sum(g_sum), -reduce_max(-g_min), reduce_max(g_max)))
+    # the program's partial record (slot order of layout.P_*; its scalars on lane 0)
+    n, mean, m2, m3, m4 = moments
+    first = lanes == 0
     e0, e1, e2, e3, e4 = extras
-    tl.store(out + P_EXTRAS, tl.sum(e0))
-    tl.store(out + P_EXTRAS + 1, tl.sum(e1))
-    tl.store(out + P_EXTRAS + 2, tl.sum(e2))
-    tl.store(out + P_EXTRAS + 3, tl.sum(e3))
-    tl.store(out + P_EXTRAS + 4, tl.sum(e4))
-    tl.store(out + P_NONFINITE, tl.sum(nonfinite))
+    record = (n, mean, pos[0], pos[1], neg[0], neg[1], tl.where(first, seq_loss, 0.0), tl.where(first, seq_kl, 0.0),
+              w_max, phi_max, g_max, -g_min, ess_all[0], ess_pos[0], ess_neg[0], like,
+              m2, m3, m4, pos[2], neg[2], ess_all[1], ess_all[2], ess_pos[1],
+              ess_pos[2], ess_neg[1], ess_neg[2], loss_acc, kl_acc, w_sum, phi_sum, g_sum,
+              e0, e1, e2, e3, e4, nonfinite, tl.where(first, seq_rows, 0.0), like)
+    store_record(partial_ptr + pid.to(tl.int64) * PARTIAL_WIDTH, merge_record(record))
 
     # completion ticket: the last program to arrive merges every partial
     tl.debug_barrier()
@@ -285,5 +252,6 @@ def token_loss_kernel(
         finalize(partial_ptr, tl.num_programs(0), element_ptr, 2 * n_chunks, row_count_ptr, cu_ptr,
                  loss_ptr, metrics_ptr, grad_scale_ptr, batch_ctx, S, T,
                  dp_size, global_token_count, global_batch_size, loss_scale_factor,
-                 agg_mode, SEQ_AGG, SEQ_GAMMA, PACKED, COUNTS_ON_DEVICE, BLOCK_P, BLOCK_E)
+                 agg_mode, SEQ_AGG, SEQ_GAMMA, PACKED, COUNTS_ON_DEVICE, SIGN_GROUPS, KL_TYPE != KL_NONE,
+                 FAMILY <= IS_RESHAPE_VAR, BLOCK_P, BLOCK_E)
         tl.store(ticket_ptr, 0)

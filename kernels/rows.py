@@ -57,6 +57,16 @@ def row_elements(j, start, end, chunk):
 
 
 @triton.jit
+def streams(lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr,
+            s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r, s_mask_t,
+            s_rollout_r, s_rollout_t, s_ref_r, s_ref_t):
+    """The six token streams of a kernel as (pointer, row stride, token stride) tuples, in
+    ``load_raw``'s order: log_prob, old_log_prob, advantages, mask, rollout IS weights, ref log_prob."""
+    return ((lp_ptr, s_lp_r, s_lp_t), (olp_ptr, s_olp_r, s_olp_t), (adv_ptr, s_adv_r, s_adv_t),
+            (mask_ptr, s_mask_r, s_mask_t), (rollout_ptr, s_rollout_r, s_rollout_t), (ref_ptr, s_ref_r, s_ref_t))
+
+
+@triton.jit
 def _address(stream, s, tok):
     ptr, row_stride, tok_stride = stream
     return ptr + s.to(tl.int64) * row_stride + tok.to(tl.int64) * tok_stride

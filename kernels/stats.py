@@ -12,13 +12,21 @@ import triton.language as tl
 from .common import moments_add, moments_init, moments_reduce
 from .gamma import ess_grid_terms
 from .layout import S_AFIRST, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
-from .rows import load_raw, locate_row, piece_end, token_values
+from .rows import load_raw, locate_row, piece_end, streams, token_values
 
 
 @triton.jit
 def _grid_init(BLOCK: tl.constexpr, G: tl.constexpr, dt: tl.constexpr):
     z = tl.zeros([BLOCK, G], dt)
     return z, z, z, z
+
+
+@triton.jit
+def _lanes_init(BLOCK: tl.constexpr, G: tl.constexpr, dt: tl.constexpr):
+    """Empty lane accumulators: moments of all / A>0 / A<0, Σℓ, ESS grid sums of groups a and b."""
+    like = tl.zeros([BLOCK], dt)
+    return (moments_init(like), moments_init(like), moments_init(like), like,
+            _grid_init(BLOCK, G, dt), _grid_init(BLOCK, G, dt))
 
 
 @triton.jit
@@ -76,22 +84,13 @@ def batch_stats_kernel(
 ):
     """Statistics records of ℓ per piece (ROW_STATS) or per program (see module docstring).
     With rollout IS weights a row's Σℓ (VESPO's log W) also sums log max(r, 1e-8)."""
-    lp = (lp_ptr, s_lp_r, s_lp_t)
-    olp = (olp_ptr, s_olp_r, s_olp_t)
-    adv = (adv_ptr, s_adv_r, s_adv_t)
-    mask = (mask_ptr, s_mask_r, s_mask_t)
-    rollout = (rollout_ptr, s_rollout_r, s_rollout_t)
-    ref = (ref_ptr, s_ref_r, s_ref_t)
+    lp, olp, adv, mask, rollout, ref = streams(lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr,
+                                               s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r,
+                                               s_mask_t, s_rollout_r, s_rollout_t, s_ref_r, s_ref_t)
     rho, fixed_a, fixed_b, a_lo, a_hi, b_lo, b_hi = gamma_rule
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_T)
-    like = tl.zeros([BLOCK_T], ACC)
-    all_ = moments_init(like)
-    pos = moments_init(like)
-    neg = moments_init(like)
-    lsum = like
-    grid_a = _grid_init(BLOCK_T, G, ACC)
-    grid_b = _grid_init(BLOCK_T, G, ACC)
+    all_, pos, neg, lsum, grid_a, grid_b = _lanes_init(BLOCK_T, G, ACC)
     for c in range(pid, n_chunks, tl.num_programs(0)):
         a = c * chunk
         b = tl.minimum(a + chunk, N)
@@ -101,12 +100,7 @@ def batch_stats_kernel(
             e = piece_end(p, end, b)
             origin = 0 if PACKED else start
             if ROW_STATS:  # one record per piece
-                all_ = moments_init(like)
-                pos = moments_init(like)
-                neg = moments_init(like)
-                lsum = like
-                grid_a = _grid_init(BLOCK_T, G, ACC)
-                grid_b = _grid_init(BLOCK_T, G, ACC)
+                all_, pos, neg, lsum, grid_a, grid_b = _lanes_init(BLOCK_T, G, ACC)
                 first = tl.zeros([BLOCK_T], tl.int32) + e
             # advantages are read only for the A>0 / A<0 groups (VESPO reads one per piece)
             raw = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, p + lanes, e,
