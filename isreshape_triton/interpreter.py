@@ -66,9 +66,9 @@ def _hillis_steele_scan(self, input):
     dtypes = [x.dtype for x in input]
     data = [np.moveaxis(x.handle.data, self.axis, 0) for x in input]
     n, step = data[0].shape[0], 1
-    while step < n:
-        merged = _combine(self, [d[:n - step] for d in data], [d[step:] for d in data], dtypes)
-        data = [np.concatenate([d[:step], m]) for d, m in zip(data, merged)]
+    while step < n:  # whole (power-of-two) blocks: the first `step` results are discarded
+        merged = _combine(self, [np.roll(d, step, axis=0) for d in data], data, dtypes)
+        data = [np.concatenate([d[:step], m[step:]]) for d, m in zip(data, merged)]
         step *= 2
     return [self.to_tensor(np.ascontiguousarray(np.moveaxis(d, 0, self.axis)), t) for d, t in zip(data, dtypes)]
 
