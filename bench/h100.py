@@ -174,6 +174,7 @@ def compiled(specs: List[dict], cache_dir: Path = CACHE_DIR, log=sys.stderr) -> 
 
 
 _STRUCTURES: Dict[str, sm.KernelStructure] = {}
+LAST_PROGRAM_KERNELS = ("token_loss_kernel", )  # one completion ticket per program; the last one finalizes
 
 
 def structure(row: dict, tile_pattern: str = sm.TILE_LOOP) -> sm.KernelStructure:
@@ -184,20 +185,35 @@ def structure(row: dict, tile_pattern: str = sm.TILE_LOOP) -> sm.KernelStructure
         fns = sm.parse_sass(row["sass"], row.get("sass_lines"))
         name = row["kernel"].split(":")[-1]
         fn = next((f for f in fns if f.name == name), fns[0])
-        _STRUCTURES[key] = sm.kernel_structure(fn, tile_pattern)
+        _STRUCTURES[key] = sm.kernel_structure(fn, tile_pattern, last_program=name in LAST_PROGRAM_KERNELS)
     return _STRUCTURES[key]
 
 
 # ----------------------------------------------------------------------------- 3. the work of a launch
 
+def _busiest_padded_program(N: int, T: int, chunk: int, n_chunks: int, grid: int, block: int) -> tuple:
+    """(pieces, tiles, tokens) of the program with the most tiles, rows of T tokens (chunk c → program c mod grid)."""
+    per_program = {}
+    for c in range(n_chunks):
+        a, b = c * chunk, min((c + 1) * chunk, N)
+        cuts = [a] + list(range((a // T + 1) * T, b, T)) + [b]
+        tiles = sum(math.ceil((hi - lo) / block) for lo, hi in zip(cuts, cuts[1:]))
+        p = per_program.setdefault(c % grid, [0, 0, 0])
+        p[0], p[1], p[2] = p[0] + len(cuts) - 1, p[1] + tiles, p[2] + b - a
+    return tuple(float(v) for v in max(per_program.values(), key=lambda v: (v[1], v[0])))
+
+
 def launch_work(launch, kernel: sm.KernelStructure) -> Optional[sm.Work]:
     """Tile iterations of the busiest program of a launch: the one place that knows how the
     kernels split tokens into work items (adjust it when that changes).
 
-    * chunked kernels (arguments ``chunk`` and ``n_chunks``): a program owns
-      ceil(n_chunks / grid) chunks of ``chunk`` tokens; a chunk is cut at row boundaries into
-      pieces (1 + chunk / mean row length of them, at most one per token); each piece runs
-      ceil(length / BLOCK_T) tiles, so a chunk runs about chunk / BLOCK_T + pieces tiles;
+    * chunked kernels (arguments ``chunk`` and ``n_chunks``): program p owns chunks p, p + grid, …
+      of ``chunk`` tokens; a chunk is cut at row boundaries into pieces, each running
+      ceil(length / BLOCK_T) tiles. Padded rows (``T`` > 0): counted exactly for the busiest
+      program; packed rows (lengths unknown here): 1 + chunk / mean row length pieces and
+      chunk / BLOCK_T + pieces − 1 tiles per chunk. A piece's loads run one tile ahead (its
+      prologue loads the first tile, the last iteration's loads are predicated off) and its last
+      tile is partial, so the token loads and stores move the chunk's tokens (``Work.moved``);
     * row-owned kernels (arguments ``R`` and ``T``): a program owns ceil(R / grid) rows of
       ceil(T / BLOCK_T) tiles;
     * kernels without a ``BLOCK_T`` constexpr or a tile loop have no token work (None).
@@ -210,11 +226,21 @@ def launch_work(launch, kernel: sm.KernelStructure) -> Optional[sm.Work]:
     if "chunk" in args and "n_chunks" in args:
         chunk, n_chunks = int(args["chunk"]), int(args["n_chunks"])
         N = int(args.get("N", chunk * n_chunks))
-        rows = max(1, int(args.get("S", 0)) or (N // max(1, int(args.get("T", N)))))
-        mean_len = max(1.0, N / rows)
-        pieces = min(float(chunk), 1.0 + chunk / mean_len) if kernel.levels >= 3 else 1.0
-        tiles = math.ceil(chunk / block) + (pieces - 1.0)
-        return sm.Work(math.ceil(n_chunks / grid), pieces, tiles)
+        T = int(args.get("T", 0))
+        items = math.ceil(n_chunks / grid)
+        if kernel.levels < 3:  # no piece loop: a chunk is one run of tiles
+            pieces, tiles, tokens = 1.0, float(math.ceil(chunk / block)), float(chunk)
+        elif T > 0:
+            pieces, tiles, tokens = _busiest_padded_program(N, T, chunk, n_chunks, grid, block)
+            pieces, tiles, tokens = pieces / items, tiles / items, tokens / items
+        else:
+            mean_len = max(1.0, N / max(1, int(args.get("S", 1))))
+            pieces = min(float(chunk), 1.0 + chunk / mean_len)
+            tiles, tokens = math.ceil(chunk / block) + (pieces - 1.0), float(chunk)
+        piece = kernel.piece or sm.RegionStats()
+        issued = tiles * kernel.tile.bytes + pieces * piece.bytes
+        moved = tokens / block * kernel.tile.bytes + pieces * max(0, piece.bytes - kernel.tile.load_bytes)
+        return sm.Work(items, pieces, tiles, min(1.0, moved / issued) if issued else 1.0)
     if "R" in args and "T" in args:
         R, T = int(args["R"]), int(args["T"])
         return sm.Work(math.ceil(R / grid), 1.0, float(math.ceil(T / block)))

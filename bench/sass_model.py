@@ -17,7 +17,9 @@ cubin for source lines. Parsing:
     earlier load's result in the same iteration (e.g. loads predicated on a loaded mask value);
   - ``mem_waits``: memory round trips a warp sits through in one iteration with in-order issue:
     walking the body in address order, the first instruction that reads the result of a load
-    still in flight waits for it, and every load then in flight is taken to arrive with it.
+    still in flight waits for it, and every load then in flight is taken to arrive with it;
+    ``wait_gaps`` holds, per wait, the instructions its warp issued since that load (a load issued
+    early, e.g. a tile ahead, has less of its round trip left to wait).
 
 The *tile loop* of a kernel is the innermost loop whose back edge is on a source line that
 matches ``tile_pattern`` (default :data:`TILE_LOOP`, ``BLOCK_T``: the loss kernels' token loops;
@@ -414,6 +416,7 @@ class RegionStats:
     load_widths: List[int] = field(default_factory=list)
     load_chain: int = 0
     mem_waits: int = 0
+    wait_gaps: List[int] = field(default_factory=list)  # per wait: instructions since its load issued
 
     @property
     def bytes(self) -> int:
@@ -429,11 +432,12 @@ def region_stats(instrs: List[Instr]) -> RegionStats:
     """Counts and latency chains of a list of instructions executed once in address order."""
     st = RegionStats()
     depth: Dict[str, int] = {}  # register -> length of the load chain that produced it
-    in_flight: set = set()  # registers written by global loads not yet read
+    in_flight: Dict[str, int] = {}  # registers written by global loads not yet read -> issue index
     for ins in sorted(instrs, key=lambda i: i.addr):
         base = ins.base
         if base == "NOP":
             continue
+        here = st.instructions
         st.instructions += 1
         st.bar += ins.is_bar()
         st.shfl += base == "SHFL"
@@ -442,8 +446,10 @@ def region_stats(instrs: List[Instr]) -> RegionStats:
         st.membar += base in ("MEMBAR", "FENCE")
         st.atomics += base in ATOMICS
         dests, srcs = _dests_sources(ins)
-        if any(r in in_flight for r in srcs):
+        waited = [in_flight[r] for r in srcs if r in in_flight]
+        if waited:
             st.mem_waits += 1
+            st.wait_gaps.append(here - max(waited))
             in_flight.clear()
         src_depth = max((depth.get(r, 0) for r in srcs), default=0)
         if base in GLOBAL_LOADS:
@@ -452,7 +458,7 @@ def region_stats(instrs: List[Instr]) -> RegionStats:
             st.load_widths.append(ins.access_bytes())
             d = 1 + src_depth
             st.load_chain = max(st.load_chain, d)
-            in_flight.update(dests)
+            in_flight.update(dict.fromkeys(dests, here))
         elif base in GLOBAL_STORES:
             st.global_stores += 1
             st.store_bytes += ins.access_bytes()
@@ -460,11 +466,11 @@ def region_stats(instrs: List[Instr]) -> RegionStats:
         elif base in ATOMICS and dests:  # an atomic that returns a value is a round trip too
             d = 1 + src_depth
             st.load_chain = max(st.load_chain, d)
-            in_flight.update(dests)
+            in_flight.update(dict.fromkeys(dests, here))
         else:
             d = src_depth
             for r in dests:
-                in_flight.discard(r)
+                in_flight.pop(r, None)
         for r in dests:
             depth[r] = max(d, depth.get(r, 0)) if not ins.unconditional() else d
     return st
@@ -494,6 +500,7 @@ class KernelStructure:
     once: RegionStats
     tile_source: Optional[str] = None
     levels: int = 0  # loops from the tile loop out (1: the tile loop alone; 2: + the item loop; 3+: pieces)
+    last: Optional[RegionStats] = None  # after the completion ticket: run by the last program alone
 
     def innermost(self) -> List[LoopReport]:
         return [lp for lp in self.loops if lp.innermost]
@@ -506,9 +513,19 @@ def _is_tile_loop(fn: Function, lp: Loop, tile_pattern: str) -> bool:
     return bool(lp.source) and re.search(tile_pattern, fn.source_text.get(lp.source, "")) is not None
 
 
-def kernel_structure(fn: Function, tile_pattern: str = TILE_LOOP) -> KernelStructure:
+def _split_at_ticket(once: List[Instr]) -> tuple:
+    """(every program's part, the last program's part) of the once region: the code after the first
+    atomic that returns a value (the completion ticket) runs in the program that drew the last ticket."""
+    ticket = min((i.addr for i in once if i.base in ATOMICS and _dests_sources(i)[0]), default=None)
+    if ticket is None:
+        return once, None
+    return [i for i in once if i.addr <= ticket], region_stats([i for i in once if i.addr > ticket])
+
+
+def kernel_structure(fn: Function, tile_pattern: str = TILE_LOOP, last_program: bool = False) -> KernelStructure:
     """Split ``fn`` into regions; the tile loop is the innermost loop whose back-edge source line
-    matches the regular expression ``tile_pattern``."""
+    matches the regular expression ``tile_pattern``. ``last_program``: the kernel ends with a
+    completion ticket (one atomic per program) whose last holder alone runs the rest."""
     reports = []
     for lp in fn.loops:
         reports.append(LoopReport(lp.source, fn.source_text.get(lp.source or "", ""), lp.depth, lp.innermost,
@@ -520,7 +537,8 @@ def kernel_structure(fn: Function, tile_pattern: str = TILE_LOOP) -> KernelStruc
         tiles = [best] if region_stats(fn.loop_instrs(best)).bytes > 0 else []
     everything = fn.reachable_instrs()
     if not tiles:
-        return KernelStructure(fn.name, reports, None, None, None, region_stats(everything))
+        once, last = _split_at_ticket(everything) if last_program else (everything, None)
+        return KernelStructure(fn.name, reports, None, None, None, region_stats(once), last=last)
     # several tile loops (alternative paths): cost the heaviest one
     tile = max(tiles, key=lambda lp: region_stats(fn.loop_instrs(lp)).instructions)
     chain = [tile]
@@ -535,10 +553,11 @@ def kernel_structure(fn: Function, tile_pattern: str = TILE_LOOP) -> KernelStruc
         return [i for b in sorted(blocks) for i in fn.blocks[b].instrs]
 
     once = [i for b in fn.blocks if b.index not in in_loops for i in b.instrs]
+    once, last = _split_at_ticket(once) if last_program else (once, None)
     return KernelStructure(fn.name, reports, region_stats(instrs_of(tile_blocks)),
                            region_stats(instrs_of(piece_blocks)) if piece_blocks else RegionStats(),
                            region_stats(instrs_of(outer_blocks)) if outer_blocks else RegionStats(),
-                           region_stats(once), tile.source, len(chain))
+                           region_stats(once), tile.source, len(chain), last)
 
 
 def bars_in_innermost_loops(fn: Function) -> List[tuple]:
@@ -620,14 +639,18 @@ def assumptions_text(m: H100Model = H100) -> str:
         f"- in-order issue: {m.schedulers_per_sm} schedulers per SM, one instruction per cycle each; one warp alone "
         f"issues one instruction every {m.warp_cpi:g} cycles (dependent ALU latency); MUFU {m.mufu_lanes_per_sm}, "
         f"SHFL {m.shfl_lanes_per_sm}, FP64 {m.fp64_lanes_per_sm} lanes per cycle per SM;",
+        "- the code after a completion ticket (the loss kernel's finalize) runs once per launch, in the last "
+        "program alone, after the others (one CTA on its SM, partials read from L2);",
         "- every instruction of a loop body issues once per iteration (both sides of an if: an upper bound); "
         "loops other than the tile loop and its parents run once; the chunked kernels' piece loop runs once "
         "per row boundary in a chunk;",
         "- memory: per iteration a CTA waits mem_waits round trips (in-order issue: the first use of a load in "
-        "flight waits for it, and the loads then in flight arrive with it); per-SM bandwidth = min(bytes in "
+        "flight waits for it, less the cycles its warp issued since the load, and the loads then in flight "
+        "arrive with it); per-SM bandwidth = min(bytes in "
         "flight / latency "
         f"(Little's law, from the iteration time), {m.sm_max_bytes_per_cycle:g} B/cycle L2→SM, achievable HBM / "
-        "active SMs);",
+        "active SMs); predicated-off accesses move nothing, so a chunked kernel's tile and piece regions are "
+        "charged their chunk's token bytes (a piece's loads run one tile ahead; its last tile is partial);",
         "- per SM: CTAs resident = min(CTAs/SM from registers and threads, CTAs assigned); a region's time = "
         "max(one CTA's latency path, issue of all resident CTAs, pipe limits, bytes / per-SM bandwidth); "
         "the slowest SM (ceil(grid / 132) CTAs, each with ceil(work items / grid) items) sets the launch time;",
@@ -650,6 +673,7 @@ class Work:
     items_per_program: int  # work items (rows, chunks) of the busiest program
     pieces_per_item: float  # executions of the tile loop's parent body per item (1 without a piece loop)
     tiles_per_item: float  # tile-loop iterations per item
+    moved: float = 1.0  # share of the loop nest's issued token bytes that move (predicated-off loads move none)
 
 
 @dataclass
@@ -666,15 +690,18 @@ class LaunchCost:
 
 
 def _region_cycles(st: RegionStats, m: H100Model, warps: int, resident: int, latency: int,
-                   bw_per_cycle: float) -> tuple:
-    """(cycles, bound, every term) of one execution of a region by ``resident`` co-resident CTAs."""
+                   bw_per_cycle: float, moved: float = 1.0) -> tuple:
+    """(cycles, bound, every term) of one execution of a region by ``resident`` co-resident CTAs;
+    ``moved``: the share of its access bytes that move data."""
     threads = 32 * warps
-    lat = (st.mem_waits * latency + st.bar * m.bar_round_trip_cycles
-           + st.instructions * max(m.warp_cpi, warps / m.schedulers_per_sm))
+    cpi = max(m.warp_cpi, warps / m.schedulers_per_sm)
+    gaps = st.wait_gaps + [0] * (st.mem_waits - len(st.wait_gaps))
+    waits = sum(max(0.0, latency - gap * cpi) for gap in gaps)  # what is left of each round trip
+    lat = waits + st.bar * m.bar_round_trip_cycles + st.instructions * cpi
     issue = resident * warps * st.instructions / m.schedulers_per_sm
     pipes = resident * threads * max(st.mufu / m.mufu_lanes_per_sm, st.shfl / m.shfl_lanes_per_sm,
                                      st.fp64 / m.fp64_lanes_per_sm)
-    mem = resident * threads * st.bytes / bw_per_cycle
+    mem = resident * threads * st.bytes * moved / bw_per_cycle
     terms = {"latency": lat, "issue": issue, "pipes": pipes, "memory": mem}
     bound = max(terms, key=terms.get)
     return terms[bound], bound, terms
@@ -690,20 +717,27 @@ def launch_time(kernel: KernelStructure, registers: int, num_warps: int, shared_
     waves = math.ceil(per_sm / resident)
     active = min(grid, m.sms)
     bw = min(m.sm_max_bytes_per_cycle, m.achievable_bytes_per_s / active / m.clock_hz)  # bytes/cycle per SM
-    regions = [("once", kernel.once, 1, m.l2_latency_cycles)]
+    regions = [("once", kernel.once, 1, m.l2_latency_cycles, 1.0)]
     if kernel.tile is not None:
         work = work or Work(1, 1.0, 1.0)  # unknown work: one pass through the loop nest
         pieces = work.items_per_program * work.pieces_per_item
-        regions += [("item", kernel.item, work.items_per_program, m.l2_latency_cycles),
-                    ("piece", kernel.piece, pieces, m.l2_latency_cycles),
-                    ("tile", kernel.tile, work.items_per_program * work.tiles_per_item, m.dram_latency_cycles)]
+        regions += [("item", kernel.item, work.items_per_program, m.l2_latency_cycles, 1.0),
+                    ("piece", kernel.piece, pieces, m.l2_latency_cycles, work.moved),
+                    ("tile", kernel.tile, work.items_per_program * work.tiles_per_item, m.dram_latency_cycles,
+                     work.moved)]
     wave_cycles, detail, bounds = 0.0, {}, {}
-    for name, st, count, latency in regions:
-        c, bound, terms = _region_cycles(st, m, num_warps, resident, latency, bw)
+    for name, st, count, latency, moved in regions:
+        c, bound, terms = _region_cycles(st, m, num_warps, resident, latency, bw, moved)
         wave_cycles += count * c
         bounds[name] = (count * c, bound)
         detail[name] = {"executions": count, "cycles_each": c, "bound": bound, **terms}
+    total = waves * wave_cycles
+    if kernel.last is not None:  # one CTA, after every other program, reading their partials from L2
+        c, bound, terms = _region_cycles(kernel.last, m, num_warps, 1, m.l2_latency_cycles, m.sm_max_bytes_per_cycle)
+        total += c
+        bounds["last"] = (c, bound)
+        detail["last"] = {"executions": 1, "cycles_each": c, "bound": bound, **terms}
     main = max(bounds, key=lambda k: bounds[k][0])
     detail.update(ctas_per_sm=occ, resident=resident, waves=waves, active_sms=active, sm_bytes_per_cycle=bw)
-    return LaunchCost(kernel.name, grid, occ, resident, waves, waves * wave_cycles / m.clock_hz + m.launch_s,
+    return LaunchCost(kernel.name, grid, occ, resident, waves, total / m.clock_hz + m.launch_s,
                       f"{main}:{bounds[main][1]}", detail)

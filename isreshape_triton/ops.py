@@ -172,6 +172,15 @@ def _streams(x: Inputs) -> dict:
     return out
 
 
+def _unit_token_stride(x: Inputs) -> bool:
+    """Every token stream given has token stride 1 (the kernels then add token indices to row
+    addresses instead of multiplying them by a stride); [S] per-sequence advantages do not."""
+    streams = _streams(x)
+    return all(streams[f"s_{name}_t"] == 1 for name, t in (
+        ("lp", x.log_prob), ("olp", x.old_log_prob), ("adv", x.advantages), ("mask", x.response_mask),
+        ("rollout", x.rollout), ("ref", x.ref_log_prob)) if t is not None)
+
+
 def geometry(x: Inputs, tiling: Tiling = None) -> dict:
     """N, T, S, the chunk size, the number of chunks and the grid for these inputs."""
     tiling = tiling or TILING
@@ -222,7 +231,8 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
 
     tokens = dict(**_streams(x), cu_ptr=cu, N=N, T=geo["T"], S=S, chunk=geo["chunk"], n_chunks=n_chunks,
                   clamp=float(clamp), gamma_rule=fam.gamma_rule.as_tuple())
-    flags = dict(ACC=_tl_dtype(x.log_prob.dtype), HAS_ADV=x.advantages is not None,
+    flags = dict(ACC=_tl_dtype(x.log_prob.dtype), UNIT_STRIDE=_unit_token_stride(x),
+                 HAS_ADV=x.advantages is not None,
                  HAS_MASK=x.response_mask is not None, HAS_ROLLOUT=x.rollout is not None,
                  PACKED=x.packed, KS=KS, G=G)
     steps = []

@@ -209,10 +209,21 @@ def stack8_offsets():
 # ----------------------------------------------------------------------------- special functions
 @triton.jit
 def expm1(x):
-    """e^x − 1 accurate near 0: Kahan's (u−1)·x/log(u) for |x| < 1/2."""
+    """e^x − 1 accurate near 0. For |x| < 1/2: in fp32 the degree-8 Taylor polynomial
+    x·(1 + x/2·(1 + x/3·(… (1 + x/8)))) (the next term is < 9e-9 relative: below half an
+    ulp; 8 FMAs instead of a log and a division), in fp64 Kahan's (u−1)·x/log(u)."""
     u = tl.exp(x)
     um1 = u - 1.0
-    small = tl.where(um1 == 0.0, x, fast_div(um1 * x, tl.log(tl.where(um1 == 0.0, 2.0, u))))
+    if x.dtype == tl.float32:
+        p = 1.0 / 40320.0 * x + 1.0 / 5040.0
+        p = p * x + 1.0 / 720.0
+        p = p * x + 1.0 / 120.0
+        p = p * x + 1.0 / 24.0
+        p = p * x + 1.0 / 6.0
+        p = p * x + 0.5
+        small = x + (x * x) * p
+    else:
+        small = tl.where(um1 == 0.0, x, um1 * x / tl.log(tl.where(um1 == 0.0, 2.0, u)))
     return tl.where(tl.abs(x) < 0.5, small, um1)
 
 
@@ -238,11 +249,20 @@ def expm1_over(x, g):
 def tanh(y):
     """tanh via expm1 of −2|y| (accurate near 0, no overflow)."""
     e = expm1(-2.0 * tl.abs(y))
-    t = -e / (2.0 + e)
+    t = fast_div(-e, 2.0 + e)
     return tl.where(y < 0.0, -t, t)
 
 
 @triton.jit
+def sigmoid(x):
+    """σ(x) = 1/(1 + e^{−x}) through ``fast_div`` (``tl.sigmoid`` divides in IEEE fp32: a
+    ~17-instruction sequence); 0 as x → −∞, NaN for NaN."""
+    return fast_div(tl.full(x.shape, 1.0, x.dtype), 1.0 + tl.exp(-x))
+
+
+@triton.jit
 def sech2_half(x):
-    """sech²(x/2) = 4·σ(x)·σ(−x)."""
-    return 4.0 * tl.sigmoid(x) * tl.sigmoid(-x)
+    """sech²(x/2) = 4·σ(x)·σ(−x) = 4e/(1 + e)² with e = e^{−|x|} (one exponential, no overflow)."""
+    e = tl.exp(-tl.abs(x))
+    r = fast_div(tl.full(x.shape, 1.0, x.dtype), 1.0 + e)
+    return 4.0 * e * (r * r)

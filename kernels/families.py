@@ -17,7 +17,7 @@ function here, one reference function and one table row.
 import triton
 import triton.language as tl
 
-from .common import clamp_nan, expm1, expm1_over, log1p, max_nan, sech2_half, tanh
+from .common import clamp_nan, expm1, expm1_over, fast_div, log1p, max_nan, sech2_half, sigmoid, tanh
 
 IS_RESHAPE = tl.constexpr(0)
 IS_RESHAPE_SIGN = tl.constexpr(1)
@@ -43,7 +43,7 @@ def _no_extras(ell):
 @triton.jit
 def _mm_weight_and_integral(w, tau):
     """b = (1+τ)w/(τ+w) and ∫₁^w b(u)/u du = (1+τ)·ln((τ+w)/(τ+1))."""
-    return (1.0 + tau) * w / (tau + w), (1.0 + tau) * log1p((w - 1.0) / (tau + 1.0))
+    return (1.0 + tau) * fast_div(w, tau + w), (1.0 + tau) * log1p((w - 1.0) * (1.0 / (tau + 1.0)))
 
 
 @triton.jit
@@ -76,7 +76,7 @@ def is_reshape_sign_token(ell, w, A, ctx, params, OPT: tl.constexpr):
         b_neg = w_neg
         f_neg = expm1_over(ell, g_neg)
     elif OPT % 4 == SAT_SOFT:
-        beta = tl.sigmoid(-lam * (w - w_th))
+        beta = sigmoid(-lam * (w - w_th))
         b_neg = beta * w_neg + (1.0 - beta) * w
         f_neg = b_neg * ell
     elif OPT % 4 == SAT_TRUNCATE:
@@ -99,7 +99,7 @@ def is_reshape_tr_token(ell, w, A, ctx, params, OPT: tl.constexpr):
     φ = [(1−γ_t) + γ_t·w·sech²(τ_h(w−1)/2)]·A, F = A·[(1−γ_t)ℓ + γ_t·(2/τ_h)·tanh(τ_h(w−1)/2)]
     with w − 1 = expm1(ℓ) (accurate near ℓ = 0)."""
     tau_h, tau_c, gamma_base, gamma_max = params
-    g = gamma_base + (gamma_max - gamma_base) * tl.sigmoid(-A * ell / tau_c)
+    g = gamma_base + (gamma_max - gamma_base) * sigmoid(-A * ell * (1.0 / tau_c))
     x = tau_h * expm1(ell)
     phi = A * ((1.0 - g) + g * w * sech2_half(x))
     F = A * ((1.0 - g) * ell + g * (2.0 / tau_h) * tanh(0.5 * x))
@@ -113,10 +113,10 @@ def is_reshape_var_token(ell, w, A, ctx, params, OPT: tl.constexpr):
     Extras: the case probabilities p1..p4 and γ_base."""
     (temperature,) = params
     gamma_base, _ = ctx
-    p_hi = tl.sigmoid(temperature * ell)
-    p_lo = tl.sigmoid(-temperature * ell)
-    p_pos = tl.sigmoid(temperature * A)
-    p_neg = tl.sigmoid(-temperature * A)
+    p_hi = sigmoid(temperature * ell)
+    p_lo = sigmoid(-temperature * ell)
+    p_pos = sigmoid(temperature * A)
+    p_neg = sigmoid(-temperature * A)
     q1 = p_hi * p_pos
     q2 = p_hi * p_neg
     q3 = p_lo * p_pos
@@ -155,7 +155,7 @@ def sapo_token(ell, w, A, ctx, params, OPT: tl.constexpr):
     tau_pos, tau_neg = params
     tau = tl.where(A > 0.0, tau_pos, tau_neg)
     x = tau * expm1(ell)
-    return A * w * sech2_half(x), A * (4.0 / tau) * tl.sigmoid(x), 1.0 + tl.zeros_like(ell), _no_extras(ell)
+    return A * w * sech2_half(x), A * (4.0 / tau) * sigmoid(x), 1.0 + tl.zeros_like(ell), _no_extras(ell)
 
 
 @triton.jit
@@ -169,12 +169,14 @@ def vespo_token(ell, w, A, ctx, params, OPT: tl.constexpr):
 @triton.jit
 def vespo_sequence_weight(log_w_sum, a_first, clamp, params):
     """φ(W) = W^k·exp(λ(1−W)), log W = clamp(Σ m·ℓ, ±clamp); (k, λ) = (k_pos, λ_pos) if the
-    row's first counted advantage is ≥ 0 else (k_neg, λ_neg)."""
+    row's first counted advantage is ≥ 0 else (k_neg, λ_neg); NaN if that advantage is not
+    finite (its sign is unknown: SPEC §11)."""
     k_pos, lambda_pos, k_neg, lambda_neg = params
     log_w = clamp_nan(log_w_sum, -clamp, clamp)
     k = tl.where(a_first >= 0.0, k_pos, k_neg)
     lam = tl.where(a_first >= 0.0, lambda_pos, lambda_neg)
-    return tl.exp(k * log_w + lam * (1.0 - tl.exp(log_w)))
+    phi = tl.exp(k * log_w + lam * (1.0 - tl.exp(log_w)))
+    return tl.where(tl.abs(a_first) < float("inf"), phi, float("nan"))
 
 
 KL_NONE = tl.constexpr(0)

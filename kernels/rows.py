@@ -59,11 +59,18 @@ def row_elements(j, start, end, chunk):
 @triton.jit
 def streams(lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr,
             s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r, s_mask_t,
-            s_rollout_r, s_rollout_t, s_ref_r, s_ref_t):
+            s_rollout_r, s_rollout_t, s_ref_r, s_ref_t, UNIT_STRIDE: tl.constexpr):
     """The six token streams of a kernel as (pointer, row stride, token stride) tuples, in
-    ``load_raw``'s order: log_prob, old_log_prob, advantages, mask, rollout IS weights, ref log_prob."""
-    return ((lp_ptr, s_lp_r, s_lp_t), (olp_ptr, s_olp_r, s_olp_t), (adv_ptr, s_adv_r, s_adv_t),
-            (mask_ptr, s_mask_r, s_mask_t), (rollout_ptr, s_rollout_r, s_rollout_t), (ref_ptr, s_ref_r, s_ref_t))
+    ``load_raw``'s order: log_prob, old_log_prob, advantages, mask, rollout IS weights, ref log_prob.
+    UNIT_STRIDE: every stream read has token stride 1, a constant here, so a token's address is
+    its row's plus the token index (no 64-bit multiply per element)."""
+    if UNIT_STRIDE:
+        return ((lp_ptr, s_lp_r, 1), (olp_ptr, s_olp_r, 1), (adv_ptr, s_adv_r, 1), (mask_ptr, s_mask_r, 1),
+                (rollout_ptr, s_rollout_r, 1), (ref_ptr, s_ref_r, 1))
+    else:
+        return ((lp_ptr, s_lp_r, s_lp_t), (olp_ptr, s_olp_r, s_olp_t), (adv_ptr, s_adv_r, s_adv_t),
+                (mask_ptr, s_mask_r, s_mask_t), (rollout_ptr, s_rollout_r, s_rollout_t),
+                (ref_ptr, s_ref_r, s_ref_t))
 
 
 @triton.jit
@@ -131,3 +138,4 @@ def token_values(raw, offs, piece_stop, start, end, clamp,
         bad = bad | (m & (x != x))
         x = tl.where(m, x, 0.0)
     return ell, a, m, bad, r, x
+

@@ -78,7 +78,7 @@ def batch_stats_kernel(
     s_rollout_r, s_rollout_t, s_ref_r, s_ref_t,
     clamp, gamma_rule,
     ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
-    HAS_REF: tl.constexpr, PACKED: tl.constexpr,
+    HAS_REF: tl.constexpr, PACKED: tl.constexpr, UNIT_STRIDE: tl.constexpr,
     SIGN_GROUPS: tl.constexpr, ESS_EXACT: tl.constexpr, G: tl.constexpr, KS: tl.constexpr,
     ROW_STATS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -86,7 +86,7 @@ def batch_stats_kernel(
     With rollout IS weights a row's Σℓ (VESPO's log W) also sums log max(r, 1e-8)."""
     lp, olp, adv, mask, rollout, ref = streams(lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr,
                                                s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r,
-                                               s_mask_t, s_rollout_r, s_rollout_t, s_ref_r, s_ref_t)
+                                               s_mask_t, s_rollout_r, s_rollout_t, s_ref_r, s_ref_t, UNIT_STRIDE)
     rho, fixed_a, fixed_b, a_lo, a_hi, b_lo, b_hi = gamma_rule
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_T)

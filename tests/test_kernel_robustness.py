@@ -151,6 +151,19 @@ def test_nonfinite_advantage_at_counted_token(loss_type):
     assert torch.isfinite(metrics["sigma_sq"]) and torch.isfinite(grad[1:][mask[1:]]).all()
 
 
+@pytest.mark.parametrize("value", [NAN, -INF])
+def test_vespo_nonfinite_first_advantage_taints_its_row(value):
+    """VESPO's (k, λ) follow the sign of the row's first counted advantage: a non-finite one
+    leaves the sign unknown, so that row's W and gradient are NaN (not silently k_neg, λ_neg);
+    other rows keep their gradient."""
+    lp, olp, adv, mask = _batch(B=3, T=9, seed=3)
+    clean = both(lp, olp, adv, mask, "vespo")
+    adv[1, 0] = value  # mask[:, 0] is True: row 1's first counted token
+    loss, metrics, grad = both(lp, olp, adv, mask, "vespo")
+    assert loss.isnan() and grad[1][mask[1]].isnan().all()
+    assert torch.equal(grad[[0, 2]], clean[2][[0, 2]])
+
+
 def test_nonfinite_masked_positions_stay_isolated():
     lp, olp, adv, mask = _batch(B=4, T=9, seed=2)
     dirty = [torch.where(mask, t, torch.full_like(t, v)) for t, v in ((lp, NAN), (olp, INF), (adv, -INF))]

@@ -406,6 +406,9 @@ MASK_KINDS = ("bool", "int", "float", "fp8", "none")
 STAT_FREE = ("is_reshape_tr", "ppo_clip", "sapo")
 
 
+SIGN_KEYED = ("is_reshape_sign", "vespo")
+
+
 def _locality(loss_type, opts):
     """'token': a token's φ depends on that token only; 'row': on its row; 'batch'."""
     rule = opts.get("gamma", "ess")
@@ -491,7 +494,8 @@ def test_fuzz_nonfinite_policy(data):
     assert met2["token_count"].item() == counted.sum().item()
     assert all(met2[k].isnan() for k in PHI_METRICS + (ELL_METRICS if in_log_probs else ()))
     assert torch.all(g2[bad].isnan()) and torch.all(g2[~counted] == 0)
-    locality = _locality(loss_type, opts) if in_log_probs else "token"  # a bad A reaches no statistic
+    # a bad A reaches only what A's sign keys: the sign family's groups (it leaves its group), VESPO's row
+    locality = _locality(loss_type, opts) if in_log_probs or loss_type in SIGN_KEYED else "token"
     if locality == "token":
         keep = counted & ~bad
     elif locality == "row":

@@ -114,6 +114,64 @@ def test_parser_dependent_load_chain_and_memory_waits():
     assert st.global_loads == 3 and st.load_widths == [1, 4, 4]
     assert st.load_chain == 2  # the second load is predicated on the first one's value
     assert st.mem_waits == 2  # the ISETP waits for the mask, the FADD for the other two loads
+    assert st.wait_gaps == [1, 1]  # each issued right after its load: almost the whole round trip
+
+
+AHEAD = """
+		Function : ahead_kernel
+        /*0000*/                   MOV R0, RZ ;
+        /*0010*/                   LDG.E R4, desc[UR4][R2.64] ;
+""" + "".join(f"        /*{0x20 + 0x10 * k:04x}*/                   FFMA R6, R6, R7, R8 ;\n" for k in range(300)) + """
+        /*12e0*/                   MOV R5, R4 ;
+        /*12f0*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*1300*/                   ISETP.GE.AND P1, PT, R0, 0x40, PT ;
+        /*1310*/              @!P1 BRA 0x10 ;
+        /*1320*/                   EXIT ;
+"""
+
+
+def test_wait_is_what_is_left_of_the_round_trip():
+    """A load issued 300 instructions before its use (a tile ahead) leaves 800 − 300·2 cycles to wait."""
+    (fn,) = sm.parse_sass(AHEAD)
+    (loop,) = fn.loops
+    st = sm.region_stats(fn.loop_instrs(loop))
+    assert st.mem_waits == 1 and st.wait_gaps == [301]
+    m = sm.H100
+    cycles, _, terms = sm._region_cycles(st, m, 8, 1, m.dram_latency_cycles, 13.0)
+    assert terms["latency"] == pytest.approx(m.dram_latency_cycles - 301 * 2 + st.instructions * 2)
+    late = sm.RegionStats(**{**st.as_dict(), "wait_gaps": [0]})
+    assert sm._region_cycles(late, m, 8, 1, m.dram_latency_cycles, 13.0)[2]["latency"] == pytest.approx(
+        m.dram_latency_cycles + st.instructions * 2)
+
+
+TICKET = """
+		Function : ticket_kernel
+        /*0000*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*0010*/                   FADD R5, R4, R4 ;
+        /*0020*/                   STG.E desc[UR4][R2.64], R5 ;
+        /*0030*/                   ATOMG.E.ADD.STRONG.GPU PT, R6, desc[UR4][R8.64], R10 ;
+        /*0040*/                   ISETP.NE.AND P0, PT, R6, 0xff, PT ;
+        /*0050*/               @P0 EXIT ;
+        /*0060*/                   LDG.E.128 R12, desc[UR4][R2.64] ;
+        /*0070*/                   FADD R16, R12, R13 ;
+        /*0080*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0090*/                   STG.E desc[UR4][R2.64], R16 ;
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_last_program_region_runs_once_per_launch():
+    (fn,) = sm.parse_sass(TICKET)
+    plain = sm.kernel_structure(fn)
+    k = sm.kernel_structure(fn, last_program=True)
+    assert plain.last is None and plain.once.instructions == 11
+    assert k.once.instructions == 4 and k.last.instructions == 7 and k.last.bar == 1 and k.last.load_bytes == 16
+    m = sm.H100
+    grid = 4 * m.sms * sm.ctas_per_sm(40, 4)  # four waves: every-program code 4×, the last program's once
+    one, _, _ = sm._region_cycles(k.last, m, 4, 1, m.l2_latency_cycles, m.sm_max_bytes_per_cycle)
+    waves = sm.launch_time(sm.KernelStructure("k", [], None, None, None, k.once), 40, 4, 0, grid, None)
+    both = sm.launch_time(k, 40, 4, 0, grid, None)
+    assert waves.waves == 4 and both.seconds == pytest.approx(waves.seconds + one / m.clock_hz)
 
 
 def test_parser_labels_line_info_and_tile_loop():
@@ -176,7 +234,22 @@ def test_launch_work_rows_and_chunks():
     chunks.args = {"N": 1 << 20, "T": 1 << 20, "S": 1, "chunk": 4096, "n_chunks": 256}
     chunks.constexprs = {"BLOCK_T": 1024}
     w = h100.launch_work(chunks, k3)
+    assert (w.items_per_program, w.pieces_per_item, w.tiles_per_item) == (1, 1.0, 4.0)
+    packed = L()
+    packed.grid, packed.constexprs = (264,), {"BLOCK_T": 1024}
+    packed.args = {"N": 1 << 20, "T": 0, "S": 1, "chunk": 4096, "n_chunks": 256}
+    w = h100.launch_work(packed, k3)  # row lengths unknown: one boundary per mean row length
     assert w.items_per_program == 1 and 1.0 <= w.pieces_per_item < 1.01 and 4.0 <= w.tiles_per_item < 4.01
+    aligned = L()
+    aligned.grid, aligned.constexprs = (264,), {"BLOCK_T": 512}
+    aligned.args = {"N": 1024 * 4096, "T": 4096, "S": 1024, "chunk": 4096, "n_chunks": 1024}
+    w = h100.launch_work(aligned, k3)  # chunks are rows: one piece of 8 tiles each
+    assert (w.items_per_program, w.pieces_per_item, w.tiles_per_item) == (4, 1.0, 8.0)
+    ragged = L()
+    ragged.grid, ragged.constexprs = (264,), {"BLOCK_T": 512}
+    ragged.args = {"N": 1000 * 3000, "T": 3000, "S": 1000, "chunk": 4096, "n_chunks": 733}
+    w = h100.launch_work(ragged, k3)  # 3 chunks per program; a chunk meets 2 or 3 rows
+    assert w.items_per_program == 3 and 2.0 <= w.pieces_per_item <= 3.0 and w.tiles_per_item >= 4096 / 512 + 1
     fixed = L()
     fixed.grid, fixed.args, fixed.constexprs = (1,), {"n": 3}, {"BLOCK_P": 256}
     assert h100.launch_work(fixed, k3) is None

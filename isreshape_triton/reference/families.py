@@ -261,14 +261,15 @@ def sapo(ell, adv, *, params):
 # ----------------------------------------------------------------------------- vespo
 def vespo(ell, adv, *, log_W, first_adv, params):
     """Surrogate: φ_t = φ(W_b)·A_t, φ(W) = W^k·exp(λ(1−W)) = exp(k·log W + λ(1−W)),
-    (k, λ) = (k_pos, λ_pos) if the row's first counted advantage ≥ 0 else (k_neg, λ_neg);
-    F = sg(φ)·ℓ."""
+    (k, λ) = (k_pos, λ_pos) if the row's first counted advantage ≥ 0 else (k_neg, λ_neg), NaN if
+    it is not finite; F = sg(φ)·ℓ."""
     p = params
     log_W, first_adv = _const(log_W, ell), _const(first_adv, ell)
     nonneg = first_adv >= 0
     k = torch.where(nonneg, _const(p.k_pos, ell), _const(p.k_neg, ell))
     lam = torch.where(nonneg, _const(p.lambda_pos, ell), _const(p.lambda_neg, ell))
     phi_row = torch.exp(k * log_W + lam * (1.0 - torch.exp(log_W)))
+    phi_row = torch.where(torch.isfinite(first_adv), phi_row, math.nan)  # sign unknown: SPEC §11
     phi = phi_row * adv
     return TokenTerms(phi, phi * ell, _ones_like(ell), {})
 
