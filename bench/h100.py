@@ -128,9 +128,12 @@ def trace(loss_type: str, case: Case, dtype=torch.float32, options: Optional[dic
     try:
         lp, old, adv, mask, extra = case_inputs(case, dtype, "meta")
         seed = torch.ones((), dtype=dtype, device="meta")
+        ops.completion_ticket(lp.device)  # allocated by the first call only: steady state, as in training
         with count_work(track_memory=False) as work:
             loss, _ = ops.fused_policy_loss(lp, old, adv, mask, loss_type, **extra, **(options or {}))
-            loss.backward(seed.to(loss.dtype))
+            # the gradient itself: on meta tensors AccumulateGrad copies it into .grad, where a real
+            # device steals the op's output buffer (no aten op)
+            torch.autograd.grad(loss, lp, seed.to(loss.dtype))
     finally:
         ops.Launch.__call__ = original
     return Trace(recorded, work.torch_launches, work.bytes, work.syncs)
