@@ -172,10 +172,9 @@ def _streams(x: Inputs) -> dict:
     return out
 
 
-def _unit_token_stride(x: Inputs) -> bool:
-    """Every token stream given has token stride 1 (the kernels then add token indices to row
-    addresses instead of multiplying them by a stride); [S] per-sequence advantages do not."""
-    streams = _streams(x)
+def _unit_token_stride(x: Inputs, streams: dict) -> bool:
+    """Every token stream given has token stride 1 in ``_streams(x)`` (the kernels then add token
+    indices to row addresses instead of multiplying them by a stride); [S] advantages do not."""
     return all(streams[f"s_{name}_t"] == 1 for name, t in (
         ("lp", x.log_prob), ("olp", x.old_log_prob), ("adv", x.advantages), ("mask", x.response_mask),
         ("rollout", x.rollout), ("ref", x.ref_log_prob)) if t is not None)
@@ -229,9 +228,10 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
     grad_scale = _empty((1,), acc, dev)
     cu = x.cu_seqlens if x.packed else empty
 
-    tokens = dict(**_streams(x), cu_ptr=cu, N=N, T=geo["T"], S=S, chunk=geo["chunk"], n_chunks=n_chunks,
+    streams = _streams(x)
+    tokens = dict(**streams, cu_ptr=cu, N=N, T=geo["T"], S=S, chunk=geo["chunk"], n_chunks=n_chunks,
                   clamp=float(clamp), gamma_rule=fam.gamma_rule.as_tuple())
-    flags = dict(ACC=_tl_dtype(x.log_prob.dtype), UNIT_STRIDE=_unit_token_stride(x),
+    flags = dict(ACC=_tl_dtype(x.log_prob.dtype), UNIT_STRIDE=_unit_token_stride(x, streams),
                  HAS_ADV=x.advantages is not None,
                  HAS_MASK=x.response_mask is not None, HAS_ROLLOUT=x.rollout is not None,
                  PACKED=x.packed, KS=KS, G=G)

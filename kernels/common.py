@@ -58,6 +58,12 @@ def fast_div(num, den):
 
 
 @triton.jit
+def fast_rcp(x):
+    """1/x by ``fast_div`` (``div.approx`` in fp32: 0 for |x| = inf)."""
+    return fast_div(tl.full(x.shape, 1.0, x.dtype), x)
+
+
+@triton.jit
 def unbiased_var(n, m2):
     """M2/(n−1); a group of fewer than 2 tokens has variance 0, NaN if its token is
     (its M2 is then NaN: 0·M2 keeps it, SPEC §11)."""
@@ -257,12 +263,12 @@ def tanh(y):
 def sigmoid(x):
     """σ(x) = 1/(1 + e^{−x}) through ``fast_div`` (``tl.sigmoid`` divides in IEEE fp32: a
     ~17-instruction sequence); 0 as x → −∞, NaN for NaN."""
-    return fast_div(tl.full(x.shape, 1.0, x.dtype), 1.0 + tl.exp(-x))
+    return fast_rcp(1.0 + tl.exp(-x))
 
 
 @triton.jit
 def sech2_half(x):
     """sech²(x/2) = 4·σ(x)·σ(−x) = 4e/(1 + e)² with e = e^{−|x|} (one exponential, no overflow)."""
     e = tl.exp(-tl.abs(x))
-    r = fast_div(tl.full(x.shape, 1.0, x.dtype), 1.0 + e)
+    r = fast_rcp(1.0 + e)
     return 4.0 * e * (r * r)

@@ -257,6 +257,24 @@ def test_float_parameters_are_runtime_arguments():
                 assert name in unspecialised, (kernel.fn.__name__, name)
 
 
+def test_unit_stride_specialization_follows_the_layout(monkeypatch):
+    """Contiguous token streams take the UNIT_STRIDE addresses, a strided view or [B]
+    advantages the general ones; both give the same bits."""
+    seen = []
+    run = ops.Launch.__call__
+    monkeypatch.setattr(ops.Launch, "__call__", lambda self: (seen.append(self.constexprs.get("UNIT_STRIDE")),
+                                                              run(self))[1])
+    out = {}
+    for layout, adv in (("contiguous", "BT"), ("strided", "BT"), ("contiguous", "B")):
+        seen.clear()
+        lp, olp, A, mask = make_batch(3, 37, layout=layout, adv=adv, mask="float")
+        loss, _ = irt.policy_loss(lp.requires_grad_(), olp, A, mask, "is_reshape")
+        loss.backward()
+        assert set(seen[:2]) == {layout == "contiguous" and adv == "BT"}  # forward launches
+        out[layout, adv] = (loss.detach(), lp.grad)
+    assert all(torch.equal(a, b) for a, b in zip(out["contiguous", "BT"], out["strided", "BT"]))
+
+
 def test_bad_input_on_the_kernel_path():
     lp = torch.randn(2, 3)
     with pytest.raises(ValueError, match="old_log_prob"):
