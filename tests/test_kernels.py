@@ -10,6 +10,7 @@ per program), exercising every merge path of the chunked kernels.
 """
 import inspect
 import math
+import zlib
 
 import pytest
 import torch
@@ -133,7 +134,7 @@ def test_parity_pairwise(case, poisoned_outputs, monkeypatch):
     if case["tiling"] == "small":
         monkeypatch.setattr(ops, "TILING", SMALL_TILING)
     lp, olp, adv, mask = make_batch(5, 37, case["dtype"], case["adv"], case["mask"], case["layout"],
-                                    case["special"], seed=hash(_case_id(case)) % 1000)
+                                    case["special"], seed=zlib.crc32(_case_id(case).encode()) % 1000)  # not hash(): salted per process
     seq_exact = opts.get("gamma") == "ess_exact" and opts.get("gamma_granularity") == "sequence"
     check_against_reference(lp, olp, adv, mask, loss_type, case["agg"], opts,
                             rtol=2e-3 if seq_exact else None)
