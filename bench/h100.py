@@ -23,6 +23,7 @@ kernel it launches, beside the eager-PyTorch model and the roofline: a MODEL, no
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import math
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 
 from . import sass_model as sm
@@ -196,13 +198,12 @@ def structure(row: dict, tile_pattern: str = sm.TILE_LOOP) -> sm.KernelStructure
 
 def _busiest_padded_program(N: int, T: int, chunk: int, n_chunks: int, grid: int, block: int) -> tuple:
     """(pieces, tiles, tokens) of the program with the most tiles, rows of T tokens (chunk c → program c mod grid)."""
-    per_program = {}
+    per_program = collections.defaultdict(lambda: np.zeros(3))  # (pieces, tiles, tokens)
     for c in range(n_chunks):
         a, b = c * chunk, min((c + 1) * chunk, N)
         cuts = [a] + list(range((a // T + 1) * T, b, T)) + [b]
         tiles = sum(math.ceil((hi - lo) / block) for lo, hi in zip(cuts, cuts[1:]))
-        p = per_program.setdefault(c % grid, [0, 0, 0])
-        p[0], p[1], p[2] = p[0] + len(cuts) - 1, p[1] + tiles, p[2] + b - a
+        per_program[c % grid] += (len(cuts) - 1, tiles, b - a)
     return tuple(float(v) for v in max(per_program.values(), key=lambda v: (v[1], v[0])))
 
 

@@ -97,11 +97,9 @@ def _patch_lang_once(patch_lang, lang_modules):
         if langs and langs <= _patched_langs:
             return _NothingToRestore()
         scope = patch_lang(fn)
-        if _patched_langs:  # a device function seeing a new module: never undone, as upstream
-            _patched_langs.update(langs)
-            return scope
+        launch = not _patched_langs  # else a device function seeing a new module: never undone, as upstream
         _patched_langs.update(langs)
-        return _LaunchScope(scope)
+        return _LaunchScope(scope) if launch else scope
 
     return patch
 
