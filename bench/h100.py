@@ -217,14 +217,18 @@ def launch_work(launch, kernel: sm.KernelStructure) -> Optional[sm.Work]:
       program; packed rows (lengths unknown here): 1 + chunk / mean row length pieces and
       chunk / BLOCK_T + pieces − 1 tiles per chunk. A piece's loads run one tile ahead (its
       prologue loads the first tile, the last iteration's loads are predicated off) and its last
-      tile is partial, so the token loads and stores move the chunk's tokens (``Work.moved``);
+      tile is partial, so the token loads and stores move the chunk's tokens (``Work.moved``; the
+      piece's record accesses are not token streams: ``RegionStats.record_bytes``);
     * row-owned kernels (arguments ``R`` and ``T``): a program owns ceil(R / grid) rows of
       ceil(T / BLOCK_T) tiles;
-    * kernels without a ``BLOCK_T`` constexpr or a tile loop have no token work (None).
+    * kernels without a ``BLOCK_T`` constexpr have no token work (None); one with it must show its
+      tile loop in the SASS.
     """
     block = launch.constexprs.get("BLOCK_T")
-    if block is None or kernel.tile is None:
+    if block is None:
         return None
+    if kernel.tile is None:  # never model a token kernel as if it had no token work
+        raise RuntimeError(f"{kernel.name}: no tile loop found in its SASS")
     grid = int(math.prod(launch.grid))
     args = launch.args
     if "chunk" in args and "n_chunks" in args:
@@ -242,8 +246,9 @@ def launch_work(launch, kernel: sm.KernelStructure) -> Optional[sm.Work]:
             pieces = min(float(chunk), 1.0 + chunk / mean_len)
             tiles, tokens = math.ceil(chunk / block) + (pieces - 1.0), float(chunk)
         piece = kernel.piece or sm.RegionStats()
-        issued = tiles * kernel.tile.bytes + pieces * piece.bytes
-        moved = tokens / block * kernel.tile.bytes + pieces * max(0, piece.bytes - kernel.tile.load_bytes)
+        piece_streams = piece.bytes - piece.record_bytes  # its records move at the L2 rate, all of them
+        issued = tiles * kernel.tile.bytes + pieces * piece_streams
+        moved = tokens / block * kernel.tile.bytes + pieces * max(0, piece_streams - kernel.tile.load_bytes)
         return sm.Work(items, pieces, tiles, min(1.0, moved / issued) if issued else 1.0)
     if "R" in args and "T" in args:
         R, T = int(args["R"]), int(args["T"])

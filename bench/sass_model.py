@@ -413,6 +413,7 @@ class RegionStats:
     membar: int = 0
     load_bytes: int = 0  # per thread
     store_bytes: int = 0  # per thread
+    record_bytes: int = 0  # per thread, of those: records, partials, scalars (L2-resident), not token streams
     load_widths: List[int] = field(default_factory=list)
     load_chain: int = 0
     mem_waits: int = 0
@@ -428,8 +429,14 @@ class RegionStats:
                                                "store_bytes", "load_chain", "mem_waits")}
 
 
-def region_stats(instrs: List[Instr]) -> RegionStats:
-    """Counts and latency chains of a list of instructions executed once in address order."""
+def _record(ins: Instr, stream_sources: Optional[set]) -> bool:
+    return stream_sources is not None and ins.source not in stream_sources
+
+
+def region_stats(instrs: List[Instr], stream_sources: Optional[set] = None) -> RegionStats:
+    """Counts and latency chains of a list of instructions executed once in address order.
+    ``stream_sources``: the source lines of token-stream accesses (the tile loop's); every other
+    global access counts in ``record_bytes`` (None: none does)."""
     st = RegionStats()
     depth: Dict[str, int] = {}  # register -> length of the load chain that produced it
     in_flight: Dict[str, int] = {}  # registers written by global loads not yet read -> issue index
@@ -455,6 +462,7 @@ def region_stats(instrs: List[Instr]) -> RegionStats:
         if base in GLOBAL_LOADS:
             st.global_loads += 1
             st.load_bytes += ins.access_bytes()
+            st.record_bytes += ins.access_bytes() if _record(ins, stream_sources) else 0
             st.load_widths.append(ins.access_bytes())
             d = 1 + src_depth
             st.load_chain = max(st.load_chain, d)
@@ -462,6 +470,7 @@ def region_stats(instrs: List[Instr]) -> RegionStats:
         elif base in GLOBAL_STORES:
             st.global_stores += 1
             st.store_bytes += ins.access_bytes()
+            st.record_bytes += ins.access_bytes() if _record(ins, stream_sources) else 0
             d = src_depth
         elif base in ATOMICS and dests:  # an atomic that returns a value is a round trip too
             d = 1 + src_depth
@@ -510,7 +519,10 @@ TILE_LOOP = r"BLOCK_T"  # the loss kernels' token-tile loops: ``for t0 in range(
 
 
 def _is_tile_loop(fn: Function, lp: Loop, tile_pattern: str) -> bool:
-    return bool(lp.source) and re.search(tile_pattern, fn.source_text.get(lp.source, "")) is not None
+    """The loop's back-edge, or else any of its instructions (ptxas may schedule another line's
+    instruction last), comes from a source line matching ``tile_pattern``."""
+    sources = [lp.source] + [i.source for i in fn.loop_instrs(lp)]
+    return any(re.search(tile_pattern, fn.source_text.get(src, "")) for src in sources if src)
 
 
 def _split_at_ticket(once: List[Instr]) -> tuple:
@@ -552,11 +564,14 @@ def kernel_structure(fn: Function, tile_pattern: str = TILE_LOOP, last_program: 
     def instrs_of(blocks):
         return [i for b in sorted(blocks) for i in fn.blocks[b].instrs]
 
+    # token streams: the tile loop's access lines (a piece's prologue loads its first tile with them)
+    streams = ({i.source for i in instrs_of(tile_blocks) if i.base in GLOBAL_LOADS | GLOBAL_STORES}
+               if fn.source_text else None)
     once = [i for b in fn.blocks if b.index not in in_loops for i in b.instrs]
     once, last = _split_at_ticket(once) if last_program else (once, None)
     return KernelStructure(fn.name, reports, region_stats(instrs_of(tile_blocks)),
-                           region_stats(instrs_of(piece_blocks)) if piece_blocks else RegionStats(),
-                           region_stats(instrs_of(outer_blocks)) if outer_blocks else RegionStats(),
+                           region_stats(instrs_of(piece_blocks), streams) if piece_blocks else RegionStats(),
+                           region_stats(instrs_of(outer_blocks), streams) if outer_blocks else RegionStats(),
                            region_stats(once), tile.source, len(chain), last)
 
 
@@ -641,6 +656,9 @@ def assumptions_text(m: H100Model = H100) -> str:
         f"SHFL {m.shfl_lanes_per_sm}, FP64 {m.fp64_lanes_per_sm} lanes per cycle per SM;",
         "- the code after a completion ticket (the loss kernel's finalize) runs once per launch, in the last "
         "program alone, after the others (one CTA on its SM, partials read from L2);",
+        "- the code outside the loops (once per program), and the accesses of the item and piece regions "
+        "from source lines the tile loop does not use, move records, partials and scalars, L2-resident: "
+        f"at the L2→SM rate ({m.sm_max_bytes_per_cycle:g} B/cycle), every thread's access counted;",
         "- every instruction of a loop body issues once per iteration (both sides of an if: an upper bound); "
         "loops other than the tile loop and its parents run once; the chunked kernels' piece loop runs once "
         "per row boundary in a chunk;",
@@ -701,7 +719,9 @@ def _region_cycles(st: RegionStats, m: H100Model, warps: int, resident: int, lat
     issue = resident * warps * st.instructions / m.schedulers_per_sm
     pipes = resident * threads * max(st.mufu / m.mufu_lanes_per_sm, st.shfl / m.shfl_lanes_per_sm,
                                      st.fp64 / m.fp64_lanes_per_sm)
-    mem = resident * threads * st.bytes * moved / bw_per_cycle
+    # token streams at the region's bandwidth (``moved``: the share that moves), records at L2→SM's
+    records = st.record_bytes / m.sm_max_bytes_per_cycle
+    mem = resident * threads * ((st.bytes - st.record_bytes) * moved / bw_per_cycle + records)
     terms = {"latency": lat, "issue": issue, "pipes": pipes, "memory": mem}
     bound = max(terms, key=terms.get)
     return terms[bound], bound, terms
@@ -717,17 +737,18 @@ def launch_time(kernel: KernelStructure, registers: int, num_warps: int, shared_
     waves = math.ceil(per_sm / resident)
     active = min(grid, m.sms)
     bw = min(m.sm_max_bytes_per_cycle, m.achievable_bytes_per_s / active / m.clock_hz)  # bytes/cycle per SM
-    regions = [("once", kernel.once, 1, m.l2_latency_cycles, 1.0)]
+    # the once region moves records, partials and scalars: L2-resident, at the L2→SM rate
+    regions = [("once", kernel.once, 1, m.l2_latency_cycles, 1.0, m.sm_max_bytes_per_cycle)]
     if kernel.tile is not None:
         work = work or Work(1, 1.0, 1.0)  # unknown work: one pass through the loop nest
         pieces = work.items_per_program * work.pieces_per_item
-        regions += [("item", kernel.item, work.items_per_program, m.l2_latency_cycles, 1.0),
-                    ("piece", kernel.piece, pieces, m.l2_latency_cycles, work.moved),
+        regions += [("item", kernel.item, work.items_per_program, m.l2_latency_cycles, 1.0, bw),
+                    ("piece", kernel.piece, pieces, m.l2_latency_cycles, work.moved, bw),
                     ("tile", kernel.tile, work.items_per_program * work.tiles_per_item, m.dram_latency_cycles,
-                     work.moved)]
+                     work.moved, bw)]
     wave_cycles, detail, bounds = 0.0, {}, {}
-    for name, st, count, latency, moved in regions:
-        c, bound, terms = _region_cycles(st, m, num_warps, resident, latency, bw, moved)
+    for name, st, count, latency, moved, region_bw in regions:
+        c, bound, terms = _region_cycles(st, m, num_warps, resident, latency, region_bw, moved)
         wave_cycles += count * c
         bounds[name] = (count * c, bound)
         detail[name] = {"executions": count, "cycles_each": c, "bound": bound, **terms}

@@ -8,7 +8,7 @@ runtime arguments, so changing them never recompiles a kernel.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .kernels import families as kf
 from .kernels import gamma as kg
@@ -47,6 +47,7 @@ class KernelFamily:
     per_row: bool = False  # per-row γ (gamma_granularity="sequence", VESPO's W): statistics per row
     # (when the γ rule needs them; a fixed γ has none) and γ metrics as token means (metrics.py)
     sign_groups: bool = False  # A>0 / A<0 groups
+    extra_terms: int = 0  # how many of the device function's five extra per-token terms the metrics read
 
     @property
     def ess_exact(self) -> bool:
@@ -78,7 +79,8 @@ def _is_reshape(p: IsReshapeParams, family=kf.IS_RESHAPE.value, params=()) -> Ke
 
 
 def _is_reshape_var(p: IsReshapeVarParams) -> KernelFamily:
-    return _is_reshape(p, kf.IS_RESHAPE_VAR.value, params=_floats(p.temperature))
+    fam = _is_reshape(p, kf.IS_RESHAPE_VAR.value, params=_floats(p.temperature))
+    return replace(fam, extra_terms=5 if fam.per_row else 4)  # p_case1..4 (and γ_base per sequence)
 
 
 def _is_reshape_sign(p: IsReshapeSignParams) -> KernelFamily:
@@ -92,7 +94,8 @@ def _is_reshape_sign(p: IsReshapeSignParams) -> KernelFamily:
                         _floats(p.saturation_lambda, p.saturation_w_th, p.truncate_max, p.mm_tau),
                         opt=opt, gamma_mode=mode, gamma_rule=rule,
                         needs_stats=not fixed and mode != kg.GAMMA_GIVEN.value,
-                        per_row=p.gamma_granularity == "sequence", sign_groups=True)
+                        per_row=p.gamma_granularity == "sequence", sign_groups=True,
+                        extra_terms=2 if p.gamma_granularity == "sequence" else 0)  # γ± per sequence
 
 
 def _is_reshape_tr(p: IsReshapeTRParams) -> KernelFamily:
@@ -102,7 +105,7 @@ def _is_reshape_tr(p: IsReshapeTRParams) -> KernelFamily:
 def _ppo_clip(p: PPOClipParams) -> KernelFamily:
     dual = p.clip_ratio_c is not None
     return KernelFamily(kf.PPO_CLIP.value, _floats(p.clip_ratio_low, p.clip_ratio_high,
-                                                   p.clip_ratio_c if dual else 0.0), opt=int(dual))
+                                                   p.clip_ratio_c if dual else 0.0), opt=int(dual), extra_terms=2)
 
 
 def _sapo(p: SAPOParams) -> KernelFamily:

@@ -10,7 +10,7 @@ stays on the device, also for ``gamma="psis"``, whose smoothing runs as torch
 ops before the loss pass.
 
 Work items (SPEC §13): the N tokens (R·T padded, or packed with ``cu_seqlens``)
-are split into chunks of ``chunk`` tokens (1024…4096, chosen from N only), walked
+are split into chunks of ``chunk`` tokens (512…4096, chosen from N only), walked
 by a persistent grid of min(#chunks, MAX_PROGRAMS) programs, so one long row
 fills the GPU like many short ones. Float parameters reach the kernels as fp32
 scalars (Triton's scalar ABI), also for fp64 inputs, whose arithmetic is fp64.
@@ -34,7 +34,7 @@ from .inputs import Inputs, pad_packed, prepare_inputs
 from .kernels import finalize as kfin
 from .kernels import layout
 from .kernels.backward import policy_grad_kernel
-from .kernels.families import VESPO
+from .kernels.families import IS_RESHAPE_VAR, VESPO
 from .kernels.loss import token_loss_kernel
 from .kernels.stats import batch_stats_kernel
 from .metrics import metric_names
@@ -57,7 +57,7 @@ class Tiling:
     chunks, so small batches still split into ≥ 2×132 work items when they can."""
 
     max_programs: int = 264  # 2 × 132 SMs; also the number of partial records
-    chunk_min: int = 1024
+    chunk_min: int = 512
     chunk_max: int = 4096
 
     def chunk(self, n_tokens: int) -> int:
@@ -76,10 +76,12 @@ TILING = Tiling()
 # (with 8 warps ptxas aims at 64 registers and spills a few bytes unless maxnreg lets it take more)
 STATS_TILE = {False: (1024, dict(num_warps=8, maxnreg=128)), True: (512, dict(num_warps=8, maxnreg=255))}
 STATS_TILE_ESS_EXACT = {False: (16, dict(num_warps=8, maxnreg=128)), True: (16, dict(num_warps=8, maxnreg=255))}
-LOSS_TILE = {False: (512, dict(num_warps=8, maxnreg=128)), True: (256, dict(num_warps=8, maxnreg=255))}
-# seq-* modes keep three more lane accumulators (the piece's row sums) and the sign family two
-# groups of metric lanes: one token per thread
-LOSS_TILE_NARROW = {False: (256, dict(num_warps=8, maxnreg=128)), True: (256, dict(num_warps=8, maxnreg=255))}
+LOSS_WARPS = 8  # every loss tile: the partial buffer holds a record per warp (finalize.reduce_record)
+LOSS_TILE = {False: (512, dict(num_warps=LOSS_WARPS, maxnreg=128)),
+             True: (256, dict(num_warps=LOSS_WARPS, maxnreg=255))}
+# seq-* modes keep three more lane accumulators (the piece's row sums): one token per thread
+LOSS_TILE_NARROW = {False: (256, dict(num_warps=LOSS_WARPS, maxnreg=128)),
+                    True: (256, dict(num_warps=LOSS_WARPS, maxnreg=255))}
 GRAD_TILE = {False: (1024, dict(num_warps=4)), True: (1024, dict(num_warps=4))}
 
 
@@ -222,7 +224,8 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
     neg_phi = _empty((N,), acc, dev) if write_grad else None
     elements = _empty((2 * n_chunks, layout.ELEMENT_WIDTH.value), acc, dev) if seq_agg else empty
     row_count = _empty((S,), acc, dev) if seq_agg else empty
-    partial = _empty((programs, layout.PARTIAL_WIDTH.value), acc, dev)
+    # a program's row: its merged record, then its warps' records (reduce_record's scratch)
+    partial = _empty((programs, layout.partial_row(LOSS_WARPS)), acc, dev)
     loss = _empty((), acc, dev)
     metrics = _empty((layout.METRIC_WIDTH.value,), acc, dev)
     grad_scale = _empty((1,), acc, dev)
@@ -238,9 +241,10 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
     steps = []
     if fam.needs_stats:
         block, options = _tile(STATS_TILE_ESS_EXACT if fam.ess_exact else STATS_TILE, fp64)
-        steps.append(Launch(batch_stats_kernel, (programs,), dict(**tokens, rec_ptr=stats),
+        steps.append(Launch(batch_stats_kernel, (programs,),
+                            dict(**tokens, rec_ptr=stats, scratch_ptr=partial, scratch_stride=partial.stride(0)),
                             dict(**flags, HAS_REF=False, SIGN_GROUPS=fam.sign_groups, ESS_EXACT=fam.ess_exact,
-                                 ROW_STATS=row_stats, BLOCK_T=block),
+                                 ROW_STATS=row_stats, WARPS=_lane_warps(block, options), BLOCK_T=block),
                             options))
     records = stats
     if batch_stats and process_group is not None:
@@ -252,7 +256,8 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
     def given(v):  # a device tensor is read by the kernel (no sync); None: derive it
         return v if isinstance(v, torch.Tensor) else (-1.0 if v is None else float(v))
 
-    block, options = _tile(LOSS_TILE_NARROW if seq_agg or fam.sign_groups else LOSS_TILE, fp64)
+    block, options = _tile(LOSS_TILE_NARROW if seq_agg else LOSS_TILE, fp64)
+    kl_type = kl.code if x.ref_log_prob is not None else 0
     steps.append(Launch(
         token_loss_kernel, (programs,),
         dict(**tokens, stats_ptr=records, n_stats=records.shape[0] if batch_stats else 0,
@@ -266,16 +271,26 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
              global_batch_size=given(agg.global_batch_size),
              loss_scale_factor=given(agg.loss_scale_factor)),
         dict(**flags, FAMILY=fam.family, OPT=fam.opt, GAMMA_MODE=fam.gamma_mode,
-             KL_TYPE=kl.code if x.ref_log_prob is not None else 0,
+             KL_TYPE=kl_type,
              BATCH_STATS=batch_stats, ROW_STATS=row_stats, SIGN_GROUPS=fam.sign_groups,
              WRITE_GRAD=write_grad, SEQ_AGG=seq_agg,
              COUNTS_ON_DEVICE=(isinstance(agg.global_token_count, torch.Tensor)
                                + 2 * isinstance(agg.global_batch_size, torch.Tensor)),
              SEQ_GAMMA=fam.per_row and fam.family != VESPO.value,
-             BLOCK_REC=BLOCK_REC, BLOCK_T=block, BLOCK_P=_pow2(TILING.max_programs),
+             SLOTS=layout.partial_slots(fam.sign_groups, not batch_stats, kl_type != 0,
+                                        fam.family <= IS_RESHAPE_VAR.value, seq_agg, fam.extra_terms),
+             WARPS=LOSS_WARPS, BLOCK_REC=BLOCK_REC, BLOCK_T=block,
+             BLOCK_P=max(_pow2(TILING.max_programs), 32 * LOSS_WARPS),  # a lane per thread at least
              BLOCK_E=BLOCK_ELEMENTS),
         options))
     return Plan(steps, loss, metrics, neg_phi, grad_scale, row_count, geo)
+
+
+def _lane_warps(block: int, options: dict) -> int:
+    """The warps of a launch whose [block] lane vectors can be merged per warp (one lane per
+    thread and repeat: ``common.group_sum``), else 0."""
+    warps = options["num_warps"]
+    return warps if block % (32 * warps) == 0 else 0
 
 
 def _pow2(n: int) -> int:
@@ -405,7 +420,7 @@ def _psis_context(x: Inputs, loss_type: str, params, fam: KernelFamily, clamp: f
 # ``_policy_loss_forward`` (before loss_agg_mode) and of its fake; ``_run_fused`` passes it.
 
 _CONFIG_INTS = ("family", "opt", "gamma_mode", "needs_stats", "per_row", "sign_groups", "dp_size",
-                "write_grad", "kl_type")
+                "write_grad", "kl_type", "extra_terms")
 _CONFIG_FLOATS = ("clamp", "rho_min", "fixed_a", "fixed_b", "range_a_lo", "range_a_hi", "range_b_lo",
                   "range_b_hi", "global_token_count", "global_batch_size", "loss_scale_factor",
                   "kl_coef")  # + params
@@ -418,7 +433,7 @@ def encode_config(fam: KernelFamily, agg: AggConfig, kl: KLConfig, clamp: float,
     runtime floats. A count given as a tensor is an op input; it and a missing number are −1.
     A float may be a ``torch.SymFloat`` (see :func:`split_symbolic`)."""
     ints = [fam.family, fam.opt, fam.gamma_mode, int(fam.needs_stats), int(fam.per_row),
-            int(fam.sign_groups), agg.dp_size, int(write_grad), kl.code]
+            int(fam.sign_groups), agg.dp_size, int(write_grad), kl.code, fam.extra_terms]
     counts = [-1.0 if v is None or isinstance(v, torch.Tensor) else as_number(v)
               for v in (agg.global_token_count, agg.global_batch_size, agg.loss_scale_factor)]
     floats = [as_number(clamp), *fam.gamma_rule.as_tuple(), *counts, as_number(kl.kl_coef), *fam.params]
@@ -446,7 +461,7 @@ def decode_config(loss_agg_mode: str, ints, floats, global_token_count=None, glo
     fam = KernelFamily(i["family"], tuple(floats[len(_CONFIG_FLOATS):]), i["opt"], i["gamma_mode"],
                        GammaRule(f["rho_min"], f["fixed_a"], f["fixed_b"], (f["range_a_lo"], f["range_a_hi"]),
                                  (f["range_b_lo"], f["range_b_hi"])),
-                       bool(i["needs_stats"]), bool(i["per_row"]), bool(i["sign_groups"]))
+                       bool(i["needs_stats"]), bool(i["per_row"]), bool(i["sign_groups"]), i["extra_terms"])
     gtc, gbs, lsf = (None if f[k] < 0 else f[k] for k in ("global_token_count", "global_batch_size",
                                                           "loss_scale_factor"))
     agg = AggConfig(loss_agg_mode, i["dp_size"], global_token_count if global_token_count is not None else gtc,
@@ -668,6 +683,7 @@ def traffic_model(loss_type: str, dtype: torch.dtype, mask_dtype: Optional[torch
         # row rules: one record per piece = rows + chunk boundaries that cut a row
         cuts = max(n_chunks - 1, 0) - (max(n - 1, 0) // math.lcm(chunk, T) if T else 0)
         records = 2 * ((B + cuts) if fam.per_row else programs) * ks
-    buffers = acc * (records + 2 * programs * layout.PARTIAL_WIDTH.value
+    # a program's partial row: its record and its warps' (written and read once each)
+    buffers = acc * (records + 2 * programs * layout.partial_row(LOSS_WARPS)
                      + 2 * 2 * n_chunks * layout.ELEMENT_WIDTH.value + 2 * B + 2 + layout.METRIC_WIDTH.value)
     return (streams, buffers) if split else streams + buffers

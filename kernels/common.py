@@ -7,8 +7,8 @@ Lane accumulators are tuples of [BLOCK] vectors updated element-wise inside a
 tile loop (no block-level reduction there); ``moments_reduce`` folds the lanes into
 scalars once per piece or program; ``moments_merge`` combines two summaries
 element-wise (lanes of records); ``shift_moments*`` and ``expsum_scale`` re-base
-summaries on a common mean / max, so that merging lanes is a sum (``stack8``: many
-sums in one reduction).
+summaries on a common mean / max, so that merging lanes is a sum. ``group_sum`` /
+``group_max`` reduce each warp's lanes alone (shuffles, no CTA barrier).
 """
 import triton
 import triton.language as tl
@@ -42,8 +42,8 @@ def min_nan(a, b):
 
 @triton.jit
 def safe_div(num, den):
-    """num/den, and 0 where den == 0 (an empty denominator never gives NaN)."""
-    return tl.where(den != 0.0, num / tl.where(den != 0.0, den, 1.0), 0.0)
+    """num/den by ``fast_div``, and 0 where den == 0 (an empty denominator never gives NaN)."""
+    return tl.where(den != 0.0, fast_div(num, tl.where(den != 0.0, den, 1.0)), 0.0)
 
 
 @triton.jit
@@ -89,13 +89,24 @@ def moments_add(acc, x, m):
 
 
 @triton.jit
-def moments_reduce(acc):
-    """Lanes → one (count, mean, M2): mean = Σn_l·μ_l/n, M2 = Σ M2_l + n_l(μ_l − μ)²."""
+def pooled_mean(n_l, mean_l, n, W: tl.constexpr):
+    """Σ n_l·μ_l / n over lanes (per warp or all, as ``group_sum``; n = Σ n_l), as
+    c + Σ n_l·(μ_l − c) / n with c the largest mean of a non-empty lane: exactly c when every
+    mean is c (a constant ℓ keeps M2 = 0 exactly). NaN if a mean is."""
+    c = group_max(tl.where(n_l > 0.0, mean_l, -INF), W)
+    c = tl.where(c == -INF, 0.0, c)
+    return c + group_sum(n_l * (mean_l - c), W) / tl.maximum(n, 1.0)
+
+
+@triton.jit
+def moments_reduce(acc, W: tl.constexpr):
+    """Lanes → one (count, mean, M2) per warp, on its lanes (W > 0 warps: ``group_sum``), or of
+    all lanes (W = 0): mean = ``pooled_mean``, M2 = Σ M2_l + n_l(μ_l − μ)²."""
     n_l, mean_l, m2_l = acc
-    n = tl.sum(n_l)
-    mean = tl.sum(n_l * mean_l) / tl.maximum(n, 1.0)
+    n = group_sum(n_l, W)
+    mean = pooled_mean(n_l, mean_l, n, W)
     d = mean_l - mean
-    return n, mean, tl.sum(m2_l + n_l * d * d)
+    return n, mean, group_sum(m2_l + n_l * d * d, W)
 
 
 @triton.jit
@@ -104,31 +115,38 @@ def moments_merge(a, b):
     n_a, mean_a, m2_a = a
     n_b, mean_b, m2_b = b
     n = n_a + n_b
-    frac = n_b / tl.maximum(n, 1.0)
+    frac = fast_div(n_b, tl.maximum(n, 1.0))
     delta = tl.where(n_b > 0.0, mean_b - mean_a, 0.0)
     return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * (n_a * frac)
 
 
 @triton.jit
-def moments4_init(like):
-    """Empty (count, mean, M2, M3, M4) lane accumulator."""
+def power_sums_init(like):
+    """Empty lane accumulator (count, K, S1..S4): power sums of x − K, K the lane's first x."""
     z = tl.zeros_like(like)
-    return z, z, z, z, z
+    return z, z, z, z, z, z
 
 
 @triton.jit
-def moments4_add(acc, x, m):
-    """Terriberry's online update of each lane's central sums M2..M4 with x where m."""
-    n, mean, m2, m3, m4 = acc
-    n1 = n + 1.0
-    delta = x - mean
-    dn = fast_div(delta, n1)
-    dn2 = dn * dn
-    term = delta * dn * n
-    new_m4 = m4 + term * dn2 * (n1 * n1 - 3.0 * n1 + 3.0) + 6.0 * dn2 * m2 - 4.0 * dn * m3
-    new_m3 = m3 + term * dn * (n1 - 2.0) - 3.0 * dn * m2
-    return (tl.where(m, n1, n), tl.where(m, mean + dn, mean), tl.where(m, m2 + term, m2),
-            tl.where(m, new_m3, m3), tl.where(m, new_m4, m4))
+def power_sums_add(acc, x, m):
+    """S_p += (x − K)^p where m (K: the lane's first counted x, so the sums stay small and a
+    constant x gives exact zeros; four multiply-adds, no division)."""
+    n, K, s1, s2, s3, s4 = acc
+    K = tl.where(m & (n == 0.0), x, K)
+    d = tl.where(m, x - K, 0.0)
+    d2 = d * d
+    return n + tl.where(m, 1.0, 0.0), K, s1 + d, s2 + d2, s3 + d2 * d, s4 + d2 * d2
+
+
+@triton.jit
+def power_sums_moments(acc):
+    """(count, mean, M2, M3, M4) of each lane from its power sums: with a = S1/n = mean − K,
+    M2 = S2 − a·S1, M3 = S3 − 3a·S2 + 2a²·S1, M4 = S4 − 4a·S3 + 6a²·S2 − 3a³·S1 (M2 ≥ 0)."""
+    n, K, s1, s2, s3, s4 = acc
+    a = s1 / tl.maximum(n, 1.0)
+    m2 = s2 - a * s1
+    return (n, K + a, tl.where(m2 < 0.0, 0.0, m2), s3 - 3.0 * a * s2 + 2.0 * (a * a) * s1,
+            s4 - 4.0 * a * s3 + 6.0 * (a * a) * s2 - 3.0 * (a * a * a) * s1)
 
 
 @triton.jit
@@ -182,34 +200,64 @@ def ess_of(acc):
     return safe_div(s1 * s1, s2)
 
 
-# ----------------------------------------------------------------------------- stacks
+# ----------------------------------------------------------------------------- warp groups
 @triton.jit
-def stack8(v):
-    """The 8-tuple v of equal-shape tensors as one tensor [..., 2, 2, 2], element (a, b, c) =
-    v[a + 2b + 4c] (``tl.join`` appends its axis, inside the thread: stacking is free, and one
-    reduction of a stack shares the cross-warp exchanges among its 8 values)."""
-    return tl.join(tl.join(tl.join(v[0], v[1]), tl.join(v[2], v[3])),
-                   tl.join(tl.join(v[4], v[5]), tl.join(v[6], v[7])))
-
-
-@triton.jit
-def unstack8(x):
-    """The 8-tuple of a stack (inverse of ``stack8``)."""
-    lo, hi = tl.split(x)
-    lo0, lo1 = tl.split(lo)
-    hi0, hi1 = tl.split(hi)
-    v0, v1 = tl.split(lo0)
-    v2, v3 = tl.split(lo1)
-    v4, v5 = tl.split(hi0)
-    v6, v7 = tl.split(hi1)
-    return v0, v1, v2, v3, v4, v5, v6, v7
+def _warp_view(x, W: tl.constexpr):
+    """[L] lanes as [L / 32W, W, 32]: lane l sits on thread l mod 32W (Triton's layout of a
+    [L] vector, one lane per thread and repeat), so axis 1 is the warp and axis 2 its lanes."""
+    L: tl.constexpr = x.shape[0]
+    tl.static_assert(L % (32 * W) == 0, "group reductions need a multiple of 32 lanes per warp")
+    return tl.reshape(x, (L // (32 * W), W, 32))
 
 
 @triton.jit
-def stack8_offsets():
-    """Index a + 2b + 4c of each element of a [2, 2, 2] stack (to store it as 8 slots)."""
-    i = tl.arange(0, 2)
-    return i[:, None, None] + 2 * i[None, :, None] + 4 * i[None, None, :]
+def _on_lanes(s, x):
+    """A [1, W, 1] per-warp value back on every lane of its warp, shaped like x."""
+    L: tl.constexpr = x.shape[0]
+    W: tl.constexpr = s.shape[1]
+    return tl.reshape(tl.broadcast_to(s, (L // (32 * W), W, 32)), (L,))
+
+
+@triton.jit
+def group_sum(x, W: tl.constexpr):
+    """Σ of each warp's lanes on every lane of the warp (W > 0 warps: a thread's lanes, then
+    shuffles; no CTA barrier), or of all of x (W = 0: a scalar)."""
+    if W == 0:
+        return tl.sum(x)
+    else:
+        return _on_lanes(tl.sum(tl.sum(_warp_view(x, W), 0, keep_dims=True), 2, keep_dims=True), x)
+
+
+@triton.jit
+def group_max(x, W: tl.constexpr):
+    """``group_sum`` for the NaN-propagating maximum."""
+    if W == 0:
+        return tl.reduce(x, 0, max_nan)
+    else:
+        v = _warp_view(x, W)
+        return _on_lanes(tl.reduce(tl.reduce(v, 0, max_nan, keep_dims=True), 2, max_nan, keep_dims=True), x)
+
+
+@triton.jit
+def exchange_warps(values, scratch_ptr, W: tl.constexpr, USED: tl.constexpr):
+    """Per-warp values (a tuple of [L] vectors, each on every lane of its warp) as [W] vectors
+    that every thread reads: lane 0 of warp w writes value k at scratch_ptr + k·W + w, then one
+    CTA barrier. Bit k of USED: value k is exchanged (the others come back 0). scratch_ptr:
+    len(values)·W values of this program, free until the caller's next CTA barrier."""
+    lane = tl.arange(0, values[0].shape[0])
+    warp = lane // 32
+    for k in tl.static_range(len(values)):
+        if (tl.constexpr(USED) >> k) % 2 == 1:
+            tl.store(scratch_ptr + k * W + warp, values[k], mask=(lane % 32 == 0) & (warp < W))
+    tl.debug_barrier()  # the warps' values are visible to the whole CTA
+    j = tl.arange(0, W)
+    out = ()
+    for k in tl.static_range(len(values)):
+        if (tl.constexpr(USED) >> k) % 2 == 1:
+            out = out + (tl.load(scratch_ptr + k * W + j),)
+        else:
+            out = out + (tl.zeros([W], values[k].dtype),)
+    return out
 
 
 # ----------------------------------------------------------------------------- special functions

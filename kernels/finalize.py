@@ -3,19 +3,24 @@ them in program order into the aggregated loss (SPEC §5), the metric vector
 (SPEC §6) and the gradient scale; for the seq-* modes first finish the rows that
 span chunks with a segmented scan over the chunks' head/tail elements (``rows.py``).
 
-A record is a 40-tuple in the slot order of ``layout.P_*``. ``merge_record`` folds
-a vector of records (a program's lanes, or every program's partial) in two
-reductions of stacks: first the counts, Σ count·mean and the maxima, then, with
-every summary re-centred on the common mean (Chan) and re-based on the common
-max, all the remaining sums.
+A record is a tuple in the slot order of ``layout.P_*``. ``reduce_record`` merges a
+record of lane vectors (a program's lane accumulators, or every program's partial)
+into one: each warp merges its own lanes with shuffles (``merge_record``: counts,
+Σ count·mean and maxima first, then every summary re-centred on the common mean
+(Chan) and re-based on the common max, and summed), writes its record to the
+program's scratch row, and after one CTA barrier every thread merges the warps'
+records in warp order. Slots a specialization never fills (``layout.partial_slots``)
+are neither reduced, stored nor read.
 """
 import triton
 import triton.language as tl
 
-from .common import (ess_of, expsum_scale, max_nan, safe_div, shift_moments, shift_moments4, stack8,
-                     stack8_offsets, unbiased_var, unstack8)
-from .layout import (E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, P_CENTRAL, P_COUNTS, P_ESS, P_EXTRAS,
-                     METRIC_WIDTH, P_MAXIMA, PARTIAL_WIDTH, ROW_ENDS, ROW_STARTS)
+from .common import (ess_of, exchange_warps, expsum_scale, group_max, group_sum, pooled_mean, safe_div,
+                     shift_moments, shift_moments4, unbiased_var)
+from .layout import (E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, METRIC_WIDTH, P_ESS, P_EXTRAS, P_G_MAX,
+                     P_GAMMA, P_KL, P_LOSS, P_M2, P_M2_NEG, P_M2_POS, P_N_ALL, P_N_NEG, P_N_POS, P_NEG_G_MIN,
+                     P_NONFINITE, P_PHI, P_PHI_MAX, P_ROWS, P_SEQ_KL, P_SEQ_LOSS, P_W, P_W_MAX, P_Z_ALL, P_Z_NEG,
+                     P_Z_POS, PARTIAL_WIDTH, ROW_ENDS, ROW_STARTS)
 
 TOKEN_MEAN = tl.constexpr(0)
 TOKEN_SUM = tl.constexpr(1)
@@ -35,66 +40,122 @@ def _given(v, dt: tl.constexpr, ON_DEVICE: tl.constexpr):
 
 
 @triton.jit
-def _sum_max(c_a, x_a, c_b, x_b):
-    return c_a + c_b, max_nan(x_a, x_b)
+def _filled(slot: tl.constexpr, SLOTS: tl.constexpr):
+    return (tl.constexpr(SLOTS) >> tl.constexpr(slot)) % 2 == 1
 
 
 @triton.jit
-def _sum3(a0, a1, a2, b0, b1, b2):
-    return a0 + b0, a1 + b1, a2 + b2
-
-
-@triton.jit
-def merge_record(r):
-    """One record (five [2, 2, 2] stacks, slot order) from a record of [L] vectors (see the
-    module docstring); the maxima propagate NaN, an empty summary is neutral."""
-    n_a, mean_a, n_p, mean_p, n_n, mean_n = r[0], r[1], r[2], r[3], r[4], r[5]
-    counts, maxima = tl.reduce((stack8((n_a, n_a * mean_a, n_p, n_p * mean_p, n_n, n_n * mean_n, r[6], r[7])),
-                                stack8(r[8:16])), 0, _sum_max)
-    c_a, s_a, c_p, s_p, c_n, s_n, seq_loss, seq_kl = unstack8(counts)
-    mu_a = s_a / tl.maximum(c_a, 1.0)
-    mu_p = s_p / tl.maximum(c_p, 1.0)
-    mu_n = s_n / tl.maximum(c_n, 1.0)
-    z_all, z_pos, z_neg = r[12], r[13], r[14]
-    mx = unstack8(maxima)
-    f_a = expsum_scale(z_all, mx[4])
-    f_p = expsum_scale(z_pos, mx[5])
-    f_n = expsum_scale(z_neg, mx[6])
-    m2, m3, m4 = shift_moments4(n_a, mean_a, r[16], r[17], r[18], mu_a)
-    central, sums, extras = tl.reduce(
-        (stack8((m2, m3, m4, shift_moments(n_p, mean_p, r[19], mu_p), shift_moments(n_n, mean_n, r[20], mu_n),
-                 r[21] * f_a, r[22] * (f_a * f_a), r[23] * f_p)),
-         stack8((r[24] * (f_p * f_p), r[25] * f_n, r[26] * (f_n * f_n), r[27], r[28], r[29], r[30], r[31])),
-         stack8(r[32:40])), 0, _sum3)
-    return stack8((c_a, mu_a, c_p, mu_p, c_n, mu_n, seq_loss, seq_kl)), maxima, central, sums, extras
-
-
-@triton.jit
-def store_record(ptr, stacks):
-    """The five stacks of a merged record at ptr (slot order)."""
-    at = ptr + stack8_offsets()
-    for k in tl.static_range(5):  # re-stacked from scalars: stored without a layout exchange
-        tl.store(at + 8 * k, stack8(unstack8(stacks[k])))
-
-
-@triton.jit
-def _slot(rows, slot: tl.constexpr, ok, other, USED: tl.constexpr):
-    """Slot ``slot`` of every partial record (L1 bypassed: written by other programs), or
-    ``other`` where the specialization never fills it (every program stored that constant)."""
-    if USED:
-        v = tl.load(rows + slot, mask=ok, other=other, cache_modifier=".cg")
+def _nothing(x, W: tl.constexpr):
+    """The 0 of a slot never filled: a lane vector (W > 0) or a scalar."""
+    if W == 0:
+        return tl.zeros([], x.dtype)
     else:
-        v = tl.full(ok.shape, other, rows.dtype.element_ty)
-    return v
+        return tl.zeros_like(x)
 
 
 @triton.jit
-def _load8(rows, slot: tl.constexpr, ok, other, USED: tl.constexpr):
-    """Slots slot..slot+7 of every partial record; bit k of USED: slot + k is filled."""
-    return (_slot(rows, slot, ok, other, USED % 2 == 1), _slot(rows, slot + 1, ok, other, USED // 2 % 2 == 1),
-            _slot(rows, slot + 2, ok, other, USED // 4 % 2 == 1), _slot(rows, slot + 3, ok, other, USED // 8 % 2 == 1),
-            _slot(rows, slot + 4, ok, other, USED // 16 % 2 == 1), _slot(rows, slot + 5, ok, other, USED // 32 % 2 == 1),
-            _slot(rows, slot + 6, ok, other, USED // 64 % 2 == 1), _slot(rows, slot + 7, ok, other, USED // 128 % 2 == 1))
+def _sum_of(x, slot: tl.constexpr, SLOTS: tl.constexpr, W: tl.constexpr):
+    """``group_sum`` of x, the lanes' value of ``slot`` (re-based on the merged mean / max where
+    it is a summary); 0 where the slot is never filled."""
+    if _filled(slot, SLOTS):
+        return group_sum(x, W)
+    else:
+        return _nothing(x, W)
+
+
+@triton.jit
+def _sum(r, slot: tl.constexpr, SLOTS: tl.constexpr, W: tl.constexpr):
+    return _sum_of(r[slot], slot, SLOTS, W)
+
+
+@triton.jit
+def _max(r, slot: tl.constexpr, SLOTS: tl.constexpr, W: tl.constexpr):
+    if _filled(slot, SLOTS):
+        return group_max(r[slot], W)
+    else:
+        return _nothing(r[slot], W)
+
+
+@triton.jit
+def _mean(r, slot: tl.constexpr, count, SLOTS: tl.constexpr, W: tl.constexpr):
+    """The pooled mean of the (count, mean) pair at ``slot`` (``common.pooled_mean``)."""
+    if _filled(slot, SLOTS):
+        return pooled_mean(r[slot], r[slot + 1], count, W)
+    else:
+        return _nothing(r[slot], W)
+
+
+@triton.jit
+def merge_record(r, SLOTS: tl.constexpr, W: tl.constexpr):
+    """The merge of a record of [L] vectors (slot order): per warp, on every lane of the warp
+    (W > 0 warps), or of all lanes into scalars (W = 0). Maxima propagate NaN; an empty
+    summary is neutral."""
+    c_a = _sum(r, P_N_ALL, SLOTS, W)
+    c_p = _sum(r, P_N_POS, SLOTS, W)
+    c_n = _sum(r, P_N_NEG, SLOTS, W)
+    mu_a = _mean(r, P_N_ALL, c_a, SLOTS, W)
+    mu_p = _mean(r, P_N_POS, c_p, SLOTS, W)
+    mu_n = _mean(r, P_N_NEG, c_n, SLOTS, W)
+    z_a = _max(r, P_Z_ALL, SLOTS, W)
+    z_p = _max(r, P_Z_POS, SLOTS, W)
+    z_n = _max(r, P_Z_NEG, SLOTS, W)
+    f_a = expsum_scale(r[P_Z_ALL], z_a)
+    f_p = expsum_scale(r[P_Z_POS], z_p)
+    f_n = expsum_scale(r[P_Z_NEG], z_n)
+    m2, m3, m4 = shift_moments4(r[P_N_ALL], r[P_N_ALL + 1], r[P_M2], r[P_M2 + 1], r[P_M2 + 2], mu_a)
+    m2_p = shift_moments(r[P_N_POS], r[P_N_POS + 1], r[P_M2_POS], mu_p)
+    m2_n = shift_moments(r[P_N_NEG], r[P_N_NEG + 1], r[P_M2_NEG], mu_n)
+    extras = ()
+    for k in tl.static_range(5):
+        extras = extras + (_sum(r, P_EXTRAS + k, SLOTS, W),)
+    return ((c_a, mu_a, c_p, mu_p, c_n, mu_n, _sum(r, P_SEQ_LOSS, SLOTS, W), _sum(r, P_SEQ_KL, SLOTS, W),
+             _max(r, P_W_MAX, SLOTS, W), _max(r, P_PHI_MAX, SLOTS, W), _max(r, P_G_MAX, SLOTS, W),
+             _max(r, P_NEG_G_MIN, SLOTS, W), z_a, z_p, z_n,
+             _sum_of(m2, P_M2, SLOTS, W), _sum_of(m3, P_M2 + 1, SLOTS, W), _sum_of(m4, P_M2 + 2, SLOTS, W),
+             _sum_of(m2_p, P_M2_POS, SLOTS, W), _sum_of(m2_n, P_M2_NEG, SLOTS, W),
+             _sum_of(r[P_ESS] * f_a, P_ESS, SLOTS, W), _sum_of(r[P_ESS + 1] * (f_a * f_a), P_ESS + 1, SLOTS, W),
+             _sum_of(r[P_ESS + 2] * f_p, P_ESS + 2, SLOTS, W), _sum_of(r[P_ESS + 3] * (f_p * f_p), P_ESS + 3, SLOTS, W),
+             _sum_of(r[P_ESS + 4] * f_n, P_ESS + 4, SLOTS, W), _sum_of(r[P_ESS + 5] * (f_n * f_n), P_ESS + 5, SLOTS, W),
+             _sum(r, P_LOSS, SLOTS, W), _sum(r, P_KL, SLOTS, W), _sum(r, P_W, SLOTS, W), _sum(r, P_PHI, SLOTS, W),
+             _sum(r, P_GAMMA, SLOTS, W))
+            + extras + (_sum(r, P_NONFINITE, SLOTS, W), _sum(r, P_ROWS, SLOTS, W)))
+
+
+@triton.jit
+def _neutral(slot: tl.constexpr):
+    """What an absent record holds in ``slot``: −inf for the maxima, 0 elsewhere."""
+    if (slot >= P_W_MAX) & (slot <= P_Z_NEG):
+        return float("-inf")
+    else:
+        return 0.0
+
+
+@triton.jit
+def load_record(rows, ok, SLOTS: tl.constexpr):
+    """Every filled slot k of the records at the pointers ``rows`` (+ k), L1 bypassed (written
+    by other programs), absent where not ``ok``; slots never filled are 0."""
+    out = ()
+    for k in tl.static_range(PARTIAL_WIDTH):
+        if _filled(k, SLOTS):
+            out = out + (tl.load(rows + k, mask=ok, other=_neutral(k), cache_modifier=".cg"),)
+        else:
+            out = out + (tl.zeros(ok.shape, rows.dtype.element_ty),)
+    return out
+
+
+@triton.jit
+def store_record(ptr, record, SLOTS: tl.constexpr):
+    """The filled slots k of a (scalar) record at ptr + k."""
+    for k in tl.static_range(PARTIAL_WIDTH):
+        if _filled(k, SLOTS):
+            tl.store(ptr + k, record[k])
+
+
+@triton.jit
+def reduce_record(record, scratch_ptr, SLOTS: tl.constexpr, W: tl.constexpr):
+    """One merged record (scalars) of a record of [L] lane vectors, L a multiple of 32·W (see
+    the module docstring); scratch_ptr: PARTIAL_WIDTH·W values (``exchange_warps``)."""
+    return merge_record(exchange_warps(merge_record(record, SLOTS, W), scratch_ptr, W, SLOTS), SLOTS, 0)
 
 
 @triton.jit
@@ -155,47 +216,38 @@ def _longest_row(cu_ptr, S, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def finalize(partial_ptr, n_part, element_ptr, n_elements, row_count_ptr, cu_ptr,
-             loss_ptr, metrics_ptr, grad_scale_ptr, batch_ctx, S, T,
+def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_count_ptr, cu_ptr,
+             loss_ptr, metrics_ptr, grad_scale_ptr, scratch_ptr, batch_ctx, groups, S, T,
              dp_size, global_token_count, global_batch_size, loss_scale_factor,
              agg, SEQ_AGG: tl.constexpr, SEQ_GAMMA: tl.constexpr, PACKED: tl.constexpr,
-             COUNTS_ON_DEVICE: tl.constexpr, SIGN_GROUPS: tl.constexpr, HAS_KL: tl.constexpr,
-             GAMMA_STATS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
-    """All n_part (≤ BLOCK_P) partial records merged in one fixed-order tile; the loss,
-    metrics (slot order = layout.METRIC_SLOTS) and the gradient scale s of SPEC §2
-    (for seq-mean-token-mean the backward divides it by the row's n_b). COUNTS_ON_DEVICE:
-    bit 0 global_token_count, bit 1 global_batch_size are 0-dim device tensors. The slots
-    of the A>0 / A<0 groups (SIGN_GROUPS), the KL term (HAS_KL), the γ_t statistics
-    (GAMMA_STATS) and the row sums (SEQ_AGG) are read only where the programs fill them."""
+             COUNTS_ON_DEVICE: tl.constexpr, GROUPS_GIVEN: tl.constexpr, SLOTS: tl.constexpr, WARPS: tl.constexpr,
+             BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    """All n_part (≤ BLOCK_P) partial records (``partial_stride`` apart) merged in program
+    order (``reduce_record``); the loss, metrics (slot order = layout.METRIC_SLOTS) and the
+    gradient scale s of SPEC §2 (for seq-mean-token-mean the backward divides it by the
+    row's n_b). COUNTS_ON_DEVICE: bit 0 global_token_count, bit 1 global_batch_size are 0-dim
+    device tensors. Only the slots in SLOTS are read (``layout.partial_slots``); GROUPS_GIVEN:
+    (count, M2) of the A>0 and A<0 groups are ``groups`` (the batch statistics), not slots."""
     p = tl.arange(0, BLOCK_P)
-    ok = p < n_part
-    rows = partial_ptr + p.to(tl.int64) * PARTIAL_WIDTH
     dt = partial_ptr.dtype.element_ty
     if SEQ_AGG:  # the rows that span chunks first, before the partials' registers are live
         span_loss, span_kl, span_rows = _spanning_rows(element_ptr, n_elements, row_count_ptr, dt, BLOCK_E)
-    # every slot of every partial record, loaded before any is used (one L2 round trip);
-    # absent programs are empty records (−inf maxima)
-    SG: tl.constexpr = 1 if SIGN_GROUPS else 0
-    KL: tl.constexpr = 1 if HAS_KL else 0
-    GS: tl.constexpr = 1 if GAMMA_STATS else 0
-    SQ: tl.constexpr = 1 if SEQ_AGG else 0
-    rec = (_load8(rows, P_COUNTS, ok, 0.0, 3 + 60 * SG + 64 * SQ + 128 * SQ * KL)
-           + _load8(rows, P_MAXIMA, ok, float("-inf"), 19 + 12 * GS + 96 * SG)
-           + _load8(rows, P_CENTRAL, ok, 0.0, 103 + 152 * SG)
-           + _load8(rows, P_CENTRAL + 8, ok, 0.0, 104 + 7 * SG + 16 * KL + 128 * GS)
-           + _load8(rows, P_CENTRAL + 16, ok, 0.0, 63 + 64 * SQ))
-    counts, maxima, central, sums, extras = merge_record(rec)
-    n_all, mean_all, n_pos, mean_pos, n_neg, mean_neg, seq_loss_p, seq_kl_p = unstack8(counts)
-    w_max, phi_max, g_max, neg_g_min, z_all, z_pos, z_neg, _ = unstack8(maxima)
-    if not GAMMA_STATS:  # the programs' γ_t maximum is 0 (−inf is only the loads' default)
-        g_max = tl.zeros_like(g_max)
-    m2_all, m3_all, m4_all, m2_pos, m2_neg, s1_all, s2_all, s1_pos = unstack8(central)
-    s2_pos, s1_neg, s2_neg, s_loss, s_kl, s_w, s_phi, s_g = unstack8(sums)
-    x0, x1, x2, x3, x4, nonfinite, rows_p, _ = unstack8(extras)
-    g_min = -neg_g_min
-    ess_all = (z_all, s1_all, s2_all)
-    ess_pos = (z_pos, s1_pos, s2_pos)
-    ess_neg = (z_neg, s1_neg, s2_neg)
+    # every filled slot of every partial record (L1 bypassed: written by other programs), loaded
+    # before any is used (one L2 round trip); absent programs are empty records (−inf maxima)
+    rec = reduce_record(load_record(partial_ptr + p.to(tl.int64) * partial_stride, p < n_part, SLOTS),
+                        scratch_ptr, SLOTS, WARPS)
+    n_all, mean_all, n_pos, mean_pos, n_neg, mean_neg = rec[P_N_ALL:P_N_NEG + 2]
+    w_max, phi_max, g_max, g_min = rec[P_W_MAX], rec[P_PHI_MAX], rec[P_G_MAX], -rec[P_NEG_G_MIN]
+    m2_all, m3_all, m4_all = rec[P_M2:P_M2 + 3]
+    m2_pos, m2_neg = rec[P_M2_POS], rec[P_M2_NEG]
+    if GROUPS_GIVEN:
+        n_pos, m2_pos, n_neg, m2_neg = groups
+    s_loss, s_kl, s_w, s_phi, s_g = rec[P_LOSS], rec[P_KL], rec[P_W], rec[P_PHI], rec[P_GAMMA]
+    x0, x1, x2, x3, x4 = rec[P_EXTRAS:P_EXTRAS + 5]
+    nonfinite = rec[P_NONFINITE]
+    ess_all = (rec[P_Z_ALL], rec[P_ESS], rec[P_ESS + 1])
+    ess_pos = (rec[P_Z_POS], rec[P_ESS + 2], rec[P_ESS + 3])
+    ess_neg = (rec[P_Z_NEG], rec[P_ESS + 4], rec[P_ESS + 5])
 
     # aggregation (SPEC §5); an empty denominator gives 0
     one = tl.full([], 1.0, dt)
@@ -207,14 +259,14 @@ def finalize(partial_ptr, n_part, element_ptr, n_elements, row_count_ptr, cu_ptr
     seq_kl = s_kl
     gbs = one
     if SEQ_AGG:
-        seq_loss = span_loss + seq_loss_p
-        seq_kl = span_kl + seq_kl_p
-        n_rows = span_rows + rows_p
+        seq_loss = span_loss + rec[P_SEQ_LOSS]
+        seq_kl = span_kl + rec[P_SEQ_KL]
+        n_rows = span_rows + rec[P_ROWS]
         gbs = tl.where(global_batch_size >= 0.0, global_batch_size, n_rows)
-    if agg == TOKEN_MEAN:
-        scale = safe_div(one, tl.where(global_token_count >= 0.0, global_token_count, n_all))
-    elif agg == TOKEN_SUM:
-        scale = one
+    if not SEQ_AGG:
+        scale = one  # token-sum
+        if agg == TOKEN_MEAN:
+            scale = safe_div(one, tl.where(global_token_count >= 0.0, global_token_count, n_all))
     elif agg == SEQ_MEAN_TOKEN_SUM_NORM:
         if PACKED:
             longest = _longest_row(cu_ptr, S, BLOCK_E).to(dt)
@@ -259,7 +311,6 @@ def finalize(partial_ptr, n_part, element_ptr, n_elements, row_count_ptr, cu_ptr
         tl.where(spread, safe_div(safe_div(m3_all, n_all), cm2 * tl.sqrt(cm2)), 0.0),
         tl.where(spread, safe_div(safe_div(m4_all, n_all), cm2 * cm2) - 3.0, 0.0),
         safe_div(w_max, s_w), ess_p, safe_div(ess_p, n_pos), ess_n, safe_div(ess_n, n_neg), nonfinite,
-        kl_loss * dp_size, zero, zero, zero, zero, zero, zero, zero)
-    at = stack8_offsets()
-    for k in tl.static_range(5):  # five stacks of 8 metric slots, one store each
-        tl.store(metrics_ptr + 8 * k + at, stack8(metrics[8 * k:8 * k + 8]), mask=8 * k + at < METRIC_WIDTH)
+        kl_loss * dp_size)
+    for k in tl.static_range(METRIC_WIDTH):
+        tl.store(metrics_ptr + k, metrics[k])

@@ -10,7 +10,7 @@ fixed value ≥ 0 overrides the data-driven rule for its group (sign family), an
 import triton
 import triton.language as tl
 
-from .common import clamp_nan, moments_init, moments_merge, moments_reduce, unbiased_var
+from .common import clamp_nan, exchange_warps, moments_init, moments_merge, moments_reduce, unbiased_var
 from .families import IS_RESHAPE, IS_RESHAPE_SIGN, IS_RESHAPE_VAR
 from .layout import S_AFIRST, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
 
@@ -85,19 +85,45 @@ def record_index(j, first, base, stride):
 
 
 @triton.jit
-def _merge_group(rec_ptr, count, first, base, stride, slot,
-                 KS: tl.constexpr, BLOCK: tl.constexpr):
-    """(count, mean, M2) of one group over ``count`` records: each lane Chan-merges its
-    records in order, the lanes are merged once at the end (one pass, fixed order)."""
+def _merge_groups(rec_ptr, count, first, base, stride, slot_a, slot_b, TWO: tl.constexpr,
+                  KS: tl.constexpr, BLOCK: tl.constexpr):
+    """[BLOCK] lanes of (count, mean, M2) of group a (and b if TWO) over ``count`` records: each
+    lane Chan-merges its records in order (one pass, fixed order, both groups' loads issued
+    together; ``_summaries`` merges the lanes)."""
     jj = tl.arange(0, BLOCK)
-    lanes = moments_init(tl.zeros([BLOCK], rec_ptr.dtype.element_ty))
+    a = moments_init(tl.zeros([BLOCK], rec_ptr.dtype.element_ty))
+    b = a
     for j0 in range(0, count, BLOCK):
         j = j0 + jj
-        rec = rec_ptr + record_index(j, first, base, stride).to(tl.int64) * KS + slot
+        rec = rec_ptr + record_index(j, first, base, stride).to(tl.int64) * KS
         ok = j < count
-        lanes = moments_merge(lanes, (tl.load(rec, mask=ok, other=0.0), tl.load(rec + 1, mask=ok, other=0.0),
-                                      tl.load(rec + 2, mask=ok, other=0.0)))
-    return moments_reduce(lanes)
+        ra = rec + slot_a
+        a = moments_merge(a, (tl.load(ra, mask=ok, other=0.0), tl.load(ra + 1, mask=ok, other=0.0),
+                              tl.load(ra + 2, mask=ok, other=0.0)))
+        if TWO:
+            rb = rec + slot_b
+            b = moments_merge(b, (tl.load(rb, mask=ok, other=0.0), tl.load(rb + 1, mask=ok, other=0.0),
+                                  tl.load(rb + 2, mask=ok, other=0.0)))
+    return a, b
+
+
+@triton.jit
+def _summaries(a, b, scratch_ptr, TWO: tl.constexpr, W: tl.constexpr):
+    """The (count, mean, M2) of the lanes of group a (and b if TWO): per warp then across the W
+    warps through scratch_ptr (6·W values, ``exchange_warps``), or CTA-wide (W = 0)."""
+    if W == 0:
+        s_a = moments_reduce(a, 0)
+        s_b = s_a
+        if TWO:
+            s_b = moments_reduce(b, 0)
+        out = (s_a, s_b)
+    elif TWO:
+        got = exchange_warps(moments_reduce(a, W) + moments_reduce(b, W), scratch_ptr, W, 63)
+        out = (moments_reduce(got[0:3], 0), moments_reduce(got[3:6], 0))
+    else:
+        s_a = moments_reduce(exchange_warps(moments_reduce(a, W), scratch_ptr, W, 7), 0)
+        out = (s_a, s_a)
+    return out
 
 
 @triton.jit
@@ -145,10 +171,12 @@ def merge_sequence_sums(rec_ptr, count, first, base, stride, KS: tl.constexpr, B
 
 
 @triton.jit
-def family_context(rec_ptr, count, first, base, stride, gamma_rule,
+def family_context(rec_ptr, count, first, base, stride, gamma_rule, scratch_ptr,
                    FAMILY: tl.constexpr, GAMMA_MODE: tl.constexpr, HAS_STATS: tl.constexpr,
-                   KS: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr):
-    """The family's γ context (c0, c1) from ``count`` statistics records (``record_index``).
+                   KS: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr, W: tl.constexpr):
+    """The family's γ context (c0, c1) from ``count`` statistics records (``record_index``),
+    merged per warp through scratch_ptr (W > 0, see ``_summaries``) or CTA-wide (W = 0), and
+    (count, M2) of ℓ over the A>0 and A<0 groups (the sign family with statistics, else 0).
 
     is_reshape / is_reshape_var: c0 = γ (γ_base) on [a_lo, a_hi] from σ² of all tokens,
     or the clipped fixed value. is_reshape_sign: c0 = γ+ from the A>0 group (empty → 0.5),
@@ -159,11 +187,13 @@ def family_context(rec_ptr, count, first, base, stride, gamma_rule,
     dt = rec_ptr.dtype.element_ty
     c0 = tl.zeros([], dt)
     c1 = tl.zeros([], dt)
+    groups = (c0, c0, c0, c0)
     if FAMILY == IS_RESHAPE or FAMILY == IS_RESHAPE_VAR:
         if GAMMA_MODE == GAMMA_FIXED:
             c0 += clamp_nan(fixed_a, a_lo, a_hi)
         else:
-            n, mean, m2 = _merge_group(rec_ptr, count, first, base, stride, S_N_ALL, KS, BLOCK)
+            lanes, _ = _merge_groups(rec_ptr, count, first, base, stride, S_N_ALL, S_N_ALL, False, KS, BLOCK)
+            (n, mean, m2), _ = _summaries(lanes, lanes, scratch_ptr, False, W)
             if GAMMA_MODE == GAMMA_ESS:
                 c0 += gamma_closed_form(unbiased_var(n, m2), rho, a_lo, a_hi)
             else:
@@ -171,8 +201,8 @@ def family_context(rec_ptr, count, first, base, stride, gamma_rule,
                 c0 += solve_ess_exact(n, grid, rho, a_lo, a_hi, G)
     elif FAMILY == IS_RESHAPE_SIGN:
         if HAS_STATS:
-            n_p, mean_p, m2_p = _merge_group(rec_ptr, count, first, base, stride, S_N_POS, KS, BLOCK)
-            n_n, mean_n, m2_n = _merge_group(rec_ptr, count, first, base, stride, S_N_NEG, KS, BLOCK)
+            pos, neg = _merge_groups(rec_ptr, count, first, base, stride, S_N_POS, S_N_NEG, True, KS, BLOCK)
+            (n_p, mean_p, m2_p), (n_n, mean_n, m2_n) = _summaries(pos, neg, scratch_ptr, True, W)
             if GAMMA_MODE == GAMMA_ESS_EXACT:
                 grid_a = _merge_grid(rec_ptr, count, first, base, stride, S_GRID, G, KS, BLOCK)
                 grid_b = _merge_grid(rec_ptr, count, first, base, stride, S_GRID + 4 * G, G, KS, BLOCK)
@@ -183,7 +213,8 @@ def family_context(rec_ptr, count, first, base, stride, gamma_rule,
                 d_n = gamma_closed_form(unbiased_var(n_n, m2_n), rho, b_lo, b_hi)
             c0 += tl.where(fixed_a >= 0.0, fixed_a, tl.where(n_p > 0.0, g_p, 0.5))
             c1 += tl.where(fixed_b >= 0.0, fixed_b, tl.where(n_n > 0.0, 1.0 + d_n, 1.5))
+            groups = (n_p, m2_p, n_n, m2_n)
         else:
             c0 += fixed_a
             c1 += fixed_b
-    return c0, c1
+    return (c0, c1), groups

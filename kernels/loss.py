@@ -22,13 +22,14 @@ in order, the last pid finalizes).
 import triton
 import triton.language as tl
 
-from .common import (expsum_add, expsum_init, max_nan, min_nan, moments4_add, moments4_init, moments_add,
-                     moments_init, safe_div)
+from .common import (expsum_add, expsum_init, max_nan, min_nan, moments_add, moments_init, power_sums_add,
+                     power_sums_init, power_sums_moments, safe_div)
 from .families import IS_RESHAPE_VAR, KL_NONE, VESPO, family_token, kl_penalty, vespo_sequence_weight
-from .finalize import finalize, merge_record, store_record
+from .finalize import finalize, reduce_record, store_record
 from .gamma import GAMMA_GIVEN, family_context, merge_sequence_sums
-from .layout import E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, PARTIAL_WIDTH, ROW_ENDS, ROW_STARTS
-from .rows import load_raw, locate_row, piece_end, row_elements, streams, token_values
+from .layout import (CONTEXT_WIDTH, E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, PARTIAL_SCRATCH,
+                     PARTIAL_WIDTH, ROW_ENDS, ROW_STARTS)
+from .rows import load_raw, locate_row, piece_end, prologue_stop, row_elements, streams, token_values
 
 
 @triton.jit
@@ -68,8 +69,8 @@ def _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, ch
             lsum, a_first = merge_sequence_sums(stats_ptr, count, first, base, 2, KS, BLOCK_REC)
             ctx = (vespo_sequence_weight(lsum, a_first, clamp, params), tl.zeros([], ACC))
         else:
-            ctx = family_context(stats_ptr, count, first, base, 2, gamma_rule,
-                                 FAMILY, GAMMA_MODE, True, KS, G, BLOCK_REC)
+            ctx, _ = family_context(stats_ptr, count, first, base, 2, gamma_rule, stats_ptr,
+                                    FAMILY, GAMMA_MODE, True, KS, G, BLOCK_REC, 0)
     return ctx
 
 
@@ -89,33 +90,46 @@ def token_loss_kernel(
     FAMILY: tl.constexpr, OPT: tl.constexpr, GAMMA_MODE: tl.constexpr, KL_TYPE: tl.constexpr,
     BATCH_STATS: tl.constexpr, ROW_STATS: tl.constexpr, SIGN_GROUPS: tl.constexpr,
     ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
-    PACKED: tl.constexpr, UNIT_STRIDE: tl.constexpr, WRITE_GRAD: tl.constexpr, SEQ_AGG: tl.constexpr, SEQ_GAMMA: tl.constexpr,
-    COUNTS_ON_DEVICE: tl.constexpr, KS: tl.constexpr, G: tl.constexpr, BLOCK_REC: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+    PACKED: tl.constexpr, UNIT_STRIDE: tl.constexpr, WRITE_GRAD: tl.constexpr, SEQ_AGG: tl.constexpr,
+    SEQ_GAMMA: tl.constexpr, COUNTS_ON_DEVICE: tl.constexpr, SLOTS: tl.constexpr, WARPS: tl.constexpr,
+    KS: tl.constexpr, G: tl.constexpr, BLOCK_REC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     """Loss, metrics and ∂L/∂lp per token (see module docstring); ``agg_mode`` is the
     aggregation's index in ``AGG_MODES`` (SEQ_AGG: one of the seq-* modes). With rollout IS weights r
     and the KL term, L_t = −F_t·r_t + β·k(x_t) and ∂L_t/∂lp_t = −φ_t·r_t + β·k'(x_t)
     (VESPO: r is in W, not per token); ``kl_coef`` = β. ``params`` is the family's float tuple,
     ``gamma_rule`` the γ rule (``gamma.py``); global_* < 0 means "not given" (or device
-    tensors, see ``finalize``)."""
+    tensors, see ``finalize``); SLOTS: the partial slots filled (``layout.partial_slots``);
+    WARPS: the launch's num_warps."""
     lp, olp, adv, mask, rollout, ref = streams(lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr,
                                                s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r,
-                                               s_mask_t, s_rollout_r, s_rollout_t, s_ref_r, s_ref_t, UNIT_STRIDE)
+                                               s_mask_t, s_rollout_r, s_rollout_t, s_ref_r, s_ref_t, UNIT_STRIDE,
+                                               PACKED)
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_T)
     like = tl.zeros([BLOCK_T], ACC)
     zero = tl.zeros([], ACC)
-    # the batch context, identical in every program (same records, same order)
+    # the program's row of the partial buffer (layout.partial_row): its record, then the scratch
+    # of its merges across warps (the lanes' record, the batch context)
+    ROW: tl.constexpr = PARTIAL_SCRATCH + (PARTIAL_WIDTH + CONTEXT_WIDTH) * WARPS
+    row = partial_ptr + pid.to(tl.int64) * ROW
+    record_scratch = row + PARTIAL_SCRATCH
+    # the batch context, identical in every program (same records, same order); with batch
+    # statistics the sign family's A>0 / A<0 moments of ℓ come from them (pass 1 counted the
+    # same tokens), else from this pass (OWN_GROUPS)
+    OWN_GROUPS: tl.constexpr = SIGN_GROUPS and not BATCH_STATS
     if GAMMA_MODE == GAMMA_GIVEN:
         batch_ctx = (tl.load(gamma_ptr).to(ACC), tl.load(gamma_ptr + 1).to(ACC))
+        groups = (zero, zero, zero, zero)
     else:
-        batch_ctx = family_context(stats_ptr, n_stats, 0, 0, 1, gamma_rule,
-                                   FAMILY, GAMMA_MODE, BATCH_STATS, KS, G, BLOCK_REC)
+        batch_ctx, groups = family_context(stats_ptr, n_stats, 0, 0, 1, gamma_rule,
+                                           record_scratch + PARTIAL_WIDTH * WARPS, FAMILY, GAMMA_MODE, BATCH_STATS,
+                                           KS, G, BLOCK_REC, WARPS)
     # lane accumulators of the program
     loss_acc = like
     kl_acc = like
-    moments = moments4_init(like)
+    moments = power_sums_init(like)
     pos = moments_init(like)
     neg = moments_init(like)
     w_sum = like
@@ -145,14 +159,14 @@ def token_loss_kernel(
             s, start, end = locate_row(p, cu_ptr, S, T, PACKED)
             e = piece_end(p, end, b)
             origin = 0 if PACKED else start
+            raw = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, p + lanes, prologue_stop(e, b, PACKED),
+                           HAS_ADV, HAS_MASK, HAS_ROLLOUT, KL_TYPE != KL_NONE)  # the piece's first tile
             ctx = _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, chunk,
                                n_chunks, clamp, gamma_rule, params, batch_ctx,
                                FAMILY, GAMMA_MODE, ROW_STATS, ACC, KS, G, BLOCK_REC)
             row_loss = like
             row_kl = like
             row_n = like
-            raw = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, p + lanes, e,
-                           HAS_ADV, HAS_MASK, HAS_ROLLOUT, KL_TYPE != KL_NONE)
             for t0 in range(p, e, BLOCK_T):
                 offs = t0 + lanes
                 ahead = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, offs + BLOCK_T, e,
@@ -183,10 +197,11 @@ def token_loss_kernel(
                 if SEQ_AGG:
                     row_loss += L
                     row_n += tl.where(m, 1.0, 0.0)
-                moments = moments4_add(moments, ell, m)
-                if SIGN_GROUPS:
+                moments = power_sums_add(moments, ell, m)
+                if OWN_GROUPS:
                     pos = moments_add(pos, ell, m & (A > 0.0))
                     neg = moments_add(neg, ell, m & (A < 0.0))
+                if SIGN_GROUPS:
                     ess_pos = expsum_add(ess_pos, g * ell, m & (A > 0.0))
                     ess_neg = expsum_add(ess_neg, g * ell, m & (A < 0.0))
                 w_sum += tl.where(m, w, 0.0)
@@ -235,23 +250,22 @@ def token_loss_kernel(
                            t_flags)
 
     # the program's partial record (slot order of layout.P_*; its scalars on lane 0)
-    n, mean, m2, m3, m4 = moments
+    n, mean, m2, m3, m4 = power_sums_moments(moments)
     first = lanes == 0
     e0, e1, e2, e3, e4 = extras
     record = (n, mean, pos[0], pos[1], neg[0], neg[1], tl.where(first, seq_loss, 0.0), tl.where(first, seq_kl, 0.0),
-              w_max, phi_max, g_max, -g_min, ess_all[0], ess_pos[0], ess_neg[0], like,
-              m2, m3, m4, pos[2], neg[2], ess_all[1], ess_all[2], ess_pos[1],
-              ess_pos[2], ess_neg[1], ess_neg[2], loss_acc, kl_acc, w_sum, phi_sum, g_sum,
-              e0, e1, e2, e3, e4, nonfinite, tl.where(first, seq_rows, 0.0), like)
-    store_record(partial_ptr + pid.to(tl.int64) * PARTIAL_WIDTH, merge_record(record))
+              w_max, phi_max, g_max, -g_min, ess_all[0], ess_pos[0], ess_neg[0],
+              m2, m3, m4, pos[2], neg[2], ess_all[1], ess_all[2], ess_pos[1], ess_pos[2], ess_neg[1], ess_neg[2],
+              loss_acc, kl_acc, w_sum, phi_sum, g_sum, e0, e1, e2, e3, e4, nonfinite, tl.where(first, seq_rows, 0.0))
+    store_record(row, reduce_record(record, record_scratch, SLOTS, WARPS), SLOTS)
 
     # completion ticket: the last program to arrive merges every partial
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == tl.num_programs(0) - 1:
-        finalize(partial_ptr, tl.num_programs(0), element_ptr, 2 * n_chunks, row_count_ptr, cu_ptr,
-                 loss_ptr, metrics_ptr, grad_scale_ptr, batch_ctx, S, T,
+        finalize(partial_ptr, ROW, tl.num_programs(0), element_ptr, 2 * n_chunks, row_count_ptr, cu_ptr,
+                 loss_ptr, metrics_ptr, grad_scale_ptr, record_scratch, batch_ctx, groups, S, T,
                  dp_size, global_token_count, global_batch_size, loss_scale_factor,
-                 agg_mode, SEQ_AGG, SEQ_GAMMA, PACKED, COUNTS_ON_DEVICE, SIGN_GROUPS, KL_TYPE != KL_NONE,
-                 FAMILY <= IS_RESHAPE_VAR, BLOCK_P, BLOCK_E)
+                 agg_mode, SEQ_AGG, SEQ_GAMMA, PACKED, COUNTS_ON_DEVICE, SIGN_GROUPS and not OWN_GROUPS, SLOTS,
+                 WARPS, BLOCK_P, BLOCK_E)
         tl.store(ticket_ptr, 0)

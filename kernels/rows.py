@@ -13,7 +13,7 @@ others, in order: element 2c of a chunk record array is chunk c's head, 2c+1
 its tail (``row_elements``).
 
 Malformed ``cu_seqlens`` never cause an out-of-bounds access: token addresses
-come from the chunk grid over N, row indices from a binary search clamped to
+come from the chunk grid over N, row indices from a search that stays inside
 [0, S), and tokens outside their row's bounds are not counted.
 """
 import triton
@@ -22,19 +22,36 @@ import triton.language as tl
 from .common import finite_or_nan
 
 
+SEARCH_PROBES = tl.constexpr(32)  # cu_seqlens values per search step: one warp's lanes, one L2 round trip
+
+
+@triton.jit
+def _search_step(lo, hi, p, cu_ptr, S):
+    """One step of the search for the largest s in [lo, hi) with cu[s] <= p: the range is cut
+    into 31 slices whose starts, and the start after the last, are read by one vector load (the
+    count reduces inside each warp: no CTA barrier). Returns the slice holding s and, once it is
+    one row (the step was 1), that row's cu[s] and cu[s + 1] from the same load."""
+    step = (hi - lo + SEARCH_PROBES - 2) // (SEARCH_PROBES - 1)
+    k = tl.arange(0, SEARCH_PROBES)
+    probe = lo + k * step
+    cu = tl.load(cu_ptr + probe, mask=probe <= S, other=0).to(tl.int32)
+    count = tl.sum(((k < SEARCH_PROBES - 1) & (probe < hi) & (cu <= p)).to(tl.int32))
+    j = tl.maximum(count - 1, 0)  # ≥ 0 even for a malformed cu
+    start = tl.sum(tl.where(k == j, cu, 0))
+    end = tl.sum(tl.where(k == j + 1, cu, 0))
+    lo = lo + j * step
+    return lo, tl.minimum(lo + step, hi), start, end
+
+
 @triton.jit
 def locate_row(p, cu_ptr, S, T, PACKED: tl.constexpr):
-    """(s, start, end): the row holding token p and its token range [start, end)."""
+    """(s, start, end): the row holding token p and its token range [start, end). Packed: the
+    largest s in [0, S) with cu[s] <= p (empty rows are skipped), by 31-way steps (one for
+    S ≤ 31, two for S ≤ 961, …); every probe stays inside cu[0..S]."""
     if PACKED:
-        lo = tl.zeros([], tl.int32)
-        hi = lo + S
-        while hi - lo > 1:  # largest s in [0, S) with cu[s] <= p (empty rows are skipped)
-            mid = (lo + hi) // 2
-            go_right = tl.load(cu_ptr + mid).to(tl.int32) <= p
-            lo = tl.where(go_right, mid, lo)
-            hi = tl.where(go_right, hi, mid)
-        start = tl.load(cu_ptr + lo).to(tl.int32)
-        end = tl.load(cu_ptr + lo + 1).to(tl.int32)
+        lo, hi, start, end = _search_step(tl.zeros([], tl.int32), S, p, cu_ptr, S)
+        while hi - lo > 1:
+            lo, hi, start, end = _search_step(lo, hi, p, cu_ptr, S)
         return lo, start, end
     else:
         s = p // T
@@ -45,6 +62,17 @@ def locate_row(p, cu_ptr, S, T, PACKED: tl.constexpr):
 def piece_end(p, end, chunk_end):
     """End of the piece starting at p: its row's end, inside the chunk, at least p + 1."""
     return tl.minimum(tl.maximum(end, p + 1), chunk_end)
+
+
+@triton.jit
+def prologue_stop(piece_stop, chunk_stop, PACKED: tl.constexpr):
+    """Bound of the loads of a piece's first tile: packed, the chunk's end, so that they do not
+    wait for the row search (the tokens past the piece are in bounds, and ``token_values``
+    masks them out); padded, the piece's end."""
+    if PACKED:
+        return chunk_stop
+    else:
+        return piece_stop
 
 
 @triton.jit
@@ -59,12 +87,16 @@ def row_elements(j, start, end, chunk):
 @triton.jit
 def streams(lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr,
             s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r, s_mask_t,
-            s_rollout_r, s_rollout_t, s_ref_r, s_ref_t, UNIT_STRIDE: tl.constexpr):
+            s_rollout_r, s_rollout_t, s_ref_r, s_ref_t, UNIT_STRIDE: tl.constexpr, PACKED: tl.constexpr):
     """The six token streams of a kernel as (pointer, row stride, token stride) tuples, in
     ``load_raw``'s order: log_prob, old_log_prob, advantages, mask, rollout IS weights, ref log_prob.
     UNIT_STRIDE: every stream read has token stride 1, a constant here, so a token's address is
-    its row's plus the token index (no 64-bit multiply per element)."""
-    if UNIT_STRIDE:
+    its row's plus the token index (no 64-bit multiply per element); packed, the streams are
+    then 1-D (row stride 0, a constant too): addresses do not wait for the row search."""
+    if UNIT_STRIDE and PACKED:
+        return ((lp_ptr, 0, 1), (olp_ptr, 0, 1), (adv_ptr, 0, 1), (mask_ptr, 0, 1), (rollout_ptr, 0, 1),
+                (ref_ptr, 0, 1))
+    elif UNIT_STRIDE:
         return ((lp_ptr, s_lp_r, 1), (olp_ptr, s_olp_r, 1), (adv_ptr, s_adv_r, 1), (mask_ptr, s_mask_r, 1),
                 (rollout_ptr, s_rollout_r, 1), (ref_ptr, s_ref_r, 1))
     else:

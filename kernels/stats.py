@@ -4,15 +4,17 @@ A persistent grid walks the chunks (``rows.py``); per tile every lane updates
 its own Welford moments (groups all / A>0 / A<0) and, for ``ess_exact``, its
 grid sums. With ``ROW_STATS`` (per-sequence γ, VESPO) the lanes are reduced
 once per piece into a record at the piece's element; otherwise once per program
-into the program's record, merged in a fixed order by every program of pass 2.
+into the program's record (each warp merges its lanes, then the warps' moments
+through the program's scratch row: ``common.exchange_warps``), merged in a fixed
+order by every program of pass 2.
 """
 import triton
 import triton.language as tl
 
-from .common import moments_add, moments_init, moments_reduce
+from .common import exchange_warps, moments_add, moments_init, moments_reduce
 from .gamma import ess_grid_terms
 from .layout import S_AFIRST, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
-from .rows import load_raw, locate_row, piece_end, streams, token_values
+from .rows import load_raw, locate_row, piece_end, prologue_stop, streams, token_values
 
 
 @triton.jit
@@ -37,8 +39,8 @@ def _grid_add(acc, ell, m, lo, hi, G: tl.constexpr):
 
 
 @triton.jit
-def _store_moments(ptr, acc):
-    n, mean, m2 = moments_reduce(acc)
+def _store_moments(ptr, summary):
+    n, mean, m2 = summary
     tl.store(ptr, n)
     tl.store(ptr + 1, mean)
     tl.store(ptr + 2, m2)
@@ -57,10 +59,12 @@ def _store_grid(ptr, acc, G: tl.constexpr):
 @triton.jit
 def _store_record(ptr, all_, pos, neg, lsum, a_first, grid_a, grid_b,
                   SIGN_GROUPS: tl.constexpr, ESS_EXACT: tl.constexpr, G: tl.constexpr):
+    """A record from the (count, mean, M2) summaries of the groups, Σℓ, the first counted A
+    and the lanes' ESS grid sums."""
     _store_moments(ptr + S_N_ALL, all_)
     _store_moments(ptr + S_N_POS, pos)
     _store_moments(ptr + S_N_NEG, neg)
-    tl.store(ptr + S_LSUM, tl.sum(lsum))
+    tl.store(ptr + S_LSUM, lsum)
     tl.store(ptr + S_AFIRST, a_first)
     if ESS_EXACT:
         _store_grid(ptr + S_GRID, grid_a, G)
@@ -68,11 +72,33 @@ def _store_record(ptr, all_, pos, neg, lsum, a_first, grid_a, grid_b,
             _store_grid(ptr + S_GRID + 4 * G, grid_b, G)
 
 
+@triton.jit
+def _summaries(all_, pos, neg, scratch_ptr, SIGN_GROUPS: tl.constexpr, W: tl.constexpr):
+    """The (count, mean, M2) of the lanes per group (all, or A>0 and A<0 for the sign family):
+    per warp, then across the W warps (W = 0: one CTA-wide reduction each); 0 for the other."""
+    zero = tl.zeros([], all_[0].dtype)
+    none = (zero, zero, zero)
+    if SIGN_GROUPS:
+        if W == 0:
+            s_pos, s_neg = moments_reduce(pos, 0), moments_reduce(neg, 0)
+        else:
+            got = exchange_warps(moments_reduce(pos, W) + moments_reduce(neg, W), scratch_ptr, W, 63)
+            s_pos, s_neg = moments_reduce(got[0:3], 0), moments_reduce(got[3:6], 0)
+        out = (none, s_pos, s_neg)
+    else:
+        if W == 0:
+            s_all = moments_reduce(all_, 0)
+        else:
+            s_all = moments_reduce(exchange_warps(moments_reduce(all_, W), scratch_ptr, W, 7), 0)
+        out = (s_all, none, none)
+    return out
+
+
 @triton.jit(do_not_specialize=["N", "T", "S", "chunk", "n_chunks", "s_lp_r", "s_lp_t", "s_olp_r",
                                "s_olp_t", "s_adv_r", "s_adv_t", "s_mask_r", "s_mask_t",
                                "s_rollout_r", "s_rollout_t", "s_ref_r", "s_ref_t"])
 def batch_stats_kernel(
-    lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr, cu_ptr, rec_ptr,
+    lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr, cu_ptr, rec_ptr, scratch_ptr, scratch_stride,
     N, T, S, chunk, n_chunks,
     s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r, s_mask_t,
     s_rollout_r, s_rollout_t, s_ref_r, s_ref_t,
@@ -80,13 +106,16 @@ def batch_stats_kernel(
     ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
     HAS_REF: tl.constexpr, PACKED: tl.constexpr, UNIT_STRIDE: tl.constexpr,
     SIGN_GROUPS: tl.constexpr, ESS_EXACT: tl.constexpr, G: tl.constexpr, KS: tl.constexpr,
-    ROW_STATS: tl.constexpr, BLOCK_T: tl.constexpr,
+    ROW_STATS: tl.constexpr, WARPS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Statistics records of ℓ per piece (ROW_STATS) or per program (see module docstring).
-    With rollout IS weights a row's Σℓ (VESPO's log W) also sums log max(r, 1e-8)."""
+    With rollout IS weights a row's Σℓ (VESPO's log W) also sums log max(r, 1e-8). scratch_ptr:
+    a free row of ``scratch_stride`` ≥ 9·WARPS values per program (the loss pass's partials);
+    WARPS: the launch's warps if BLOCK_T is a multiple of 32·WARPS, else 0."""
     lp, olp, adv, mask, rollout, ref = streams(lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr,
                                                s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r,
-                                               s_mask_t, s_rollout_r, s_rollout_t, s_ref_r, s_ref_t, UNIT_STRIDE)
+                                               s_mask_t, s_rollout_r, s_rollout_t, s_ref_r, s_ref_t, UNIT_STRIDE,
+                                               PACKED)
     rho, fixed_a, fixed_b, a_lo, a_hi, b_lo, b_hi = gamma_rule
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_T)
@@ -103,7 +132,7 @@ def batch_stats_kernel(
                 all_, pos, neg, lsum, grid_a, grid_b = _lanes_init(BLOCK_T, G, ACC)
                 first = tl.zeros([BLOCK_T], tl.int32) + e
             # advantages are read only for the A>0 / A<0 groups (VESPO reads one per piece)
-            raw = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, p + lanes, e,
+            raw = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, p + lanes, prologue_stop(e, b, PACKED),
                            HAS_ADV and SIGN_GROUPS, HAS_MASK, HAS_ROLLOUT and ROW_STATS, False)
             for t0 in range(p, e, BLOCK_T):
                 offs = t0 + lanes
@@ -113,7 +142,8 @@ def batch_stats_kernel(
                                                     HAS_ADV and SIGN_GROUPS, HAS_MASK,
                                                     HAS_ROLLOUT and ROW_STATS, False, PACKED)
                 raw = ahead
-                all_ = moments_add(all_, ell, m)
+                if not SIGN_GROUPS:  # the sign family's γ± read only its groups
+                    all_ = moments_add(all_, ell, m)
                 if SIGN_GROUPS:
                     pos = moments_add(pos, ell, m & (A > 0.0))
                     neg = moments_add(neg, ell, m & (A < 0.0))
@@ -135,9 +165,12 @@ def batch_stats_kernel(
                                       mask=f < e, other=1.0).to(ACC)
                 element = tl.where(start < a, 2 * c, 2 * c + 1)  # head / tail of the chunk
                 element = tl.where((start >= a) & (end <= b), 2 * n_chunks + s, element)  # complete row
-                _store_record(rec_ptr + element.to(tl.int64) * KS, all_, pos, neg, lsum, a_first,
+                s_all, s_pos, s_neg = _summaries(all_, pos, neg, scratch_ptr, SIGN_GROUPS, 0)
+                _store_record(rec_ptr + element.to(tl.int64) * KS, s_all, s_pos, s_neg, tl.sum(lsum), a_first,
                               grid_a, grid_b, SIGN_GROUPS, ESS_EXACT, G)
             p = e
     if not ROW_STATS:
-        _store_record(rec_ptr + pid.to(tl.int64) * KS, all_, pos, neg, lsum, tl.zeros([], ACC) + 1.0,
-                      grid_a, grid_b, SIGN_GROUPS, ESS_EXACT, G)
+        all_, pos, neg = _summaries(all_, pos, neg, scratch_ptr + pid.to(tl.int64) * scratch_stride, SIGN_GROUPS, WARPS)
+        zero = tl.zeros([], ACC)
+        _store_record(rec_ptr + pid.to(tl.int64) * KS, all_, pos, neg, zero, zero + 1.0, grid_a, grid_b,
+                      SIGN_GROUPS, ESS_EXACT, G)

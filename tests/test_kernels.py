@@ -247,7 +247,7 @@ def test_float_parameters_are_runtime_arguments():
     structural = {"ACC", "HAS_ADV", "HAS_MASK", "PACKED", "SIGN_GROUPS", "ESS_EXACT", "G", "KS",
                   "ROW_STATS", "BLOCK_T", "FAMILY", "OPT", "GAMMA_MODE", "BATCH_STATS", "WRITE_GRAD",
                   "BLOCK_REC", "SEQ_GAMMA", "AGG", "SEQ_AGG", "BLOCK_P", "BLOCK_E", "PER_ROW",
-                  "COUNTS_ON_DEVICE", "HAS_ROLLOUT", "HAS_REF", "KL_TYPE", "UNIT_STRIDE"}
+                  "COUNTS_ON_DEVICE", "HAS_ROLLOUT", "HAS_REF", "KL_TYPE", "UNIT_STRIDE", "SLOTS", "WARPS"}
     for kernel in (batch_stats_kernel, token_loss_kernel, policy_grad_kernel):
         params = inspect.signature(kernel.fn).parameters
         constexprs = {n for n, p in params.items() if p.annotation is tl.constexpr}
