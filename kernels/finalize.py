@@ -203,8 +203,9 @@ def _spanning_rows(element_ptr, n_elements, row_count_ptr, dt: tl.constexpr, BLO
 
 
 @triton.jit
-def _longest_row(cu_ptr, S, BLOCK: tl.constexpr):
-    """max_s (cu[s+1] − cu[s]): the padded T of a packed batch."""
+def _packed_rows(cu_ptr, S, row_count_ptr, BLOCK: tl.constexpr):
+    """max_s (cu[s+1] − cu[s]), the padded T of a packed batch; writes n_b = 0 for the empty
+    rows (no piece ever holds them), so that every row's count is defined."""
     idx = tl.arange(0, BLOCK)
     longest = tl.zeros([BLOCK], tl.int32)
     for s0 in range(0, S, BLOCK):
@@ -212,6 +213,7 @@ def _longest_row(cu_ptr, S, BLOCK: tl.constexpr):
         lo = tl.load(cu_ptr + s, mask=s < S, other=0).to(tl.int32)
         hi = tl.load(cu_ptr + s + 1, mask=s < S, other=0).to(tl.int32)
         longest = tl.maximum(longest, hi - lo)
+        tl.store(row_count_ptr + s, tl.zeros([BLOCK], row_count_ptr.dtype.element_ty), mask=(s < S) & (hi <= lo))
     return tl.max(longest)
 
 
@@ -232,6 +234,10 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
     dt = partial_ptr.dtype.element_ty
     if SEQ_AGG:  # the rows that span chunks first, before the partials' registers are live
         span_loss, span_kl, span_rows = _spanning_rows(element_ptr, n_elements, row_count_ptr, dt, BLOCK_E)
+        if PACKED:
+            longest = _packed_rows(cu_ptr, S, row_count_ptr, BLOCK_E).to(dt)
+        else:
+            longest = T + tl.zeros([], dt)
     # every filled slot of every partial record (L1 bypassed: written by other programs), loaded
     # before any is used (one L2 round trip); absent programs are empty records (−inf maxima)
     rec = reduce_record(load_record(partial_ptr + p.to(tl.int64) * partial_stride, p < n_part, SLOTS),
@@ -268,10 +274,6 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
         if agg == TOKEN_MEAN:
             scale = safe_div(one, tl.where(global_token_count >= 0.0, global_token_count, n_all))
     elif agg == SEQ_MEAN_TOKEN_SUM_NORM:
-        if PACKED:
-            longest = _longest_row(cu_ptr, S, BLOCK_E).to(dt)
-        else:
-            longest = T * one
         scale = safe_div(one, gbs * tl.where(loss_scale_factor >= 0.0, loss_scale_factor, longest))
     else:  # seq-mean-token-sum, seq-mean-token-mean
         scale = safe_div(one, gbs)

@@ -110,3 +110,23 @@ def test_packed_bad_shapes_name_the_argument():
         irt.policy_loss(lp.reshape(2, 5), lp.reshape(2, 5), cu_seqlens=cu)
     with pytest.raises(TypeError, match="cu_seqlens"):
         irt.policy_loss(lp, lp, cu_seqlens=cu.float())
+
+
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_every_output_is_written_with_empty_rows(agg, monkeypatch):
+    """Packed rows of length 0 get no piece; the finalizer still writes their n_b = 0, so every
+    output of the op (row counts included) is the same whatever the allocator hands out."""
+    lp, olp, adv, mask, _, cu = _packed_batch((7, 0, 12, 0, 3))
+    outs = []
+    for fill in (float("nan"), 7.0):
+        monkeypatch.setattr(ops, "_empty", lambda shape, dtype, device, fill=fill: torch.full(shape, fill, dtype=dtype,
+                                                                                                device=device))
+        x = ops.prepare_inputs(lp, olp, adv, mask, cu_seqlens=cu)
+        plan = ops.plan_launches(x, irt.families.kernel_family("vespo", irt.make_params("vespo")),
+                                 ops.AggConfig(agg), 20.0, True)
+        for step in plan.steps:
+            step()
+        outs.append((plan.loss, plan.metrics, plan.neg_phi, plan.grad_scale, plan.row_count))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b), (a, b)
+    assert outs[0][4].tolist() == [float(mask[:7].sum()), 0.0, float(mask[7:19].sum()), 0.0, float(mask[19:].sum())]
