@@ -111,18 +111,19 @@ def _compiled(family):
 IMPLS = {"eager": _eager, "reference": _reference, "fused": _fused, "compiled": _compiled}
 
 
-def traffic_model_bytes(family, batch: Batch, T: Optional[int] = None) -> Optional[int]:
-    """``isreshape_triton.ops.traffic_model`` of the batch (or of its rows with T tokens)."""
+def traffic_model_bytes(family, batch: Batch, split: bool = False):
+    """``isreshape_triton.ops.traffic_model`` of the batch; ``split``: (per-token streams, the
+    O(rows + chunks + programs) record buffers)."""
     try:
         from isreshape_triton.ops import traffic_model
     except ImportError:
         return None
-    B, T_batch = batch.shape
+    B, T = batch.shape
     adv = batch.advantages
     adv_shape = "none" if adv is None else ("B" if adv.dim() == 1 else "BT")
     mask_dtype = None if batch.response_mask is None else batch.response_mask.dtype
-    return int(traffic_model(family, batch.log_prob.dtype, mask_dtype, B, T_batch if T is None else T,
-                             adv_shape))
+    out = traffic_model(family, batch.log_prob.dtype, mask_dtype, B, T, adv_shape, split=split)
+    return tuple(int(x) for x in out) if split else int(out)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -206,9 +207,9 @@ def measure(impl: str, family: str, batch: Batch, gpu: bool) -> dict:
             # the model covers the whole fwd+bwd op (its Triton kernels and its aten glue, e.g. the
             # backward multiply), so the counted aten bytes are kept apart, not added
             row["model_bytes"] = model
-            if model is not None:  # per-token streams, without the O(rows + programs) record buffers
+            if model is not None:  # per-token streams, without the O(rows + chunks + programs) record buffers
                 B, T = batch.shape
-                row["stream_bytes_per_token"] = (model - traffic_model_bytes(family, batch, T=0)) / (B * T)
+                row["stream_bytes_per_token"] = traffic_model_bytes(family, batch, split=True)[0] / (B * T)
             row["aten_glue_bytes"] = row["torch_bytes"]
             row["bytes"] = model
             row["bytes_source"] = "traffic_model" if model is not None else "n/a (no traffic_model)"
