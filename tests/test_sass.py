@@ -349,14 +349,16 @@ def test_record_merges_take_one_barrier_each(compiled):
     """The program records merge per warp with shuffles and across warps through scratch after one
     CTA barrier (``common.exchange_warps``): the loss kernel's code outside its loops holds at most
     the batch context's and the record's exchanges plus the ticket's barriers, its finalize the
-    partials' exchange (token modes), and the statistics pass's record merge one exchange."""
+    partials' exchange (token modes), and the statistics pass's record merge one exchange. The
+    ess_exact γ rule's grid sums and root solve still reduce CTA-wide (~15 barriers, once per
+    program): not counted here."""
     _, _, op = compiled
     seen = set()
     for cfg, spec, row in op:
         name = spec["kernel"].split(":")[-1]
         k = h100.structure(row)
         flags = spec["constexprs"]
-        if name == "token_loss_kernel" and not flags["SEQ_AGG"]:
+        if name == "token_loss_kernel" and not flags["SEQ_AGG"] and flags["GAMMA_MODE"] != 2:  # not ess_exact
             assert k.once.bar <= 4 and k.last is not None and k.last.bar <= 3, (cfg, k.once.bar, k.last.bar)
             seen.add(name)
         elif name == "batch_stats_kernel" and not flags["ROW_STATS"] and flags["BLOCK_T"] % 256 == 0:
