@@ -260,6 +260,26 @@ def exchange_warps(values, scratch_ptr, W: tl.constexpr, USED: tl.constexpr):
     return out
 
 
+@triton.jit
+def lane_summaries(a, b, scratch_ptr, TWO: tl.constexpr, W: tl.constexpr):
+    """The (count, mean, M2) of the lane accumulators of group a (and b if TWO, else a's again):
+    per warp then across the W warps through scratch_ptr (6·W values, ``exchange_warps``), or
+    CTA-wide (W = 0)."""
+    if W == 0:
+        s_a = moments_reduce(a, 0)
+        s_b = s_a
+        if TWO:
+            s_b = moments_reduce(b, 0)
+        out = (s_a, s_b)
+    elif TWO:
+        got = exchange_warps(moments_reduce(a, W) + moments_reduce(b, W), scratch_ptr, W, 63)
+        out = (moments_reduce(got[0:3], 0), moments_reduce(got[3:6], 0))
+    else:
+        s_a = moments_reduce(exchange_warps(moments_reduce(a, W), scratch_ptr, W, 7), 0)
+        out = (s_a, s_a)
+    return out
+
+
 # ----------------------------------------------------------------------------- special functions
 @triton.jit
 def expm1(x):

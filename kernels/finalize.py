@@ -302,7 +302,6 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
     # m2 as zero (m2 ≤ (1e-15·mean)²) or there is no token
     cm2 = safe_div(m2_all, n_all)
     spread = ~(cm2 <= (1e-15 * mean_all) * (1e-15 * mean_all))
-    zero = tl.zeros([], dt)
     metrics = (
         n_all, -tl.where(n_all > 0.0, mean_all, 0.0), safe_div(s_w, n_all), w_max,
         safe_div(s_phi, n_all), phi_max, unbiased_var(n_all, m2_all), ess,

@@ -10,7 +10,7 @@ fixed value ≥ 0 overrides the data-driven rule for its group (sign family), an
 import triton
 import triton.language as tl
 
-from .common import clamp_nan, exchange_warps, moments_init, moments_merge, moments_reduce, unbiased_var
+from .common import clamp_nan, lane_summaries, moments_init, moments_merge, unbiased_var
 from .families import IS_RESHAPE, IS_RESHAPE_SIGN, IS_RESHAPE_VAR
 from .layout import S_AFIRST, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
 
@@ -89,7 +89,7 @@ def _merge_groups(rec_ptr, count, first, base, stride, slot_a, slot_b, TWO: tl.c
                   KS: tl.constexpr, BLOCK: tl.constexpr):
     """[BLOCK] lanes of (count, mean, M2) of group a (and b if TWO) over ``count`` records: each
     lane Chan-merges its records in order (one pass, fixed order, both groups' loads issued
-    together; ``_summaries`` merges the lanes)."""
+    together; ``common.lane_summaries`` merges the lanes)."""
     jj = tl.arange(0, BLOCK)
     a = moments_init(tl.zeros([BLOCK], rec_ptr.dtype.element_ty))
     b = a
@@ -105,25 +105,6 @@ def _merge_groups(rec_ptr, count, first, base, stride, slot_a, slot_b, TWO: tl.c
             b = moments_merge(b, (tl.load(rb, mask=ok, other=0.0), tl.load(rb + 1, mask=ok, other=0.0),
                                   tl.load(rb + 2, mask=ok, other=0.0)))
     return a, b
-
-
-@triton.jit
-def _summaries(a, b, scratch_ptr, TWO: tl.constexpr, W: tl.constexpr):
-    """The (count, mean, M2) of the lanes of group a (and b if TWO): per warp then across the W
-    warps through scratch_ptr (6·W values, ``exchange_warps``), or CTA-wide (W = 0)."""
-    if W == 0:
-        s_a = moments_reduce(a, 0)
-        s_b = s_a
-        if TWO:
-            s_b = moments_reduce(b, 0)
-        out = (s_a, s_b)
-    elif TWO:
-        got = exchange_warps(moments_reduce(a, W) + moments_reduce(b, W), scratch_ptr, W, 63)
-        out = (moments_reduce(got[0:3], 0), moments_reduce(got[3:6], 0))
-    else:
-        s_a = moments_reduce(exchange_warps(moments_reduce(a, W), scratch_ptr, W, 7), 0)
-        out = (s_a, s_a)
-    return out
 
 
 @triton.jit
@@ -175,7 +156,7 @@ def family_context(rec_ptr, count, first, base, stride, gamma_rule, scratch_ptr,
                    FAMILY: tl.constexpr, GAMMA_MODE: tl.constexpr, HAS_STATS: tl.constexpr,
                    KS: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr, W: tl.constexpr):
     """The family's γ context (c0, c1) from ``count`` statistics records (``record_index``),
-    merged per warp through scratch_ptr (W > 0, see ``_summaries``) or CTA-wide (W = 0), and
+    merged per warp through scratch_ptr (W > 0, see ``common.lane_summaries``) or CTA-wide (W = 0), and
     (count, M2) of ℓ over the A>0 and A<0 groups (the sign family with statistics, else 0).
 
     is_reshape / is_reshape_var: c0 = γ (γ_base) on [a_lo, a_hi] from σ² of all tokens,
@@ -193,7 +174,7 @@ def family_context(rec_ptr, count, first, base, stride, gamma_rule, scratch_ptr,
             c0 += clamp_nan(fixed_a, a_lo, a_hi)
         else:
             lanes, _ = _merge_groups(rec_ptr, count, first, base, stride, S_N_ALL, S_N_ALL, False, KS, BLOCK)
-            (n, mean, m2), _ = _summaries(lanes, lanes, scratch_ptr, False, W)
+            (n, mean, m2), _ = lane_summaries(lanes, lanes, scratch_ptr, False, W)
             if GAMMA_MODE == GAMMA_ESS:
                 c0 += gamma_closed_form(unbiased_var(n, m2), rho, a_lo, a_hi)
             else:
@@ -202,7 +183,7 @@ def family_context(rec_ptr, count, first, base, stride, gamma_rule, scratch_ptr,
     elif FAMILY == IS_RESHAPE_SIGN:
         if HAS_STATS:
             pos, neg = _merge_groups(rec_ptr, count, first, base, stride, S_N_POS, S_N_NEG, True, KS, BLOCK)
-            (n_p, mean_p, m2_p), (n_n, mean_n, m2_n) = _summaries(pos, neg, scratch_ptr, True, W)
+            (n_p, mean_p, m2_p), (n_n, mean_n, m2_n) = lane_summaries(pos, neg, scratch_ptr, True, W)
             if GAMMA_MODE == GAMMA_ESS_EXACT:
                 grid_a = _merge_grid(rec_ptr, count, first, base, stride, S_GRID, G, KS, BLOCK)
                 grid_b = _merge_grid(rec_ptr, count, first, base, stride, S_GRID + 4 * G, G, KS, BLOCK)

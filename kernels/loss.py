@@ -27,7 +27,7 @@ from .common import (expsum_add, expsum_init, max_nan, min_nan, moments_add, mom
 from .families import IS_RESHAPE_VAR, KL_NONE, VESPO, family_token, kl_penalty, vespo_sequence_weight
 from .finalize import finalize, reduce_record, store_record
 from .gamma import GAMMA_GIVEN, family_context, merge_sequence_sums
-from .layout import (CONTEXT_WIDTH, E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, PARTIAL_SCRATCH,
+from .layout import (E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, PARTIAL_SCRATCH,
                      PARTIAL_WIDTH, ROW_ENDS, ROW_STARTS)
 from .rows import load_raw, locate_row, piece_end, prologue_stop, row_elements, streams, token_values
 
@@ -80,7 +80,7 @@ def _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, ch
 def token_loss_kernel(
     lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr, cu_ptr, stats_ptr, n_stats,
     gamma_ptr, gamma_row_stride,
-    neg_phi_ptr, element_ptr, row_count_ptr, partial_ptr, ticket_ptr,
+    neg_phi_ptr, element_ptr, row_count_ptr, partial_ptr, partial_stride, ticket_ptr,
     loss_ptr, metrics_ptr, grad_scale_ptr,
     N, T, S, chunk, n_chunks,
     s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r, s_mask_t,
@@ -110,10 +110,9 @@ def token_loss_kernel(
     lanes = tl.arange(0, BLOCK_T)
     like = tl.zeros([BLOCK_T], ACC)
     zero = tl.zeros([], ACC)
-    # the program's row of the partial buffer (layout.partial_row): its record, then the scratch
-    # of its merges across warps (the lanes' record, the batch context)
-    ROW: tl.constexpr = PARTIAL_SCRATCH + (PARTIAL_WIDTH + CONTEXT_WIDTH) * WARPS
-    row = partial_ptr + pid.to(tl.int64) * ROW
+    # the program's row of the partial buffer (``partial_stride`` = layout.partial_row(WARPS) values):
+    # its record, then the scratch of its merges across warps (the lanes' record, the batch context)
+    row = partial_ptr + pid.to(tl.int64) * partial_stride
     record_scratch = row + PARTIAL_SCRATCH
     # the batch context, identical in every program (same records, same order); with batch
     # statistics the sign family's A>0 / A<0 moments of ℓ come from them (pass 1 counted the
@@ -263,7 +262,7 @@ def token_loss_kernel(
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == tl.num_programs(0) - 1:
-        finalize(partial_ptr, ROW, tl.num_programs(0), element_ptr, 2 * n_chunks, row_count_ptr, cu_ptr,
+        finalize(partial_ptr, partial_stride, tl.num_programs(0), element_ptr, 2 * n_chunks, row_count_ptr, cu_ptr,
                  loss_ptr, metrics_ptr, grad_scale_ptr, record_scratch, batch_ctx, groups, S, T,
                  dp_size, global_token_count, global_batch_size, loss_scale_factor,
                  agg_mode, SEQ_AGG, SEQ_GAMMA, PACKED, COUNTS_ON_DEVICE, SIGN_GROUPS and not OWN_GROUPS, SLOTS,

@@ -5,13 +5,13 @@ its own Welford moments (groups all / A>0 / A<0) and, for ``ess_exact``, its
 grid sums. With ``ROW_STATS`` (per-sequence γ, VESPO) the lanes are reduced
 once per piece into a record at the piece's element; otherwise once per program
 into the program's record (each warp merges its lanes, then the warps' moments
-through the program's scratch row: ``common.exchange_warps``), merged in a fixed
+through the program's scratch row: ``common.lane_summaries``), merged in a fixed
 order by every program of pass 2.
 """
 import triton
 import triton.language as tl
 
-from .common import exchange_warps, moments_add, moments_init, moments_reduce
+from .common import lane_summaries, moments_add, moments_init
 from .gamma import ess_grid_terms
 from .layout import S_AFIRST, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
 from .rows import load_raw, locate_row, piece_end, prologue_stop, streams, token_values
@@ -74,22 +74,15 @@ def _store_record(ptr, all_, pos, neg, lsum, a_first, grid_a, grid_b,
 
 @triton.jit
 def _summaries(all_, pos, neg, scratch_ptr, SIGN_GROUPS: tl.constexpr, W: tl.constexpr):
-    """The (count, mean, M2) of the lanes per group (all, or A>0 and A<0 for the sign family):
-    per warp, then across the W warps (W = 0: one CTA-wide reduction each); 0 for the other."""
+    """The (count, mean, M2) of the lanes per group that pass 2 reads (all, or A>0 and A<0 for the
+    sign family; ``common.lane_summaries``), 0 for the others."""
     zero = tl.zeros([], all_[0].dtype)
     none = (zero, zero, zero)
     if SIGN_GROUPS:
-        if W == 0:
-            s_pos, s_neg = moments_reduce(pos, 0), moments_reduce(neg, 0)
-        else:
-            got = exchange_warps(moments_reduce(pos, W) + moments_reduce(neg, W), scratch_ptr, W, 63)
-            s_pos, s_neg = moments_reduce(got[0:3], 0), moments_reduce(got[3:6], 0)
+        s_pos, s_neg = lane_summaries(pos, neg, scratch_ptr, True, W)
         out = (none, s_pos, s_neg)
     else:
-        if W == 0:
-            s_all = moments_reduce(all_, 0)
-        else:
-            s_all = moments_reduce(exchange_warps(moments_reduce(all_, W), scratch_ptr, W, 7), 0)
+        s_all, _ = lane_summaries(all_, all_, scratch_ptr, False, W)
         out = (s_all, none, none)
     return out
 
