@@ -1,30 +1,97 @@
 #!/usr/bin/env bash
-# One entry point that does all the set-up on a fresh machine (Python >= 3.10 with pip):
-#   ./run.sh demo [bench options]   benchmark + demo on the built-in synthetic batch
-#   ./run.sh test [pytest options]  the whole test suite (Triton kernels run in the interpreter)
-#   ./run.sh rl-demo [options]       the end-to-end off-policy RL demo (python -m bench.demo_rl)
-# A virtualenv is created (or reused) in $VENV (default .venv). `pip install torch==2.13.0`
-# takes a local CPU build of torch where one is available instead of downloading a CUDA build.
+# One entry point that does the set-up on a fresh machine (Python >= 3.10 with pip):
+#   ./run.sh demo [bench options]     the benchmark/demo on the built-in synthetic batch
+#                                     (installs torch, this package and matplotlib only)
+#   ./run.sh test [pytest options]    the test suite on the newest Triton; with no options it then
+#                                     runs the oldest-Triton suite too (./run.sh test-oldest)
+#   ./run.sh test-oldest [options]    kernel parity, from-logits, sampling and the sm_90 compile
+#                                     on the oldest declared Triton, in its own virtualenv
+#   ./run.sh gpu-check [options]      python -m bench.gpu_check: correctness and timings on CUDA
+#   ./run.sh rl-demo [options]        the end-to-end off-policy RL demo (python -m bench.demo_rl)
+# Virtualenvs: $VENV (default .venv) and $VENV_OLDEST (default .venv-oldest-triton), created or
+# reused. PYTHON=python3 ./run.sh ... runs with that interpreter as it is and installs nothing
+# (a CUDA machine with torch and Triton preinstalled and no network).
+# `pip install torch==2.13.0` takes a local CPU build of torch where the machine has one.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${VENV:-.venv}"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-PY="$VENV/bin/python"
-"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
-"$PY" -m pip install -q -e ".[test]"
-# test-only oracle (tests/test_from_logits.py): Liger-Kernel's Triton GRPO loss; torch/triton are ours
-"$PY" -c "import liger_kernel" 2>/dev/null || "$PY" -m pip install -q --no-deps liger-kernel==0.8.5
-# test-only: verl, TRL, OpenRLHF and their import-time dependencies, pinned, --no-deps (~70 s once)
-"$PY" - tests/integrations-requirements.txt <<'PYCHECK' || "$PY" -m pip install -q --no-deps -r tests/integrations-requirements.txt
+VENV_OLDEST="${VENV_OLDEST:-.venv-oldest-triton}"
+OLDEST_TRITON=3.5.0        # the lower bound of setup.py's triton window (kernels/compat.py)
+OLDEST_NUMPY="numpy<2.4"   # Triton <= 3.6's interpreter fails under numpy 2.4
+say() { printf '[run.sh] %s\n' "$*" >&2; }
+
+venv() {  # venv DIR: create DIR (if needed) with torch in it; prints its python
+  [ -x "$1/bin/python" ] || { say "creating the virtualenv $1"; python3 -m venv "$1"; }
+  "$1/bin/python" -c "import torch" 2>/dev/null || {
+    say "$1: installing torch==2.13.0 (a CPU build where the machine has one)"
+    "$1/bin/python" -m pip install -q torch==2.13.0 >&2; }
+  echo "$1/bin/python"
+}
+
+pip_install() {  # pip_install PYTHON WHAT... (quiet, one progress line)
+  local py=$1; shift
+  say "installing $*"
+  "$py" -m pip install -q "$@" >&2
+}
+
+demo_env() {
+  PY=$(venv "$VENV")
+  say "checking $VENV for torch, this package and matplotlib"
+  "$PY" -c "import isreshape_triton, matplotlib" 2>/dev/null || pip_install "$PY" -e ".[bench]"
+}
+
+test_env() {
+  PY=$(venv "$VENV")
+  pip_install "$PY" -e ".[test]"
+  # test-only oracle (tests/test_from_logits.py): Liger-Kernel's Triton GRPO loss; torch/triton are ours
+  "$PY" -c "import liger_kernel" 2>/dev/null || pip_install "$PY" --no-deps liger-kernel==0.8.5
+  # test-only: verl, TRL, OpenRLHF and their import-time dependencies, pinned, --no-deps (~70 s once)
+  "$PY" - tests/integrations-requirements.txt <<'PYCHECK' || pip_install "$PY" --no-deps -r tests/integrations-requirements.txt
 import importlib.metadata as md, re, sys
 pins = [l.split("#")[0].strip() for l in open(sys.argv[1])]
 norm = lambda s: re.sub(r"[-_.]+", "-", s).lower()
 have = {norm(d.metadata["Name"]): d.version for d in md.distributions()}
 sys.exit(any(have.get(norm(n)) != v for n, v in (p.split("==") for p in pins if p)))
 PYCHECK
+}
+
+oldest_env() {
+  PY=$(venv "$VENV_OLDEST")
+  "$PY" -c "import triton, sys; sys.exit(triton.__version__ != '$OLDEST_TRITON')" 2>/dev/null \
+    || pip_install "$PY" "triton==$OLDEST_TRITON" "$OLDEST_NUMPY" pytest hypothesis scipy
+  "$PY" -c "import liger_kernel" 2>/dev/null || pip_install "$PY" --no-deps liger-kernel==0.8.5
+  "$PY" -c "import isreshape_triton" 2>/dev/null || pip_install "$PY" --no-deps -e .
+}
+
+# What CI runs on the oldest Triton (tests/oldest_triton.txt): pairwise kernel parity,
+# from-logits, optimal sampling and the sm_90 compile of the representative specializations.
+run_oldest() {
+  oldest_env
+  say "the oldest-Triton suite (triton $OLDEST_TRITON) in $VENV_OLDEST"
+  mapfile -t selection < <(grep -v '^\s*#' tests/oldest_triton.txt | grep -v '^\s*$')
+  "$PY" -m pytest "${selection[@]}" "$@"
+}
+
+if [ -n "${PYTHON:-}" ]; then  # the given interpreter, as it is
+  PY=$PYTHON
+  case "${1:-}" in
+    demo) shift; exec "$PY" -m bench "$@" ;;
+    test) shift; exec "$PY" -m pytest "$@" ;;
+    gpu-check) shift; exec "$PY" -m bench.gpu_check "$@" ;;
+    rl-demo) shift; exec "$PY" -m bench.demo_rl "$@" ;;
+    *) echo "usage: PYTHON=... ./run.sh demo|test|gpu-check|rl-demo [args]" >&2; exit 2 ;;
+  esac
+fi
+
 case "${1:-}" in
-  demo) shift; exec "$PY" -m bench "$@" ;;
-  test) shift; exec "$PY" -m pytest "$@" ;;
-  rl-demo) shift; exec "$PY" -m bench.demo_rl "$@" ;;
-  *) echo "usage: ./run.sh demo|test|rl-demo [args]" >&2; exit 2 ;;
+  demo) shift; demo_env; say "running python -m bench $*"; exec "$PY" -m bench "$@" ;;
+  test) shift
+    test_env
+    if [ $# -gt 0 ]; then exec "$PY" -m pytest "$@"; fi
+    "$PY" -m pytest
+    run_oldest ;;
+  test-oldest) shift; run_oldest "$@" ;;
+  gpu-check) shift; demo_env; exec "$PY" -m bench.gpu_check "$@" ;;
+  rl-demo) shift; demo_env; exec "$PY" -m bench.demo_rl "$@" ;;
+  *) echo "usage: ./run.sh demo|test|test-oldest|gpu-check|rl-demo [args]" >&2; exit 2 ;;
 esac

@@ -1,4 +1,10 @@
 """isreshape-triton: fused Triton kernels for IS-Reshape policy-gradient losses."""
+import torch as _torch
+
+from . import versions as _versions
+
+_versions.check(_torch.__version__, _versions.installed_triton())
+
 from . import reference
 from .api import PolicyLoss, policy_loss, uses_kernels
 from .from_logits import policy_loss_from_logits, selective_log_softmax

@@ -166,10 +166,11 @@ def _kernel(path: str):
 def _tools():
     """The ptxas Triton itself uses for sm_90 (it reads Triton's PTX version) and cuobjdump."""
     import triton
-    from triton.backends.nvidia.compiler import get_ptxas
+
+    from .kernels.compat import ptxas
 
     nvidia = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    return Path(get_ptxas(90).path), nvidia / "cuobjdump"
+    return Path(ptxas(90).path), nvidia / "cuobjdump"
 
 
 def _tuples(arg_type):

@@ -97,6 +97,9 @@ def _patch_lang_once(patch_lang, lang_modules):
         if langs and langs <= _patched_langs:
             return _NothingToRestore()
         scope = patch_lang(fn)
+        if scope is None:  # Triton 3.5: the patches are never undone, so once is enough
+            _patched_langs.update(langs)
+            return None
         launch = not _patched_langs  # else a device function seeing a new module: never undone, as upstream
         _patched_langs.update(langs)
         return _LaunchScope(scope) if launch else scope

@@ -42,7 +42,7 @@ Counting rules of ``OpCounter`` (every aten op that reaches the Python dispatche
   counters.
 
 Counting rule of ``LaunchCounter``: one launch per non-warmup call of
-``JITFunction.run`` (GPU) or ``InterpretedFunction.run`` (interpreter), which is
+``JITFunction.run`` (GPU) or of the interpreter's ``GridExecutor`` (one per launch), which is
 what ``kernel[grid](...)`` and the autotuner call; the kernel name and the grid
 (resolved if it is callable) are recorded.  On GPU, launches of already
 compiled kernels that bypass ``JITFunction.run`` (``CompiledKernel[grid]``, e.g.
@@ -176,17 +176,20 @@ def _record(name: str, grid) -> None:
         counter.records.append(KernelLaunch(name, grid))
 
 
-def _wrap_run(orig):
+def _counted(orig, grid_and_warmup):
+    """``orig`` counting each non-warmup call as one launch; ``grid_and_warmup(self, kwargs)``
+    says the call's grid and whether it is a warmup."""
     @functools.wraps(orig)
-    def run(self, *args, grid, warmup, **kwargs):
+    def launch(self, *args, **kwargs):
         global _IN_LAUNCH
+        grid, warmup = grid_and_warmup(self, kwargs)
         if warmup:
-            return orig(self, *args, grid=grid, warmup=warmup, **kwargs)
+            return orig(self, *args, **kwargs)
         _IN_LAUNCH += 1
         depth = getattr(_IN_RUN, "depth", 0)
         _IN_RUN.depth = depth + 1
         try:
-            result = orig(self, *args, grid=grid, warmup=warmup, **kwargs)
+            result = orig(self, *args, **kwargs)
         finally:
             _IN_LAUNCH -= 1
             _IN_RUN.depth = depth
@@ -194,8 +197,8 @@ def _wrap_run(orig):
             _record(_kernel_name(self), _resolve_grid(self, grid, args, kwargs))
         return result
 
-    run._isreshape_wrapped = True
-    return run
+    launch._isreshape_wrapped = True
+    return launch
 
 
 def _knobs_enter_hook(metadata) -> None:
@@ -210,7 +213,7 @@ def _knobs_enter_hook(metadata) -> None:
 
 
 def install_triton_hooks() -> bool:
-    """Wrap ``JITFunction.run`` and ``InterpretedFunction.run`` once (idempotent).
+    """Wrap ``JITFunction.run`` and the interpreter's ``GridExecutor.__call__`` once (idempotent).
 
     Returns False when Triton is not importable (then there is nothing to count).
     """
@@ -223,9 +226,13 @@ def install_triton_hooks() -> bool:
             from triton.runtime import jit as _jit
         except Exception:  # noqa: BLE001 - triton missing or broken: no Triton launches possible
             return False
-        for cls in (_jit.JITFunction, _interp.InterpretedFunction):
-            if not getattr(cls.run, "_isreshape_wrapped", False):
-                cls.run = _wrap_run(cls.run)
+        # GPU: JITFunction.run(*args, grid=, warmup=); interpreter: every launch (in every
+        # supported Triton) is one GridExecutor call, whose grid is its attribute
+        for cls, method, grid_and_warmup in (
+                (_jit.JITFunction, "run", lambda self, kw: (kw["grid"], kw["warmup"])),
+                (_interp.GridExecutor, "__call__", lambda self, kw: (self.grid, kw.get("warmup", False)))):
+            if not getattr(getattr(cls, method), "_isreshape_wrapped", False):
+                setattr(cls, method, _counted(getattr(cls, method), grid_and_warmup))
         _HOOKS_INSTALLED = True
         return True
 

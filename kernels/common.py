@@ -13,6 +13,8 @@ summaries on a common mean / max, so that merging lanes is a sum. ``group_sum`` 
 import triton
 import triton.language as tl
 
+from .compat import approx_div
+
 INF = tl.constexpr(float("inf"))
 
 
@@ -51,7 +53,7 @@ def fast_div(num, den):
     """num/den for the per-token paths: fp32 ``div.approx`` (≤ 2 ulp for |den| in [2⁻¹²⁶, 2¹²⁶],
     no IEEE fix-up sequence), IEEE division in fp64."""
     if num.dtype == tl.float32:
-        q = tl.math.fdiv(num, den, approx=True)
+        q = approx_div(num, den)
     else:
         q = num / den
     return q

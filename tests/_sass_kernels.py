@@ -1,8 +1,11 @@
 """Tiny kernels whose sm_90 SASS tests/test_sass.py reads: the same loop with a block
 reduction inside (a ``BAR.SYNC`` per iteration) and with a lane accumulator (none), and a
-load predicated on a loaded value (a dependent-load chain) against a bounds-only one."""
+load predicated on a loaded value (a dependent-load chain) against a bounds-only one; the
+package's fast division against IEEE division."""
 import triton
 import triton.language as tl
+
+from isreshape_triton.kernels.common import fast_div
 
 
 @triton.jit
@@ -42,3 +45,18 @@ def masked_load_kernel(x_ptr, m_ptr, out_ptr, n, MASK_PREDICATES: tl.constexpr, 
             x = tl.load(x_ptr + offs, mask=inb, other=0.0)
         acc += tl.where(m, x, 0.0)
     tl.store(out_ptr, tl.sum(acc))
+
+
+@triton.jit
+def fast_div_kernel(x_ptr, y_ptr, out_ptr, n, IEEE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """x / y elementwise: ``common.fast_div`` (div.approx through kernels/compat.py) or IEEE
+    (``div_rn``)."""
+    offs = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    inb = offs < n
+    x = tl.load(x_ptr + offs, mask=inb, other=1.0)
+    y = tl.load(y_ptr + offs, mask=inb, other=1.0)
+    if IEEE:
+        q = tl.math.div_rn(x, y)
+    else:
+        q = fast_div(x, y)
+    tl.store(out_ptr + offs, q, mask=inb)
