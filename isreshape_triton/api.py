@@ -6,6 +6,7 @@ unless ``TRITON_INTERPRET=1``, which runs the same Triton kernels on the CPU.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -19,7 +20,36 @@ _AGG_FIELDS = ("dp_size", "global_token_count", "global_batch_size", "loss_scale
 
 def uses_kernels(t: torch.Tensor) -> bool:
     """True when ``policy_loss`` on tensors like ``t`` runs the Triton kernels."""
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        check_interpreter()
+        return True
+    return t.is_cuda
+
+
+_interpreter_checked = False  # triton was found loaded in interpreter mode (it stays so)
+
+
+def check_interpreter() -> None:
+    """A clear RuntimeError when ``TRITON_INTERPRET=1`` was set after triton was imported.
+
+    Triton reads the variable when a function is decorated, so a triton imported before it
+    holds compiled (``JITFunction``) library functions, and a kernel run on CPU tensors fails
+    deep inside with "Cannot call @triton.jit'd outside of the scope of a kernel" or "0 active
+    drivers". Checked once triton is loaded (then never again): its standard library holds no
+    ``JITFunction`` in interpreter mode (``InterpretedFunction`` instead)."""
+    global _interpreter_checked
+    if _interpreter_checked or torch.compiler.is_compiling():
+        return
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None:
+        return  # triton is not loaded yet: it reads TRITON_INTERPRET=1 when it is
+    from triton.runtime.jit import JITFunction
+
+    if any(isinstance(v, JITFunction) for v in vars(standard).values()):
+        raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported, so Triton is not in "
+                           "interpreter mode: set TRITON_INTERPRET=1 before anything imports triton "
+                           "(in the environment, or first in the program: torch.compile imports triton too)")
+    _interpreter_checked = True
 
 
 def _check_call_options(options: dict) -> dict:

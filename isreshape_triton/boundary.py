@@ -2,8 +2,9 @@
 
 Dynamo cannot trace the package's Python front end (frozen option dataclasses,
 validation of Python numbers, the launch plan), and it does not have to: the front
-end is wrapped in ``torch._dynamo.nonstrict_trace``, so a compiled function holds one
-opaque call whose torch ops (the custom op ``isreshape_triton::policy_loss``,
+end is called through ``torch._dynamo.nonstrict_trace`` when Dynamo traces it (made at
+that point: the package does not import ``torch._dynamo`` itself), so a compiled function
+holds one opaque call whose torch ops (the custom op ``isreshape_triton::policy_loss``,
 PSIS's smoothing, the reference's ops) AOTAutograd traces with fake tensors. No
 graph break under ``fullgraph=True``.
 
@@ -39,11 +40,20 @@ def static_number(v):
 
 def compile_boundary(fn):
     """``fn`` with its body hidden from Dynamo (see the module docstring); eager calls
-    go straight to ``fn``."""
-    opaque = torch._dynamo.nonstrict_trace(fn)
+    go straight to ``fn``.
+
+    The opaque wrapper is made where it is needed: Dynamo folds ``is_compiling()`` to
+    True and turns the ``torch._dynamo.nonstrict_trace(fn)`` call in the traced code
+    into the opaque call itself, so importing the package never imports ``torch._dynamo``
+    (seconds) and a function compiled before any eager call sees the boundary too. Where
+    ``is_compiling()`` is True without Dynamo (non-strict ``torch.export``), the call makes
+    a fresh wrapper that just calls ``fn``."""
 
     @functools.wraps(fn)
     def entry(*args, **kwargs):
-        return opaque(*map(static_number, args), **{k: static_number(v) for k, v in kwargs.items()})
+        if torch.compiler.is_compiling():
+            return torch._dynamo.nonstrict_trace(fn)(*map(static_number, args),
+                                                     **{k: static_number(v) for k, v in kwargs.items()})
+        return fn(*args, **kwargs)
 
     return entry

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from . import api
-from .params import AGG_MODES, check_loss_type
+from .params import check_loss_agg_mode, check_loss_type
 from .reference.from_logits import check_logits_inputs
 from .reference.from_logits import policy_loss_from_logits as reference_policy_loss_from_logits
 from .reference.from_logits import selective_log_softmax as reference_selective_log_softmax
@@ -247,8 +247,7 @@ def policy_loss_from_logits(logits, labels, old_log_prob, advantages=None, respo
             temperature, return_entropy, inplace_backward, tp_group, **family_params)
     check_logits_inputs(logits, labels, old_log_prob, temperature, return_entropy, inplace_backward)  # fail
     check_loss_type(loss_type)  # before the logits pass
-    if loss_agg_mode not in AGG_MODES:
-        raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {loss_agg_mode!r}")
+    check_loss_agg_mode(loss_agg_mode)
     if inplace_backward and 0 in logits.stride():
         raise ValueError("inplace_backward=True needs logits without broadcast (stride-0) dimensions")
     log_prob, entropy = selective_log_softmax(logits, labels, temperature, return_entropy=return_entropy,

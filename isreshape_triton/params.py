@@ -109,14 +109,19 @@ def _set_real(obj, name: str, optional: bool = False, **bounds) -> None:
     object.__setattr__(obj, name, _real_in(name, value, **bounds))
 
 
+def _did_you_mean(value, choices) -> str:
+    """`` (did you mean 'x'?)`` for the valid name closest to a misspelt one, else ``""``."""
+    near = difflib.get_close_matches(value, list(choices), n=1) if isinstance(value, str) else []
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
 def _check_choice(name: str, value, choices) -> None:
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}{_did_you_mean(value, choices)}")
 
 
 def _unknown_option(key: str, valid, owner: str, shared=()) -> TypeError:
-    near = difflib.get_close_matches(key, list(valid) + list(shared), n=1)
-    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    hint = _did_you_mean(key, list(valid) + list(shared))
     also = f"; shared options: {list(shared)}" if shared else ""
     return TypeError(f"unknown option {key!r} for {owner}{hint}; valid options: {sorted(valid)}{also}")
 
@@ -138,7 +143,7 @@ def _set_gamma_spec(p) -> None:
     gamma = p.gamma
     if isinstance(gamma, str):
         _check_choice("gamma", gamma, GAMMA_MODES)
-    elif isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+    elif isinstance(gamma, bool) or not isinstance(gamma, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"gamma must be one of {GAMMA_MODES} or a float, got {gamma!r}")
     else:
         _set_real(p, "gamma")
@@ -152,6 +157,10 @@ def _set_gamma_rule(p) -> None:
     _set_real(p, "gamma_max", lo=0.0)
     if p.gamma_min > p.gamma_max:
         raise ValueError(f"gamma_min ({p.gamma_min}) must not exceed gamma_max ({p.gamma_max})")
+    if not isinstance(p.gamma, str) and not p.gamma_min <= p.gamma <= p.gamma_max:  # range guards only
+        raise ValueError(f"gamma={_shown(p.gamma)!r} is outside [gamma_min, gamma_max] = "
+                         f"[{_shown(p.gamma_min)!r}, {_shown(p.gamma_max)!r}]: a fixed gamma must lie within "
+                         f"its bounds (widen gamma_min/gamma_max to use it)")
     _check_choice("gamma_granularity", p.gamma_granularity, GRANULARITIES)
     if p.gamma in ("ess_exact", "psis") and p.gamma_max > 1.0:
         raise ValueError(f"gamma_max must be <= 1 with gamma={p.gamma!r}, got {p.gamma_max!r}")
@@ -344,8 +353,11 @@ class AggConfig(_Options):
 
 # ----------------------------------------------------------------------------- entry points
 def check_loss_type(loss_type) -> None:
-    if not isinstance(loss_type, str) or loss_type not in PARAMS_BY_LOSS_TYPE:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+
+
+def check_loss_agg_mode(loss_agg_mode) -> None:
+    _check_choice("loss_agg_mode", loss_agg_mode, AGG_MODES)
 
 
 def check_log_ratio_clamp(value) -> float:
@@ -367,6 +379,21 @@ class KLConfig:
     @property
     def code(self) -> int:
         return KL_TYPES[self.kl_type]
+
+
+def kl_config(kl_coef, kl_type, ref_log_prob) -> KLConfig:
+    """The KL term's options (SPEC §4.1) checked against ``ref_log_prob``: a nonzero ``kl_coef``
+    needs ``ref_log_prob`` and ``ref_log_prob`` needs ``kl_coef`` (neither is ignored silently).
+    ``kl_coef=None`` means not given; an explicit ``kl_coef=0.0`` with ``ref_log_prob`` is
+    allowed (the ``kl_loss`` metric without a penalty, e.g. a β schedule that reaches 0)."""
+    kl = KLConfig(0.0 if kl_coef is None else kl_coef, kl_type)
+    if ref_log_prob is None and kl.kl_coef != 0:
+        raise ValueError(f"kl_coef={_shown(kl_coef)!r} is given without ref_log_prob: pass ref_log_prob "
+                         f"(the reference policy's log-probs of the KL term) or leave kl_coef out")
+    if ref_log_prob is not None and kl_coef is None:
+        raise ValueError("ref_log_prob is given without kl_coef: pass kl_coef (the KL term's weight; "
+                         "kl_coef=0.0 reports the kl_loss metric only) or leave ref_log_prob out")
+    return kl
 
 
 def check_process_group(process_group) -> None:

@@ -196,6 +196,7 @@ def test_compiled_training_step_fullgraph(loss_type, agg, opts, case):
 @pytest.mark.parametrize("loss_type,name,values", [
     ("sapo", "tau_pos", (1.0, 2.5, 0.7, 3.0)),
     ("is_reshape", "rho_min", (0.3, 0.5, 0.6, 0.2)),  # with gamma="psis": torch ops before the op
+    ("is_reshape_var", "gamma", (0.5, 0.7, 0.3, 0.9)),  # fixed γ: validated by range guards
 ])
 def test_compiled_float_parameter_changes_do_not_recompile(loss_type, name, values):
     """A float argument of the compiled function (a schedule: a family parameter, the clamp,

@@ -207,3 +207,116 @@ def test_valid_mask_dtypes_accepted():
                  torch.ones(2, 4, dtype=torch.uint8)):
         loss, _ = ref.policy_loss(lp, olp, A, mask)
         assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------------------- issue 16: clear messages
+ENTRY_POINTS = ["policy_loss", "PolicyLoss", "policy_loss_from_logits", "reference.policy_loss",
+                "reference.policy_loss_from_logits"]
+
+
+def _entry(name, loss_type="is_reshape", agg="token-mean", **kw):
+    """Call entry point ``name`` on a small batch (the kernel path for the irt.* ones: the tests
+    run under TRITON_INTERPRET=1)."""
+    lp, olp, A, mask = inputs()
+    if name == "PolicyLoss":
+        return irt.PolicyLoss(loss_type, agg, **kw)(lp, olp, A, mask)
+    if name.endswith("from_logits"):
+        logits, labels = torch.randn(2, 4, 6), torch.randint(0, 6, (2, 4))
+        fn = ref.policy_loss_from_logits if name.startswith("reference") else irt.policy_loss_from_logits
+        return fn(logits, labels, olp, A, mask, loss_type, agg, **kw)
+    fn = ref.policy_loss if name.startswith("reference") else irt.policy_loss
+    return fn(lp, olp, A, mask, loss_type, agg, **kw)
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("which,value,closest", [
+    ("loss_type", "is_reshap", "is_reshape"), ("loss_type", "ppo-clip", "ppo_clip"),
+    ("loss_agg_mode", "token_mean", "token-mean"), ("loss_agg_mode", "seq-mean-token-sum_norm", "seq-mean-token-sum-norm"),
+])
+def test_misspelt_name_suggests_the_closest(entry, which, value, closest):
+    """One line: the argument, the valid names, what was given, and the closest valid name."""
+    kw = {"loss_type": value} if which == "loss_type" else {"agg": value}
+    with pytest.raises(ValueError) as info:
+        _entry(entry, **kw)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{which} must be one of")
+    assert f"got {value!r} (did you mean {closest!r}?)" in msg
+
+
+def test_unrelated_name_has_no_suggestion():
+    with pytest.raises(ValueError, match="loss_type") as info:
+        call(loss_type="grpo_like_nothing")
+    assert "did you mean" not in str(info.value)
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("loss_type,bounds,gamma", [
+    ("is_reshape", {}, 0.0),  # default gamma_min = 0.05: weighted SFT needs gamma_min=0
+    ("is_reshape", {}, 1.5),
+    ("is_reshape", {"gamma_min": 0.2, "gamma_max": 0.6}, 0.1),
+    ("is_reshape", {"gamma_min": 0.2, "gamma_max": 0.6}, 0.7),
+    ("is_reshape", {"gamma_max": 2.0}, 2.5),
+    ("is_reshape_var", {}, 1.2),
+    ("is_reshape_var", {"gamma_min": 0.1}, 0.05),
+])
+def test_fixed_gamma_outside_its_bounds_raises(path, loss_type, bounds, gamma):
+    """A fixed gamma outside [gamma_min, gamma_max] is an error naming gamma and the bounds
+    (it used to be clipped silently), on both paths and for the params dataclasses."""
+    fn = irt.policy_loss if path == "kernel" else ref.policy_loss
+    lp, olp, A, mask = inputs()
+    lo, hi = bounds.get("gamma_min", 0.05 if loss_type == "is_reshape" else 0.0), bounds.get("gamma_max", 1.0)
+    with pytest.raises(ValueError) as info:
+        fn(lp, olp, A, mask, loss_type, gamma=gamma, **bounds)
+    msg = str(info.value)
+    assert f"gamma={gamma!r}" in msg and "gamma_min" in msg and "gamma_max" in msg and f"[{lo!r}, {hi!r}]" in msg
+    with pytest.raises(ValueError, match=r"gamma=.*gamma_min, gamma_max"):
+        irt.make_params(loss_type, gamma=gamma, **bounds)
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_fixed_gamma_at_its_bounds_is_used_as_given(path):
+    fn = irt.policy_loss if path == "kernel" else ref.policy_loss
+    lp, olp, A, mask = inputs()
+    for gamma, bounds in ((0.05, {}), (1.0, {}), (0.0, {"gamma_min": 0.0}), (2.0, {"gamma_max": 2.0}),
+                          (0.3, {"gamma_min": 0.3, "gamma_max": 0.3})):
+        metrics = fn(lp, olp, A, mask, "is_reshape", gamma=gamma, **bounds)[1]
+        torch.testing.assert_close(metrics["gamma"].double(), torch.tensor(gamma, dtype=torch.float64),
+                                   rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_kl_coef_and_ref_log_prob_need_each_other(path):
+    """kl_coef without ref_log_prob, or ref_log_prob without kl_coef: the same ValueError on
+    both paths, naming both arguments (neither is ignored silently)."""
+    fn = irt.policy_loss if path == "kernel" else ref.policy_loss
+    lp, olp, A, mask = inputs()
+    ref_lp = olp - 0.1
+    with pytest.raises(ValueError) as info:
+        fn(lp, olp, A, mask, kl_coef=0.1)
+    assert "kl_coef=0.1" in str(info.value) and "ref_log_prob" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        fn(lp, olp, A, mask, ref_log_prob=ref_lp)
+    assert "ref_log_prob" in str(info.value) and "kl_coef" in str(info.value)
+    with pytest.raises(ValueError, match="ref_log_prob"):  # packed layout too
+        fn(lp.reshape(-1), olp.reshape(-1), None, None, cu_seqlens=torch.tensor([0, 3, 8]), kl_coef=0.2)
+    with pytest.raises(ValueError, match="kl_coef"):  # kl_type alone does not count as kl_coef
+        fn(lp, olp, A, mask, ref_log_prob=ref_lp, kl_type="k1")
+    with pytest.raises(ValueError, match="ref_log_prob"):  # a bound kl_coef, no ref_log_prob at the call
+        irt.PolicyLoss("is_reshape", kl_coef=0.1)(lp, olp, A, mask) if path == "kernel" else \
+            fn(lp, olp, A, mask, kl_coef=1e-3, kl_type="k3")
+    # legal: no KL at all (kl_coef=0.0 counts as no KL), or an explicit kl_coef=0.0 with
+    # ref_log_prob (the kl_loss metric without a penalty, e.g. a schedule that reaches 0)
+    plain = fn(lp, olp, A, mask)
+    assert torch.equal(fn(lp, olp, A, mask, kl_coef=0.0)[0], plain[0]) and "kl_loss" not in plain[1]
+    loss, metrics = fn(lp, olp, A, mask, ref_log_prob=ref_lp, kl_coef=0.0)
+    torch.testing.assert_close(loss, plain[0])
+    assert metrics["kl_loss"] > 0
+    loss = fn(lp, olp, A, mask, ref_log_prob=ref_lp, kl_coef=0.5)[0]
+    torch.testing.assert_close(loss, plain[0] + 0.5 * metrics["kl_loss"])
+
+
+def test_kl_coef_checks_its_type_before_the_pairing():
+    with pytest.raises(TypeError, match="kl_coef"):
+        call(kl_coef=True)
+    with pytest.raises(ValueError, match="kl_coef"):
+        call(kl_coef=-0.1)

@@ -16,6 +16,7 @@ import numbers
 
 import torch
 
+from ..params import check_loss_agg_mode, check_loss_type
 from .loss import policy_loss
 
 KERNEL_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -83,6 +84,8 @@ def policy_loss_from_logits(logits, labels, old_log_prob, advantages=None, respo
         raise NotImplementedError("tp_group is supported on the kernel path")
     check_logits_inputs(logits, labels, old_log_prob, temperature, return_entropy, inplace_backward,
                         kernel=False)
+    check_loss_type(loss_type)  # before the logits pass, as on the kernel path
+    check_loss_agg_mode(loss_agg_mode)
     if cu_seqlens is not None:
         options["cu_seqlens"] = cu_seqlens
     log_prob, entropy = selective_log_softmax(logits, labels, temperature)

@@ -129,9 +129,9 @@ def select_gamma_k(rule, ell: torch.Tensor, group: torch.Tensor, dims, *, rho_mi
                    gamma_min: float, gamma_max: float, empty_value: float, fallback: float = 0.3):
     """(γ, k̂) for one group under ``rule``, both float64 of the keepdim shape.
 
-    ``rule`` is "ess", "ess_exact", "psis" or a fixed float (clipped to
-    [γ_min, γ_max]). For the data-driven rules an empty group gives
-    ``empty_value`` and a group holding a NaN ℓ gives NaN (γ and k̂). k̂ is the
+    ``rule`` is "ess", "ess_exact", "psis" or a fixed float (used as given: the parameter
+    validation refuses one outside [γ_min, γ_max]). For the data-driven rules an empty
+    group gives ``empty_value`` and a group holding a NaN ℓ gives NaN (γ and k̂). k̂ is the
     PSIS Pareto k̂ with ``rule="psis"`` (0 for an empty group or one too small to
     fit, see :func:`isreshape_triton.psis.psis_gamma`; k̂ > 0.7 → γ = ``fallback``)
     and 0 for the other rules.
@@ -139,7 +139,7 @@ def select_gamma_k(rule, ell: torch.Tensor, group: torch.Tensor, dims, *, rho_mi
     shape = _keepdim_shape(ell, dims)
     zero_k = ell.new_zeros(shape, dtype=torch.float64)
     if not isinstance(rule, str):
-        return ell.new_full(shape, min(max(float(rule), gamma_min), gamma_max), dtype=torch.float64), zero_k
+        return ell.new_full(shape, rule, dtype=torch.float64), zero_k
     n, _, var = masked_moments(ell, group, dims)
     tainted = nonfinite_in(ell, group, dims)
     ell = torch.where(torch.isfinite(ell), ell, 0.0)  # the tainted groups' results are replaced below
@@ -165,8 +165,8 @@ def select_gamma(rule, ell: torch.Tensor, group: torch.Tensor, dims, *, rho_min:
                  fallback: float = 0.3) -> torch.Tensor:
     """γ for one group under ``rule`` ("ess", "ess_exact", "psis" or a fixed float), float64.
 
-    A fixed float is clipped to [γ_min, γ_max]. For the data-driven rules an
-    empty group gives ``empty_value``. See :func:`select_gamma_k` (which also
+    A fixed float is used as given (validated within [γ_min, γ_max]). For the data-driven
+    rules an empty group gives ``empty_value``. See :func:`select_gamma_k` (which also
     returns the PSIS k̂).
     """
     return select_gamma_k(rule, ell, group, dims, rho_min=rho_min, gamma_min=gamma_min,

@@ -23,7 +23,7 @@ import math
 import torch
 
 from ..inputs import pad_packed, prepare_inputs
-from ..params import AggConfig, KLConfig, check_log_ratio_clamp, check_process_group, make_params
+from ..params import AggConfig, check_log_ratio_clamp, check_process_group, kl_config, make_params
 from .aggregation import aggregate
 from .diagnostics import compute_metrics
 from .families import FAMILIES, STATS, _TAKES_PARAMS, TokenTerms, split_psis
@@ -52,7 +52,7 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                 loss_type="is_reshape", loss_agg_mode="token-mean", *,
                 dp_size=1, global_token_count=None, global_batch_size=None, loss_scale_factor=None,
                 log_ratio_clamp=20.0, cu_seqlens=None, validate=False, rollout_is_weights=None,
-                ref_log_prob=None, kl_coef=0.0, kl_type="low_var_kl", process_group=None, params=None,
+                ref_log_prob=None, kl_coef=None, kl_type="low_var_kl", process_group=None, params=None,
                 **family_params):
     """Aggregated loss (0-dim, fp32 / fp64) and the metrics dict of ``loss_type``.
 
@@ -76,7 +76,7 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
     C = check_log_ratio_clamp(log_ratio_clamp)
     p = make_params(loss_type, params, **family_params)
     agg = AggConfig(loss_agg_mode, dp_size, global_token_count, global_batch_size, loss_scale_factor)
-    kl = KLConfig(kl_coef, kl_type)
+    kl = kl_config(kl_coef, kl_type, ref_log_prob)
     x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, C, None, False,
                        rollout_is_weights, ref_log_prob)
     agg.check_device(x.log_prob.device)
