@@ -15,7 +15,8 @@ of the family (token-mean). Every ``eval_every`` steps the current policy decode
 fixed set of prompts greedily; its mean reward is the curve. Families: ppo_clip,
 is_reshape (γ from ESS), is_reshape_sign, is_reshape_tr, sapo, vespo.
 
-Outputs (``--out``, default bench/results): demo_rl_reward.png (reward vs step, mean ±
+Outputs (``--out``, default bench/out, untracked; ``--out bench/results`` rewrites the
+committed figures): demo_rl_reward.png (reward vs step, mean ±
 std over seeds, one panel per k), demo_rl_gamma_ess.png (γ and ESS/n per step),
 demo_rl.md (final reward ± std), demo_rl.json (every trace).
 """
@@ -227,8 +228,12 @@ def parse(argv=None):
     p.add_argument("--length", type=int, default=5)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"),
+                   help="output folder (default: bench/out, untracked); --out bench/results rewrites the committed figures")
     cfg = p.parse_args(argv)
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        p.exit(2, f"{p.prog}: error: --device {cfg.device}: no CUDA device is visible to torch "
+                  "(torch.cuda.is_available() is False); use --device cpu\n")
     cfg.steps = cfg.steps or (600 if cfg.full else 150)
     cfg.seeds = range(cfg.seeds or (5 if cfg.full else 2))
     return cfg
