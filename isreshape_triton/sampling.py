@@ -38,7 +38,9 @@ FINAL_ROWS, FINAL_SEGS = 32, 32  # finalize tile: rows × segments
 # flags ever compile a new specialization
 STATS_TILE = (256, dict(num_warps=4))
 ALPHA_TILE = {False: (1024, dict(num_warps=4)), True: (512, dict(num_warps=4))}  # by fp64
-DRAW_TILE = (1024, dict(num_warps=4))
+# the draw: 128 registers allowed (4 CTAs/SM still fit); Triton 3.5/3.6's ptxas otherwise aims at 80
+# and spills a register around the fp64 division calls of the final Newton step
+DRAW_TILE = (1024, dict(num_warps=4, maxnreg=128))
 FINAL_OPTIONS = dict(num_warps=4)
 
 

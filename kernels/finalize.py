@@ -39,9 +39,10 @@ def _given(v, dt: tl.constexpr, ON_DEVICE: tl.constexpr):
         return v + tl.zeros([], dt)
 
 
-@triton.jit
-def _filled(slot: tl.constexpr, SLOTS: tl.constexpr):
-    return (tl.constexpr(SLOTS) >> tl.constexpr(slot)) % 2 == 1
+@triton.constexpr_function
+def _filled(slot, SLOTS):
+    """Whether the specialization fills ``slot`` (bit ``slot`` of the ``SLOTS`` mask), at compile time."""
+    return (SLOTS >> slot) % 2 == 1
 
 
 @triton.jit

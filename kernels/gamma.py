@@ -174,7 +174,8 @@ def family_context(rec_ptr, count, first, base, stride, gamma_rule, scratch_ptr,
             c0 += clamp_nan(fixed_a, a_lo, a_hi)
         else:
             lanes, _ = _merge_groups(rec_ptr, count, first, base, stride, S_N_ALL, S_N_ALL, False, KS, BLOCK)
-            (n, mean, m2), _ = lane_summaries(lanes, lanes, scratch_ptr, False, W)
+            summary, _ = lane_summaries(lanes, lanes, scratch_ptr, False, W)
+            n, mean, m2 = summary  # (no nested unpacking: Triton < 3.7's dependency scan rejects it)
             if GAMMA_MODE == GAMMA_ESS:
                 c0 += gamma_closed_form(unbiased_var(n, m2), rho, a_lo, a_hi)
             else:
@@ -183,7 +184,9 @@ def family_context(rec_ptr, count, first, base, stride, gamma_rule, scratch_ptr,
     elif FAMILY == IS_RESHAPE_SIGN:
         if HAS_STATS:
             pos, neg = _merge_groups(rec_ptr, count, first, base, stride, S_N_POS, S_N_NEG, True, KS, BLOCK)
-            (n_p, mean_p, m2_p), (n_n, mean_n, m2_n) = lane_summaries(pos, neg, scratch_ptr, True, W)
+            summary_p, summary_n = lane_summaries(pos, neg, scratch_ptr, True, W)
+            n_p, mean_p, m2_p = summary_p
+            n_n, mean_n, m2_n = summary_n
             if GAMMA_MODE == GAMMA_ESS_EXACT:
                 grid_a = _merge_grid(rec_ptr, count, first, base, stride, S_GRID, G, KS, BLOCK)
                 grid_b = _merge_grid(rec_ptr, count, first, base, stride, S_GRID + 4 * G, G, KS, BLOCK)

@@ -89,3 +89,20 @@ def test_sampling_model_is_produced_and_labelled(compiled):
     from isreshape_triton import sampling as S
 
     assert len(tr.launches) == S.launch_count("kl_symmetry") and tr.aten_launches == 1 and tr.syncs == 0
+
+
+def test_every_sampling_kernel_compiles_without_spills(tmp_path):
+    """Every kernel ``optimal_sampling`` launches (the draw, the statistics pass and the finalize
+    in each fp32 specialization: method, reference, log q output, CONTIG) compiles for sm_90 with
+    no spills; the search pass is the fixture's (above). Runs on the oldest Triton too."""
+    from isreshape_triton import aot
+    from isreshape_triton.sampling import default_specs
+
+    specs = [s for s in default_specs() if s["signature"]["pol_ptr"] == "*fp32"
+             and not s["kernel"].endswith(":sampling_alpha_kernel")]
+    rows = aot.run_in_subprocess(specs, tmp_path / "aot.json")
+    assert {r["kernel"].split(":")[1] for r in rows} == {"sampling_draw_kernel", "sampling_stats_kernel",
+                                                         "sampling_finalize_kernel"}
+    for row in rows:
+        assert "error" not in row, row.get("error", "")[:300]
+        assert row["spill_stores"] == 0 and row["spill_loads"] == 0 and row["local_bytes"] == 0, row
