@@ -37,7 +37,9 @@ pip_install() {  # pip_install PYTHON WHAT... (quiet, one progress line)
 demo_env() {
   PY=$(venv "$VENV")
   say "checking $VENV for torch, this package and matplotlib"
-  "$PY" -c "import isreshape_triton, matplotlib" 2>/dev/null || pip_install "$PY" -e ".[bench]"
+  # installed? (not an import: the checkout's own isreshape_triton/ is importable from here)
+  { "$PY" -m pip show -q isreshape-triton && "$PY" -c "import matplotlib"; } >/dev/null 2>&1 \
+    || pip_install "$PY" -e ".[bench]"
 }
 
 test_env() {
@@ -60,7 +62,7 @@ oldest_env() {
   "$PY" -c "import triton, sys; sys.exit(triton.__version__ != '$OLDEST_TRITON')" 2>/dev/null \
     || pip_install "$PY" "triton==$OLDEST_TRITON" "$OLDEST_NUMPY" pytest hypothesis scipy
   "$PY" -c "import liger_kernel" 2>/dev/null || pip_install "$PY" --no-deps liger-kernel==0.8.5
-  "$PY" -c "import isreshape_triton" 2>/dev/null || pip_install "$PY" --no-deps -e .
+  "$PY" -m pip show -q isreshape-triton >/dev/null 2>&1 || pip_install "$PY" --no-deps -e .
 }
 
 # What CI runs on the oldest Triton (tests/oldest_triton.txt): pairwise kernel parity,
