@@ -246,16 +246,18 @@ def _merge_moments(base, nseg, W: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _merge_snr(base, nseg, W: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(T1, T2, T3) G-vectors of a row: plain sums of its SNR records (slots k·G + i)."""
+def _merge_snr(base, nseg, active, W: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(T1, T2, T3) G-vectors of a row: plain sums of its SNR records (slots k·G + i); zeros for a row
+    that is not ``active`` (its records are moments, or unwritten: no arithmetic on them)."""
     j = tl.arange(0, BLOCK_C)
     k = tl.arange(0, 4)
     i = tl.arange(0, G)
     acc = tl.zeros([BLOCK_C, 4, G], tl.float64)
     for j0 in range(0, nseg, BLOCK_C):
         jj = j0 + j
-        acc += tl.load(base + jj[:, None, None] * W + k[None, :, None] * G + i[None, None, :],
-                       mask=(jj < nseg)[:, None, None] & (k < 3)[None, :, None], other=0.0)
+        rec = tl.load(base + jj[:, None, None] * W + k[None, :, None] * G + i[None, None, :],
+                      mask=(jj < nseg)[:, None, None] & (k < 3)[None, :, None], other=0.0)
+        acc += tl.where(active, rec, 0.0)
     tot = tl.sum(acc, 0)
     return (tl.sum(tl.where(k[:, None] == 0, tot, 0.0), 0), tl.sum(tl.where(k[:, None] == 1, tot, 0.0), 0),
             tl.sum(tl.where(k[:, None] == 2, tot, 0.0), 0))
@@ -384,7 +386,7 @@ def _snr_grid(lo, h, G: tl.constexpr):
 
 
 @triton.jit
-def _snr_step(base, nseg, lo, h, best_a, best_v, STAGE: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
+def _snr_step(base, nseg, active, lo, h, best_a, best_v, STAGE: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
               BLOCK_C: tl.constexpr):
     """SNR_i = |Φ1|/√Φ2 at the last pass's points α_i = lo + i·h; keep the best point so far. The
     first two passes cover the 2G-point grid k/(2G−1) (even k, then odd k: STAGE 1 moves to the odd
@@ -392,7 +394,7 @@ def _snr_step(base, nseg, lo, h, best_a, best_v, STAGE: tl.constexpr, W: tl.cons
     every pass searches G interior points of [best − δ, best + δ], δ the distance between
     neighbouring points so far (h/2 after the coarse grid, STAGE 2), shrinking by (G + 1)/2."""
     i = tl.arange(0, G)
-    t1, t2, t3 = _merge_snr(base, nseg, W, G, BLOCK_C)
+    t1, t2, t3 = _merge_snr(base, nseg, active, W, G, BLOCK_C)
     var = t3 - t2 * t2
     snr = tl.where(var > 0.0, tl.abs(t1) / tl.sqrt(tl.where(var > 0.0, var, 1.0)), 0.0)
     v_max = tl.max(snr, 0)
@@ -419,14 +421,17 @@ def _advance(base, nseg, alpha, lo, hi, mode, bound, best_a, best_v,
     point); FIXED rows keep α.
     Also returns the merged moments (used by the draw's last step)."""
     mx, s0, p, n, p2, n2 = _merge_moments(base, nseg, W, BLOCK_C)
-    new, new_lo, new_hi = _newton_step(alpha, lo, hi, p, n, p2, n2, 0.0 if PREV_FP64 else FP32_TOL)
-    newton = mode == NEWTON
+    newton = mode == NEWTON  # other rows' records are not moments (SNR terms, or unwritten): read as 0
+    new, new_lo, new_hi = _newton_step(alpha, lo, hi, tl.where(newton, p, 0.0), tl.where(newton, n, 0.0),
+                                       tl.where(newton, p2, 0.0), tl.where(newton, n2, 0.0),
+                                       0.0 if PREV_FP64 else FP32_TOL)
     alpha_n = tl.where(newton, new, alpha)
     lo_n = tl.where(newton, new_lo, lo)
     hi_n = tl.where(newton, new_hi, hi)
     if SNR_UPDATE > 0:
-        g_lo, g_h, g_best_a, g_best_v = _snr_step(base, nseg, lo, hi, best_a, best_v, SNR_UPDATE, W, G, BLOCK_C)
         snr = mode == SNR
+        g_lo, g_h, g_best_a, g_best_v = _snr_step(base, nseg, snr, lo, hi, best_a, best_v, SNR_UPDATE, W, G,
+                                                  BLOCK_C)
         lo_n = tl.where(snr, g_lo, lo_n)
         hi_n = tl.where(snr, g_h, hi_n)
         best_a = tl.where(snr, g_best_a, best_a)

@@ -305,13 +305,22 @@ def test_bad_input_names_the_argument(kwargs, error, name):
         irt.reference.optimal_sampling(**args)
 
 
+@pytest.mark.parametrize("fill", ["huge", "zero"])
 @pytest.mark.parametrize("method", ["kl_symmetry", "snr", 0.3, 0.0, 1.0])
-def test_no_numpy_runtime_warnings_under_the_interpreter(method):
+def test_no_numpy_runtime_warnings_under_the_interpreter(method, fill, monkeypatch):
     """The kernels compute only on safe values: masked lanes, −inf logits (top-k, disjoint or
-    single-token supports), flat rows and NaN rows raise no NumPy RuntimeWarning under the
-    interpreter (no log 0, 0/0, ∞ − ∞ or 0·∞ in a discarded branch). pytest.ini filters the
-    interpreter's RuntimeWarnings, so this test records them itself."""
+    single-token supports), flat rows, NaN rows and records a row does not own (unwritten
+    buffers start as the largest finite value, or 0) raise no NumPy RuntimeWarning under the
+    interpreter (no log 0, 0/0, ∞ − ∞, 0·∞ or overflow in a discarded branch). pytest.ini
+    filters the interpreter's RuntimeWarnings, so this test records them itself."""
     import warnings
+
+    def garbage(shape, dtype, device):
+        if not dtype.is_floating_point or fill == "zero":
+            return torch.zeros(shape, dtype=dtype, device=device)
+        return torch.full(shape, torch.finfo(dtype).max, dtype=dtype, device=device)
+
+    monkeypatch.setattr(S, "_empty", garbage)
 
     small = [_rows(1, 2, 40, "close"), _rows(3, 2, 40, "peaked")] + [_pattern(k, 5 + k, 40) for k in range(1, 6)]
     a = torch.cat([r[0] for r in small])
