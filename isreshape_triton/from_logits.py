@@ -37,7 +37,7 @@ import torch
 
 from . import api
 from .params import check_loss_agg_mode, check_loss_type
-from .reference.from_logits import check_logits_inputs
+from .reference.from_logits import check_logits_inputs, check_token_shapes
 from .reference.from_logits import policy_loss_from_logits as reference_policy_loss_from_logits
 from .reference.from_logits import selective_log_softmax as reference_selective_log_softmax
 
@@ -49,6 +49,7 @@ FORWARD_OPTIONS = {"num_warps": 4, "num_stages": 1}
 BACKWARD_OPTIONS = {"num_warps": 4, "num_stages": 1}
 MERGE_OPTIONS = {"num_warps": 2, "num_stages": 1}
 REC_WIDTH = 4  # kernels.logits.REC_WIDTH: (M, S, Q, t)
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)  # labels the kernels take as int64
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -206,10 +207,13 @@ def selective_log_softmax(logits, labels, temperature=1.0, *, return_entropy=Tru
     ``labels.shape``. CUDA (or TRITON_INTERPRET=1) runs the kernels, other CPU tensors
     the reference. Logits whose vocabulary dimension is not unit-stride are copied once."""
     on_kernels = isinstance(logits, torch.Tensor) and api.uses_kernels(logits)
-    check_logits_inputs(logits, labels, None, temperature, return_entropy, inplace_backward, kernel=on_kernels)
+    check_logits_inputs(logits, labels, None, temperature, return_entropy, inplace_backward, kernel=on_kernels,
+                        tp_group=tp_group)
     if not on_kernels:
         log_prob, entropy = reference_selective_log_softmax(logits, labels, temperature)
         return log_prob, entropy if return_entropy else None
+    if labels.dtype in _WIDE_UNSIGNED:  # read as int64 (values ≥ 2^63 wrap negative: NaN), as on the
+        labels = labels.to(torch.int64)  # reference; one O(N) copy, no kernel specialization per dtype
     if logits.stride(-1) != 1:  # the kernels read unit-stride vocabulary rows
         if inplace_backward:
             raise ValueError("inplace_backward=True needs logits with a unit stride in the vocabulary "
@@ -245,7 +249,9 @@ def policy_loss_from_logits(logits, labels, old_log_prob, advantages=None, respo
         return reference_policy_loss_from_logits(
             logits, labels, old_log_prob, advantages, response_mask, loss_type, loss_agg_mode,
             temperature, return_entropy, inplace_backward, tp_group, **family_params)
-    check_logits_inputs(logits, labels, old_log_prob, temperature, return_entropy, inplace_backward)  # fail
+    check_logits_inputs(logits, labels, old_log_prob, temperature, return_entropy, inplace_backward,
+                        tp_group=tp_group, cu_seqlens=cu_seqlens)  # fail fast, before any launch
+    check_token_shapes(labels, advantages, response_mask, family_params)
     check_loss_type(loss_type)  # before the logits pass
     check_loss_agg_mode(loss_agg_mode)
     if inplace_backward and 0 in logits.stride():

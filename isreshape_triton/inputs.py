@@ -83,10 +83,12 @@ def _token_streams(streams: dict, shape) -> dict:
 
 def _prepare_packed(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, validate,
                     rollout, ref_log_prob) -> Inputs:
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 \
-            or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError("cu_seqlens must be a 1-D int32/int64 tensor of S + 1 offsets, got "
-                        f"{cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__}")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor of S + 1 offsets, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must have dtype int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D [S + 1] (S + 1 >= 1 offsets), got shape {tuple(cu_seqlens.shape)}")
     if log_prob.dim() != 1:
         raise ValueError(f"with cu_seqlens, log_prob must be 1-D [N] (packed), got shape {tuple(log_prob.shape)}")
     n, S = log_prob.shape[0], cu_seqlens.numel() - 1

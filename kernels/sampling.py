@@ -149,7 +149,8 @@ def _online(m, x):
     exponential: one of the two factors is 1, the other e^{−|x − m|}."""
     m_new = tl.maximum(m, x)
     up = x > m
-    e = tl.exp(tl.where(m_new == float("-inf"), float("-inf"), tl.where(up, m - x, x - m)))
+    # the smaller minus the larger, −∞ when both are −∞ (no −∞ − (−∞) is ever computed)
+    e = tl.exp(tl.where(up, m, x) - tl.where(m_new == float("-inf"), 0.0, tl.where(up, x, m)))
     return m_new, tl.where(up, e, 1.0), tl.where(up, 1.0, e)
 
 
@@ -164,7 +165,7 @@ def _lanes_to_row(m):
 def _q_logits(a, b, alpha, beta, at_one, at_zero):
     """s = α·a + (1−α)·b on S, −∞ off S; s = a at α = 1 and s = b at α = 0 (whole supports)."""
     both = (a > float("-inf")) & (b > float("-inf"))
-    s = tl.where(both, alpha * a + beta * b, float("-inf"))
+    s = tl.where(both, alpha * tl.where(both, a, 0.0) + beta * tl.where(both, b, 0.0), float("-inf"))
     return tl.where(at_one, a, tl.where(at_zero, b, s)), both
 
 
@@ -245,16 +246,18 @@ def _merge_moments(base, nseg, W: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _merge_snr(base, nseg, W: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(T1, T2, T3) G-vectors of a row: plain sums of its SNR records (slots k·G + i)."""
+def _merge_snr(base, nseg, active, W: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(T1, T2, T3) G-vectors of a row: plain sums of its SNR records (slots k·G + i); zeros for a row
+    that is not ``active`` (its records are moments, or unwritten: no arithmetic on them)."""
     j = tl.arange(0, BLOCK_C)
     k = tl.arange(0, 4)
     i = tl.arange(0, G)
     acc = tl.zeros([BLOCK_C, 4, G], tl.float64)
     for j0 in range(0, nseg, BLOCK_C):
         jj = j0 + j
-        acc += tl.load(base + jj[:, None, None] * W + k[None, :, None] * G + i[None, None, :],
-                       mask=(jj < nseg)[:, None, None] & (k < 3)[None, :, None], other=0.0)
+        rec = tl.load(base + jj[:, None, None] * W + k[None, :, None] * G + i[None, None, :],
+                      mask=(jj < nseg)[:, None, None] & (k < 3)[None, :, None], other=0.0)
+        acc += tl.where(active, rec, 0.0)
     tot = tl.sum(acc, 0)
     return (tl.sum(tl.where(k[:, None] == 0, tot, 0.0), 0), tl.sum(tl.where(k[:, None] == 1, tot, 0.0), 0),
             tl.sum(tl.where(k[:, None] == 2, tot, 0.0), 0))
@@ -316,11 +319,12 @@ def _init_state(base, nseg, method, fixed_alpha, inv_t, HAS_REF: tl.constexpr, G
         lr = tl.log(s_r)
         invalid = invalid | (s_r == 0.0)
     c = (m_b + lb) - (m_a + la)  # B − A
-    e1 = ud_a / u_a - c  # E_S(1) = E_{π_θ|S}[ℓ]
-    e0 = ud_b / u_b - c  # E_S(0) = E_{π_t|S}[ℓ]
+    # E_S(1) = E_{π_θ|S}[ℓ], E_S(0) = E_{π_t|S}[ℓ]; NaN for an empty S (disjoint supports), without 0/0
+    e1 = tl.where(u_a > 0.0, ud_a / tl.where(u_a > 0.0, u_a, 1.0), float("nan")) - c
+    e0 = tl.where(u_b > 0.0, ud_b / tl.where(u_b > 0.0, u_b, 1.0), float("nan")) - c
     lower = e0 <= 0.0
     upper = e1 >= 0.0
-    alpha = tl.where(upper, 1.0, tl.where(lower, 0.0, e0 / (e0 - e1)))
+    alpha = tl.where(upper, 1.0, tl.where(lower, 0.0, e0 / tl.where(e0 == e1, 1.0, e0 - e1)))  # e0 = e1: flat
     bound = tl.where(lower | upper, 1.0, 0.0)
     const = d_min == d_max
     flat = const | (e0 - e1 <= FLAT)
@@ -362,10 +366,15 @@ def _newton_step(alpha, lo, hi, p, n, p2, n2, tol):
     A step that leaves the bracket (or is not finite) is a bisection; a step below the resolution
     of α stays at α.
     """
-    g = tl.log(p) - tl.log(n)
+    ok = (p > 0.0) & (n > 0.0)  # else g = ±∞ (or 0 at p = n = 0) and a bisection, no log 0 or 0/0
+    ps = tl.where(ok, p, 1.0)
+    ns = tl.where(ok, n, 1.0)
+    g = tl.where(ok, tl.log(ps) - tl.log(ns), tl.where(p > n, float("inf"), tl.where(p < n, float("-inf"), 0.0)))
+    g = tl.where((p != p) | (n != n), float("nan"), g)
     lo = tl.where(g > tol, alpha, lo)
     hi = tl.where(g < -tol, alpha, hi)
-    new = alpha + g / (p2 / p + n2 / n)
+    den = p2 / ps + n2 / ns
+    new = tl.where(ok & (den > 0.0), alpha + tl.where(ok, g, 0.0) / tl.where(den > 0.0, den, 1.0), float("nan"))
     new = tl.where((new >= lo) & (new <= hi), new, 0.5 * (lo + hi))
     return tl.where(p == n, alpha, new), lo, hi
 
@@ -377,7 +386,7 @@ def _snr_grid(lo, h, G: tl.constexpr):
 
 
 @triton.jit
-def _snr_step(base, nseg, lo, h, best_a, best_v, STAGE: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
+def _snr_step(base, nseg, active, lo, h, best_a, best_v, STAGE: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
               BLOCK_C: tl.constexpr):
     """SNR_i = |Φ1|/√Φ2 at the last pass's points α_i = lo + i·h; keep the best point so far. The
     first two passes cover the 2G-point grid k/(2G−1) (even k, then odd k: STAGE 1 moves to the odd
@@ -385,7 +394,7 @@ def _snr_step(base, nseg, lo, h, best_a, best_v, STAGE: tl.constexpr, W: tl.cons
     every pass searches G interior points of [best − δ, best + δ], δ the distance between
     neighbouring points so far (h/2 after the coarse grid, STAGE 2), shrinking by (G + 1)/2."""
     i = tl.arange(0, G)
-    t1, t2, t3 = _merge_snr(base, nseg, W, G, BLOCK_C)
+    t1, t2, t3 = _merge_snr(base, nseg, active, W, G, BLOCK_C)
     var = t3 - t2 * t2
     snr = tl.where(var > 0.0, tl.abs(t1) / tl.sqrt(tl.where(var > 0.0, var, 1.0)), 0.0)
     v_max = tl.max(snr, 0)
@@ -412,14 +421,17 @@ def _advance(base, nseg, alpha, lo, hi, mode, bound, best_a, best_v,
     point); FIXED rows keep α.
     Also returns the merged moments (used by the draw's last step)."""
     mx, s0, p, n, p2, n2 = _merge_moments(base, nseg, W, BLOCK_C)
-    new, new_lo, new_hi = _newton_step(alpha, lo, hi, p, n, p2, n2, 0.0 if PREV_FP64 else FP32_TOL)
-    newton = mode == NEWTON
+    newton = mode == NEWTON  # other rows' records are not moments (SNR terms, or unwritten): read as 0
+    new, new_lo, new_hi = _newton_step(alpha, lo, hi, tl.where(newton, p, 0.0), tl.where(newton, n, 0.0),
+                                       tl.where(newton, p2, 0.0), tl.where(newton, n2, 0.0),
+                                       0.0 if PREV_FP64 else FP32_TOL)
     alpha_n = tl.where(newton, new, alpha)
     lo_n = tl.where(newton, new_lo, lo)
     hi_n = tl.where(newton, new_hi, hi)
     if SNR_UPDATE > 0:
-        g_lo, g_h, g_best_a, g_best_v = _snr_step(base, nseg, lo, hi, best_a, best_v, SNR_UPDATE, W, G, BLOCK_C)
         snr = mode == SNR
+        g_lo, g_h, g_best_a, g_best_v = _snr_step(base, nseg, snr, lo, hi, best_a, best_v, SNR_UPDATE, W, G,
+                                                  BLOCK_C)
         lo_n = tl.where(snr, g_lo, lo_n)
         hi_n = tl.where(snr, g_h, hi_n)
         best_a = tl.where(snr, g_best_a, best_a)
@@ -459,7 +471,7 @@ def _moments_segment(pol_row, tgt_row, e0, e1, V, s_pv, s_tv, inv_t, za, zb, la,
         a = (a - za) * inv_t
         b = (b - zb) * inv_t
         s, both = _q_logits(a, b, al, be, at_one, at_zero)
-        ell = tl.where(both, (b - a) - c, 0.0)
+        ell = tl.where(both, (tl.where(both, b, 0.0) - tl.where(both, a, 0.0)) - c, 0.0)
         lp = tl.maximum(ell, 0.0)
         ln = tl.maximum(-ell, 0.0)
         m, r, w = _online(m, s)
@@ -492,7 +504,7 @@ def _snr_segment(pol_row, tgt_row, ref_row, e0, e1, V, s_pv, s_tv, s_rv, inv_t, 
         a = (a - za) * inv_t
         b = (b - zb) * inv_t
         both = (a > float("-inf")) & (b > float("-inf"))
-        ell = tl.where(both, (b - a) - c, 0.0)
+        ell = tl.where(both, (tl.where(both, b, 0.0) - tl.where(both, a, 0.0)) - c, 0.0)
         p_th = tl.where(both, tl.exp(a - la), 0.0)
         p_t = tl.where(both, tl.exp(b - lb), 0.0)
         if HAS_REF:
@@ -560,7 +572,7 @@ def sampling_stats_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, V, nseg, seg,
         fa = a > float("-inf")
         fb = b > float("-inf")
         both = fa & fb
-        d = tl.where(both, b - a, 0.0)
+        d = tl.where(both, tl.where(both, b, 0.0) - tl.where(both, a, 0.0), 0.0)
         m_a, r, w = _online(m_a, a)
         s_a = s_a * r + w
         u_a = u_a * r + tl.where(both, w, 0.0)
@@ -660,9 +672,12 @@ def _final(alpha_k, alpha, mode, la, lb, n_p, n_t, mx, s0, p, n, p2, n2):
     log Z(α) = lse(s') − α·λ_a − (1−α)·λ_b, d log Z/dα = −E, dE/dα = −Var, δ = α − α_k (0 unless
     the draw took a Newton step), so log Z(α) = log Z_k − δ·E_k + δ²·Var_k/2 and E(α) = E_k − δ·Var_k.
     KL(q‖π_θ) = (1−α)·E − log Z, KL(q‖π_t) = −α·E − log Z; ∞ where q has mass off the other support."""
-    e_k = (p - n) / s0
-    var_k = (p2 + n2) / s0 - e_k * e_k
-    log_z_k = mx + tl.log(s0) - alpha_k * la - (1.0 - alpha_k) * lb
+    live = s0 > 0.0  # s0 = 0 (no q_α: a fixed α on disjoint supports, an INVALID row): NaN, −∞ log, no 0/0
+    s0_safe = tl.where(live, s0, 1.0)
+    e_k = tl.where(live, (p - n) / s0_safe, float("nan"))
+    var_k = tl.where(live, (p2 + n2) / s0_safe - e_k * e_k, float("nan"))
+    log_s0 = tl.where(live, tl.log(s0_safe), tl.where(s0 == 0.0, float("-inf"), float("nan")))
+    log_z_k = mx + log_s0 - alpha_k * la - (1.0 - alpha_k) * lb
     delta = alpha - alpha_k
     log_z = log_z_k - delta * e_k + 0.5 * delta * delta * var_k
     e = e_k - delta * var_k
@@ -784,7 +799,8 @@ def sampling_finalize_kernel(pol_ptr, tgt_ptr, rec_ptr, state_ptr, tokens_ptr, a
     zb = tl.load(tgt_ptr + rows64 * s_tr + tok * s_tv, mask=drawn, other=0.0).to(tl.float64)
     a = (za - tl.load(st + Z_ZA, mask=rm, other=0.0)) * inv_t
     b = (zb - tl.load(st + Z_ZB, mask=rm, other=0.0)) * inv_t
-    s = tl.where(alpha == 1.0, a, tl.where(alpha == 0.0, b, alpha * a + (1.0 - alpha) * b))
+    mixed = alpha * tl.where(a > float("-inf"), a, 0.0) + (1.0 - alpha) * tl.where(b > float("-inf"), b, 0.0)
+    s = tl.where(alpha == 1.0, a, tl.where(alpha == 0.0, b, mixed))  # α ∈ (0, 1): a drawn token is on S
     lq = s - tl.load(st + Z_LSE_S, mask=rm, other=0.0)
     lp_pol = a - tl.load(st + Z_LA, mask=rm, other=0.0)
     lp_tgt = b - tl.load(st + Z_LB, mask=rm, other=0.0)

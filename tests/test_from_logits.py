@@ -250,6 +250,122 @@ def test_masked_rows_are_isolated_and_bad_counted_labels_are_loud(poisoned):
         assert torch.isnan(loss) and metrics["nonfinite_tokens"] == 1
 
 
+def _paths(monkeypatch=None):
+    """(name, policy_loss_from_logits) of the kernel path and the reference."""
+    return (("kernel", irt.policy_loss_from_logits), ("reference", reference_from_logits))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("entropy", ["none", "where"])
+def test_masked_nonfinite_logits_give_exact_zero_rows_on_both_paths(value, entropy, poisoned):
+    """NaN or ±inf logits at masked tokens never reach the loss or the gradient, on the
+    reference as on the kernel: the same loss as with clean logits and exact-zero gradient
+    rows there (also with an entropy bonus aggregated by torch.where)."""
+    logits, labels, old, adv, mask = make_batch(2, 6, 40, seed=9)
+    dirty = logits.clone()
+    dirty[~mask] = value
+    for name, fn in _paths():
+        results = []
+        for z in (logits, dirty):
+            x = z.detach().requires_grad_()
+            loss, metrics, ent = fn(x, labels, old, adv, mask, "is_reshape", return_entropy=True)
+            total = loss - (0.01 * torch.where(mask, ent, 0.0).sum() if entropy == "where" else 0.0)
+            total.backward()
+            results.append((loss.detach(), metrics["nonfinite_tokens"], x.grad))
+        (loss, nf, grad), (d_loss, d_nf, d_grad) = results
+        assert torch.equal(d_loss, loss) and d_nf.item() == 0.0, name
+        assert (d_grad[~mask] == 0).all() and torch.equal(d_grad, grad), name
+
+
+def test_out_of_range_counted_label_is_a_nan_row_on_both_paths(poisoned):
+    """A counted label outside [0, V): log_prob NaN, loss NaN, counted in nonfinite_tokens
+    and a NaN gradient on its whole row, on both paths; the masked rows stay exact zeros."""
+    logits, labels, old, adv, mask = make_batch(2, 5, 30, seed=10)
+    bad = labels.clone()
+    bad[0, 0] = 30  # counted (make_batch keeps [0, 0])
+    grads = []
+    for name, fn in _paths():
+        x = logits.detach().requires_grad_()
+        loss, metrics = fn(x, bad, old, adv, mask, "ppo_clip")
+        loss.backward()
+        assert torch.isnan(loss) and metrics["nonfinite_tokens"].item() == 1.0, name
+        assert x.grad[0, 0].isnan().all(), name
+        assert (x.grad[~mask] == 0).all(), name
+        grads.append(x.grad)
+    assert torch.equal(grads[0].isnan(), grads[1].isnan())
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int16,
+                                   torch.int32])
+def test_every_integer_label_dtype_on_both_paths(dtype, poisoned):
+    """Unsigned labels (uint16/32/64 included, which torch's CPU ops refuse) are read as
+    int64 on the reference and as they are by the kernels: the same results as int64 labels."""
+    logits, labels, old, adv, mask = make_batch(2, 4, 60, seed=11, mask="none")
+    expect = reference_from_logits(logits, labels, old, adv, mask, "sapo", return_entropy=True)
+    for name, fn in _paths():
+        got = fn(logits, labels.to(dtype), old, adv, mask, "sapo", return_entropy=True)
+        torch.testing.assert_close(got[0], expect[0], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got[2], expect[2], rtol=1e-5, atol=1e-6, msg=name)
+    lp, _ = irt.reference.selective_log_softmax(logits, labels.to(dtype))
+    torch.testing.assert_close(lp, irt.selective_log_softmax(logits, labels.to(dtype))[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("group", ["world", object(), 3])
+def test_bad_tp_group_is_a_type_error_naming_it(group):
+    logits, labels, old, adv, mask = make_batch(1, 3, 20, seed=13)
+    for fn in (irt.policy_loss_from_logits, reference_from_logits):
+        with pytest.raises(TypeError, match="tp_group"):
+            fn(logits, labels, old, adv, mask, tp_group=group)
+    with pytest.raises(TypeError, match="tp_group"):
+        irt.selective_log_softmax(logits, labels, tp_group=group)
+
+
+def test_errors_name_the_from_logits_arguments():
+    """Shape errors name logits / labels, never the log-prob op's internal log_prob; a
+    cu_seqlens shape error speaks of its shape, not its dtype."""
+    logits, labels, old, adv, mask = make_batch(1, 6, 20, seed=14)
+    for name, fn in _paths():
+        with pytest.raises(ValueError, match=r"cu_seqlens, logits must be packed \[N, V\]"):
+            fn(logits, labels, old, adv, mask, cu_seqlens=torch.tensor([0, 6]))
+        with pytest.raises(ValueError, match="response_mask shape .* labels shape") as e:
+            fn(logits, labels, old, adv, mask[:, :5])
+        assert "log_prob" not in str(e.value)
+        with pytest.raises(ValueError, match="advantages shape .* labels shape"):
+            fn(logits, labels, old, adv[:, :5], mask)
+        with pytest.raises(ValueError, match="ref_log_prob shape .* labels shape"):
+            fn(logits, labels, old, adv, mask, ref_log_prob=old[:, :5], kl_coef=0.1)
+        packed = (logits.reshape(6, 20), labels.reshape(6), old.reshape(6), adv.reshape(6), mask.reshape(6))
+        with pytest.raises(ValueError, match=r"cu_seqlens must be 1-D \[S \+ 1\].*shape \(1, 2\)") as e:
+            fn(*packed, cu_seqlens=torch.tensor([[0, 6]]))
+        assert "int64" not in str(e.value)
+        with pytest.raises(TypeError, match="cu_seqlens must have dtype int32 or int64, got torch.float32"):
+            fn(*packed, cu_seqlens=torch.tensor([0.0, 6.0]))
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_docs_entropy_bonus_recipe(path, monkeypatch):
+    """docs/from_logits.md's example runs as written, with NaN logits at masked tokens: the
+    entropy bonus (torch.where, not entropy * mask) keeps the loss and gradient finite."""
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "from_logits.md").read_text()
+    marker = "<!-- tested: tests/test_from_logits.py::test_docs_entropy_bonus_recipe -->"
+    code = re.search(r"```python\n(.*?)```", doc.split(marker, 1)[1], re.S).group(1)
+    assert "torch.where(counted, entropy" in code
+    if path == "reference":
+        monkeypatch.setattr(irt.api, "uses_kernels", lambda t: False)
+    z, labels, old_log_prob, advantages, response_mask = make_batch(2, 6, 40, seed=15)
+    z[~response_mask] = float("nan")
+    logits = z.requires_grad_()
+    scope = dict(logits=logits, labels=labels, old_log_prob=old_log_prob, advantages=advantages,
+                 response_mask=response_mask)
+    exec(code, scope)
+    assert torch.isfinite(scope["loss"]) and torch.isfinite(scope["bonus"])
+    grad = logits.grad if path == "reference" else logits.detach()  # inplace_backward: the logits' storage
+    assert torch.isfinite(grad).all() and (grad[~response_mask] == 0).all()
+
+
 def test_negative_infinite_logits_and_determinism(poisoned):
     """−inf logits (truncated vocabulary) give finite results equal to the reference;
     two runs (ticket path) are bit-identical."""

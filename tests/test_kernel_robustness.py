@@ -164,6 +164,39 @@ def test_vespo_nonfinite_first_advantage_taints_its_row(value):
     assert torch.equal(grad[[0, 2]], clean[2][[0, 2]])
 
 
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+def test_vespo_nonfinite_rollout_weight_taints_its_row(value):
+    """VESPO folds log max(r, 1e-8) into its row weight W: a non-finite rollout IS weight at a
+    counted token makes that row's W, and so its whole gradient, NaN on both paths (the
+    kernel's max must not drop a NaN r); other rows keep their gradient."""
+    lp, olp, adv, mask = _batch(B=3, T=9, seed=4)
+    r = torch.full_like(lp, 0.9)
+    clean = both(lp, olp, adv, mask, "vespo", rollout_is_weights=r)
+    r[1, 0] = value  # mask[:, 0] is True
+    loss, metrics, grad = both(lp, olp, adv, mask, "vespo", rollout_is_weights=r)
+    assert loss.isnan() and metrics["nonfinite_tokens"].item() == 1.0
+    assert grad[1][mask[1]].isnan().all()
+    assert torch.equal(grad[[0, 2]], clean[2][[0, 2]])
+
+
+@pytest.mark.parametrize("kl_type", ["low_var_kl", "kl", "mse"])
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+def test_nonfinite_ref_log_prob_at_counted_token(kl_type, value):
+    """A non-finite ref_log_prob at a counted token is a non-finite token on both paths (NaN
+    loss and gradient there, counted), even where low_var_kl's clamp would make it finite; a
+    masked one changes nothing."""
+    lp, olp, adv, mask = _batch(B=2, T=8, seed=5)
+    ref_lp = olp - 0.1
+    clean = both(lp, olp, adv, mask, ref_log_prob=ref_lp, kl_coef=0.1, kl_type=kl_type)
+    masked = ref_lp.clone()
+    masked[~mask] = value
+    quiet = both(lp, olp, adv, mask, ref_log_prob=masked, kl_coef=0.1, kl_type=kl_type)
+    assert torch.equal(quiet[0], clean[0]) and torch.equal(quiet[2], clean[2])
+    ref_lp[1, 0] = value  # counted
+    loss, metrics, grad = both(lp, olp, adv, mask, ref_log_prob=ref_lp, kl_coef=0.1, kl_type=kl_type)
+    assert loss.isnan() and grad[1, 0].isnan() and metrics["nonfinite_tokens"].item() == 1.0
+
+
 def test_nonfinite_masked_positions_stay_isolated():
     lp, olp, adv, mask = _batch(B=4, T=9, seed=2)
     dirty = [torch.where(mask, t, torch.full_like(t, v)) for t, v in ((lp, NAN), (olp, INF), (adv, -INF))]
