@@ -30,13 +30,18 @@ SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(4)
 
 
 @triton.jit
-def _given(v, dt: tl.constexpr, ON_DEVICE: tl.constexpr):
-    """A count given as a float (< 0: not given) or, ON_DEVICE, as a pointer to a 0-dim
-    device tensor (read here: no host sync)."""
+def _count(v, default, dt: tl.constexpr, ON_DEVICE: tl.constexpr):
+    """A count (SPEC §5). ON_DEVICE: ``v`` points to a 0-dim device tensor, read here (no host
+    sync); whether it was given is known on the host (this constexpr), so its value is never a
+    "not given" test: a bad value (NaN, negative, ±inf) gives NaN, loud like a non-finite token
+    (SPEC §11), and the reference does the same. Else ``v`` is a host float, validated finite and
+    >= 0 on the host, or −1 for "not given" (then ``default``, the local count)."""
     if ON_DEVICE:
-        return tl.load(v).to(dt)
+        c = tl.load(v).to(dt)
+        return tl.where((c >= 0.0) & (c < float("inf")), c, float("nan"))
     else:
-        return v + tl.zeros([], dt)
+        c = v + tl.zeros([], dt)
+        return tl.where(c >= 0.0, c, default)
 
 
 @triton.constexpr_function
@@ -229,7 +234,7 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
     order (``reduce_record``); the loss, metrics (slot order = layout.METRIC_SLOTS) and the
     gradient scale s of SPEC §2 (for seq-mean-token-mean the backward divides it by the
     row's n_b). COUNTS_ON_DEVICE: bit 0 global_token_count, bit 1 global_batch_size are 0-dim
-    device tensors. Only the slots in SLOTS are read (``layout.partial_slots``); GROUPS_GIVEN:
+    device tensors (a bad value gives NaN: ``_count``). Only the slots in SLOTS are read (``layout.partial_slots``); GROUPS_GIVEN:
     (count, M2) of the A>0 and A<0 groups are ``groups`` (the batch statistics), not slots."""
     p = tl.arange(0, BLOCK_P)
     dt = partial_ptr.dtype.element_ty
@@ -258,8 +263,6 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
 
     # aggregation (SPEC §5); an empty denominator gives 0
     one = tl.full([], 1.0, dt)
-    global_token_count = _given(global_token_count, dt, COUNTS_ON_DEVICE % 2 == 1)
-    global_batch_size = _given(global_batch_size, dt, COUNTS_ON_DEVICE // 2 == 1)
     # every mode is (Σ m·L, or for seq-mean-token-mean Σ_b (Σ_t m·L)/n_b) × scale; ``agg`` is a
     # runtime code (one specialization for the token modes, one for the seq-* modes)
     seq_loss = s_loss
@@ -269,11 +272,11 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
         seq_loss = span_loss + rec[P_SEQ_LOSS]
         seq_kl = span_kl + rec[P_SEQ_KL]
         n_rows = span_rows + rec[P_ROWS]
-        gbs = tl.where(global_batch_size >= 0.0, global_batch_size, n_rows)
+        gbs = _count(global_batch_size, n_rows, dt, COUNTS_ON_DEVICE // 2 == 1)
     if not SEQ_AGG:
         scale = one  # token-sum
         if agg == TOKEN_MEAN:
-            scale = safe_div(one, tl.where(global_token_count >= 0.0, global_token_count, n_all))
+            scale = safe_div(one, _count(global_token_count, n_all, dt, COUNTS_ON_DEVICE % 2 == 1))
     elif agg == SEQ_MEAN_TOKEN_SUM_NORM:
         scale = safe_div(one, gbs * tl.where(loss_scale_factor >= 0.0, loss_scale_factor, longest))
     else:  # seq-mean-token-sum, seq-mean-token-mean

@@ -110,6 +110,49 @@ def test_nonfinite_log_prob_at_counted_token(where, value, loss_type, opts):
     assert metrics["token_count"].item() == mask.sum().item()
 
 
+# the modes that divide by each count (token-sum reads neither)
+COUNT_MODES = [("global_token_count", "token-mean"), ("global_batch_size", "seq-mean-token-sum"),
+               ("global_batch_size", "seq-mean-token-mean"), ("global_batch_size", "seq-mean-token-sum-norm")]
+
+
+@pytest.mark.parametrize("name,agg", COUNT_MODES)
+@pytest.mark.parametrize("value", [NAN, -1.0, -INF, INF, -3, 0.0, 0, 5.0])
+def test_bad_count_tensor_is_loud_on_both_paths(name, agg, value):
+    """A 0-dim count tensor whose value is NaN, negative or ±inf: NaN loss, NaN kl_loss and a
+    NaN gradient at every counted token on both paths (the kernels took such a value for
+    "not given" and used the local count: a plausible wrong loss). 0: loss 0, zero gradient
+    (an empty denominator); a good value: as the number. token-sum reads no count."""
+    lp, olp, adv, mask = _batch(seed=4)
+    ref_lp = olp + 0.1
+    count = torch.tensor(value)  # float or int64
+    opts = {name: count, "ref_log_prob": ref_lp, "kl_coef": 0.1}
+    loss, metrics, grad = both(lp, olp, adv, mask, "is_reshape", agg, **opts)
+    if isinstance(value, float) and not value > -INF or value < 0 or value == INF:
+        assert loss.isnan() and metrics["kl_loss"].isnan()
+        assert torch.all(grad[mask].isnan())
+        assert metrics["nonfinite_tokens"].item() == 0 and torch.isfinite(metrics["sigma_sq"])
+    elif value == 0:
+        assert loss.item() == 0.0 and metrics["kl_loss"].item() == 0.0 and torch.all(grad == 0)
+    else:
+        expect = both(lp, olp, adv, mask, "is_reshape", agg, **{**opts, name: float(value)})
+        assert torch.equal(loss, expect[0]) and torch.equal(grad, expect[2])
+    # token-sum ignores a count, bad or not, on both paths
+    plain = both(lp, olp, adv, mask, "is_reshape", "token-sum", ref_log_prob=ref_lp, kl_coef=0.1)
+    got = both(lp, olp, adv, mask, "is_reshape", "token-sum", **opts)
+    assert torch.equal(got[0], plain[0]) and torch.equal(got[2], plain[2])
+
+
+@pytest.mark.parametrize("name", ["global_token_count", "global_batch_size"])
+@pytest.mark.parametrize("value", [NAN, -1.0, -INF, INF, -2, 1e39])
+def test_bad_count_number_raises_on_both_paths(name, value):
+    """A count given as a number is checked on the host: negative, NaN, ±inf or beyond fp32
+    raise a ValueError naming it, on both paths."""
+    lp, olp, adv, mask = _batch()
+    for fn in (irt.policy_loss, irt.reference.policy_loss):
+        with pytest.raises(ValueError, match=name):
+            fn(lp, olp, adv, mask, "is_reshape", "token-mean", **{name: value})
+
+
 @pytest.mark.parametrize("loss_type", ["is_reshape", "is_reshape_sign"])
 def test_nonfinite_single_token_group_statistics(loss_type):
     """A statistic over a group holding one counted token, which is non-finite, is NaN (SPEC §11)."""
@@ -396,6 +439,15 @@ def test_fuzz_both_paths_agree(data):
     n_bad = _inject(draw, lp, olp, adv, counted)
     agg = draw(st.sampled_from(irt.AGG_MODES))
     kw = dict(opts, log_ratio_clamp=draw(st.sampled_from([20.0, 3.0])), cu_seqlens=cu)
+    # sometimes a count as a 0-dim tensor, good, 0 or bad (NaN / negative / ±inf: a NaN loss
+    # where the mode divides by it)
+    count_bad = False
+    if draw(st.booleans()):
+        name = draw(st.sampled_from(["global_token_count", "global_batch_size"]))
+        value = draw(st.sampled_from([7.0, 3, 0.0, NAN, -INF, INF, -2.0, -1]))
+        kw[name] = torch.tensor(value)
+        uses = agg == "token-mean" if name == "global_token_count" else agg.startswith("seq-")
+        count_bad = uses and not 0 <= value < INF
     saved = ops.TILING
     ops.TILING = draw(st.sampled_from([saved, SMALL_TILING]))
     psis_rows = opts.get("gamma") == "psis" and opts.get("gamma_granularity") == "sequence"
@@ -408,7 +460,7 @@ def test_fuzz_both_paths_agree(data):
     rtol = 2e-3 if per_row_exact else (1e-6 if dtype == F64 else 1e-5)
     assert_paths_agree(k, r, rtol, GRAD_RTOL[dtype])
     assert k[1]["nonfinite_tokens"].item() == n_bad
-    assert k[0].isnan() == (n_bad > 0)
+    assert k[0].isnan() == (n_bad > 0 or count_bad)
     assert torch.all(k[2][~counted.view(k[2].shape)] == 0)
 
 
