@@ -92,6 +92,11 @@ def _prepare_packed(log_prob, old_log_prob, advantages, response_mask, cu_seqlen
     if log_prob.dim() != 1:
         raise ValueError(f"with cu_seqlens, log_prob must be 1-D [N] (packed), got shape {tuple(log_prob.shape)}")
     n, S = log_prob.shape[0], cu_seqlens.numel() - 1
+    if S == 0 and n > 0:  # a shape check (no sync): the kernels' row search needs a row
+        raise ValueError(f"cu_seqlens has no sequence (length 1) but log_prob has {n} tokens")
+    # the kernels read the offsets with unit stride: a strided view (a column of a 2-D tensor)
+    # becomes a contiguous device copy (no sync)
+    cu_seqlens = cu_seqlens.contiguous()
     tensors = {"old_log_prob": old_log_prob, "cu_seqlens": cu_seqlens,
                **_token_streams({"rollout_is_weights": rollout, "ref_log_prob": ref_log_prob}, log_prob.shape)}
     if advantages is not None:

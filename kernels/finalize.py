@@ -216,8 +216,8 @@ def _packed_rows(cu_ptr, S, row_count_ptr, BLOCK: tl.constexpr):
     longest = tl.zeros([BLOCK], tl.int32)
     for s0 in range(0, S, BLOCK):
         s = s0 + idx
-        lo = tl.load(cu_ptr + s, mask=s < S, other=0).to(tl.int32)
-        hi = tl.load(cu_ptr + s + 1, mask=s < S, other=0).to(tl.int32)
+        lo = tl.minimum(tl.maximum(tl.load(cu_ptr + s, mask=s < S, other=0), 0), 2147483647).to(tl.int32)
+        hi = tl.minimum(tl.maximum(tl.load(cu_ptr + s + 1, mask=s < S, other=0), lo), 2147483647).to(tl.int32)
         longest = tl.maximum(longest, hi - lo)
         tl.store(row_count_ptr + s, tl.zeros([BLOCK], row_count_ptr.dtype.element_ty), mask=(s < S) & (hi <= lo))
     return tl.max(longest)

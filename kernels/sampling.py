@@ -20,7 +20,7 @@ records with the same code, so all of them see bit-identical α; segment 0 also 
 state. The price of splitting V is one launch per Newton step (no program waits on another) and
 O(segments²) record reads per row from L2.
 
-Precision: pass 0 and the last search pass do their element math in fp64 (so α, log Z and the KLs
+Precision: pass 0 and the last search passes do their element math in fp64 (so α, log Z and the KLs
 have fp64 accuracy); the other Newton passes are fp32. SNR passes are fp64 (a flat maximum located
 to 1e-4 needs the ratio to ~1e-8).
 
@@ -29,7 +29,8 @@ Launches (fixed per method, never data-dependent):
                                 range of d on S, support counts, non-finite count;
   ``sampling_alpha_kernel`` ×K  merge the previous records, update α, evaluate at the new α:
                                 Newton moments (kl_symmetry, fixed α) or SNR terms at G points;
-  ``sampling_draw_kernel``      last update, KLs and log Z, the draw per segment (exponential race), optional log q;
+  ``sampling_draw_kernel``      a last Newton step unless the row is peaked (then the last search pass's α, where
+                                it evaluated), KLs and log Z, the draw per segment (exponential race), optional log q;
   ``sampling_finalize_kernel``  per row: token, log-probs at the token, outputs.
 """
 import triton
@@ -89,7 +90,8 @@ Z_NT = tl.constexpr(15)
 Z_LSE_S = tl.constexpr(16)  # after the draw: lse(s') at the final α, KLs
 Z_KL_P = tl.constexpr(17)
 Z_KL_T = tl.constexpr(18)
-Z_W = tl.constexpr(19)
+Z_LMAX = tl.constexpr(19)  # max_S ℓ (the draw's step test)
+Z_W = tl.constexpr(20)
 
 # row modes
 NEWTON = tl.constexpr(0.0)
@@ -98,6 +100,7 @@ SNR = tl.constexpr(2.0)
 INVALID = tl.constexpr(3.0)
 FP32_TOL = tl.constexpr(1e-3)  # |g| below which an fp32 evaluation does not move the Newton bracket
 IDENTICAL_SPREAD = tl.constexpr(1e-5)  # max − min of d on S below which equal supports count as identical
+STEP_RANGE = tl.constexpr(1e-3)  # the draw's step δ only where |δ|·(max ℓ − min ℓ) ≤ this (``_final``)
 FLAT = tl.constexpr(1e-12)  # E_S(0) − E_S(1) below this: E_S is constant at fp64 resolution
 # methods (runtime argument)
 METHOD_KL = tl.constexpr(0)
@@ -269,12 +272,12 @@ def _merge_snr(base, nseg, active, W: tl.constexpr, G: tl.constexpr, BLOCK_C: tl
 def _load_state(ptr):
     return (tl.load(ptr + Z_ALPHA), tl.load(ptr + Z_LO), tl.load(ptr + Z_HI), tl.load(ptr + Z_MODE),
             tl.load(ptr + Z_BOUND), tl.load(ptr + Z_ZA), tl.load(ptr + Z_ZB), tl.load(ptr + Z_ZR),
-            tl.load(ptr + Z_LA), tl.load(ptr + Z_LB), tl.load(ptr + Z_LR), tl.load(ptr + Z_LMIN),
+            tl.load(ptr + Z_LA), tl.load(ptr + Z_LB), tl.load(ptr + Z_LR), tl.load(ptr + Z_LMIN), tl.load(ptr + Z_LMAX),
             tl.load(ptr + Z_BEST_A), tl.load(ptr + Z_BEST_V), tl.load(ptr + Z_NP), tl.load(ptr + Z_NT))
 
 
 @triton.jit
-def _store_state(ptr, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t):
+def _store_state(ptr, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, lmax, best_a, best_v, n_p, n_t):
     tl.store(ptr + Z_ALPHA, alpha)
     tl.store(ptr + Z_LO, lo)
     tl.store(ptr + Z_HI, hi)
@@ -287,6 +290,7 @@ def _store_state(ptr, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, 
     tl.store(ptr + Z_LB, lb)
     tl.store(ptr + Z_LR, lr)
     tl.store(ptr + Z_LMIN, lmin)
+    tl.store(ptr + Z_LMAX, lmax)
     tl.store(ptr + Z_BEST_A, best_a)
     tl.store(ptr + Z_BEST_V, best_v)
     tl.store(ptr + Z_NP, n_p)
@@ -352,8 +356,8 @@ def _init_state(base, nseg, method, fixed_alpha, inv_t, HAS_REF: tl.constexpr, G
     bound = tl.where(invalid, 0.0, bound)
     mode = tl.where(invalid, INVALID, mode)
     # raw maxima: max(z·inv_t) = max(z)·inv_t up to rounding (the shift needs no more)
-    return (alpha, lo, hi, mode, bound, m_a / inv_t, m_b / inv_t, m_r / inv_t, la, lb, lr, d_min - c, zero,
-            zero - 1.0, n_p, n_t)
+    return (alpha, lo, hi, mode, bound, m_a / inv_t, m_b / inv_t, m_r / inv_t, la, lb, lr, d_min - c, d_max - c,
+            zero, zero - 1.0, n_p, n_t)
 
 
 @triton.jit
@@ -630,17 +634,17 @@ def sampling_alpha_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, prev_ptr, rec_pt
     row, j, e0, e1 = _segment(pid, nseg, seg, V, CONTIG)
     V = _hint(V, CONTIG)
     if FIRST:
-        (alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t) = _init_state(
+        (alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, lmax, best_a, best_v, n_p, n_t) = _init_state(
             stats_ptr + row * nseg * ST_W, nseg, method, fixed_alpha,
             _inv_temp(inv_temp, inv_temp_lo, tl.float64), HAS_REF, G, STATS_MERGE_BLOCK)
     else:
-        (alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t) = _load_state(
+        (alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, lmax, best_a, best_v, n_p, n_t) = _load_state(
             state_in_ptr + row * Z_W)
         alpha, lo, hi, mode, bound, best_a, best_v, mx, s0, p, n, p2, n2 = _advance(
             prev_ptr + row * nseg * REC_W, nseg, alpha, lo, hi, mode, bound, best_a, best_v,
             SNR_UPDATE, not EVAL_SNR, PREV_FP64, REC_W, G, BLOCK_C)
     if j == 0:
-        _store_state(state_out_ptr + row * Z_W, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin,
+        _store_state(state_out_ptr + row * Z_W, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, lmax,
                      best_a, best_v, n_p, n_t)
     pol_row = pol_ptr + _hint(row * s_pr, CONTIG)
     tgt_row = tgt_ptr + _hint(row * s_tr, CONTIG)
@@ -668,9 +672,12 @@ def sampling_alpha_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, prev_ptr, rec_pt
 
 @triton.jit
 def _final(alpha_k, alpha, mode, la, lb, n_p, n_t, mx, s0, p, n, p2, n2):
-    """lse(s'), KL(q‖π_θ), KL(q‖π_t) at the final α from the moments at α_k (the last evaluation):
-    log Z(α) = lse(s') − α·λ_a − (1−α)·λ_b, d log Z/dα = −E, dE/dα = −Var, δ = α − α_k (0 unless
-    the draw took a Newton step), so log Z(α) = log Z_k − δ·E_k + δ²·Var_k/2 and E(α) = E_k − δ·Var_k.
+    """lse(s'), KL(q‖π_θ), KL(q‖π_t) at the final α from the fp64 moments at α_k (the last search
+    pass): log Z(α) = lse(s') − α·λ_a − (1−α)·λ_b, d log Z/dα = −E, dE/dα = −Var, δ = α − α_k, so
+    log Z(α) = log Z_k − δ·E_k + δ²·Var_k/2 and E(α) = E_k − δ·Var_k. The draw only steps where
+    |δ|·(max ℓ − min ℓ) ≤ STEP_RANGE (``sampling_draw_kernel``), which bounds the Taylor remainder
+    (|κ₃| ≤ range³) below 1e-10; else δ = 0 and everything is exact at α_k (peaked rows, issue 17:
+    the step moved q between tokens and log Z by thousands of nats).
     KL(q‖π_θ) = (1−α)·E − log Z, KL(q‖π_t) = −α·E − log Z; ∞ where q has mass off the other support."""
     live = s0 > 0.0  # s0 = 0 (no q_α: a fixed α on disjoint supports, an INVALID row): NaN, −∞ log, no 0/0
     s0_safe = tl.where(live, s0, 1.0)
@@ -713,22 +720,25 @@ def sampling_draw_kernel(pol_ptr, tgt_ptr, prev_ptr, rec_ptr, state_in_ptr, stat
                          V, nseg, seg, s_pr, s_pv, s_tr, s_tv, s_qr, inv_temp,
                          WRITE_LOGQ: tl.constexpr, PREV_FP64: tl.constexpr, REC_W: tl.constexpr, G: tl.constexpr,
                          BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, CONTIG: tl.constexpr):
-    """The last Newton step, lse(s') and the KLs at the final α (segment 0 stores them), then one
+    """The last Newton step (where ``_final``'s Taylor step is exact), lse(s') and the KLs at the final α
+    (segment 0 stores them), then one
     sampling pass: argmax_v log₂(U_v)/q_v (``_race``, the Gumbel-max draw with one logarithm), the
     uniforms U from Philox(seed, counter): one counter gives the 4 uniforms of 4 neighbours.
     Records the segment's best (key, index); writes log q = s' − lse(s') (fp32) with WRITE_LOGQ."""
     pid = tl.program_id(0)
     row, j, e0, e1 = _segment(pid, nseg, seg, V, CONTIG)
     V = _hint(V, CONTIG)
-    (alpha_k, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t) = _load_state(
+    (alpha_k, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, lmax, best_a, best_v, n_p, n_t) = _load_state(
         state_in_ptr + row * Z_W)
     alpha, lo, hi, mode, bound, best_a, best_v, mx, s0, p, n, p2, n2 = _advance(
         prev_ptr + row * nseg * REC_W, nseg, alpha_k, lo, hi, mode, bound, best_a, best_v,
         0, False, PREV_FP64, REC_W, G, BLOCK_C)
+    # the last Newton step only where the Taylor step of log Z is exact to fp64 (``_final``)
+    alpha = tl.where(tl.abs(alpha - alpha_k) * (lmax - lmin) <= STEP_RANGE, alpha, alpha_k)
     lse_s, kl_p, kl_t = _final(alpha_k, alpha, mode, la, lb, n_p, n_t, mx, s0, p, n, p2, n2)
     if j == 0:
         st = state_out_ptr + row * Z_W
-        _store_state(st, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t)
+        _store_state(st, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, lmax, best_a, best_v, n_p, n_t)
         tl.store(st + Z_LSE_S, lse_s)
         tl.store(st + Z_KL_P, kl_p)
         tl.store(st + Z_KL_T, kl_t)

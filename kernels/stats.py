@@ -118,7 +118,7 @@ def batch_stats_kernel(
         b = tl.minimum(a + chunk, N)
         p = a
         while p < b:
-            s, start, end = locate_row(p, cu_ptr, S, T, PACKED)
+            s, start, end = locate_row(p, cu_ptr, S, T, N, PACKED)
             e = piece_end(p, end, b)
             origin = 0 if PACKED else start
             if ROW_STATS:  # one record per piece
