@@ -11,18 +11,27 @@ The op is a chain of two autograd Functions:
    loss) and backward, reused as they are. Its gradient w.r.t. log_prob is the g fed
    to step 1's backward.
 
+Batch invariance: a token's log_prob, lse, entropy and gradient row are the same bits
+whatever the batch (its size, padded [B, T, V] or packed [N, V]). The reduction order
+over V is a function of V alone (``vocab_chunks``: chunks of ≥ MIN_CHUNK_TILES tiles,
+their records merged in chunk order); N only decides the launch
+(``chunks_per_program``): when the tokens are too few to fill the GPU (N < 2·132), each
+token's chunks are spread over several programs and the last of them (an integer
+ticket; the tickets start from a memset of 4·N bytes) merges the records, otherwise
+one program per token reduces all its chunks and merges them itself, with the same
+merge. No second launch, no host sync.
+
 Launches: forward = the log-prob op's forward + 1 Triton launch (+ one all-gather and
-one merge launch with ``tp_group``); backward = the log-prob op's backward + 1. When
-the tokens are too few to fill the GPU (N < 2·132), V is split into chunks and the
-chunk records are merged by the last program of each token (an integer ticket; the
-tickets start from a memset of 4·N bytes), not by a second launch. No host sync.
+one merge launch with ``tp_group``); backward = the log-prob op's backward + 1.
 
 Traffic: the logits are read twice (forward, backward) and grad_logits written once;
-everything else is O(N). No [N, V] temporary.
+everything else is O(N): with more than one chunk, 16 B of record per token and chunk,
+written and read back (at V = 152K: 15 chunks, 240 B per token against 304 KB of bf16
+logits). No [N, V] temporary.
 
 Vocabulary parallel (``tp_group``): rank r holds columns [r·V/tp, (r+1)·V/tp). Each
 rank writes its per-token records (max M, S = Σe^{z−M}, Q = Σe^{z−M}(z−M), target
-logit t or 0), ONE ``all_gather_into_tensor`` collects the [tp, N, n_split, 4]
+logit t or 0), ONE ``all_gather_into_tensor`` collects the [tp, N, n_chunks, 4]
 records of all ranks, and every rank merges them in the same fixed (rank, chunk)
 order, so log_prob, lse and entropy are bit-identical on every rank. An all-reduce
 cannot do it in one collective (the sums must be rescaled to the global max first:
@@ -43,8 +52,8 @@ from .reference.from_logits import selective_log_softmax as reference_selective_
 
 BLOCK_V = 2048  # vocabulary tile (columns per loop iteration)
 BLOCK_R = 64  # records per merge iteration
-TARGET_ITEMS = 2 * 132  # work items that fill an H100 twice
-MIN_CHUNK_TILES = 4  # a split chunk spans at least 4 tiles (8192 columns)
+TARGET_ITEMS = 2 * 132  # programs that fill an H100 twice
+MIN_CHUNK_TILES = 4  # a chunk spans at least 4 tiles (8192 columns) when V has them
 FORWARD_OPTIONS = {"num_warps": 4, "num_stages": 1}
 BACKWARD_OPTIONS = {"num_warps": 4, "num_stages": 1}
 MERGE_OPTIONS = {"num_warps": 2, "num_stages": 1}
@@ -57,13 +66,21 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def vocab_split(N: int, V: int) -> tuple:
-    """(n_split, chunk_tiles): V is cut into n_split chunks of ``chunk_tiles`` tiles of
-    BLOCK_V columns when N tokens alone give fewer than TARGET_ITEMS work items."""
+def vocab_chunks(V: int) -> tuple:
+    """(n_chunks, chunk_tiles): the reduction order over V, a function of V alone: V is
+    cut into n_chunks = max(1, ⌊tiles / MIN_CHUNK_TILES⌋) balanced chunks of
+    ``chunk_tiles`` tiles of BLOCK_V columns, merged in chunk order."""
     tiles = -(-V // BLOCK_V)
-    n_split = max(1, min(-(-TARGET_ITEMS // max(N, 1)), tiles // MIN_CHUNK_TILES))
-    chunk_tiles = -(-tiles // n_split)
+    chunk_tiles = -(-tiles // max(1, tiles // MIN_CHUNK_TILES))
     return -(-tiles // chunk_tiles), chunk_tiles
+
+
+def chunks_per_program(N: int, n_chunks: int) -> int:
+    """The launch: each program reduces this many consecutive chunks of one token, all
+    of them once N tokens alone give TARGET_ITEMS programs, else few enough that the
+    N·⌈n_chunks / per_program⌉ programs reach TARGET_ITEMS where V allows (balanced)."""
+    programs = -(-n_chunks // max(1, n_chunks // -(-TARGET_ITEMS // max(N, 1))))  # per token
+    return -(-n_chunks // programs)
 
 
 def _alignment(V: int, *tensors) -> int:
@@ -116,28 +133,30 @@ def plan_forward(logits: torch.Tensor, labels: torch.Tensor, cfg: _Config) -> tu
     if N == 0:
         return [], log_prob, lse, entropy
     _, world, vocab_lo, V_total = _vocab_layout(V, cfg.tp_group)
-    n_split, chunk_tiles = vocab_split(N, V)
-    mode = (kl.RECORDS if world > 1 else kl.TICKET if n_split > 1 else kl.DIRECT).value
-    records = _empty((N, n_split, REC_WIDTH), torch.float32, dev) if mode != kl.DIRECT.value else lse
+    n_chunks, chunk_tiles = vocab_chunks(V)
+    per_program = chunks_per_program(N, n_chunks)
+    mode = (kl.RECORDS if world > 1 else kl.DIRECT if n_chunks == 1 else
+            kl.WALK if per_program == n_chunks else kl.TICKET).value
+    records = _empty((N, n_chunks, REC_WIDTH), torch.float32, dev) if mode != kl.DIRECT.value else lse
     tickets = torch.zeros((N,), dtype=torch.int32, device=dev) if mode == kl.TICKET.value else lse
     T_in, s_outer, s_inner = _token_strides(logits, lead)
     _, s_lab_outer, s_lab_inner = _token_strides(labels, lead)
-    steps = [Launch(kl.logits_forward_kernel, (N * n_split,),
+    steps = [Launch(kl.logits_forward_kernel, (N * -(-n_chunks // per_program),),
                     dict(logits_ptr=logits, labels_ptr=labels, rec_ptr=records, ticket_ptr=tickets,
                          lp_ptr=log_prob, lse_ptr=lse, ent_ptr=entropy, N=N, V=V, T_in=T_in,
                          s_outer=s_outer, s_inner=s_inner, s_lab_outer=s_lab_outer, s_lab_inner=s_lab_inner,
-                         n_split=n_split, chunk_tiles=chunk_tiles, vocab_lo=vocab_lo, V_total=V_total,
-                         inv_temp=1.0 / cfg.temperature),
+                         n_chunks=n_chunks, chunk_tiles=chunk_tiles, per_program=per_program,
+                         vocab_lo=vocab_lo, V_total=V_total, inv_temp=1.0 / cfg.temperature),
                     dict(MODE=mode, ENTROPY=cfg.entropy, ALIGN=_alignment(V, logits), BLOCK_V=BLOCK_V,
                          BLOCK_R=BLOCK_R),
                     FORWARD_OPTIONS)]
     if mode == kl.RECORDS.value:
-        gathered = _empty((world * N, n_split, REC_WIDTH), torch.float32, dev)  # [world, N] flattened
+        gathered = _empty((world * N, n_chunks, REC_WIDTH), torch.float32, dev)  # [world, N] flattened
         steps.append(lambda: torch.distributed.all_gather_into_tensor(gathered, records, group=cfg.tp_group))
         steps.append(Launch(kl.merge_vocab_records_kernel, (N,),
                             dict(rec_ptr=gathered, labels_ptr=labels, lp_ptr=log_prob, lse_ptr=lse,
                                  ent_ptr=entropy, N=N, T_in=T_in, s_lab_outer=s_lab_outer,
-                                 s_lab_inner=s_lab_inner, n_ranks=world, n_split=n_split, V_total=V_total),
+                                 s_lab_inner=s_lab_inner, n_ranks=world, n_chunks=n_chunks, V_total=V_total),
                             dict(ENTROPY=cfg.entropy, BLOCK_R=BLOCK_R), MERGE_OPTIONS))
     return steps, log_prob, lse, entropy
 
@@ -153,20 +172,21 @@ def plan_backward(logits, labels, lse, entropy, grad_log_prob, grad_entropy, cfg
     grad = logits.detach() if cfg.inplace else _empty(logits.shape, logits.dtype, logits.device)
     if N == 0:
         return None, grad
-    n_split, chunk_tiles = vocab_split(N, V)
+    n_chunks, chunk_tiles = vocab_chunks(V)
+    per_program = chunks_per_program(N, n_chunks)
     _, _, vocab_lo, _ = _vocab_layout(V, cfg.tp_group)
     T_in, s_outer, s_inner = _token_strides(logits, lead)
     _, g_outer, g_inner = _token_strides(grad, lead)
     _, s_lab_outer, s_lab_inner = _token_strides(labels, lead)
     glp = grad_log_prob.reshape(N) if grad_log_prob is not None else lse
     gent = grad_entropy.reshape(N) if grad_entropy is not None else lse
-    launch = Launch(kl.logits_backward_kernel, (N * n_split,),
+    launch = Launch(kl.logits_backward_kernel, (N * -(-n_chunks // per_program),),
                     dict(logits_ptr=logits, grad_ptr=grad, labels_ptr=labels, lse_ptr=lse, ent_ptr=entropy,
                          glp_ptr=glp, gent_ptr=gent, N=N, V=V, T_in=T_in, s_outer=s_outer,
                          s_inner=s_inner, g_outer=g_outer, g_inner=g_inner, s_lab_outer=s_lab_outer,
                          s_lab_inner=s_lab_inner, s_glp=glp.stride(0), s_gent=gent.stride(0),
-                         n_split=n_split, chunk_tiles=chunk_tiles, vocab_lo=vocab_lo,
-                         inv_temp=1.0 / cfg.temperature),
+                         n_chunks=n_chunks, chunk_tiles=chunk_tiles, per_program=per_program,
+                         vocab_lo=vocab_lo, inv_temp=1.0 / cfg.temperature),
                     dict(LP_GRAD=grad_log_prob is not None, ENT_GRAD=grad_entropy is not None,
                          ALIGN=_alignment(V, logits, grad), BLOCK_V=BLOCK_V),
                     BACKWARD_OPTIONS)
@@ -269,15 +289,19 @@ def traffic_model(N: int, V: int, dtype: torch.dtype, entropy_grad: bool = False
     op's own traffic (``ops.traffic_model`` on fp32 log_prob) comes on top.
 
     forward: the logits once, labels, the target logit again, log_prob / lse / entropy
-    written; split or sharded V: the records written and read back (tp × with the
-    all-gather) and the tickets (memset, atomic). backward: the logits once, grad_logits
-    written once, labels, lse, g (with an entropy gradient also H and g_H)."""
+    written; more than one chunk or sharded V: the records written and read back (tp ×
+    with the all-gather), and the tickets (memset, atomic) when a token's chunks span
+    several programs. backward: the logits once, grad_logits written once, labels, lse,
+    g (with an entropy gradient also H and g_H)."""
     item = torch.empty((), dtype=dtype).element_size()
-    n_split, _ = vocab_split(N, V)
+    n_chunks, _ = vocab_chunks(V)
     total = N * V * item + N * (label_bytes + item + 3 * 4)
-    if n_split > 1 or tp > 1:
-        total += N * n_split * REC_WIDTH * 4 * (1 + tp)
-        total += 2 * N * 4 if tp == 1 else N * label_bytes  # tickets / the merge's labels
+    if n_chunks > 1 or tp > 1:
+        total += N * n_chunks * REC_WIDTH * 4 * (1 + tp)
+    if tp > 1:
+        total += N * label_bytes  # the merge's labels
+    elif chunks_per_program(N, n_chunks) < n_chunks:
+        total += 2 * N * 4  # tickets
     if backward:
         total += 2 * N * V * item + N * (label_bytes + 4 + 4 + (8 if entropy_grad else 0))
     return total

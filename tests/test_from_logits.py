@@ -1,8 +1,9 @@
 """``irt.policy_loss_from_logits`` (SPEC §8): the fused selective log-softmax kernels
 (interpreter) against the PyTorch reference, Liger-Kernel's Triton GRPO loss as an
-outside oracle, the launch / sync / memory budget relative to the log-prob op, the
-vocabulary-parallel path on 2 and 4 gloo ranks, and the sm_90 compile of every
-specialization (int64 row offsets, vectorized tiles, no spills).
+outside oracle, the launch / sync / memory budget relative to the log-prob op, batch
+invariance (a token's outputs are the same bits in any batch), the vocabulary-parallel
+path on 2 and 4 gloo ranks, and the sm_90 compile of every specialization (int64 row
+offsets, vectorized tiles, no spills).
 
 Every kernel output starts as NaN (poisoned), so an element a kernel forgets to
 write fails the comparison.
@@ -161,10 +162,11 @@ def test_parity_pairwise(i, poisoned):
 @pytest.mark.parametrize("dtype,loss_type,V", [(torch.float32, "is_reshape", 20011), (torch.bfloat16, "sapo", 24576),
                                                (torch.float32, "vespo", 9 * 2048 + 1)])
 def test_split_vocabulary_ticket_merge(dtype, loss_type, V, poisoned):
-    """Few tokens and a long vocabulary: V is split into chunks whose records the last
-    program of each token merges (the ticket path), tails included."""
+    """Few tokens and a long vocabulary: each token's chunks go to separate programs, the
+    last of which merges their records (the ticket path), tails included."""
     batch = make_batch(1, 3, V, dtype, "strided", "bool", seed=V)
-    assert from_logits.vocab_split(3, V)[0] > 1
+    n_chunks, _ = from_logits.vocab_chunks(V)
+    assert from_logits.chunks_per_program(3, n_chunks) < n_chunks
     _, _, work = check_parity(*batch, loss_type, "seq-mean-token-mean", "loss", 0.8)
     assert "zeros" in " ".join(work.ops.ops)  # the tickets' memset
 
@@ -189,14 +191,16 @@ def test_launch_budget_relative_to_log_prob_op(loss_type, opts, V):
                                                                       temperature=0.9, **opts)[0])
     lp = irt.selective_log_softmax(logits, labels, 0.9, return_entropy=False)[0].detach().requires_grad_()
     l_fwd, l_bwd = _split_counts(lambda: irt.policy_loss(lp, old, adv, mask, loss_type, **opts)[0])
-    ticket = from_logits.vocab_split(6, V)[0] > 1
+    n_chunks, _ = from_logits.vocab_chunks(V)
+    per_program = from_logits.chunks_per_program(6, n_chunks)
+    ticket = per_program < n_chunks
     assert f_fwd.kernels == ["logits_forward_kernel"] + l_fwd.kernels
     assert f_bwd.kernels == l_bwd.kernels + ["logits_backward_kernel"]
     assert f_fwd.torch_launches == l_fwd.torch_launches + ticket, (f_fwd.ops.ops, l_fwd.ops.ops)
     assert f_bwd.torch_launches == l_bwd.torch_launches, (f_bwd.ops.ops, l_bwd.ops.ops)
     assert f_fwd.syncs == f_bwd.syncs == 0
     grids = [r.grid for r in f_fwd.triton.records if r.name == "logits_forward_kernel"]
-    assert grids == [(6 * from_logits.vocab_split(6, V)[0],)]  # one program per (token, chunk)
+    assert grids == [(6 * -(-n_chunks // per_program),)]  # ⌈n_chunks / per_program⌉ programs per token
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -427,6 +431,94 @@ def test_bad_input_names_the_argument(kwargs, error, match):
         irt.policy_loss_from_logits(**args)
 
 
+# ----------------------------------------------------------------------------- batch invariance
+
+INVARIANT_V = 1000  # with 256-column tiles and 1-tile chunks: 4 chunks, the last partial
+# (tokens, layout): every layout at 1, 3 and 40 tokens; then 150 packed tokens (2 chunks per
+# program), 260 padded tokens (≥ 264 positions) and 300 tokens: one program per token
+INVARIANT_BATCHES = [(n, layout) for n in (1, 3, 40) for layout in ("2d", "packed", "padded")]
+INVARIANT_BATCHES += [(150, "packed"), (260, "padded"), (300, "2d")]
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """256-column tiles and 1-tile chunks: INVARIANT_V has 4 chunks, so that the interpreter
+    runs every launch of a multi-chunk vocabulary (tickets over 1- and 2-chunk programs,
+    one program per token) on small shapes."""
+    monkeypatch.setattr(from_logits, "BLOCK_V", 256)
+    monkeypatch.setattr(from_logits, "MIN_CHUNK_TILES", 1)
+    assert from_logits.vocab_chunks(INVARIANT_V) == (4, 1)
+
+
+def _batch_around(probes, n, layout, seed):
+    """(logits, labels, old_log_prob, advantages, response_mask, cu_seqlens, probe indices):
+    n random tokens, the first min(n, len(probes)) of them replaced by the probes (logits
+    row, label, old_log_prob, advantage) at seeded places, in ``layout``: "2d" [n, V];
+    "packed" [n, V] in up to 4 sequences (cu_seqlens); "padded" [B, T, V] with masked
+    padding (garbage logits, label −100)."""
+    g = torch.Generator().manual_seed(seed)
+    V, dtype = probes[0][0].numel(), probes[0][0].dtype
+    z = (torch.randn(n, V, generator=g) * 2).to(dtype)
+    labels = torch.randint(0, V, (n,), generator=g)
+    old = -8 * torch.rand(n, generator=g)
+    adv = torch.randn(n, generator=g)
+    at = torch.randperm(n, generator=g)[:len(probes)].tolist()
+    for i, (z_p, label, old_p, adv_p) in zip(at, probes):
+        z[i], labels[i], old[i], adv[i] = z_p, label, old_p, adv_p
+    if layout == "2d":
+        return z, labels, old, adv, None, None, at
+    cuts = (torch.randperm(n - 1, generator=g)[:3] + 1).sort().values.tolist()
+    cu = torch.tensor([0, *cuts, n])
+    if layout == "packed":
+        return z, labels, old, adv, None, cu, at
+    lengths = cu.diff().tolist()  # one row per sequence, then 3 padding positions
+    B, T = len(lengths), max(lengths) + 3
+    mask = torch.arange(T) < torch.tensor(lengths)[:, None]
+    full = (torch.randn(B, T, V, generator=g) * 50).to(dtype)
+    full[mask] = z
+    flat = mask.flatten().nonzero().flatten()
+    return (full, torch.full((B, T), -100).masked_scatter(mask, labels), torch.zeros(B, T).masked_scatter(mask, old),
+            torch.zeros(B, T).masked_scatter(mask, adv), mask, None, flat[at].tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_token_outputs_are_batch_invariant(dtype, small_tiles, poisoned):
+    """A token's log_prob, entropy and gradient row are the same bits alone and in batches
+    of 1 to 300 tokens (both sides of TARGET_ITEMS = 264: tickets and one program per
+    token), 2-D, packed with cu_seqlens or padded [B, T, V]: the reduction order over V
+    depends on V alone. The probes are confident tokens (max logit 0 at the label, lse ≈
+    0.5), whose outputs show one ulp of the sums. ppo_clip with token-sum and a Σ-entropy
+    bonus make a token's upstream gradient its own (the op's two halves: the log-softmax,
+    then the log-prob op); every token also matches the reference."""
+    g = torch.Generator().manual_seed(17)
+    probes = []
+    for label in (5, 511, 998):  # in the first, an inner and the partial last chunk
+        z = torch.randn(INVARIANT_V, generator=g) * 2 - 8
+        z[label] = 0.0
+        probes.append((z.to(dtype), label, -0.6, 0.7))
+    seen, programs = {}, set()
+    for batch, n, layout in [([p], 1, "2d") for p in probes] + [(probes, n, lay) for n, lay in INVARIANT_BATCHES]:
+        logits, labels, old, adv, mask, cu, at = _batch_around(batch, n, layout, seed=n)
+        x = logits.clone().requires_grad_()
+        with count_work(strict=True, track_memory=False) as work:
+            log_prob, entropy = irt.selective_log_softmax(x, labels, 0.7)
+            loss, _ = irt.policy_loss(log_prob, old, adv, mask, "ppo_clip", "token-sum",
+                                      **({} if cu is None else {"cu_seqlens": cu}))
+            counted = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask
+            (loss - 0.01 * torch.where(counted, entropy, 0.0).sum()).backward()
+        assert work.kernels.count("logits_forward_kernel") == work.kernels.count("logits_backward_kernel") == 1
+        (grid,) = [r.grid for r in work.triton.records if r.name == "logits_forward_kernel"]
+        programs.add(grid[0] // labels.numel())
+        ref_lp, ref_ent = irt.reference.selective_log_softmax(logits, labels, 0.7)
+        torch.testing.assert_close(log_prob, ref_lp, rtol=1e-5, atol=1e-5, equal_nan=True)
+        torch.testing.assert_close(entropy[counted], ref_ent[counted], rtol=1e-5, atol=1e-5)
+        for probe, i in zip(batch, at):
+            out = (log_prob.flatten()[i], entropy.flatten()[i], x.grad.flatten(0, -2)[i])
+            first = seen.setdefault(probe[1], out)
+            assert all(map(torch.equal, out, first)), (probe[1], n, layout)
+    assert programs == {4, 2, 1}  # programs per token: 1 chunk, 2 chunks, all 4 each
+
+
 # ----------------------------------------------------------------------------- reference
 
 
@@ -558,12 +650,15 @@ def test_vocabulary_parallel_equals_unsharded(world):
 
 
 def _specs(monkeypatch) -> list:
-    """The specializations the op launches: forward modes (direct, ticket, records) × entropy,
-    the merge, the backward's gradient combinations, for fp32 and bf16 with 16-byte aligned
-    rows; bf16 rows of any alignment (V = 8191); fp16 (same code as bf16 but its stores)."""
+    """The specializations the op launches: forward modes (walk, ticket, records; direct for
+    one chunk) × entropy, the merge, the backward's gradient combinations, for fp32 and bf16
+    with 16-byte aligned rows; bf16 rows of any alignment (V = 8191); fp16 (same code as
+    bf16 but its stores)."""
     configs = [(dt, V, N, world, entropy, grads)
                for dt in (torch.float32, torch.bfloat16) for N, world in ((512, 1), (2, 1), (2, 2))
                for entropy in (False, True) for V in (4 * 8192,) for grads in ((1, 0), (0, 1), (1, 1))]
+    configs += [(dt, 8192, 2, 1, entropy, (1, 1))
+                for dt in (torch.float32, torch.bfloat16) for entropy in (False, True)]
     configs += [(torch.bfloat16, 8191, 512, world, True, (1, 1)) for world in (1, 2)]
     configs += [(torch.float16, 4 * 8192, 512, 1, True, (1, 1))]
     specs = {}
