@@ -366,11 +366,13 @@ def test_parameter_numbers_same_rules_on_both_paths(loss_type, name):
 
 # ============================================================================ fuzz: both paths
 def _draw_batch(draw, dtype):
-    """Padded [B, T] or packed [N] with cu_seqlens (empty sequences allowed)."""
+    """Padded [B, T] or packed [N] with cu_seqlens (empty sequences allowed, contiguous or strided)."""
     g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
     if draw(st.booleans()):
         lengths = draw(st.lists(st.integers(0, 20), min_size=1, max_size=5))
         cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=draw(st.sampled_from([torch.int32, torch.int64])))
+        if draw(st.booleans()):  # strided: a column of a 2-D tensor
+            cu = torch.stack([cu, torch.full_like(cu, -9)], dim=1)[:, 0]
         shape, rows = (int(cu[-1]),), len(lengths)
     else:
         cu, rows = None, draw(st.integers(1, 4))
