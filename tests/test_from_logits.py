@@ -229,6 +229,67 @@ def test_inplace_backward_overwrites_logits_with_the_gradient():
     assert torch.equal(base.detach()[:, 5], logits._base[:, 5])  # the rest of the storage is untouched
 
 
+def _z_loss(logits):
+    return 1e-2 * torch.logsumexp(logits, -1).square().mean()
+
+
+# graph(logits, from_logits) → total loss; True: autograd must raise (a backward that runs
+# after ours reads the logits it saved), False: the gradient of inplace_backward=False
+SHARED_LOGITS = {
+    "plain": (lambda x, f: f(x), False),
+    "z_loss_after": (lambda x, f: f(x) + _z_loss(x), False),  # logsumexp's backward runs first
+    "z_loss_before": (lambda x, f: _z_loss(x) + f(x), True),
+    "softcap": (lambda x, f: f(30.0 * torch.tanh(x / 30.0)), False),  # tanh saved its own output
+    "tanh_last": (lambda x, f: f(torch.tanh(x)), True),  # tanh saved its output: the logits
+    "two_calls": (lambda x, f: f(x) + f(x), True),
+}
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("graph", SHARED_LOGITS)
+def test_inplace_backward_with_shared_logits(graph, path, monkeypatch):
+    """The in-place write bumps the logits' autograd version on both paths: a graph whose
+    backward needs the logits after ours raises autograd's error, any other graph gets the
+    gradient of inplace_backward=False (and, logits a leaf, its storage holds that gradient)."""
+    if path == "reference":
+        monkeypatch.setattr(irt.api, "uses_kernels", lambda t: False)
+    build, raises = SHARED_LOGITS[graph]
+    logits, labels, old, adv, mask = make_batch(2, 3, 7, seed=16)
+
+    def run(inplace):
+        def f(z):
+            return irt.policy_loss_from_logits(z, labels, old, adv, mask, inplace_backward=inplace)[0]
+        x = logits.clone().requires_grad_()
+        with count_work(track_memory=False) as work:
+            build(x, f).backward()
+        assert ("logits_backward_kernel" in work.kernels) == (path == "kernel")
+        return x
+
+    expected = run(False).grad
+    if raises:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            run(True)
+        return
+    x = run(True)
+    assert torch.equal(x.grad, expected)
+    if graph == "plain":
+        assert torch.equal(x.detach(), expected)
+        assert x.grad.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("logits,match", [(torch.zeros(2, 7, 3).transpose(1, 2), "unit stride"),
+                                          (torch.zeros(1, 3, 7).expand(2, 3, 7), "stride-0")])
+def test_inplace_backward_layout_errors_on_both_paths(logits, match, path, monkeypatch):
+    if path == "reference":
+        monkeypatch.setattr(irt.api, "uses_kernels", lambda t: False)
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=match):
+        irt.policy_loss_from_logits(logits, labels, torch.zeros(2, 3), inplace_backward=True)
+    with pytest.raises(ValueError, match=match):
+        irt.selective_log_softmax(logits, labels, inplace_backward=True)
+
+
 def test_masked_rows_are_isolated_and_bad_counted_labels_are_loud(poisoned):
     """NaN logits and garbage labels at masked positions change nothing (exact-zero
     gradient rows, logits not read); a counted label outside [0, V) gives log_prob NaN."""
