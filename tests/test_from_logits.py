@@ -26,6 +26,7 @@ from isreshape_triton.profiling import count_work
 from isreshape_triton.reference.from_logits import policy_loss_from_logits as reference_from_logits
 
 from _cases import pairwise
+from _rounding import assert_rounded_once
 
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 FAMILIES = [
@@ -156,6 +157,22 @@ def test_parity_pairwise(i, poisoned):
     adv = "none" if case["layout"] == "packed" and case["adv"] == "B" else case["adv"]  # [B]: no rows
     batch = make_batch(3, 7, case["V"], case["dtype"], case["layout"], case["mask"], adv, seed=i)
     check_parity(*batch, loss_type, AGG_MODES[i % 5], case["entropy"], case["temperature"], **opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("i", range(len(FAMILIES)), ids=[f"{lt}-{i}" for i, (lt, _) in enumerate(FAMILIES)])
+def test_16bit_grad_logits_are_rounded_once(i, dtype):
+    """16-bit grad_logits are the fp32 g·(onehot − p)/temperature rounded once to nearest even:
+    bit for bit the kernel's fp32 result for the same logits, and the float64 result rounded
+    once but within fp32's error of a rounding midpoint (entropy returned, not in the loss: an
+    entropy bonus's gradient is a difference of two terms, fp32's error relative to those)."""
+    loss_type, opts = FAMILIES[i]
+    logits, labels, old, adv, mask = make_batch(3, 5, 300, dtype, seed=i)
+    run = (labels, old, adv, mask, loss_type, AGG_MODES[i % len(AGG_MODES)], "returned", (1.0, 0.6, 1.7)[i % 3])
+    grad = run_kernel(logits, *run, **opts)[2]
+    fp32 = run_kernel(logits.float(), *run, **opts)[2]
+    ref64 = run_reference(logits.double(), labels, old.double(), adv.double(), *run[3:], **opts)[2]
+    assert_rounded_once(grad, fp32, ref64, max_near=0.02)
 
 
 @pytest.mark.parametrize("dtype,loss_type,V", [(torch.float32, "is_reshape", 20011), (torch.bfloat16, "sapo", 24576),
