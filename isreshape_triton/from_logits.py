@@ -6,7 +6,7 @@ The op is a chain of two autograd Functions:
    (``kernels/logits.py``) writes log_prob, lse and the entropy, O(N) bytes; its
    backward re-reads the logits once and writes grad_logits
    = [g·(onehot − p) − g_H·p·(z − Σp·z)]/temperature in the logits' dtype (into the
-   logits' storage with ``inplace_backward=True``).
+   logits' storage with ``inplace_backward=True``, bumping their autograd version).
 2. ``irt.policy_loss`` on that log_prob: the log-prob op's own passes (statistics,
    loss) and backward, reused as they are. Its gradient w.r.t. log_prob is the g fed
    to step 1's backward.
@@ -217,6 +217,8 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         launch, grad = plan_backward(logits, labels, lse, entropy, grad_log_prob, grad_entropy, ctx.cfg)
         if launch is not None:
             launch()
+        if ctx.cfg.inplace:  # the kernel wrote the logits through a raw pointer: tell autograd
+            torch.autograd.graph.increment_version(grad)
         return grad, None, None
 
 
@@ -225,19 +227,18 @@ def selective_log_softmax(logits, labels, temperature=1.0, *, return_entropy=Tru
     """log_prob = log_softmax(logits/temperature)[labels] (NaN where a label is outside
     [0, V)), and with ``return_entropy`` the differentiable entropy; fp32, shape
     ``labels.shape``. CUDA (or TRITON_INTERPRET=1) runs the kernels, other CPU tensors
-    the reference. Logits whose vocabulary dimension is not unit-stride are copied once."""
+    the reference. Logits whose vocabulary dimension is not unit-stride are copied once.
+    ``inplace_backward``: as in ``policy_loss_from_logits``."""
     on_kernels = isinstance(logits, torch.Tensor) and api.uses_kernels(logits)
     check_logits_inputs(logits, labels, None, temperature, return_entropy, inplace_backward, kernel=on_kernels,
                         tp_group=tp_group)
     if not on_kernels:
-        log_prob, entropy = reference_selective_log_softmax(logits, labels, temperature)
+        log_prob, entropy = reference_selective_log_softmax(logits, labels, temperature,
+                                                             inplace_backward=inplace_backward)
         return log_prob, entropy if return_entropy else None
     if labels.dtype in _WIDE_UNSIGNED:  # read as int64 (values ≥ 2^63 wrap negative: NaN), as on the
         labels = labels.to(torch.int64)  # reference; one O(N) copy, no kernel specialization per dtype
-    if logits.stride(-1) != 1:  # the kernels read unit-stride vocabulary rows
-        if inplace_backward:
-            raise ValueError("inplace_backward=True needs logits with a unit stride in the vocabulary "
-                             f"dimension, got stride {logits.stride(-1)}")
+    if logits.stride(-1) != 1:  # the kernels read unit-stride vocabulary rows (never in place: checked)
         logits = logits.contiguous()
     cfg = _Config(float(temperature), return_entropy, inplace_backward, tp_group)
     out = _SelectiveLogSoftmax.apply(logits, labels, cfg)
@@ -257,8 +258,14 @@ def policy_loss_from_logits(logits, labels, old_log_prob, advantages=None, respo
     may hold anything. Returns ``(loss, metrics)``, or ``(loss, metrics, entropy)`` with
     ``return_entropy=True``: the per-token fp32 entropy of softmax(logits/temperature),
     differentiable (an entropy bonus in the loss gets its gradient in the same backward
-    pass). ``inplace_backward=True`` writes grad_logits into the logits' storage (the
-    logits are overwritten). ``tp_group``: vocabulary-parallel logits (module doc).
+    pass). ``tp_group``: vocabulary-parallel logits (module doc).
+
+    ``inplace_backward=True`` writes grad_logits into the logits' storage (the logits are
+    overwritten) and bumps their autograd version, on both paths: a backward that reads
+    these logits after this op's backward (an op that saved them before this call, e.g. a
+    z-loss on logsumexp(logits) or a first call on the same logits; an op that saved its
+    output as the logits, e.g. a final tanh) raises autograd's in-place error instead of
+    getting a wrong gradient. Ops on the logits after this call are backpropagated first.
 
     ``temperature`` is the softmax temperature; is_reshape_var's own ``temperature``
     goes in ``params=IsReshapeVarParams(temperature=...)``.
@@ -274,8 +281,6 @@ def policy_loss_from_logits(logits, labels, old_log_prob, advantages=None, respo
     check_token_shapes(labels, advantages, response_mask, family_params)
     check_loss_type(loss_type)  # before the logits pass
     check_loss_agg_mode(loss_agg_mode)
-    if inplace_backward and 0 in logits.stride():
-        raise ValueError("inplace_backward=True needs logits without broadcast (stride-0) dimensions")
     log_prob, entropy = selective_log_softmax(logits, labels, temperature, return_entropy=return_entropy,
                                               inplace_backward=inplace_backward, tp_group=tp_group)
     loss, metrics = api.policy_loss(log_prob, old_log_prob, advantages, response_mask, loss_type,

@@ -27,6 +27,7 @@ TOKEN_SUM = tl.constexpr(1)
 SEQ_MEAN_TOKEN_SUM = tl.constexpr(2)
 SEQ_MEAN_TOKEN_MEAN = tl.constexpr(3)
 SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(4)
+FP32_MOMENT_FLOOR = tl.constexpr(2.0 ** -60)  # m2 below which fp32 loses (ℓ − c)⁴ (reference.diagnostics)
 
 
 @triton.jit
@@ -303,9 +304,14 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
     ess_p = ess_of(ess_pos)
     ess_n = ess_of(ess_neg)
     # diagnostics: biased moments as scipy.stats.skew / kurtosis, 0 where scipy treats
-    # m2 as zero (m2 ≤ (1e-15·mean)²) or there is no token
+    # m2 as zero (m2 ≤ (1e-15·mean)²) or there is no token; NaN where fp32 cannot hold them
+    # (m2 < 2^-60: the lanes' (ℓ − c)⁴ fall below 2^-126; reference.diagnostics.FP32_MOMENT_FLOOR)
     cm2 = safe_div(m2_all, n_all)
     spread = ~(cm2 <= (1e-15 * mean_all) * (1e-15 * mean_all))
+    floor = 0.0
+    if cm2.dtype == tl.float32:
+        floor = FP32_MOMENT_FLOOR
+    lost = spread & (cm2 < floor)
     metrics = (
         n_all, -tl.where(n_all > 0.0, mean_all, 0.0), safe_div(s_w, n_all), w_max,
         safe_div(s_phi, n_all), phi_max, unbiased_var(n_all, m2_all), ess,
@@ -313,8 +319,8 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
         gamma, gamma_pos, gamma_neg, unbiased_var(n_pos, m2_pos),
         unbiased_var(n_neg, m2_neg), gamma_base, safe_div(x0, n_all), safe_div(x1, n_all),
         safe_div(x2, n_all), safe_div(x3, n_all), safe_div(x0, n_all), safe_div(x1, n_all),  # clipfrac(_lower): x0, x1
-        tl.where(spread, safe_div(safe_div(m3_all, n_all), cm2 * tl.sqrt(cm2)), 0.0),
-        tl.where(spread, safe_div(safe_div(m4_all, n_all), cm2 * cm2) - 3.0, 0.0),
+        tl.where(lost, float("nan"), tl.where(spread, safe_div(safe_div(m3_all, n_all), cm2 * tl.sqrt(cm2)), 0.0)),
+        tl.where(lost, float("nan"), tl.where(spread, safe_div(safe_div(m4_all, n_all), cm2 * cm2) - 3.0, 0.0)),
         safe_div(w_max, s_w), ess_p, safe_div(ess_p, n_pos), ess_n, safe_div(ess_n, n_neg), nonfinite,
         kl_loss * dp_size)
     for k in tl.static_range(METRIC_WIDTH):

@@ -27,6 +27,7 @@ from isreshape_triton.profiling import count_work
 from isreshape_triton.reference.from_logits import policy_loss_from_logits as reference_from_logits
 
 from _cases import pairwise
+from _rounding import assert_rounded_once
 
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 FAMILIES = [
@@ -159,6 +160,22 @@ def test_parity_pairwise(i, poisoned):
     check_parity(*batch, loss_type, AGG_MODES[i % 5], case["entropy"], case["temperature"], **opts)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("i", range(len(FAMILIES)), ids=[f"{lt}-{i}" for i, (lt, _) in enumerate(FAMILIES)])
+def test_16bit_grad_logits_are_rounded_once(i, dtype):
+    """16-bit grad_logits are the fp32 g·(onehot − p)/temperature rounded once to nearest even:
+    bit for bit the kernel's fp32 result for the same logits, and the float64 result rounded
+    once but within fp32's error of a rounding midpoint (entropy returned, not in the loss: an
+    entropy bonus's gradient is a difference of two terms, fp32's error relative to those)."""
+    loss_type, opts = FAMILIES[i]
+    logits, labels, old, adv, mask = make_batch(3, 5, 300, dtype, seed=i)
+    run = (labels, old, adv, mask, loss_type, AGG_MODES[i % len(AGG_MODES)], "returned", (1.0, 0.6, 1.7)[i % 3])
+    grad = run_kernel(logits, *run, **opts)[2]
+    fp32 = run_kernel(logits.float(), *run, **opts)[2]
+    ref64 = run_reference(logits.double(), labels, old.double(), adv.double(), *run[3:], **opts)[2]
+    assert_rounded_once(grad, fp32, ref64, max_near=0.02)
+
+
 @pytest.mark.parametrize("dtype,loss_type,V", [(torch.float32, "is_reshape", 20011), (torch.bfloat16, "sapo", 24576),
                                                (torch.float32, "vespo", 9 * 2048 + 1)])
 def test_split_vocabulary_ticket_merge(dtype, loss_type, V, poisoned):
@@ -231,6 +248,67 @@ def test_inplace_backward_overwrites_logits_with_the_gradient():
     (loss - _entropy_bonus(ent, mask)).backward()
     assert torch.equal(base.grad[:, :5], ref_grad) and torch.equal(base.detach()[:, :5], ref_grad)
     assert torch.equal(base.detach()[:, 5], logits._base[:, 5])  # the rest of the storage is untouched
+
+
+def _z_loss(logits):
+    return 1e-2 * torch.logsumexp(logits, -1).square().mean()
+
+
+# graph(logits, from_logits) → total loss; True: autograd must raise (a backward that runs
+# after ours reads the logits it saved), False: the gradient of inplace_backward=False
+SHARED_LOGITS = {
+    "plain": (lambda x, f: f(x), False),
+    "z_loss_after": (lambda x, f: f(x) + _z_loss(x), False),  # logsumexp's backward runs first
+    "z_loss_before": (lambda x, f: _z_loss(x) + f(x), True),
+    "softcap": (lambda x, f: f(30.0 * torch.tanh(x / 30.0)), False),  # tanh saved its own output
+    "tanh_last": (lambda x, f: f(torch.tanh(x)), True),  # tanh saved its output: the logits
+    "two_calls": (lambda x, f: f(x) + f(x), True),
+}
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("graph", SHARED_LOGITS)
+def test_inplace_backward_with_shared_logits(graph, path, monkeypatch):
+    """The in-place write bumps the logits' autograd version on both paths: a graph whose
+    backward needs the logits after ours raises autograd's error, any other graph gets the
+    gradient of inplace_backward=False (and, logits a leaf, its storage holds that gradient)."""
+    if path == "reference":
+        monkeypatch.setattr(irt.api, "uses_kernels", lambda t: False)
+    build, raises = SHARED_LOGITS[graph]
+    logits, labels, old, adv, mask = make_batch(2, 3, 7, seed=16)
+
+    def run(inplace):
+        def f(z):
+            return irt.policy_loss_from_logits(z, labels, old, adv, mask, inplace_backward=inplace)[0]
+        x = logits.clone().requires_grad_()
+        with count_work(track_memory=False) as work:
+            build(x, f).backward()
+        assert ("logits_backward_kernel" in work.kernels) == (path == "kernel")
+        return x
+
+    expected = run(False).grad
+    if raises:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            run(True)
+        return
+    x = run(True)
+    assert torch.equal(x.grad, expected)
+    if graph == "plain":
+        assert torch.equal(x.detach(), expected)
+        assert x.grad.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("logits,match", [(torch.zeros(2, 7, 3).transpose(1, 2), "unit stride"),
+                                          (torch.zeros(1, 3, 7).expand(2, 3, 7), "stride-0")])
+def test_inplace_backward_layout_errors_on_both_paths(logits, match, path, monkeypatch):
+    if path == "reference":
+        monkeypatch.setattr(irt.api, "uses_kernels", lambda t: False)
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=match):
+        irt.policy_loss_from_logits(logits, labels, torch.zeros(2, 3), inplace_backward=True)
+    with pytest.raises(ValueError, match=match):
+        irt.selective_log_softmax(logits, labels, inplace_backward=True)
 
 
 def test_masked_rows_are_isolated_and_bad_counted_labels_are_loud(poisoned):

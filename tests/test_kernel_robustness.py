@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -365,11 +366,13 @@ def test_parameter_numbers_same_rules_on_both_paths(loss_type, name):
 
 # ============================================================================ fuzz: both paths
 def _draw_batch(draw, dtype):
-    """Padded [B, T] or packed [N] with cu_seqlens (empty sequences allowed)."""
+    """Padded [B, T] or packed [N] with cu_seqlens (empty sequences allowed, contiguous or strided)."""
     g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
     if draw(st.booleans()):
         lengths = draw(st.lists(st.integers(0, 20), min_size=1, max_size=5))
         cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=draw(st.sampled_from([torch.int32, torch.int64])))
+        if draw(st.booleans()):  # strided: a column of a 2-D tensor
+            cu = torch.stack([cu, torch.full_like(cu, -9)], dim=1)[:, 0]
         shape, rows = (int(cu[-1]),), len(lengths)
     else:
         cu, rows = None, draw(st.integers(1, 4))
@@ -493,3 +496,24 @@ def test_empty_packed_batch_backward(loss_type, agg):
     assert ref.requires_grad
     ref.backward()
     assert x.grad is not None and x.grad.shape == (0,)
+
+
+@pytest.mark.parametrize("scale,dtype,expect", [(1e-12, torch.float32, "nan"), (1e-20, torch.float32, "nan"),
+                                                (1e-6, torch.float32, "scipy"), (1e-12, torch.float64, "scipy")])
+@pytest.mark.parametrize("loss_type", ["is_reshape_sign", "ppo_clip"])
+def test_moments_of_tiny_log_ratios(scale, dtype, expect, loss_type):
+    """ℓ = scale·χ²-like (skewed). fp32 power sums hold (ℓ − c)⁴ only above 2^-126: below
+    m2 = 2^-60 both paths report NaN skewness and kurtosis (they gave 0 and −3); above it,
+    and always in fp64, scipy's values."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 40, generator=g, dtype=torch.float64) ** 2
+    olp = torch.zeros(3, 40, dtype=dtype)
+    lp = (scale * x).to(dtype)
+    _, metrics, _ = both(lp, olp, torch.randn(3, 40, generator=g).to(dtype), None, loss_type)
+    if expect == "nan":
+        assert metrics["skewness"].isnan() and metrics["kurtosis"].isnan()
+        assert torch.isfinite(metrics["sigma_sq"])
+    else:
+        ell = (lp.double() - olp.double()).flatten().numpy()
+        np.testing.assert_allclose(metrics["skewness"].item(), scipy.stats.skew(ell), rtol=2e-3)
+        np.testing.assert_allclose(metrics["kurtosis"].item(), scipy.stats.kurtosis(ell), rtol=2e-3)

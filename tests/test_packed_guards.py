@@ -10,6 +10,8 @@ read past a buffer of the op lands in its guard, whose sentinel would show in th
 chance; the writes are what the guards prove.)"""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import isreshape_triton as irt
 from isreshape_triton import ops
@@ -173,3 +175,27 @@ def test_packed_no_sequence_with_tokens_raises():
         irt.policy_loss(lp, lp, lp, None, cu_seqlens=torch.tensor([0]))
     with pytest.raises(TypeError, match="cu_seqlens"):
         irt.policy_loss(lp, lp, lp, None, cu_seqlens=torch.tensor([], dtype=torch.int64))
+
+
+@settings(max_examples=8, deadline=None)
+@given(data=st.data())
+def test_fuzz_malformed_offsets_stay_in_bounds(data):
+    """Random offsets (any order, negative, past N, past int32), family and aggregation: no access
+    outside a buffer, forward and backward."""
+    draw = data.draw
+    point = st.one_of(st.integers(-50, 2 * N), st.sampled_from([2 ** 31, 2 ** 40, -2 ** 35]))
+    cu = draw(st.lists(point, min_size=2, max_size=6))
+    agg, adv_per_seq = draw(st.sampled_from([("token-mean", False), ("seq-mean-token-mean", True),
+                                             ("seq-mean-token-sum", True)]))
+    loss_type, opts = draw(st.sampled_from([("is_reshape", {}), ("vespo", {}), ("is_reshape_sign", {}),
+                                            ("ppo_clip", {}), ("is_reshape", {"gamma_granularity": "sequence"})]))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "TILING", SMALL_TILING)
+
+        def make(variant=0):
+            g = Guards(variant)
+            mp.setattr(ops, "_empty", g.empty)
+            return g
+
+        loss, grad = _run(make, cu, agg, adv_per_seq, loss_type=loss_type, **opts)
+    assert loss.shape == () and grad.shape == (N,)

@@ -4,7 +4,8 @@
 s_t = ∂aggregate/∂L_t, the scale in the gradient convention
 ∂loss/∂log_prob_t = −s_t·m_t·φ_t. Defaults (``None`` in :class:`AggConfig`):
 global_token_count = local Σm, global_batch_size = local number of rows with
-n_b > 0, loss_scale_factor = T. An empty (zero) denominator gives 0, never NaN.
+n_b > 0, loss_scale_factor = T. An empty (zero) denominator gives 0, never NaN (unless
+a counted token is NaN).
 A count given as a 0-dim tensor whose value is bad (NaN, negative, ±inf; a number
 would have been rejected by :class:`AggConfig`) gives NaN: loud, as the kernels.
 """
@@ -16,10 +17,11 @@ from ..params import AggConfig
 
 
 def _safe_div(num: torch.Tensor, den) -> torch.Tensor:
-    """num/den, 0 where den == 0 (gradient 0 there too)."""
+    """num/den, and 0·num where den == 0: 0 for a finite num (gradient 0 there too), NaN for a
+    non-finite one (a NaN token stays loud behind an empty denominator, as in the kernels)."""
     den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
     ok = den != 0
-    return torch.where(ok, num / torch.where(ok, den, 1.0), 0.0)
+    return torch.where(ok, num / torch.where(ok, den, 1.0), 0.0 * num)
 
 
 def _count(value, dtype):

@@ -62,6 +62,11 @@ def check_logits_inputs(logits, labels, old_log_prob, temperature, return_entrop
     for name, flag in (("return_entropy", return_entropy), ("inplace_backward", inplace_backward)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if inplace_backward and logits.stride(-1) != 1:
+        raise ValueError("inplace_backward=True needs logits with a unit stride in the vocabulary "
+                         f"dimension, got stride {logits.stride(-1)}")
+    if inplace_backward and 0 in logits.stride():
+        raise ValueError("inplace_backward=True needs logits without broadcast (stride-0) dimensions")
 
 
 def check_token_shapes(labels, advantages, response_mask, options) -> None:
@@ -103,12 +108,14 @@ class _DeadRowsZero(torch.autograd.Function):
     """``_log_prob_entropy`` whose backward gives a token with no gradient on either output
     (g = g_H = 0: a masked token) an exact-zero row, as the kernel does, whatever its logits
     (NaN or ±inf logits there never reach the gradient: 0·NaN would be NaN). The other rows
-    get autograd's gradient of ``_log_prob_entropy`` (recomputed in the backward)."""
+    get autograd's gradient of ``_log_prob_entropy`` (recomputed in the backward). With
+    ``inplace`` the gradient is copied into the logits' storage, an in-place write that
+    autograd sees (the kernel path bumps the logits' version the same way)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature):
+    def forward(ctx, logits, labels, temperature, inplace):
         ctx.save_for_backward(logits, labels)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.inplace = temperature, inplace
         return _log_prob_entropy(logits, labels, temperature)
 
     @staticmethod
@@ -121,15 +128,18 @@ class _DeadRowsZero(torch.autograd.Function):
             z_live = torch.where(live.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype))
             log_prob, entropy = _log_prob_entropy(z_live, labels, ctx.temperature)
             (grad,) = torch.autograd.grad((log_prob, entropy), z, (g, g_h))
-        return grad, None, None
+        if ctx.inplace:
+            grad = logits.detach().copy_(grad)
+        return grad, None, None, None
 
 
-def selective_log_softmax(logits, labels, temperature=1.0):
+def selective_log_softmax(logits, labels, temperature=1.0, *, inplace_backward=False):
     """(log_prob, entropy), both ``logits.shape[:-1]`` in float32 (float64 for float64).
-    Labels of any integer dtype (unsigned ones included) are read as int64."""
+    Labels of any integer dtype (unsigned ones included) are read as int64.
+    ``inplace_backward``: the backward writes grad_logits into the logits' storage."""
     labels = labels.to(torch.int64)
     if logits.requires_grad and torch.is_grad_enabled():
-        return _DeadRowsZero.apply(logits, labels, temperature)
+        return _DeadRowsZero.apply(logits, labels, temperature, inplace_backward)
     return _log_prob_entropy(logits, labels, temperature)
 
 
@@ -137,8 +147,8 @@ def policy_loss_from_logits(logits, labels, old_log_prob, advantages=None, respo
                             loss_type="is_reshape", loss_agg_mode="token-mean", temperature=1.0,
                             return_entropy=False, inplace_backward=False, tp_group=None,
                             cu_seqlens=None, **options):
-    """``irt.policy_loss_from_logits`` in PyTorch: (loss, metrics[, entropy]).
-    ``inplace_backward`` has no effect here (autograd writes a new gradient)."""
+    """``irt.policy_loss_from_logits`` in PyTorch: (loss, metrics[, entropy]), with the
+    same ``inplace_backward`` semantics."""
     check_process_group(tp_group, "tp_group")
     if tp_group is not None:
         raise NotImplementedError("tp_group is supported on the kernel path")
@@ -149,7 +159,7 @@ def policy_loss_from_logits(logits, labels, old_log_prob, advantages=None, respo
     if cu_seqlens is not None:
         options["cu_seqlens"] = cu_seqlens
     check_token_shapes(labels, advantages, response_mask, options)
-    log_prob, entropy = selective_log_softmax(logits, labels, temperature)
+    log_prob, entropy = selective_log_softmax(logits, labels, temperature, inplace_backward=inplace_backward)
     loss, metrics = policy_loss(log_prob, old_log_prob, advantages, response_mask, loss_type,
                                 loss_agg_mode, **options)
     return (loss, metrics, entropy) if return_entropy else (loss, metrics)
