@@ -18,12 +18,23 @@ from .params import (AGG_MODES, CALL_OPTIONS, AggConfig, check_log_ratio_clamp, 
 _AGG_FIELDS = ("dp_size", "global_token_count", "global_batch_size", "loss_scale_factor")
 
 
-def uses_kernels(t: torch.Tensor) -> bool:
-    """True when ``policy_loss`` on tensors like ``t`` runs the Triton kernels."""
+def uses_kernels(t) -> bool:
+    """True when ``policy_loss`` on tensors like ``t`` runs the Triton kernels: ``t`` is a
+    tensor, a ``torch.device`` or a device string ("cuda", "cuda:1", "cpu"); True for CUDA,
+    and for every device when ``TRITON_INTERPRET=1``."""
+    if isinstance(t, torch.Tensor):
+        device = t.device
+    elif isinstance(t, (str, torch.device)):
+        try:
+            device = torch.device(t)
+        except RuntimeError as e:
+            raise ValueError(f"uses_kernels: {t!r} is not a device ({e})") from None
+    else:
+        raise TypeError(f"uses_kernels takes a tensor, a torch.device or a device string, got {type(t).__name__}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         check_interpreter()
         return True
-    return t.is_cuda
+    return device.type == "cuda"
 
 
 _interpreter_checked = False  # triton was found loaded in interpreter mode (it stays so)

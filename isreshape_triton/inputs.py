@@ -83,13 +83,20 @@ def _token_streams(streams: dict, shape) -> dict:
 
 def _prepare_packed(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, validate,
                     rollout, ref_log_prob) -> Inputs:
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 \
-            or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError("cu_seqlens must be a 1-D int32/int64 tensor of S + 1 offsets, got "
-                        f"{cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__}")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor of S + 1 offsets, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must have dtype int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D [S + 1] (S + 1 >= 1 offsets), got shape {tuple(cu_seqlens.shape)}")
     if log_prob.dim() != 1:
         raise ValueError(f"with cu_seqlens, log_prob must be 1-D [N] (packed), got shape {tuple(log_prob.shape)}")
     n, S = log_prob.shape[0], cu_seqlens.numel() - 1
+    if S == 0 and n > 0:  # a shape check (no sync): the kernels' row search needs a row
+        raise ValueError(f"cu_seqlens has no sequence (length 1) but log_prob has {n} tokens")
+    # the kernels read the offsets with unit stride: a strided view (a column of a 2-D tensor)
+    # becomes a contiguous device copy (no sync)
+    cu_seqlens = cu_seqlens.contiguous()
     tensors = {"old_log_prob": old_log_prob, "cu_seqlens": cu_seqlens,
                **_token_streams({"rollout_is_weights": rollout, "ref_log_prob": ref_log_prob}, log_prob.shape)}
     if advantages is not None:

@@ -18,6 +18,14 @@ association order differs from the interpreter's left fold (as it does on a GPU)
 It also stops re-patching ``triton.language`` on every ``@triton.jit`` device-function
 call (``inspect.getmembers`` over the whole module, ~1 ms a call) while the launch that
 patched it is running: the patches are module-wide and the launch restores them.
+
+And it converts between fp32 and bf16 as a GPU does. Every fp32 → bf16 store or cast goes
+through the interpreter's ``_convert_float`` (from ``create_fp_trunc``, or ``create_fp_to_fp``
+for ``rtz``; Triton 3.5 to 3.9), which truncates to the upper 16 bits: about half of all
+bf16 results came out 1 ulp nearer zero than the GPU's. It also widens bf16 subnormals wrong.
+``install()`` wraps it: fp32 → bf16 rounds to nearest even (toward zero for an explicit
+``rtz``), overflowing to ±inf, NaN staying a quiet NaN; bf16 → fp32 is exact. fp16 needs
+nothing: it is NumPy's ``astype``, which rounds to nearest even.
 """
 import inspect
 
@@ -73,6 +81,27 @@ def _hillis_steele_scan(self, input):
     return [self.to_tensor(np.ascontiguousarray(np.moveaxis(d, 0, self.axis)), t) for d, t in zip(data, dtypes)]
 
 
+def _fp32_to_bf16(x, rtz):
+    """bf16 bits of fp32 ``x``: rounded to nearest even (on ties, toward the even
+    significand), or toward zero; ±inf stays, and so does NaN (quieted)."""
+    bits = x.view(np.uint32)
+    rounded = bits if rtz else bits + (0x7FFF + ((bits >> 16) & 1))
+    return np.where(np.isnan(x), (bits >> 16) | 0x40, rounded >> 16).astype(np.uint16)
+
+
+def _gpu_bf16(convert_float, tl, rtz):
+    """``convert_float`` (the interpreter's ``_convert_float``) with fp32 ↔ bf16 as on a GPU."""
+
+    def convert(input, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
+            return _fp32_to_bf16(input, rounding_mode == rtz)
+        if input_dtype == tl.bfloat16 and output_dtype == tl.float32:
+            return np.asarray(input.astype(np.uint32) << 16)
+        return convert_float(input, input_dtype, output_dtype, rounding_mode)
+
+    return convert
+
+
 class _LaunchScope:
     """The launch's patch scope; restoring it also forgets what was patched."""
 
@@ -108,8 +137,8 @@ def _patch_lang_once(patch_lang, lang_modules):
 
 
 def install():
-    """Patch the interpreter's element-by-element fallbacks and its per-call re-patching
-    of ``triton.language`` (idempotent)."""
+    """Patch the interpreter's element-by-element fallbacks, its per-call re-patching
+    of ``triton.language`` and its fp32 ↔ bf16 conversions (idempotent)."""
     global _installed
     if _installed:
         return
@@ -118,4 +147,5 @@ def install():
     interpreter.ReduceOps.generic_reduce = _tree_reduce
     interpreter.ScanOps.generic_scan = _hillis_steele_scan
     interpreter._patch_lang = _patch_lang_once(interpreter._patch_lang, (tl, tl.core))
+    interpreter._convert_float = _gpu_bf16(interpreter._convert_float, tl, interpreter._ir.ROUNDING_MODE.RTZ)
     _installed = True

@@ -396,13 +396,13 @@ def kl_config(kl_coef, kl_type, ref_log_prob) -> KLConfig:
     return kl
 
 
-def check_process_group(process_group) -> None:
-    """``process_group`` must be None or a ``torch.distributed.ProcessGroup``."""
+def check_process_group(process_group, name: str = "process_group") -> None:
+    """``process_group`` (the argument ``name``) must be None or a ``torch.distributed.ProcessGroup``."""
     if process_group is None:
         return
     dist = torch.distributed
     if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
-        raise TypeError(f"process_group must be None or a torch.distributed.ProcessGroup, "
+        raise TypeError(f"{name} must be None or a torch.distributed.ProcessGroup, "
                         f"got {type(process_group).__name__} {process_group!r}")
 
 

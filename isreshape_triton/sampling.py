@@ -10,7 +10,7 @@ number of launches (``launch_count``) and no host sync; the seed of the Gumbel n
 ``generator`` (or the device's default generator) into a device tensor.
 
 Precision: the search passes of kl_symmetry stream in fp32; pass 0 (log-normalisers, E at both
-ends) and the last Newton pass run their element math in fp64, so α, the KLs and log q come out
+ends) and the last two Newton passes run their element math in fp64, so α, the KLs and log q come out
 with fp64 accuracy (then stored as fp32) although the search itself is fp32. SNR passes are
 fp64 throughout: locating a flat maximum to 1e-4 needs the ratio to ~1e-8.
 """
@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 METHODS = ("kl_symmetry", "snr")
-NEWTON_PASSES = 6  # kl_symmetry evaluation passes (the last one in fp64); 6 Newton updates
+NEWTON_PASSES = 7  # kl_symmetry evaluation passes (the last two in fp64); 6 Newton updates in them and
+# a 7th in the draw unless the row is peaked (then log Z and the KLs are those evaluated at the last
+# pass's α, not extrapolated; issue 17)
 SNR_PASSES = 7  # grid-search passes of G points each, fp64: 2 cover a 2G-point grid, 5 refine
 SNR_POINTS = 8  # G: the refinement step shrinks by (G + 1)/2 per pass; 1/15·(2/9)^5 ≈ 4e-5 at the end
 SEG_UNIT = 4096  # segment lengths are multiples of this work-item size (every tile size divides it)
@@ -178,8 +180,8 @@ def pass_schedule(method: str) -> List[Tuple[bool, int, bool, bool]]:
     """(FIRST, SNR_UPDATE, EVAL_SNR, fp64) of every search launch (SNR_UPDATE: 0 none, 1 after the
     even coarse points, 2 after the odd ones, 3 after a refinement pass)."""
     if method == "kl_symmetry":
-        return ([(True, 0, False, False)] + [(False, 0, False, False)] * (NEWTON_PASSES - 2)
-                + [(False, 0, False, True)])
+        return ([(True, 0, False, False)] + [(False, 0, False, False)] * (NEWTON_PASSES - 3)
+                + [(False, 0, False, True)] * 2)
     if method == "snr":
         return ([(True, 0, True, True), (False, 1, True, True), (False, 2, True, True)]
                 + [(False, 3, True, True)] * (SNR_PASSES - 3) + [(False, 3, False, True)])

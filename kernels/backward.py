@@ -35,7 +35,7 @@ def policy_grad_kernel(neg_phi_ptr, grad_ptr, grad_scale_ptr, grad_out_ptr, row_
         if PER_ROW:
             p = a
             while p < b:
-                s, start, end = locate_row(p, cu_ptr, S, T, PACKED)
+                s, start, end = locate_row(p, cu_ptr, S, T, N, PACKED)
                 e = piece_end(p, end, b)
                 n_b = tl.load(row_count_ptr + s)
                 row_factor = tl.where(n_b > 0.0, factor / tl.where(n_b > 0.0, n_b, 1.0), 0.0)

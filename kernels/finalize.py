@@ -27,16 +27,22 @@ TOKEN_SUM = tl.constexpr(1)
 SEQ_MEAN_TOKEN_SUM = tl.constexpr(2)
 SEQ_MEAN_TOKEN_MEAN = tl.constexpr(3)
 SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(4)
+FP32_MOMENT_FLOOR = tl.constexpr(2.0 ** -60)  # m2 below which fp32 loses (ℓ − c)⁴ (reference.diagnostics)
 
 
 @triton.jit
-def _given(v, dt: tl.constexpr, ON_DEVICE: tl.constexpr):
-    """A count given as a float (< 0: not given) or, ON_DEVICE, as a pointer to a 0-dim
-    device tensor (read here: no host sync)."""
+def _count(v, default, dt: tl.constexpr, ON_DEVICE: tl.constexpr):
+    """A count (SPEC §5). ON_DEVICE: ``v`` points to a 0-dim device tensor, read here (no host
+    sync); whether it was given is known on the host (this constexpr), so its value is never a
+    "not given" test: a bad value (NaN, negative, ±inf) gives NaN, loud like a non-finite token
+    (SPEC §11), and the reference does the same. Else ``v`` is a host float, validated finite and
+    >= 0 on the host, or −1 for "not given" (then ``default``, the local count)."""
     if ON_DEVICE:
-        return tl.load(v).to(dt)
+        c = tl.load(v).to(dt)
+        return tl.where((c >= 0.0) & (c < float("inf")), c, float("nan"))
     else:
-        return v + tl.zeros([], dt)
+        c = v + tl.zeros([], dt)
+        return tl.where(c >= 0.0, c, default)
 
 
 @triton.constexpr_function
@@ -211,8 +217,8 @@ def _packed_rows(cu_ptr, S, row_count_ptr, BLOCK: tl.constexpr):
     longest = tl.zeros([BLOCK], tl.int32)
     for s0 in range(0, S, BLOCK):
         s = s0 + idx
-        lo = tl.load(cu_ptr + s, mask=s < S, other=0).to(tl.int32)
-        hi = tl.load(cu_ptr + s + 1, mask=s < S, other=0).to(tl.int32)
+        lo = tl.minimum(tl.maximum(tl.load(cu_ptr + s, mask=s < S, other=0), 0), 2147483647).to(tl.int32)
+        hi = tl.minimum(tl.maximum(tl.load(cu_ptr + s + 1, mask=s < S, other=0), lo), 2147483647).to(tl.int32)
         longest = tl.maximum(longest, hi - lo)
         tl.store(row_count_ptr + s, tl.zeros([BLOCK], row_count_ptr.dtype.element_ty), mask=(s < S) & (hi <= lo))
     return tl.max(longest)
@@ -229,7 +235,7 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
     order (``reduce_record``); the loss, metrics (slot order = layout.METRIC_SLOTS) and the
     gradient scale s of SPEC §2 (for seq-mean-token-mean the backward divides it by the
     row's n_b). COUNTS_ON_DEVICE: bit 0 global_token_count, bit 1 global_batch_size are 0-dim
-    device tensors. Only the slots in SLOTS are read (``layout.partial_slots``); GROUPS_GIVEN:
+    device tensors (a bad value gives NaN: ``_count``). Only the slots in SLOTS are read (``layout.partial_slots``); GROUPS_GIVEN:
     (count, M2) of the A>0 and A<0 groups are ``groups`` (the batch statistics), not slots."""
     p = tl.arange(0, BLOCK_P)
     dt = partial_ptr.dtype.element_ty
@@ -258,8 +264,6 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
 
     # aggregation (SPEC §5); an empty denominator gives 0
     one = tl.full([], 1.0, dt)
-    global_token_count = _given(global_token_count, dt, COUNTS_ON_DEVICE % 2 == 1)
-    global_batch_size = _given(global_batch_size, dt, COUNTS_ON_DEVICE // 2 == 1)
     # every mode is (Σ m·L, or for seq-mean-token-mean Σ_b (Σ_t m·L)/n_b) × scale; ``agg`` is a
     # runtime code (one specialization for the token modes, one for the seq-* modes)
     seq_loss = s_loss
@@ -269,11 +273,11 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
         seq_loss = span_loss + rec[P_SEQ_LOSS]
         seq_kl = span_kl + rec[P_SEQ_KL]
         n_rows = span_rows + rec[P_ROWS]
-        gbs = tl.where(global_batch_size >= 0.0, global_batch_size, n_rows)
+        gbs = _count(global_batch_size, n_rows, dt, COUNTS_ON_DEVICE // 2 == 1)
     if not SEQ_AGG:
         scale = one  # token-sum
         if agg == TOKEN_MEAN:
-            scale = safe_div(one, tl.where(global_token_count >= 0.0, global_token_count, n_all))
+            scale = safe_div(one, _count(global_token_count, n_all, dt, COUNTS_ON_DEVICE % 2 == 1))
     elif agg == SEQ_MEAN_TOKEN_SUM_NORM:
         scale = safe_div(one, gbs * tl.where(loss_scale_factor >= 0.0, loss_scale_factor, longest))
     else:  # seq-mean-token-sum, seq-mean-token-mean
@@ -300,9 +304,14 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
     ess_p = ess_of(ess_pos)
     ess_n = ess_of(ess_neg)
     # diagnostics: biased moments as scipy.stats.skew / kurtosis, 0 where scipy treats
-    # m2 as zero (m2 ≤ (1e-15·mean)²) or there is no token
+    # m2 as zero (m2 ≤ (1e-15·mean)²) or there is no token; NaN where fp32 cannot hold them
+    # (m2 < 2^-60: the lanes' (ℓ − c)⁴ fall below 2^-126; reference.diagnostics.FP32_MOMENT_FLOOR)
     cm2 = safe_div(m2_all, n_all)
     spread = ~(cm2 <= (1e-15 * mean_all) * (1e-15 * mean_all))
+    floor = 0.0
+    if cm2.dtype == tl.float32:
+        floor = FP32_MOMENT_FLOOR
+    lost = spread & (cm2 < floor)
     metrics = (
         n_all, -tl.where(n_all > 0.0, mean_all, 0.0), safe_div(s_w, n_all), w_max,
         safe_div(s_phi, n_all), phi_max, unbiased_var(n_all, m2_all), ess,
@@ -310,8 +319,8 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
         gamma, gamma_pos, gamma_neg, unbiased_var(n_pos, m2_pos),
         unbiased_var(n_neg, m2_neg), gamma_base, safe_div(x0, n_all), safe_div(x1, n_all),
         safe_div(x2, n_all), safe_div(x3, n_all), safe_div(x0, n_all), safe_div(x1, n_all),  # clipfrac(_lower): x0, x1
-        tl.where(spread, safe_div(safe_div(m3_all, n_all), cm2 * tl.sqrt(cm2)), 0.0),
-        tl.where(spread, safe_div(safe_div(m4_all, n_all), cm2 * cm2) - 3.0, 0.0),
+        tl.where(lost, float("nan"), tl.where(spread, safe_div(safe_div(m3_all, n_all), cm2 * tl.sqrt(cm2)), 0.0)),
+        tl.where(lost, float("nan"), tl.where(spread, safe_div(safe_div(m4_all, n_all), cm2 * cm2) - 3.0, 0.0)),
         safe_div(w_max, s_w), ess_p, safe_div(ess_p, n_pos), ess_n, safe_div(ess_n, n_neg), nonfinite,
         kl_loss * dp_size)
     for k in tl.static_range(METRIC_WIDTH):

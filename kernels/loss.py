@@ -155,7 +155,7 @@ def token_loss_kernel(
         t_n, t_loss, t_kl, t_row, t_flags = h_n, h_loss, h_kl, h_row, h_flags
         p = a
         while p < b:
-            s, start, end = locate_row(p, cu_ptr, S, T, PACKED)
+            s, start, end = locate_row(p, cu_ptr, S, T, N, PACKED)
             e = piece_end(p, end, b)
             origin = 0 if PACKED else start
             raw = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, p + lanes, prologue_stop(e, b, PACKED),

@@ -14,7 +14,8 @@ its tail (``row_elements``).
 
 Malformed ``cu_seqlens`` never cause an out-of-bounds access: token addresses
 come from the chunk grid over N, row indices from a search that stays inside
-[0, S), and tokens outside their row's bounds are not counted.
+[0, S), the offsets read are clamped into [0, N] (``locate_row``) before they
+index a record, and tokens outside their row's bounds are not counted.
 """
 import triton
 import triton.language as tl
@@ -34,7 +35,8 @@ def _search_step(lo, hi, p, cu_ptr, S):
     step = (hi - lo + SEARCH_PROBES - 2) // (SEARCH_PROBES - 1)
     k = tl.arange(0, SEARCH_PROBES)
     probe = lo + k * step
-    cu = tl.load(cu_ptr + probe, mask=probe <= S, other=0).to(tl.int32)
+    cu = tl.load(cu_ptr + probe, mask=probe <= S, other=0)
+    cu = tl.minimum(tl.maximum(cu, -1), 2147483647).to(tl.int32)  # int64 offsets past int32 saturate
     count = tl.sum(((k < SEARCH_PROBES - 1) & (probe < hi) & (cu <= p)).to(tl.int32))
     j = tl.maximum(count - 1, 0)  # ≥ 0 even for a malformed cu
     start = tl.sum(tl.where(k == j, cu, 0))
@@ -44,14 +46,20 @@ def _search_step(lo, hi, p, cu_ptr, S):
 
 
 @triton.jit
-def locate_row(p, cu_ptr, S, T, PACKED: tl.constexpr):
+def locate_row(p, cu_ptr, S, T, N, PACKED: tl.constexpr):
     """(s, start, end): the row holding token p and its token range [start, end). Packed: the
     largest s in [0, S) with cu[s] <= p (empty rows are skipped), by 31-way steps (one for
-    S ≤ 31, two for S ≤ 961, …); every probe stays inside cu[0..S]."""
+    S ≤ 31, two for S ≤ 961, …); every probe stays inside cu[0..S] (S ≥ 1: the host rejects
+    S = 0 with N > 0). The offsets read are clamped before any use as an address or a record
+    index: start into [0, p], end into [start, N] (no-ops for valid offsets, whose search gives
+    cu[s] ≤ p < cu[s + 1] ≤ N), so malformed ones (negative, decreasing, past N) cannot move an
+    access out of its buffer (SPEC §2)."""
     if PACKED:
         lo, hi, start, end = _search_step(tl.zeros([], tl.int32), S, p, cu_ptr, S)
         while hi - lo > 1:
             lo, hi, start, end = _search_step(lo, hi, p, cu_ptr, S)
+        start = tl.minimum(tl.maximum(start, 0), p)
+        end = tl.minimum(tl.maximum(end, start), N)
         return lo, start, end
     else:
         s = p // T

@@ -20,7 +20,7 @@ records with the same code, so all of them see bit-identical α; segment 0 also 
 state. The price of splitting V is one launch per Newton step (no program waits on another) and
 O(segments²) record reads per row from L2.
 
-Precision: pass 0 and the last search pass do their element math in fp64 (so α, log Z and the KLs
+Precision: pass 0 and the last search passes do their element math in fp64 (so α, log Z and the KLs
 have fp64 accuracy); the other Newton passes are fp32. SNR passes are fp64 (a flat maximum located
 to 1e-4 needs the ratio to ~1e-8).
 
@@ -29,7 +29,8 @@ Launches (fixed per method, never data-dependent):
                                 range of d on S, support counts, non-finite count;
   ``sampling_alpha_kernel`` ×K  merge the previous records, update α, evaluate at the new α:
                                 Newton moments (kl_symmetry, fixed α) or SNR terms at G points;
-  ``sampling_draw_kernel``      last update, KLs and log Z, the draw per segment (exponential race), optional log q;
+  ``sampling_draw_kernel``      a last Newton step unless the row is peaked (then the last search pass's α, where
+                                it evaluated), KLs and log Z, the draw per segment (exponential race), optional log q;
   ``sampling_finalize_kernel``  per row: token, log-probs at the token, outputs.
 """
 import triton
@@ -89,7 +90,8 @@ Z_NT = tl.constexpr(15)
 Z_LSE_S = tl.constexpr(16)  # after the draw: lse(s') at the final α, KLs
 Z_KL_P = tl.constexpr(17)
 Z_KL_T = tl.constexpr(18)
-Z_W = tl.constexpr(19)
+Z_LMAX = tl.constexpr(19)  # max_S ℓ (the draw's step test)
+Z_W = tl.constexpr(20)
 
 # row modes
 NEWTON = tl.constexpr(0.0)
@@ -98,6 +100,7 @@ SNR = tl.constexpr(2.0)
 INVALID = tl.constexpr(3.0)
 FP32_TOL = tl.constexpr(1e-3)  # |g| below which an fp32 evaluation does not move the Newton bracket
 IDENTICAL_SPREAD = tl.constexpr(1e-5)  # max − min of d on S below which equal supports count as identical
+STEP_RANGE = tl.constexpr(1e-3)  # the draw's step δ only where |δ|·(max ℓ − min ℓ) ≤ this (``_final``)
 FLAT = tl.constexpr(1e-12)  # E_S(0) − E_S(1) below this: E_S is constant at fp64 resolution
 # methods (runtime argument)
 METHOD_KL = tl.constexpr(0)
@@ -149,7 +152,8 @@ def _online(m, x):
     exponential: one of the two factors is 1, the other e^{−|x − m|}."""
     m_new = tl.maximum(m, x)
     up = x > m
-    e = tl.exp(tl.where(m_new == float("-inf"), float("-inf"), tl.where(up, m - x, x - m)))
+    # the smaller minus the larger, −∞ when both are −∞ (no −∞ − (−∞) is ever computed)
+    e = tl.exp(tl.where(up, m, x) - tl.where(m_new == float("-inf"), 0.0, tl.where(up, x, m)))
     return m_new, tl.where(up, e, 1.0), tl.where(up, 1.0, e)
 
 
@@ -164,7 +168,7 @@ def _lanes_to_row(m):
 def _q_logits(a, b, alpha, beta, at_one, at_zero):
     """s = α·a + (1−α)·b on S, −∞ off S; s = a at α = 1 and s = b at α = 0 (whole supports)."""
     both = (a > float("-inf")) & (b > float("-inf"))
-    s = tl.where(both, alpha * a + beta * b, float("-inf"))
+    s = tl.where(both, alpha * tl.where(both, a, 0.0) + beta * tl.where(both, b, 0.0), float("-inf"))
     return tl.where(at_one, a, tl.where(at_zero, b, s)), both
 
 
@@ -245,16 +249,18 @@ def _merge_moments(base, nseg, W: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _merge_snr(base, nseg, W: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(T1, T2, T3) G-vectors of a row: plain sums of its SNR records (slots k·G + i)."""
+def _merge_snr(base, nseg, active, W: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(T1, T2, T3) G-vectors of a row: plain sums of its SNR records (slots k·G + i); zeros for a row
+    that is not ``active`` (its records are moments, or unwritten: no arithmetic on them)."""
     j = tl.arange(0, BLOCK_C)
     k = tl.arange(0, 4)
     i = tl.arange(0, G)
     acc = tl.zeros([BLOCK_C, 4, G], tl.float64)
     for j0 in range(0, nseg, BLOCK_C):
         jj = j0 + j
-        acc += tl.load(base + jj[:, None, None] * W + k[None, :, None] * G + i[None, None, :],
-                       mask=(jj < nseg)[:, None, None] & (k < 3)[None, :, None], other=0.0)
+        rec = tl.load(base + jj[:, None, None] * W + k[None, :, None] * G + i[None, None, :],
+                      mask=(jj < nseg)[:, None, None] & (k < 3)[None, :, None], other=0.0)
+        acc += tl.where(active, rec, 0.0)
     tot = tl.sum(acc, 0)
     return (tl.sum(tl.where(k[:, None] == 0, tot, 0.0), 0), tl.sum(tl.where(k[:, None] == 1, tot, 0.0), 0),
             tl.sum(tl.where(k[:, None] == 2, tot, 0.0), 0))
@@ -266,12 +272,12 @@ def _merge_snr(base, nseg, W: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constex
 def _load_state(ptr):
     return (tl.load(ptr + Z_ALPHA), tl.load(ptr + Z_LO), tl.load(ptr + Z_HI), tl.load(ptr + Z_MODE),
             tl.load(ptr + Z_BOUND), tl.load(ptr + Z_ZA), tl.load(ptr + Z_ZB), tl.load(ptr + Z_ZR),
-            tl.load(ptr + Z_LA), tl.load(ptr + Z_LB), tl.load(ptr + Z_LR), tl.load(ptr + Z_LMIN),
+            tl.load(ptr + Z_LA), tl.load(ptr + Z_LB), tl.load(ptr + Z_LR), tl.load(ptr + Z_LMIN), tl.load(ptr + Z_LMAX),
             tl.load(ptr + Z_BEST_A), tl.load(ptr + Z_BEST_V), tl.load(ptr + Z_NP), tl.load(ptr + Z_NT))
 
 
 @triton.jit
-def _store_state(ptr, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t):
+def _store_state(ptr, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, lmax, best_a, best_v, n_p, n_t):
     tl.store(ptr + Z_ALPHA, alpha)
     tl.store(ptr + Z_LO, lo)
     tl.store(ptr + Z_HI, hi)
@@ -284,6 +290,7 @@ def _store_state(ptr, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, 
     tl.store(ptr + Z_LB, lb)
     tl.store(ptr + Z_LR, lr)
     tl.store(ptr + Z_LMIN, lmin)
+    tl.store(ptr + Z_LMAX, lmax)
     tl.store(ptr + Z_BEST_A, best_a)
     tl.store(ptr + Z_BEST_V, best_v)
     tl.store(ptr + Z_NP, n_p)
@@ -316,11 +323,12 @@ def _init_state(base, nseg, method, fixed_alpha, inv_t, HAS_REF: tl.constexpr, G
         lr = tl.log(s_r)
         invalid = invalid | (s_r == 0.0)
     c = (m_b + lb) - (m_a + la)  # B − A
-    e1 = ud_a / u_a - c  # E_S(1) = E_{π_θ|S}[ℓ]
-    e0 = ud_b / u_b - c  # E_S(0) = E_{π_t|S}[ℓ]
+    # E_S(1) = E_{π_θ|S}[ℓ], E_S(0) = E_{π_t|S}[ℓ]; NaN for an empty S (disjoint supports), without 0/0
+    e1 = tl.where(u_a > 0.0, ud_a / tl.where(u_a > 0.0, u_a, 1.0), float("nan")) - c
+    e0 = tl.where(u_b > 0.0, ud_b / tl.where(u_b > 0.0, u_b, 1.0), float("nan")) - c
     lower = e0 <= 0.0
     upper = e1 >= 0.0
-    alpha = tl.where(upper, 1.0, tl.where(lower, 0.0, e0 / (e0 - e1)))
+    alpha = tl.where(upper, 1.0, tl.where(lower, 0.0, e0 / tl.where(e0 == e1, 1.0, e0 - e1)))  # e0 = e1: flat
     bound = tl.where(lower | upper, 1.0, 0.0)
     const = d_min == d_max
     flat = const | (e0 - e1 <= FLAT)
@@ -348,8 +356,8 @@ def _init_state(base, nseg, method, fixed_alpha, inv_t, HAS_REF: tl.constexpr, G
     bound = tl.where(invalid, 0.0, bound)
     mode = tl.where(invalid, INVALID, mode)
     # raw maxima: max(z·inv_t) = max(z)·inv_t up to rounding (the shift needs no more)
-    return (alpha, lo, hi, mode, bound, m_a / inv_t, m_b / inv_t, m_r / inv_t, la, lb, lr, d_min - c, zero,
-            zero - 1.0, n_p, n_t)
+    return (alpha, lo, hi, mode, bound, m_a / inv_t, m_b / inv_t, m_r / inv_t, la, lb, lr, d_min - c, d_max - c,
+            zero, zero - 1.0, n_p, n_t)
 
 
 @triton.jit
@@ -362,10 +370,15 @@ def _newton_step(alpha, lo, hi, p, n, p2, n2, tol):
     A step that leaves the bracket (or is not finite) is a bisection; a step below the resolution
     of α stays at α.
     """
-    g = tl.log(p) - tl.log(n)
+    ok = (p > 0.0) & (n > 0.0)  # else g = ±∞ (or 0 at p = n = 0) and a bisection, no log 0 or 0/0
+    ps = tl.where(ok, p, 1.0)
+    ns = tl.where(ok, n, 1.0)
+    g = tl.where(ok, tl.log(ps) - tl.log(ns), tl.where(p > n, float("inf"), tl.where(p < n, float("-inf"), 0.0)))
+    g = tl.where((p != p) | (n != n), float("nan"), g)
     lo = tl.where(g > tol, alpha, lo)
     hi = tl.where(g < -tol, alpha, hi)
-    new = alpha + g / (p2 / p + n2 / n)
+    den = p2 / ps + n2 / ns
+    new = tl.where(ok & (den > 0.0), alpha + tl.where(ok, g, 0.0) / tl.where(den > 0.0, den, 1.0), float("nan"))
     new = tl.where((new >= lo) & (new <= hi), new, 0.5 * (lo + hi))
     return tl.where(p == n, alpha, new), lo, hi
 
@@ -377,7 +390,7 @@ def _snr_grid(lo, h, G: tl.constexpr):
 
 
 @triton.jit
-def _snr_step(base, nseg, lo, h, best_a, best_v, STAGE: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
+def _snr_step(base, nseg, active, lo, h, best_a, best_v, STAGE: tl.constexpr, W: tl.constexpr, G: tl.constexpr,
               BLOCK_C: tl.constexpr):
     """SNR_i = |Φ1|/√Φ2 at the last pass's points α_i = lo + i·h; keep the best point so far. The
     first two passes cover the 2G-point grid k/(2G−1) (even k, then odd k: STAGE 1 moves to the odd
@@ -385,7 +398,7 @@ def _snr_step(base, nseg, lo, h, best_a, best_v, STAGE: tl.constexpr, W: tl.cons
     every pass searches G interior points of [best − δ, best + δ], δ the distance between
     neighbouring points so far (h/2 after the coarse grid, STAGE 2), shrinking by (G + 1)/2."""
     i = tl.arange(0, G)
-    t1, t2, t3 = _merge_snr(base, nseg, W, G, BLOCK_C)
+    t1, t2, t3 = _merge_snr(base, nseg, active, W, G, BLOCK_C)
     var = t3 - t2 * t2
     snr = tl.where(var > 0.0, tl.abs(t1) / tl.sqrt(tl.where(var > 0.0, var, 1.0)), 0.0)
     v_max = tl.max(snr, 0)
@@ -412,14 +425,17 @@ def _advance(base, nseg, alpha, lo, hi, mode, bound, best_a, best_v,
     point); FIXED rows keep α.
     Also returns the merged moments (used by the draw's last step)."""
     mx, s0, p, n, p2, n2 = _merge_moments(base, nseg, W, BLOCK_C)
-    new, new_lo, new_hi = _newton_step(alpha, lo, hi, p, n, p2, n2, 0.0 if PREV_FP64 else FP32_TOL)
-    newton = mode == NEWTON
+    newton = mode == NEWTON  # other rows' records are not moments (SNR terms, or unwritten): read as 0
+    new, new_lo, new_hi = _newton_step(alpha, lo, hi, tl.where(newton, p, 0.0), tl.where(newton, n, 0.0),
+                                       tl.where(newton, p2, 0.0), tl.where(newton, n2, 0.0),
+                                       0.0 if PREV_FP64 else FP32_TOL)
     alpha_n = tl.where(newton, new, alpha)
     lo_n = tl.where(newton, new_lo, lo)
     hi_n = tl.where(newton, new_hi, hi)
     if SNR_UPDATE > 0:
-        g_lo, g_h, g_best_a, g_best_v = _snr_step(base, nseg, lo, hi, best_a, best_v, SNR_UPDATE, W, G, BLOCK_C)
         snr = mode == SNR
+        g_lo, g_h, g_best_a, g_best_v = _snr_step(base, nseg, snr, lo, hi, best_a, best_v, SNR_UPDATE, W, G,
+                                                  BLOCK_C)
         lo_n = tl.where(snr, g_lo, lo_n)
         hi_n = tl.where(snr, g_h, hi_n)
         best_a = tl.where(snr, g_best_a, best_a)
@@ -459,7 +475,7 @@ def _moments_segment(pol_row, tgt_row, e0, e1, V, s_pv, s_tv, inv_t, za, zb, la,
         a = (a - za) * inv_t
         b = (b - zb) * inv_t
         s, both = _q_logits(a, b, al, be, at_one, at_zero)
-        ell = tl.where(both, (b - a) - c, 0.0)
+        ell = tl.where(both, (tl.where(both, b, 0.0) - tl.where(both, a, 0.0)) - c, 0.0)
         lp = tl.maximum(ell, 0.0)
         ln = tl.maximum(-ell, 0.0)
         m, r, w = _online(m, s)
@@ -492,7 +508,7 @@ def _snr_segment(pol_row, tgt_row, ref_row, e0, e1, V, s_pv, s_tv, s_rv, inv_t, 
         a = (a - za) * inv_t
         b = (b - zb) * inv_t
         both = (a > float("-inf")) & (b > float("-inf"))
-        ell = tl.where(both, (b - a) - c, 0.0)
+        ell = tl.where(both, (tl.where(both, b, 0.0) - tl.where(both, a, 0.0)) - c, 0.0)
         p_th = tl.where(both, tl.exp(a - la), 0.0)
         p_t = tl.where(both, tl.exp(b - lb), 0.0)
         if HAS_REF:
@@ -560,7 +576,7 @@ def sampling_stats_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, V, nseg, seg,
         fa = a > float("-inf")
         fb = b > float("-inf")
         both = fa & fb
-        d = tl.where(both, b - a, 0.0)
+        d = tl.where(both, tl.where(both, b, 0.0) - tl.where(both, a, 0.0), 0.0)
         m_a, r, w = _online(m_a, a)
         s_a = s_a * r + w
         u_a = u_a * r + tl.where(both, w, 0.0)
@@ -618,17 +634,17 @@ def sampling_alpha_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, prev_ptr, rec_pt
     row, j, e0, e1 = _segment(pid, nseg, seg, V, CONTIG)
     V = _hint(V, CONTIG)
     if FIRST:
-        (alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t) = _init_state(
+        (alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, lmax, best_a, best_v, n_p, n_t) = _init_state(
             stats_ptr + row * nseg * ST_W, nseg, method, fixed_alpha,
             _inv_temp(inv_temp, inv_temp_lo, tl.float64), HAS_REF, G, STATS_MERGE_BLOCK)
     else:
-        (alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t) = _load_state(
+        (alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, lmax, best_a, best_v, n_p, n_t) = _load_state(
             state_in_ptr + row * Z_W)
         alpha, lo, hi, mode, bound, best_a, best_v, mx, s0, p, n, p2, n2 = _advance(
             prev_ptr + row * nseg * REC_W, nseg, alpha, lo, hi, mode, bound, best_a, best_v,
             SNR_UPDATE, not EVAL_SNR, PREV_FP64, REC_W, G, BLOCK_C)
     if j == 0:
-        _store_state(state_out_ptr + row * Z_W, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin,
+        _store_state(state_out_ptr + row * Z_W, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, lmax,
                      best_a, best_v, n_p, n_t)
     pol_row = pol_ptr + _hint(row * s_pr, CONTIG)
     tgt_row = tgt_ptr + _hint(row * s_tr, CONTIG)
@@ -656,13 +672,19 @@ def sampling_alpha_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, prev_ptr, rec_pt
 
 @triton.jit
 def _final(alpha_k, alpha, mode, la, lb, n_p, n_t, mx, s0, p, n, p2, n2):
-    """lse(s'), KL(q‖π_θ), KL(q‖π_t) at the final α from the moments at α_k (the last evaluation):
-    log Z(α) = lse(s') − α·λ_a − (1−α)·λ_b, d log Z/dα = −E, dE/dα = −Var, δ = α − α_k (0 unless
-    the draw took a Newton step), so log Z(α) = log Z_k − δ·E_k + δ²·Var_k/2 and E(α) = E_k − δ·Var_k.
+    """lse(s'), KL(q‖π_θ), KL(q‖π_t) at the final α from the fp64 moments at α_k (the last search
+    pass): log Z(α) = lse(s') − α·λ_a − (1−α)·λ_b, d log Z/dα = −E, dE/dα = −Var, δ = α − α_k, so
+    log Z(α) = log Z_k − δ·E_k + δ²·Var_k/2 and E(α) = E_k − δ·Var_k. The draw only steps where
+    |δ|·(max ℓ − min ℓ) ≤ STEP_RANGE (``sampling_draw_kernel``), which bounds the Taylor remainder
+    (|κ₃| ≤ range³) below 1e-10; else δ = 0 and everything is exact at α_k (peaked rows, issue 17:
+    the step moved q between tokens and log Z by thousands of nats).
     KL(q‖π_θ) = (1−α)·E − log Z, KL(q‖π_t) = −α·E − log Z; ∞ where q has mass off the other support."""
-    e_k = (p - n) / s0
-    var_k = (p2 + n2) / s0 - e_k * e_k
-    log_z_k = mx + tl.log(s0) - alpha_k * la - (1.0 - alpha_k) * lb
+    live = s0 > 0.0  # s0 = 0 (no q_α: a fixed α on disjoint supports, an INVALID row): NaN, −∞ log, no 0/0
+    s0_safe = tl.where(live, s0, 1.0)
+    e_k = tl.where(live, (p - n) / s0_safe, float("nan"))
+    var_k = tl.where(live, (p2 + n2) / s0_safe - e_k * e_k, float("nan"))
+    log_s0 = tl.where(live, tl.log(s0_safe), tl.where(s0 == 0.0, float("-inf"), float("nan")))
+    log_z_k = mx + log_s0 - alpha_k * la - (1.0 - alpha_k) * lb
     delta = alpha - alpha_k
     log_z = log_z_k - delta * e_k + 0.5 * delta * delta * var_k
     e = e_k - delta * var_k
@@ -698,22 +720,25 @@ def sampling_draw_kernel(pol_ptr, tgt_ptr, prev_ptr, rec_ptr, state_in_ptr, stat
                          V, nseg, seg, s_pr, s_pv, s_tr, s_tv, s_qr, inv_temp,
                          WRITE_LOGQ: tl.constexpr, PREV_FP64: tl.constexpr, REC_W: tl.constexpr, G: tl.constexpr,
                          BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, CONTIG: tl.constexpr):
-    """The last Newton step, lse(s') and the KLs at the final α (segment 0 stores them), then one
+    """The last Newton step (where ``_final``'s Taylor step is exact), lse(s') and the KLs at the final α
+    (segment 0 stores them), then one
     sampling pass: argmax_v log₂(U_v)/q_v (``_race``, the Gumbel-max draw with one logarithm), the
     uniforms U from Philox(seed, counter): one counter gives the 4 uniforms of 4 neighbours.
     Records the segment's best (key, index); writes log q = s' − lse(s') (fp32) with WRITE_LOGQ."""
     pid = tl.program_id(0)
     row, j, e0, e1 = _segment(pid, nseg, seg, V, CONTIG)
     V = _hint(V, CONTIG)
-    (alpha_k, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t) = _load_state(
+    (alpha_k, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, lmax, best_a, best_v, n_p, n_t) = _load_state(
         state_in_ptr + row * Z_W)
     alpha, lo, hi, mode, bound, best_a, best_v, mx, s0, p, n, p2, n2 = _advance(
         prev_ptr + row * nseg * REC_W, nseg, alpha_k, lo, hi, mode, bound, best_a, best_v,
         0, False, PREV_FP64, REC_W, G, BLOCK_C)
+    # the last Newton step only where the Taylor step of log Z is exact to fp64 (``_final``)
+    alpha = tl.where(tl.abs(alpha - alpha_k) * (lmax - lmin) <= STEP_RANGE, alpha, alpha_k)
     lse_s, kl_p, kl_t = _final(alpha_k, alpha, mode, la, lb, n_p, n_t, mx, s0, p, n, p2, n2)
     if j == 0:
         st = state_out_ptr + row * Z_W
-        _store_state(st, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, best_a, best_v, n_p, n_t)
+        _store_state(st, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, lmax, best_a, best_v, n_p, n_t)
         tl.store(st + Z_LSE_S, lse_s)
         tl.store(st + Z_KL_P, kl_p)
         tl.store(st + Z_KL_T, kl_t)
@@ -784,7 +809,8 @@ def sampling_finalize_kernel(pol_ptr, tgt_ptr, rec_ptr, state_ptr, tokens_ptr, a
     zb = tl.load(tgt_ptr + rows64 * s_tr + tok * s_tv, mask=drawn, other=0.0).to(tl.float64)
     a = (za - tl.load(st + Z_ZA, mask=rm, other=0.0)) * inv_t
     b = (zb - tl.load(st + Z_ZB, mask=rm, other=0.0)) * inv_t
-    s = tl.where(alpha == 1.0, a, tl.where(alpha == 0.0, b, alpha * a + (1.0 - alpha) * b))
+    mixed = alpha * tl.where(a > float("-inf"), a, 0.0) + (1.0 - alpha) * tl.where(b > float("-inf"), b, 0.0)
+    s = tl.where(alpha == 1.0, a, tl.where(alpha == 0.0, b, mixed))  # α ∈ (0, 1): a drawn token is on S
     lq = s - tl.load(st + Z_LSE_S, mask=rm, other=0.0)
     lp_pol = a - tl.load(st + Z_LA, mask=rm, other=0.0)
     lp_tgt = b - tl.load(st + Z_LB, mask=rm, other=0.0)

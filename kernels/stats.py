@@ -11,7 +11,7 @@ order by every program of pass 2.
 import triton
 import triton.language as tl
 
-from .common import lane_summaries, moments_add, moments_init
+from .common import lane_summaries, max_nan, moments_add, moments_init
 from .gamma import ess_grid_terms
 from .layout import S_AFIRST, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
 from .rows import load_raw, locate_row, piece_end, prologue_stop, streams, token_values
@@ -118,7 +118,7 @@ def batch_stats_kernel(
         b = tl.minimum(a + chunk, N)
         p = a
         while p < b:
-            s, start, end = locate_row(p, cu_ptr, S, T, PACKED)
+            s, start, end = locate_row(p, cu_ptr, S, T, N, PACKED)
             e = piece_end(p, end, b)
             origin = 0 if PACKED else start
             if ROW_STATS:  # one record per piece
@@ -148,7 +148,7 @@ def batch_stats_kernel(
                 if ROW_STATS:
                     lsum += ell
                     if HAS_ROLLOUT:
-                        lsum += tl.where(m, tl.log(tl.maximum(r, 1e-8)), 0.0)
+                        lsum += tl.where(m, tl.log(max_nan(r, 1e-8)), 0.0)  # a NaN r (bad) keeps W NaN
                     first = tl.minimum(first, tl.where(m, offs, e))
             if ROW_STATS:
                 a_first = tl.zeros([], ACC) + 1.0

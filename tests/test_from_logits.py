@@ -1,8 +1,9 @@
 """``irt.policy_loss_from_logits`` (SPEC §8): the fused selective log-softmax kernels
 (interpreter) against the PyTorch reference, Liger-Kernel's Triton GRPO loss as an
-outside oracle, the launch / sync / memory budget relative to the log-prob op, the
-vocabulary-parallel path on 2 and 4 gloo ranks, and the sm_90 compile of every
-specialization (int64 row offsets, vectorized tiles, no spills).
+outside oracle, the launch / sync / memory budget relative to the log-prob op, batch
+invariance (a token's outputs are the same bits in any batch), the vocabulary-parallel
+path on 2 and 4 gloo ranks, and the sm_90 compile of every specialization (int64 row
+offsets, vectorized tiles, no spills).
 
 Every kernel output starts as NaN (poisoned), so an element a kernel forgets to
 write fails the comparison.
@@ -26,6 +27,7 @@ from isreshape_triton.profiling import count_work
 from isreshape_triton.reference.from_logits import policy_loss_from_logits as reference_from_logits
 
 from _cases import pairwise
+from _rounding import assert_rounded_once
 
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 FAMILIES = [
@@ -158,13 +160,30 @@ def test_parity_pairwise(i, poisoned):
     check_parity(*batch, loss_type, AGG_MODES[i % 5], case["entropy"], case["temperature"], **opts)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("i", range(len(FAMILIES)), ids=[f"{lt}-{i}" for i, (lt, _) in enumerate(FAMILIES)])
+def test_16bit_grad_logits_are_rounded_once(i, dtype):
+    """16-bit grad_logits are the fp32 g·(onehot − p)/temperature rounded once to nearest even:
+    bit for bit the kernel's fp32 result for the same logits, and the float64 result rounded
+    once but within fp32's error of a rounding midpoint (entropy returned, not in the loss: an
+    entropy bonus's gradient is a difference of two terms, fp32's error relative to those)."""
+    loss_type, opts = FAMILIES[i]
+    logits, labels, old, adv, mask = make_batch(3, 5, 300, dtype, seed=i)
+    run = (labels, old, adv, mask, loss_type, AGG_MODES[i % len(AGG_MODES)], "returned", (1.0, 0.6, 1.7)[i % 3])
+    grad = run_kernel(logits, *run, **opts)[2]
+    fp32 = run_kernel(logits.float(), *run, **opts)[2]
+    ref64 = run_reference(logits.double(), labels, old.double(), adv.double(), *run[3:], **opts)[2]
+    assert_rounded_once(grad, fp32, ref64, max_near=0.02)
+
+
 @pytest.mark.parametrize("dtype,loss_type,V", [(torch.float32, "is_reshape", 20011), (torch.bfloat16, "sapo", 24576),
                                                (torch.float32, "vespo", 9 * 2048 + 1)])
 def test_split_vocabulary_ticket_merge(dtype, loss_type, V, poisoned):
-    """Few tokens and a long vocabulary: V is split into chunks whose records the last
-    program of each token merges (the ticket path), tails included."""
+    """Few tokens and a long vocabulary: each token's chunks go to separate programs, the
+    last of which merges their records (the ticket path), tails included."""
     batch = make_batch(1, 3, V, dtype, "strided", "bool", seed=V)
-    assert from_logits.vocab_split(3, V)[0] > 1
+    n_chunks, _ = from_logits.vocab_chunks(V)
+    assert from_logits.chunks_per_program(3, n_chunks) < n_chunks
     _, _, work = check_parity(*batch, loss_type, "seq-mean-token-mean", "loss", 0.8)
     assert "zeros" in " ".join(work.ops.ops)  # the tickets' memset
 
@@ -189,14 +208,16 @@ def test_launch_budget_relative_to_log_prob_op(loss_type, opts, V):
                                                                       temperature=0.9, **opts)[0])
     lp = irt.selective_log_softmax(logits, labels, 0.9, return_entropy=False)[0].detach().requires_grad_()
     l_fwd, l_bwd = _split_counts(lambda: irt.policy_loss(lp, old, adv, mask, loss_type, **opts)[0])
-    ticket = from_logits.vocab_split(6, V)[0] > 1
+    n_chunks, _ = from_logits.vocab_chunks(V)
+    per_program = from_logits.chunks_per_program(6, n_chunks)
+    ticket = per_program < n_chunks
     assert f_fwd.kernels == ["logits_forward_kernel"] + l_fwd.kernels
     assert f_bwd.kernels == l_bwd.kernels + ["logits_backward_kernel"]
     assert f_fwd.torch_launches == l_fwd.torch_launches + ticket, (f_fwd.ops.ops, l_fwd.ops.ops)
     assert f_bwd.torch_launches == l_bwd.torch_launches, (f_bwd.ops.ops, l_bwd.ops.ops)
     assert f_fwd.syncs == f_bwd.syncs == 0
     grids = [r.grid for r in f_fwd.triton.records if r.name == "logits_forward_kernel"]
-    assert grids == [(6 * from_logits.vocab_split(6, V)[0],)]  # one program per (token, chunk)
+    assert grids == [(6 * -(-n_chunks // per_program),)]  # ⌈n_chunks / per_program⌉ programs per token
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -229,6 +250,67 @@ def test_inplace_backward_overwrites_logits_with_the_gradient():
     assert torch.equal(base.detach()[:, 5], logits._base[:, 5])  # the rest of the storage is untouched
 
 
+def _z_loss(logits):
+    return 1e-2 * torch.logsumexp(logits, -1).square().mean()
+
+
+# graph(logits, from_logits) → total loss; True: autograd must raise (a backward that runs
+# after ours reads the logits it saved), False: the gradient of inplace_backward=False
+SHARED_LOGITS = {
+    "plain": (lambda x, f: f(x), False),
+    "z_loss_after": (lambda x, f: f(x) + _z_loss(x), False),  # logsumexp's backward runs first
+    "z_loss_before": (lambda x, f: _z_loss(x) + f(x), True),
+    "softcap": (lambda x, f: f(30.0 * torch.tanh(x / 30.0)), False),  # tanh saved its own output
+    "tanh_last": (lambda x, f: f(torch.tanh(x)), True),  # tanh saved its output: the logits
+    "two_calls": (lambda x, f: f(x) + f(x), True),
+}
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("graph", SHARED_LOGITS)
+def test_inplace_backward_with_shared_logits(graph, path, monkeypatch):
+    """The in-place write bumps the logits' autograd version on both paths: a graph whose
+    backward needs the logits after ours raises autograd's error, any other graph gets the
+    gradient of inplace_backward=False (and, logits a leaf, its storage holds that gradient)."""
+    if path == "reference":
+        monkeypatch.setattr(irt.api, "uses_kernels", lambda t: False)
+    build, raises = SHARED_LOGITS[graph]
+    logits, labels, old, adv, mask = make_batch(2, 3, 7, seed=16)
+
+    def run(inplace):
+        def f(z):
+            return irt.policy_loss_from_logits(z, labels, old, adv, mask, inplace_backward=inplace)[0]
+        x = logits.clone().requires_grad_()
+        with count_work(track_memory=False) as work:
+            build(x, f).backward()
+        assert ("logits_backward_kernel" in work.kernels) == (path == "kernel")
+        return x
+
+    expected = run(False).grad
+    if raises:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            run(True)
+        return
+    x = run(True)
+    assert torch.equal(x.grad, expected)
+    if graph == "plain":
+        assert torch.equal(x.detach(), expected)
+        assert x.grad.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("logits,match", [(torch.zeros(2, 7, 3).transpose(1, 2), "unit stride"),
+                                          (torch.zeros(1, 3, 7).expand(2, 3, 7), "stride-0")])
+def test_inplace_backward_layout_errors_on_both_paths(logits, match, path, monkeypatch):
+    if path == "reference":
+        monkeypatch.setattr(irt.api, "uses_kernels", lambda t: False)
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=match):
+        irt.policy_loss_from_logits(logits, labels, torch.zeros(2, 3), inplace_backward=True)
+    with pytest.raises(ValueError, match=match):
+        irt.selective_log_softmax(logits, labels, inplace_backward=True)
+
+
 def test_masked_rows_are_isolated_and_bad_counted_labels_are_loud(poisoned):
     """NaN logits and garbage labels at masked positions change nothing (exact-zero
     gradient rows, logits not read); a counted label outside [0, V) gives log_prob NaN."""
@@ -248,6 +330,122 @@ def test_masked_rows_are_isolated_and_bad_counted_labels_are_loud(poisoned):
     for loss, metrics in (run_kernel(logits, bad, old, adv, mask, "is_reshape", "token-mean")[:2],
                           reference_from_logits(logits, bad, old, adv, mask, "is_reshape")):
         assert torch.isnan(loss) and metrics["nonfinite_tokens"] == 1
+
+
+def _paths(monkeypatch=None):
+    """(name, policy_loss_from_logits) of the kernel path and the reference."""
+    return (("kernel", irt.policy_loss_from_logits), ("reference", reference_from_logits))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("entropy", ["none", "where"])
+def test_masked_nonfinite_logits_give_exact_zero_rows_on_both_paths(value, entropy, poisoned):
+    """NaN or ±inf logits at masked tokens never reach the loss or the gradient, on the
+    reference as on the kernel: the same loss as with clean logits and exact-zero gradient
+    rows there (also with an entropy bonus aggregated by torch.where)."""
+    logits, labels, old, adv, mask = make_batch(2, 6, 40, seed=9)
+    dirty = logits.clone()
+    dirty[~mask] = value
+    for name, fn in _paths():
+        results = []
+        for z in (logits, dirty):
+            x = z.detach().requires_grad_()
+            loss, metrics, ent = fn(x, labels, old, adv, mask, "is_reshape", return_entropy=True)
+            total = loss - (0.01 * torch.where(mask, ent, 0.0).sum() if entropy == "where" else 0.0)
+            total.backward()
+            results.append((loss.detach(), metrics["nonfinite_tokens"], x.grad))
+        (loss, nf, grad), (d_loss, d_nf, d_grad) = results
+        assert torch.equal(d_loss, loss) and d_nf.item() == 0.0, name
+        assert (d_grad[~mask] == 0).all() and torch.equal(d_grad, grad), name
+
+
+def test_out_of_range_counted_label_is_a_nan_row_on_both_paths(poisoned):
+    """A counted label outside [0, V): log_prob NaN, loss NaN, counted in nonfinite_tokens
+    and a NaN gradient on its whole row, on both paths; the masked rows stay exact zeros."""
+    logits, labels, old, adv, mask = make_batch(2, 5, 30, seed=10)
+    bad = labels.clone()
+    bad[0, 0] = 30  # counted (make_batch keeps [0, 0])
+    grads = []
+    for name, fn in _paths():
+        x = logits.detach().requires_grad_()
+        loss, metrics = fn(x, bad, old, adv, mask, "ppo_clip")
+        loss.backward()
+        assert torch.isnan(loss) and metrics["nonfinite_tokens"].item() == 1.0, name
+        assert x.grad[0, 0].isnan().all(), name
+        assert (x.grad[~mask] == 0).all(), name
+        grads.append(x.grad)
+    assert torch.equal(grads[0].isnan(), grads[1].isnan())
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int16,
+                                   torch.int32])
+def test_every_integer_label_dtype_on_both_paths(dtype, poisoned):
+    """Unsigned labels (uint16/32/64 included, which torch's CPU ops refuse) are read as
+    int64 on the reference and as they are by the kernels: the same results as int64 labels."""
+    logits, labels, old, adv, mask = make_batch(2, 4, 60, seed=11, mask="none")
+    expect = reference_from_logits(logits, labels, old, adv, mask, "sapo", return_entropy=True)
+    for name, fn in _paths():
+        got = fn(logits, labels.to(dtype), old, adv, mask, "sapo", return_entropy=True)
+        torch.testing.assert_close(got[0], expect[0], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got[2], expect[2], rtol=1e-5, atol=1e-6, msg=name)
+    lp, _ = irt.reference.selective_log_softmax(logits, labels.to(dtype))
+    torch.testing.assert_close(lp, irt.selective_log_softmax(logits, labels.to(dtype))[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("group", ["world", object(), 3])
+def test_bad_tp_group_is_a_type_error_naming_it(group):
+    logits, labels, old, adv, mask = make_batch(1, 3, 20, seed=13)
+    for fn in (irt.policy_loss_from_logits, reference_from_logits):
+        with pytest.raises(TypeError, match="tp_group"):
+            fn(logits, labels, old, adv, mask, tp_group=group)
+    with pytest.raises(TypeError, match="tp_group"):
+        irt.selective_log_softmax(logits, labels, tp_group=group)
+
+
+def test_errors_name_the_from_logits_arguments():
+    """Shape errors name logits / labels, never the log-prob op's internal log_prob; a
+    cu_seqlens shape error speaks of its shape, not its dtype."""
+    logits, labels, old, adv, mask = make_batch(1, 6, 20, seed=14)
+    for name, fn in _paths():
+        with pytest.raises(ValueError, match=r"cu_seqlens, logits must be packed \[N, V\]"):
+            fn(logits, labels, old, adv, mask, cu_seqlens=torch.tensor([0, 6]))
+        with pytest.raises(ValueError, match="response_mask shape .* labels shape") as e:
+            fn(logits, labels, old, adv, mask[:, :5])
+        assert "log_prob" not in str(e.value)
+        with pytest.raises(ValueError, match="advantages shape .* labels shape"):
+            fn(logits, labels, old, adv[:, :5], mask)
+        with pytest.raises(ValueError, match="ref_log_prob shape .* labels shape"):
+            fn(logits, labels, old, adv, mask, ref_log_prob=old[:, :5], kl_coef=0.1)
+        packed = (logits.reshape(6, 20), labels.reshape(6), old.reshape(6), adv.reshape(6), mask.reshape(6))
+        with pytest.raises(ValueError, match=r"cu_seqlens must be 1-D \[S \+ 1\].*shape \(1, 2\)") as e:
+            fn(*packed, cu_seqlens=torch.tensor([[0, 6]]))
+        assert "int64" not in str(e.value)
+        with pytest.raises(TypeError, match="cu_seqlens must have dtype int32 or int64, got torch.float32"):
+            fn(*packed, cu_seqlens=torch.tensor([0.0, 6.0]))
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_docs_entropy_bonus_recipe(path, monkeypatch):
+    """docs/from_logits.md's example runs as written, with NaN logits at masked tokens: the
+    entropy bonus (torch.where, not entropy * mask) keeps the loss and gradient finite."""
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "from_logits.md").read_text()
+    marker = "<!-- tested: tests/test_from_logits.py::test_docs_entropy_bonus_recipe -->"
+    code = re.search(r"```python\n(.*?)```", doc.split(marker, 1)[1], re.S).group(1)
+    assert "torch.where(counted, entropy" in code
+    if path == "reference":
+        monkeypatch.setattr(irt.api, "uses_kernels", lambda t: False)
+    z, labels, old_log_prob, advantages, response_mask = make_batch(2, 6, 40, seed=15)
+    z[~response_mask] = float("nan")
+    logits = z.requires_grad_()
+    scope = dict(logits=logits, labels=labels, old_log_prob=old_log_prob, advantages=advantages,
+                 response_mask=response_mask)
+    exec(code, scope)
+    assert torch.isfinite(scope["loss"]) and torch.isfinite(scope["bonus"])
+    grad = logits.grad if path == "reference" else logits.detach()  # inplace_backward: the logits' storage
+    assert torch.isfinite(grad).all() and (grad[~response_mask] == 0).all()
 
 
 def test_negative_infinite_logits_and_determinism(poisoned):
@@ -309,6 +507,94 @@ def test_bad_input_names_the_argument(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         irt.policy_loss_from_logits(**args)
+
+
+# ----------------------------------------------------------------------------- batch invariance
+
+INVARIANT_V = 1000  # with 256-column tiles and 1-tile chunks: 4 chunks, the last partial
+# (tokens, layout): every layout at 1, 3 and 40 tokens; then 150 packed tokens (2 chunks per
+# program), 260 padded tokens (≥ 264 positions) and 300 tokens: one program per token
+INVARIANT_BATCHES = [(n, layout) for n in (1, 3, 40) for layout in ("2d", "packed", "padded")]
+INVARIANT_BATCHES += [(150, "packed"), (260, "padded"), (300, "2d")]
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """256-column tiles and 1-tile chunks: INVARIANT_V has 4 chunks, so that the interpreter
+    runs every launch of a multi-chunk vocabulary (tickets over 1- and 2-chunk programs,
+    one program per token) on small shapes."""
+    monkeypatch.setattr(from_logits, "BLOCK_V", 256)
+    monkeypatch.setattr(from_logits, "MIN_CHUNK_TILES", 1)
+    assert from_logits.vocab_chunks(INVARIANT_V) == (4, 1)
+
+
+def _batch_around(probes, n, layout, seed):
+    """(logits, labels, old_log_prob, advantages, response_mask, cu_seqlens, probe indices):
+    n random tokens, the first min(n, len(probes)) of them replaced by the probes (logits
+    row, label, old_log_prob, advantage) at seeded places, in ``layout``: "2d" [n, V];
+    "packed" [n, V] in up to 4 sequences (cu_seqlens); "padded" [B, T, V] with masked
+    padding (garbage logits, label −100)."""
+    g = torch.Generator().manual_seed(seed)
+    V, dtype = probes[0][0].numel(), probes[0][0].dtype
+    z = (torch.randn(n, V, generator=g) * 2).to(dtype)
+    labels = torch.randint(0, V, (n,), generator=g)
+    old = -8 * torch.rand(n, generator=g)
+    adv = torch.randn(n, generator=g)
+    at = torch.randperm(n, generator=g)[:len(probes)].tolist()
+    for i, (z_p, label, old_p, adv_p) in zip(at, probes):
+        z[i], labels[i], old[i], adv[i] = z_p, label, old_p, adv_p
+    if layout == "2d":
+        return z, labels, old, adv, None, None, at
+    cuts = (torch.randperm(n - 1, generator=g)[:3] + 1).sort().values.tolist()
+    cu = torch.tensor([0, *cuts, n])
+    if layout == "packed":
+        return z, labels, old, adv, None, cu, at
+    lengths = cu.diff().tolist()  # one row per sequence, then 3 padding positions
+    B, T = len(lengths), max(lengths) + 3
+    mask = torch.arange(T) < torch.tensor(lengths)[:, None]
+    full = (torch.randn(B, T, V, generator=g) * 50).to(dtype)
+    full[mask] = z
+    flat = mask.flatten().nonzero().flatten()
+    return (full, torch.full((B, T), -100).masked_scatter(mask, labels), torch.zeros(B, T).masked_scatter(mask, old),
+            torch.zeros(B, T).masked_scatter(mask, adv), mask, None, flat[at].tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_token_outputs_are_batch_invariant(dtype, small_tiles, poisoned):
+    """A token's log_prob, entropy and gradient row are the same bits alone and in batches
+    of 1 to 300 tokens (both sides of TARGET_ITEMS = 264: tickets and one program per
+    token), 2-D, packed with cu_seqlens or padded [B, T, V]: the reduction order over V
+    depends on V alone. The probes are confident tokens (max logit 0 at the label, lse ≈
+    0.5), whose outputs show one ulp of the sums. ppo_clip with token-sum and a Σ-entropy
+    bonus make a token's upstream gradient its own (the op's two halves: the log-softmax,
+    then the log-prob op); every token also matches the reference."""
+    g = torch.Generator().manual_seed(17)
+    probes = []
+    for label in (5, 511, 998):  # in the first, an inner and the partial last chunk
+        z = torch.randn(INVARIANT_V, generator=g) * 2 - 8
+        z[label] = 0.0
+        probes.append((z.to(dtype), label, -0.6, 0.7))
+    seen, programs = {}, set()
+    for batch, n, layout in [([p], 1, "2d") for p in probes] + [(probes, n, lay) for n, lay in INVARIANT_BATCHES]:
+        logits, labels, old, adv, mask, cu, at = _batch_around(batch, n, layout, seed=n)
+        x = logits.clone().requires_grad_()
+        with count_work(strict=True, track_memory=False) as work:
+            log_prob, entropy = irt.selective_log_softmax(x, labels, 0.7)
+            loss, _ = irt.policy_loss(log_prob, old, adv, mask, "ppo_clip", "token-sum",
+                                      **({} if cu is None else {"cu_seqlens": cu}))
+            counted = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask
+            (loss - 0.01 * torch.where(counted, entropy, 0.0).sum()).backward()
+        assert work.kernels.count("logits_forward_kernel") == work.kernels.count("logits_backward_kernel") == 1
+        (grid,) = [r.grid for r in work.triton.records if r.name == "logits_forward_kernel"]
+        programs.add(grid[0] // labels.numel())
+        ref_lp, ref_ent = irt.reference.selective_log_softmax(logits, labels, 0.7)
+        torch.testing.assert_close(log_prob, ref_lp, rtol=1e-5, atol=1e-5, equal_nan=True)
+        torch.testing.assert_close(entropy[counted], ref_ent[counted], rtol=1e-5, atol=1e-5)
+        for probe, i in zip(batch, at):
+            out = (log_prob.flatten()[i], entropy.flatten()[i], x.grad.flatten(0, -2)[i])
+            first = seen.setdefault(probe[1], out)
+            assert all(map(torch.equal, out, first)), (probe[1], n, layout)
+    assert programs == {4, 2, 1}  # programs per token: 1 chunk, 2 chunks, all 4 each
 
 
 # ----------------------------------------------------------------------------- reference
@@ -442,12 +728,15 @@ def test_vocabulary_parallel_equals_unsharded(world):
 
 
 def _specs(monkeypatch) -> list:
-    """The specializations the op launches: forward modes (direct, ticket, records) × entropy,
-    the merge, the backward's gradient combinations, for fp32 and bf16 with 16-byte aligned
-    rows; bf16 rows of any alignment (V = 8191); fp16 (same code as bf16 but its stores)."""
+    """The specializations the op launches: forward modes (walk, ticket, records; direct for
+    one chunk) × entropy, the merge, the backward's gradient combinations, for fp32 and bf16
+    with 16-byte aligned rows; bf16 rows of any alignment (V = 8191); fp16 (same code as
+    bf16 but its stores)."""
     configs = [(dt, V, N, world, entropy, grads)
                for dt in (torch.float32, torch.bfloat16) for N, world in ((512, 1), (2, 1), (2, 2))
                for entropy in (False, True) for V in (4 * 8192,) for grads in ((1, 0), (0, 1), (1, 1))]
+    configs += [(dt, 8192, 2, 1, entropy, (1, 1))
+                for dt in (torch.float32, torch.bfloat16) for entropy in (False, True)]
     configs += [(torch.bfloat16, 8191, 512, world, True, (1, 1)) for world in (1, 2)]
     configs += [(torch.float16, 4 * 8192, 512, 1, True, (1, 1))]
     specs = {}

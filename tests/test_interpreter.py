@@ -93,3 +93,42 @@ def test_hillis_steele_scan_is_the_ordered_prefix(axis, reverse):
         want_a, want_b = want_a.T, want_b.T
     np.testing.assert_array_equal(out_a.numpy(), want_a)
     np.testing.assert_array_equal(out_b.numpy(), want_b)
+
+
+@triton.jit
+def _downcast_kernel(x_ptr, stored_ptr, cast_ptr, rtz_ptr, half_ptr, b_ptr, widened_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(x_ptr + offs)
+    tl.store(stored_ptr + offs, x)  # fp32 into a bf16 pointer: the store casts
+    tl.store(cast_ptr + offs, x.to(tl.bfloat16))
+    tl.store(rtz_ptr + offs, x.to(tl.bfloat16, fp_downcast_rounding="rtz"))
+    tl.store(half_ptr + offs, x)  # fp32 into an fp16 pointer
+    tl.store(widened_ptr + offs, tl.load(b_ptr + offs).to(tl.float32))
+
+
+def _fp32(*bits):
+    return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+def test_fp32_bf16_conversions_are_the_gpus():
+    """fp32 → bf16 (stored, or cast) rounds to nearest even as torch (and a GPU) does, bit for
+    bit: ties to even, subnormals, overflow to ±inf, NaN a NaN; ``rtz`` truncates; fp32 → fp16
+    rounds to nearest even too; bf16 → fp32 is exact. The interpreter alone truncates."""
+    n = 1 << 16
+    special = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-23, -(1 + 2**-8), -(1 + 3 * 2**-8),
+                            0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan"),
+                            torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max, 2**-149, 1 + 2**-11])
+    special = torch.cat([special, _fp32(0x00008000, 0x00018000, 0x007FFFFF, 0x80018000, 0x7F7F7FFF, 0x7F7F8000,
+                                        0xFF7F8000, 0x7F800001, 0xFF800001)])  # subnormal ties, ±max ties, sNaN
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([special, _fp32(*torch.randint(0, 1 << 32, (n - special.numel(), ), generator=g).tolist())])
+    b = torch.arange(n, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # every bf16
+    stored, cast, rtz = (torch.empty(n, dtype=torch.bfloat16) for _ in range(3))
+    half, widened = torch.empty(n, dtype=torch.float16), torch.empty(n)
+    _downcast_kernel[(1, )](x, stored, cast, rtz, half, b, widened, N=n)
+    nan = x.isnan()
+    for out, want in ((stored, x.to(torch.bfloat16)), (cast, x.to(torch.bfloat16)), (half, x.to(torch.float16)),
+                      (rtz, (x.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16))):
+        assert out[nan].isnan().all()
+        assert torch.equal(out[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    assert torch.equal(widened.view(torch.int32), b.float().view(torch.int32))

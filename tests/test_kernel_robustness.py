@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -110,6 +111,49 @@ def test_nonfinite_log_prob_at_counted_token(where, value, loss_type, opts):
     assert metrics["token_count"].item() == mask.sum().item()
 
 
+# the modes that divide by each count (token-sum reads neither)
+COUNT_MODES = [("global_token_count", "token-mean"), ("global_batch_size", "seq-mean-token-sum"),
+               ("global_batch_size", "seq-mean-token-mean"), ("global_batch_size", "seq-mean-token-sum-norm")]
+
+
+@pytest.mark.parametrize("name,agg", COUNT_MODES)
+@pytest.mark.parametrize("value", [NAN, -1.0, -INF, INF, -3, 0.0, 0, 5.0])
+def test_bad_count_tensor_is_loud_on_both_paths(name, agg, value):
+    """A 0-dim count tensor whose value is NaN, negative or ±inf: NaN loss, NaN kl_loss and a
+    NaN gradient at every counted token on both paths (the kernels took such a value for
+    "not given" and used the local count: a plausible wrong loss). 0: loss 0, zero gradient
+    (an empty denominator); a good value: as the number. token-sum reads no count."""
+    lp, olp, adv, mask = _batch(seed=4)
+    ref_lp = olp + 0.1
+    count = torch.tensor(value)  # float or int64
+    opts = {name: count, "ref_log_prob": ref_lp, "kl_coef": 0.1}
+    loss, metrics, grad = both(lp, olp, adv, mask, "is_reshape", agg, **opts)
+    if isinstance(value, float) and not value > -INF or value < 0 or value == INF:
+        assert loss.isnan() and metrics["kl_loss"].isnan()
+        assert torch.all(grad[mask].isnan())
+        assert metrics["nonfinite_tokens"].item() == 0 and torch.isfinite(metrics["sigma_sq"])
+    elif value == 0:
+        assert loss.item() == 0.0 and metrics["kl_loss"].item() == 0.0 and torch.all(grad == 0)
+    else:
+        expect = both(lp, olp, adv, mask, "is_reshape", agg, **{**opts, name: float(value)})
+        assert torch.equal(loss, expect[0]) and torch.equal(grad, expect[2])
+    # token-sum ignores a count, bad or not, on both paths
+    plain = both(lp, olp, adv, mask, "is_reshape", "token-sum", ref_log_prob=ref_lp, kl_coef=0.1)
+    got = both(lp, olp, adv, mask, "is_reshape", "token-sum", **opts)
+    assert torch.equal(got[0], plain[0]) and torch.equal(got[2], plain[2])
+
+
+@pytest.mark.parametrize("name", ["global_token_count", "global_batch_size"])
+@pytest.mark.parametrize("value", [NAN, -1.0, -INF, INF, -2, 1e39])
+def test_bad_count_number_raises_on_both_paths(name, value):
+    """A count given as a number is checked on the host: negative, NaN, ±inf or beyond fp32
+    raise a ValueError naming it, on both paths."""
+    lp, olp, adv, mask = _batch()
+    for fn in (irt.policy_loss, irt.reference.policy_loss):
+        with pytest.raises(ValueError, match=name):
+            fn(lp, olp, adv, mask, "is_reshape", "token-mean", **{name: value})
+
+
 @pytest.mark.parametrize("loss_type", ["is_reshape", "is_reshape_sign"])
 def test_nonfinite_single_token_group_statistics(loss_type):
     """A statistic over a group holding one counted token, which is non-finite, is NaN (SPEC §11)."""
@@ -162,6 +206,39 @@ def test_vespo_nonfinite_first_advantage_taints_its_row(value):
     loss, metrics, grad = both(lp, olp, adv, mask, "vespo")
     assert loss.isnan() and grad[1][mask[1]].isnan().all()
     assert torch.equal(grad[[0, 2]], clean[2][[0, 2]])
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+def test_vespo_nonfinite_rollout_weight_taints_its_row(value):
+    """VESPO folds log max(r, 1e-8) into its row weight W: a non-finite rollout IS weight at a
+    counted token makes that row's W, and so its whole gradient, NaN on both paths (the
+    kernel's max must not drop a NaN r); other rows keep their gradient."""
+    lp, olp, adv, mask = _batch(B=3, T=9, seed=4)
+    r = torch.full_like(lp, 0.9)
+    clean = both(lp, olp, adv, mask, "vespo", rollout_is_weights=r)
+    r[1, 0] = value  # mask[:, 0] is True
+    loss, metrics, grad = both(lp, olp, adv, mask, "vespo", rollout_is_weights=r)
+    assert loss.isnan() and metrics["nonfinite_tokens"].item() == 1.0
+    assert grad[1][mask[1]].isnan().all()
+    assert torch.equal(grad[[0, 2]], clean[2][[0, 2]])
+
+
+@pytest.mark.parametrize("kl_type", ["low_var_kl", "kl", "mse"])
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+def test_nonfinite_ref_log_prob_at_counted_token(kl_type, value):
+    """A non-finite ref_log_prob at a counted token is a non-finite token on both paths (NaN
+    loss and gradient there, counted), even where low_var_kl's clamp would make it finite; a
+    masked one changes nothing."""
+    lp, olp, adv, mask = _batch(B=2, T=8, seed=5)
+    ref_lp = olp - 0.1
+    clean = both(lp, olp, adv, mask, ref_log_prob=ref_lp, kl_coef=0.1, kl_type=kl_type)
+    masked = ref_lp.clone()
+    masked[~mask] = value
+    quiet = both(lp, olp, adv, mask, ref_log_prob=masked, kl_coef=0.1, kl_type=kl_type)
+    assert torch.equal(quiet[0], clean[0]) and torch.equal(quiet[2], clean[2])
+    ref_lp[1, 0] = value  # counted
+    loss, metrics, grad = both(lp, olp, adv, mask, ref_log_prob=ref_lp, kl_coef=0.1, kl_type=kl_type)
+    assert loss.isnan() and grad[1, 0].isnan() and metrics["nonfinite_tokens"].item() == 1.0
 
 
 def test_nonfinite_masked_positions_stay_isolated():
@@ -289,11 +366,13 @@ def test_parameter_numbers_same_rules_on_both_paths(loss_type, name):
 
 # ============================================================================ fuzz: both paths
 def _draw_batch(draw, dtype):
-    """Padded [B, T] or packed [N] with cu_seqlens (empty sequences allowed)."""
+    """Padded [B, T] or packed [N] with cu_seqlens (empty sequences allowed, contiguous or strided)."""
     g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
     if draw(st.booleans()):
         lengths = draw(st.lists(st.integers(0, 20), min_size=1, max_size=5))
         cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=draw(st.sampled_from([torch.int32, torch.int64])))
+        if draw(st.booleans()):  # strided: a column of a 2-D tensor
+            cu = torch.stack([cu, torch.full_like(cu, -9)], dim=1)[:, 0]
         shape, rows = (int(cu[-1]),), len(lengths)
     else:
         cu, rows = None, draw(st.integers(1, 4))
@@ -363,6 +442,15 @@ def test_fuzz_both_paths_agree(data):
     n_bad = _inject(draw, lp, olp, adv, counted)
     agg = draw(st.sampled_from(irt.AGG_MODES))
     kw = dict(opts, log_ratio_clamp=draw(st.sampled_from([20.0, 3.0])), cu_seqlens=cu)
+    # sometimes a count as a 0-dim tensor, good, 0 or bad (NaN / negative / ±inf: a NaN loss
+    # where the mode divides by it)
+    count_bad = False
+    if draw(st.booleans()):
+        name = draw(st.sampled_from(["global_token_count", "global_batch_size"]))
+        value = draw(st.sampled_from([7.0, 3, 0.0, NAN, -INF, INF, -2.0, -1]))
+        kw[name] = torch.tensor(value)
+        uses = agg == "token-mean" if name == "global_token_count" else agg.startswith("seq-")
+        count_bad = uses and not 0 <= value < INF
     saved = ops.TILING
     ops.TILING = draw(st.sampled_from([saved, SMALL_TILING]))
     psis_rows = opts.get("gamma") == "psis" and opts.get("gamma_granularity") == "sequence"
@@ -375,7 +463,7 @@ def test_fuzz_both_paths_agree(data):
     rtol = 2e-3 if per_row_exact else (1e-6 if dtype == F64 else 1e-5)
     assert_paths_agree(k, r, rtol, GRAD_RTOL[dtype])
     assert k[1]["nonfinite_tokens"].item() == n_bad
-    assert k[0].isnan() == (n_bad > 0)
+    assert k[0].isnan() == (n_bad > 0 or count_bad)
     assert torch.all(k[2][~counted.view(k[2].shape)] == 0)
 
 
@@ -408,3 +496,24 @@ def test_empty_packed_batch_backward(loss_type, agg):
     assert ref.requires_grad
     ref.backward()
     assert x.grad is not None and x.grad.shape == (0,)
+
+
+@pytest.mark.parametrize("scale,dtype,expect", [(1e-12, torch.float32, "nan"), (1e-20, torch.float32, "nan"),
+                                                (1e-6, torch.float32, "scipy"), (1e-12, torch.float64, "scipy")])
+@pytest.mark.parametrize("loss_type", ["is_reshape_sign", "ppo_clip"])
+def test_moments_of_tiny_log_ratios(scale, dtype, expect, loss_type):
+    """ℓ = scale·χ²-like (skewed). fp32 power sums hold (ℓ − c)⁴ only above 2^-126: below
+    m2 = 2^-60 both paths report NaN skewness and kurtosis (they gave 0 and −3); above it,
+    and always in fp64, scipy's values."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 40, generator=g, dtype=torch.float64) ** 2
+    olp = torch.zeros(3, 40, dtype=dtype)
+    lp = (scale * x).to(dtype)
+    _, metrics, _ = both(lp, olp, torch.randn(3, 40, generator=g).to(dtype), None, loss_type)
+    if expect == "nan":
+        assert metrics["skewness"].isnan() and metrics["kurtosis"].isnan()
+        assert torch.isfinite(metrics["sigma_sq"])
+    else:
+        ell = (lp.double() - olp.double()).flatten().numpy()
+        np.testing.assert_allclose(metrics["skewness"].item(), scipy.stats.skew(ell), rtol=2e-3)
+        np.testing.assert_allclose(metrics["kurtosis"].item(), scipy.stats.kurtosis(ell), rtol=2e-3)

@@ -427,7 +427,8 @@ def test_fuzz_nonfinite_policy(data):
     """Random batch and injections: NaN/±inf at counted tokens → NaN loss, NaN ℓ-metrics,
     NaN gradient there, nonfinite_tokens = the number of such tokens, and every token the
     bad statistics do not reach keeps its clean gradient; injections at masked positions
-    only → the clean batch's loss, metrics and gradient, bit for bit."""
+    only → the clean batch's loss, metrics and gradient, bit for bit; a bad count tensor
+    (NaN, negative, ±inf) that the mode divides by → NaN loss and gradient at counted tokens."""
     draw = data.draw
     loss_type, opts = draw(st.sampled_from(FAMILY_CONFIGS))
     opts = dict(opts)
@@ -480,6 +481,12 @@ def test_fuzz_nonfinite_policy(data):
     assert same(loss1, loss0) and same(g1, g0)
     assert all(same(met1[k], met0[k]) for k in met0)
 
+    if agg != "token-sum" and draw(st.booleans()):  # a bad count tensor the mode divides by: loud
+        name = "global_token_count" if agg == "token-mean" else "global_batch_size"
+        value = torch.tensor(draw(st.sampled_from([NAN, -INF, INF, -1.0, -3])))
+        loss3, met3, g3 = run(lp, olp, A_in, mask, loss_type, agg, **kw, **{name: value})
+        assert loss3.isnan() and torch.all(g3[counted].isnan()) and torch.all(g3[~counted] == 0)
+        assert met3["nonfinite_tokens"].item() == 0
     if not hit:
         return
     lp2, olp2, A2, in_log_probs = injected(hit)

@@ -320,3 +320,20 @@ def test_kl_coef_checks_its_type_before_the_pairing():
         call(kl_coef=True)
     with pytest.raises(ValueError, match="kl_coef"):
         call(kl_coef=-0.1)
+
+
+def test_uses_kernels_takes_a_tensor_a_device_or_a_device_string(monkeypatch):
+    """``irt.uses_kernels(x)``: True for CUDA devices and tensors, and for every device under
+    TRITON_INTERPRET=1; anything else is a TypeError naming what it takes."""
+    cpu = torch.zeros(2)
+    for x in ("cpu", "cuda", "cuda:1", torch.device("cpu"), torch.device("cuda", 0), cpu):
+        assert irt.uses_kernels(x) is True  # conftest sets TRITON_INTERPRET=1
+    monkeypatch.delenv("TRITON_INTERPRET")
+    for x in ("cuda", "cuda:1", torch.device("cuda"), torch.device("cuda", 0)):
+        assert irt.uses_kernels(x) is True
+    for x in ("cpu", torch.device("cpu"), cpu, "meta"):
+        assert irt.uses_kernels(x) is False
+    with pytest.raises(TypeError, match="tensor, a torch.device or a device string"):
+        irt.uses_kernels(3)
+    with pytest.raises(ValueError, match="not a device"):
+        irt.uses_kernels("gpu0")

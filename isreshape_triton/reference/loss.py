@@ -5,7 +5,8 @@ masked positions → ℓ (clamp that passes the gradient) → the family's batch
 statistics (detached) → per-token φ, F → aggregate(−F) → metrics.
 
 Non-finite policy (SPEC §11). A *non-finite token* is a counted token whose
-d = log_prob − old_log_prob (in the compute dtype) or advantage is NaN or ±inf;
+d = log_prob − old_log_prob (in the compute dtype), advantage, rollout IS weight or
+x = log_prob − ref_log_prob of the KL term is NaN or ±inf;
 ``nonfinite_tokens`` counts them. A non-finite d makes the token's ℓ NaN (never
 clamped to ±C), so every statistic over a group that holds it (σ², γ of every
 rule, VESPO's row weight, the ℓ-metrics) is NaN. A non-finite advantage is read
@@ -104,7 +105,9 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
         bad = bad | (mask & torch.isnan(r))
     k = None
     if x.ref_log_prob is not None:  # verl's kl_penalty of x = log π − log π_ref
-        k = kl_penalty(lp - torch.where(mask, x.ref_log_prob.detach().to(dt), 0.0), kl.kl_type)
+        kx = lp - torch.where(mask, x.ref_log_prob.detach().to(dt), 0.0)  # non-finite: NaN (not clamped)
+        kx = kx + torch.where(torch.isfinite(kx.detach()), 0.0, math.nan).to(dt)
+        k = kl_penalty(kx, kl.kl_type)
         bad = bad | (mask & torch.isnan(k.detach()))
     nan = torch.where(bad, math.nan, 0.0).to(dt)
     ell = torch.clamp(d.detach(), -C, C) + (d - d.detach()) + torch.where(bad_d, math.nan, 0.0).to(dt)
