@@ -26,8 +26,8 @@ import torch
 
 METHODS = ("kl_symmetry", "snr")
 NEWTON_PASSES = 7  # kl_symmetry evaluation passes (the last two in fp64); 6 Newton updates in them and
-# a 7th in the draw unless the row is peaked (then log Z and the KLs are those evaluated at the last
-# pass's α, not extrapolated; issue 17)
+# a 7th in the draw where the step is short, |δ|·(max ℓ − min ℓ) ≤ 0.01 (else log Z and the KLs are
+# those evaluated at the last pass's α, not extrapolated; issue 17)
 SNR_PASSES = 7  # grid-search passes of G points each, fp64: 2 cover a 2G-point grid, 5 refine
 SNR_POINTS = 8  # G: the refinement step shrinks by (G + 1)/2 per pass; 1/15·(2/9)^5 ≈ 4e-5 at the end
 SEG_UNIT = 4096  # segment lengths are multiples of this work-item size (every tile size divides it)

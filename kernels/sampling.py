@@ -100,7 +100,7 @@ SNR = tl.constexpr(2.0)
 INVALID = tl.constexpr(3.0)
 FP32_TOL = tl.constexpr(1e-3)  # |g| below which an fp32 evaluation does not move the Newton bracket
 IDENTICAL_SPREAD = tl.constexpr(1e-5)  # max − min of d on S below which equal supports count as identical
-STEP_RANGE = tl.constexpr(1e-3)  # the draw's step δ only where |δ|·(max ℓ − min ℓ) ≤ this (``_final``)
+STEP_REACH = tl.constexpr(1e-2)  # the draw's last step δ only where |δ|·(max ℓ − min ℓ) ≤ this (``_final``)
 FLAT = tl.constexpr(1e-12)  # E_S(0) − E_S(1) below this: E_S is constant at fp64 resolution
 # methods (runtime argument)
 METHOD_KL = tl.constexpr(0)
@@ -671,13 +671,15 @@ def sampling_alpha_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, prev_ptr, rec_pt
 
 
 @triton.jit
-def _final(alpha_k, alpha, mode, la, lb, n_p, n_t, mx, s0, p, n, p2, n2):
-    """lse(s'), KL(q‖π_θ), KL(q‖π_t) at the final α from the fp64 moments at α_k (the last search
-    pass): log Z(α) = lse(s') − α·λ_a − (1−α)·λ_b, d log Z/dα = −E, dE/dα = −Var, δ = α − α_k, so
-    log Z(α) = log Z_k − δ·E_k + δ²·Var_k/2 and E(α) = E_k − δ·Var_k. The draw only steps where
-    |δ|·(max ℓ − min ℓ) ≤ STEP_RANGE (``sampling_draw_kernel``), which bounds the Taylor remainder
-    (|κ₃| ≤ range³) below 1e-10; else δ = 0 and everything is exact at α_k (peaked rows, issue 17:
-    the step moved q between tokens and log Z by thousands of nats).
+def _final(alpha_k, alpha_n, span, mode, la, lb, n_p, n_t, mx, s0, p, n, p2, n2):
+    """The final α, lse(s'), KL(q‖π_θ), KL(q‖π_t) from the fp64 moments at α_k (the last search
+    pass) and the last Newton step α_n: log Z(α) = lse(s') − α·λ_a − (1−α)·λ_b, d log Z/dα = −E,
+    dE/dα = −Var, δ = α − α_k, so log Z(α) = log Z_k − δ·E_k + δ²·Var_k/2 and E(α) = E_k − δ·Var_k.
+    Remainders: |κ₃(α')| ≤ span·Var(α') and q_α'/q_α_k ≤ e^{|δ|·span} (span = max ℓ − min ℓ), so
+    the step is taken only where |δ|·span ≤ STEP_REACH: then the remainder of E is below
+    e^{0.01}·0.01/2 < 0.51% of the step's first-order change |δ|·Var_k, and that of log Z below
+    |δ|/3 of it. Else α = α_k and everything is exact there (peaked rows, issue 17: a step that
+    moved q between tokens moved log Z by thousands of nats).
     KL(q‖π_θ) = (1−α)·E − log Z, KL(q‖π_t) = −α·E − log Z; ∞ where q has mass off the other support."""
     live = s0 > 0.0  # s0 = 0 (no q_α: a fixed α on disjoint supports, an INVALID row): NaN, −∞ log, no 0/0
     s0_safe = tl.where(live, s0, 1.0)
@@ -685,6 +687,11 @@ def _final(alpha_k, alpha, mode, la, lb, n_p, n_t, mx, s0, p, n, p2, n2):
     var_k = tl.where(live, (p2 + n2) / s0_safe - e_k * e_k, float("nan"))
     log_s0 = tl.where(live, tl.log(s0_safe), tl.where(s0 == 0.0, float("-inf"), float("nan")))
     log_z_k = mx + log_s0 - alpha_k * la - (1.0 - alpha_k) * lb
+    # span: −∞ on a row with no common support (nothing to extrapolate: the step is taken), +∞ or
+    # NaN keeps α_k; no ∞·0 on discarded lanes
+    bounded = span < float("inf")
+    span = tl.where(bounded, tl.maximum(span, 0.0), 0.0)
+    alpha = tl.where(bounded & (tl.abs(alpha_n - alpha_k) * span <= STEP_REACH), alpha_n, alpha_k)
     delta = alpha - alpha_k
     log_z = log_z_k - delta * e_k + 0.5 * delta * delta * var_k
     e = e_k - delta * var_k
@@ -695,7 +702,7 @@ def _final(alpha_k, alpha, mode, la, lb, n_p, n_t, mx, s0, p, n, p2, n2):
     invalid = mode == INVALID
     kl_p = tl.where(invalid, float("nan"), kl_p)
     kl_t = tl.where(invalid, float("nan"), kl_t)
-    return log_z + alpha * la + (1.0 - alpha) * lb, kl_p, kl_t
+    return alpha, log_z + alpha * la + (1.0 - alpha) * lb, kl_p, kl_t
 
 
 @triton.jit
@@ -720,7 +727,7 @@ def sampling_draw_kernel(pol_ptr, tgt_ptr, prev_ptr, rec_ptr, state_in_ptr, stat
                          V, nseg, seg, s_pr, s_pv, s_tr, s_tv, s_qr, inv_temp,
                          WRITE_LOGQ: tl.constexpr, PREV_FP64: tl.constexpr, REC_W: tl.constexpr, G: tl.constexpr,
                          BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, CONTIG: tl.constexpr):
-    """The last Newton step (where ``_final``'s Taylor step is exact), lse(s') and the KLs at the final α
+    """The last Newton step (where ``_final`` bounds its Taylor remainder), lse(s') and the KLs at the final α
     (segment 0 stores them), then one
     sampling pass: argmax_v log₂(U_v)/q_v (``_race``, the Gumbel-max draw with one logarithm), the
     uniforms U from Philox(seed, counter): one counter gives the 4 uniforms of 4 neighbours.
@@ -733,9 +740,7 @@ def sampling_draw_kernel(pol_ptr, tgt_ptr, prev_ptr, rec_ptr, state_in_ptr, stat
     alpha, lo, hi, mode, bound, best_a, best_v, mx, s0, p, n, p2, n2 = _advance(
         prev_ptr + row * nseg * REC_W, nseg, alpha_k, lo, hi, mode, bound, best_a, best_v,
         0, False, PREV_FP64, REC_W, G, BLOCK_C)
-    # the last Newton step only where the Taylor step of log Z is exact to fp64 (``_final``)
-    alpha = tl.where(tl.abs(alpha - alpha_k) * (lmax - lmin) <= STEP_RANGE, alpha, alpha_k)
-    lse_s, kl_p, kl_t = _final(alpha_k, alpha, mode, la, lb, n_p, n_t, mx, s0, p, n, p2, n2)
+    alpha, lse_s, kl_p, kl_t = _final(alpha_k, alpha, lmax - lmin, mode, la, lb, n_p, n_t, mx, s0, p, n, p2, n2)
     if j == 0:
         st = state_out_ptr + row * Z_W
         _store_state(st, alpha, lo, hi, mode, bound, za, zb, zr, la, lb, lr, lmin, lmax, best_a, best_v, n_p, n_t)

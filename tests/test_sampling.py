@@ -237,7 +237,10 @@ def _pattern(kind: int, seed: int, vocab: int):
        seed=st.integers(0, 10_000))
 def test_truncation_patterns(vocab, temperature, kind, seed):
     """−inf entries: q = 0 off the common support for α ∈ (0, 1), end points where E_S has no
-    interior root, no NaN anywhere, the token drawn inside supp q*, and the reference's α."""
+    interior root, no NaN anywhere, the token drawn inside supp q*, and the reference's α where the
+    KLs are resolved (> 1e-6). Peaked rows whose modes coincide have KLs of e^{−gap} ~ 1e-12 at
+    every α, below the fp64 rounding of log-softmax over logits of hundreds of nats: there the
+    root of KL(q‖π_θ) = KL(q‖π_t) is rounding noise, and only the KLs are compared."""
     a, b = _pattern(kind, seed, vocab)
     r = irt.optimal_sampling(a, b, temperature=temperature, return_log_q=True)
     f = irt.reference.optimal_sampling(a, b, temperature=temperature, return_log_q=True)
@@ -246,7 +249,8 @@ def test_truncation_patterns(vocab, temperature, kind, seed):
     assert not r.log_q_full.isnan().any()
     assert ((r.alpha >= 0) & (r.alpha <= 1)).all()
     assert torch.equal(r.alpha_at_bound, f.alpha_at_bound)
-    torch.testing.assert_close(r.alpha.double(), f.alpha.double(), atol=1e-6, rtol=0)
+    resolved = torch.maximum(f.kl_q_policy, f.kl_q_target) > 1e-6
+    torch.testing.assert_close(r.alpha.double()[resolved], f.alpha.double()[resolved], atol=1e-6, rtol=0)
     _assert_kls(r, f)
     assert torch.equal(r.log_q_full.isinf(), f.log_q_full.isinf())
     inside = (r.alpha > 0) & (r.alpha < 1)
