@@ -105,6 +105,42 @@ def spec_key(spec: dict) -> str:
     return json.dumps(spec, sort_keys=True)
 
 
+SINGLES = ("constexprs.SLOTS",)  # derived from the family and options (layout.partial_slots): each value once
+
+
+def _features(spec: dict) -> list:
+    """(field, value) items of a spec, one per argument type, constexpr, option and alignment."""
+    items = [(f"{part}.{k}", json.dumps(v, sort_keys=True))
+             for part in ("signature", "constexprs", "options") for k, v in spec.get(part, {}).items()]
+    return items + [(f"divisible.{k}", "1") for k in spec.get("divisible", ())]
+
+
+def _pairs(spec: dict) -> set:
+    f = sorted(_features(spec))
+    single = [(x,) for x in f if x[0] in SINGLES]
+    f = [x for x in f if x[0] not in SINGLES]
+    return {(a, b) for i, a in enumerate(f) for b in f[i + 1:]} | set(single)
+
+
+def pairwise_cover(specs: list) -> list:
+    """A subset of ``specs`` in which every pair of (field, value) items that occurs together in
+    some spec of a kernel occurs together in a chosen spec of that kernel (greedy, deterministic:
+    most uncovered pairs first, ties in ``spec_key`` order); every value of a field in SINGLES
+    occurs in a chosen spec."""
+    chosen = []
+    by_kernel = {}
+    for spec in sorted(specs, key=spec_key):
+        by_kernel.setdefault(spec["kernel"], []).append(spec)
+    for group in by_kernel.values():
+        pairs = [_pairs(spec) for spec in group]
+        uncovered = set().union(*pairs)
+        while uncovered:
+            best = max(range(len(group)), key=lambda i: (len(pairs[i] & uncovered), -i))
+            chosen.append(group[best])
+            uncovered -= pairs[best]
+    return chosen
+
+
 def specs_from_plan(log_prob, old_log_prob, advantages, response_mask, loss_type, **options) -> list:
     """Specializations the op launches for these inputs (nothing is launched)."""
     from . import ops

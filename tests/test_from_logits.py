@@ -512,19 +512,21 @@ def test_bad_input_names_the_argument(kwargs, error, match):
 # ----------------------------------------------------------------------------- batch invariance
 
 INVARIANT_V = 1000  # with 256-column tiles and 1-tile chunks: 4 chunks, the last partial
-# (tokens, layout): every layout at 1, 3 and 40 tokens; then 150 packed tokens (2 chunks per
-# program), 260 padded tokens (≥ 264 positions) and 300 tokens: one program per token
-INVARIANT_BATCHES = [(n, layout) for n in (1, 3, 40) for layout in ("2d", "packed", "padded")]
-INVARIANT_BATCHES += [(150, "packed"), (260, "padded"), (300, "2d")]
+INVARIANT_TARGET = 24  # TARGET_ITEMS (264 on the GPU): the same launch shapes at a tenth of the tokens
+# (tokens, layout): every layout at 1, 3 and 8 tokens (4 programs per token); then 15 packed
+# tokens (2 chunks per program), 22 padded tokens (≥ 24 positions) and 30 tokens: one program per token
+INVARIANT_BATCHES = [(n, layout) for n in (1, 3, 8) for layout in ("2d", "packed", "padded")]
+INVARIANT_BATCHES += [(15, "packed"), (22, "padded"), (30, "2d")]
 
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """256-column tiles and 1-tile chunks: INVARIANT_V has 4 chunks, so that the interpreter
-    runs every launch of a multi-chunk vocabulary (tickets over 1- and 2-chunk programs,
-    one program per token) on small shapes."""
+    """256-column tiles, 1-tile chunks and TARGET_ITEMS = 24: INVARIANT_V has 4 chunks, so that
+    the interpreter runs every launch of a multi-chunk vocabulary (tickets over 1- and 2-chunk
+    programs, one program per token) on small shapes."""
     monkeypatch.setattr(from_logits, "BLOCK_V", 256)
     monkeypatch.setattr(from_logits, "MIN_CHUNK_TILES", 1)
+    monkeypatch.setattr(from_logits, "TARGET_ITEMS", INVARIANT_TARGET)
     assert from_logits.vocab_chunks(INVARIANT_V) == (4, 1)
 
 
@@ -562,7 +564,7 @@ def _batch_around(probes, n, layout, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_per_token_outputs_are_batch_invariant(dtype, small_tiles, poisoned):
     """A token's log_prob, entropy and gradient row are the same bits alone and in batches
-    of 1 to 300 tokens (both sides of TARGET_ITEMS = 264: tickets and one program per
+    of 1 to 30 tokens (both sides of TARGET_ITEMS, here 24: tickets and one program per
     token), 2-D, packed with cu_seqlens or padded [B, T, V]: the reduction order over V
     depends on V alone. The probes are confident tokens (max logit 0 at the label, lse ≈
     0.5), whose outputs show one ulp of the sums. ppo_clip with token-sum and a Σ-entropy
