@@ -376,29 +376,44 @@ def check_sampling(s: Settings, method: str) -> List[Diff]:
     return out
 
 
-def check_cuda_graph(s: Settings, family: str, agg: str) -> List[Diff]:
-    """README "CUDA graphs": warm up on a side stream, capture forward + backward on static
-    inputs, copy two new batches in, replay each and compare with an eager call bit for bit."""
+def capture_policy_step(static: list, family: str, agg: str, **options):
+    """README "CUDA graphs": two warm-up steps on a side stream, then forward + backward of
+    ``irt.policy_loss(*static, family, agg, **options)`` captured on the static inputs
+    (static[0] requires grad; a host sync during capture raises). Returns (graph, loss, metrics)."""
     import torch
 
     import isreshape_triton as irt
 
-    if not s.cuda:
-        raise Skip("no CUDA")
-    static = list(_batch(s, "fp32", seed=0))
-    lp = static[0].requires_grad_()
+    lp = static[0]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
             lp.grad = None
-            irt.policy_loss(lp, *static[1:], family, agg)[0].backward()
+            irt.policy_loss(lp, *static[1:], family, agg, **options)[0].backward()
     torch.cuda.current_stream().wait_stream(side)
     lp.grad = None
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss, metrics = irt.policy_loss(lp, *static[1:], family, agg)
-        loss.backward()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            loss, metrics = irt.policy_loss(lp, *static[1:], family, agg, **options)
+            loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return graph, loss, metrics
+
+
+def check_cuda_graph(s: Settings, family: str, agg: str) -> List[Diff]:
+    """README "CUDA graphs": capture (``capture_policy_step``), copy two new batches into the
+    static inputs, replay each and compare with an eager call bit for bit."""
+    import torch
+
+    if not s.cuda:
+        raise Skip("no CUDA")
+    static = list(_batch(s, "fp32", seed=0))
+    lp = static[0].requires_grad_()
+    graph, loss, metrics = capture_policy_step(static, family, agg)
     out = []
     for seed in (1, 2):
         new = _batch(s, "fp32", seed=seed)

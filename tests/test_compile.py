@@ -31,6 +31,12 @@ from isreshape_triton.profiling import count_work
 
 from _cases import FAMILY_CONFIGS, make_batch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # ``python tests/test_compile.py`` runs the CUDA-graph check as a script
+    sys.path.insert(0, ROOT)
+
+from bench.gpu_check import capture_policy_step  # noqa: E402
+
 V = 11  # vocabulary of the tiny policy
 
 
@@ -343,20 +349,7 @@ def _cuda_graph_check():
 
         static = batch(0)
         lp = static[0].requires_grad_()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                lp.grad = None
-                irt.policy_loss(lp, *static[1:], loss_type, agg, **opts)[0].backward()
-        torch.cuda.current_stream().wait_stream(side)
-        lp.grad = None
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.set_sync_debug_mode("error")
-        with torch.cuda.graph(graph):
-            loss, metrics = irt.policy_loss(lp, *static[1:], loss_type, agg, **opts)
-            loss.backward()
-        torch.cuda.set_sync_debug_mode("default")
+        graph, loss, metrics = capture_policy_step(static, loss_type, agg, **opts)
         for seed in (1, 2):
             new = batch(seed)
             with torch.no_grad():
