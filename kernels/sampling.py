@@ -165,6 +165,12 @@ def _lanes_to_row(m):
 
 
 @triton.jit
+def _gap(a, b, both):
+    """d = b − a on S (``both``), 0 off S: no −∞ − (−∞) on a discarded lane."""
+    return tl.where(both, b, 0.0) - tl.where(both, a, 0.0)
+
+
+@triton.jit
 def _q_logits(a, b, alpha, beta, at_one, at_zero):
     """s = α·a + (1−α)·b on S, −∞ off S; s = a at α = 1 and s = b at α = 0 (whole supports)."""
     both = (a > float("-inf")) & (b > float("-inf"))
@@ -475,7 +481,7 @@ def _moments_segment(pol_row, tgt_row, e0, e1, V, s_pv, s_tv, inv_t, za, zb, la,
         a = (a - za) * inv_t
         b = (b - zb) * inv_t
         s, both = _q_logits(a, b, al, be, at_one, at_zero)
-        ell = tl.where(both, (tl.where(both, b, 0.0) - tl.where(both, a, 0.0)) - c, 0.0)
+        ell = tl.where(both, _gap(a, b, both) - c, 0.0)
         lp = tl.maximum(ell, 0.0)
         ln = tl.maximum(-ell, 0.0)
         m, r, w = _online(m, s)
@@ -508,7 +514,7 @@ def _snr_segment(pol_row, tgt_row, ref_row, e0, e1, V, s_pv, s_tv, s_rv, inv_t, 
         a = (a - za) * inv_t
         b = (b - zb) * inv_t
         both = (a > float("-inf")) & (b > float("-inf"))
-        ell = tl.where(both, (tl.where(both, b, 0.0) - tl.where(both, a, 0.0)) - c, 0.0)
+        ell = tl.where(both, _gap(a, b, both) - c, 0.0)
         p_th = tl.where(both, tl.exp(a - la), 0.0)
         p_t = tl.where(both, tl.exp(b - lb), 0.0)
         if HAS_REF:
@@ -576,7 +582,7 @@ def sampling_stats_kernel(pol_ptr, tgt_ptr, ref_ptr, stats_ptr, V, nseg, seg,
         fa = a > float("-inf")
         fb = b > float("-inf")
         both = fa & fb
-        d = tl.where(both, tl.where(both, b, 0.0) - tl.where(both, a, 0.0), 0.0)
+        d = _gap(a, b, both)
         m_a, r, w = _online(m_a, a)
         s_a = s_a * r + w
         u_a = u_a * r + tl.where(both, w, 0.0)
