@@ -29,8 +29,8 @@ Launches (fixed per method, never data-dependent):
                                 range of d on S, support counts, non-finite count;
   ``sampling_alpha_kernel`` ×K  merge the previous records, update α, evaluate at the new α:
                                 Newton moments (kl_symmetry, fixed α) or SNR terms at G points;
-  ``sampling_draw_kernel``      a last Newton step unless the row is peaked (then the last search pass's α, where
-                                it evaluated), KLs and log Z, the draw per segment (exponential race), optional log q;
+  ``sampling_draw_kernel``      a last Newton step where it is short (``_final``; else the last search pass's α,
+                                where it evaluated), KLs and log Z, the draw per segment (exponential race), optional log q;
   ``sampling_finalize_kernel``  per row: token, log-probs at the token, outputs.
 """
 import triton
@@ -733,9 +733,8 @@ def sampling_draw_kernel(pol_ptr, tgt_ptr, prev_ptr, rec_ptr, state_in_ptr, stat
                          V, nseg, seg, s_pr, s_pv, s_tr, s_tv, s_qr, inv_temp,
                          WRITE_LOGQ: tl.constexpr, PREV_FP64: tl.constexpr, REC_W: tl.constexpr, G: tl.constexpr,
                          BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, CONTIG: tl.constexpr):
-    """The last Newton step (where ``_final`` bounds its Taylor remainder), lse(s') and the KLs at the final α
-    (segment 0 stores them), then one
-    sampling pass: argmax_v log₂(U_v)/q_v (``_race``, the Gumbel-max draw with one logarithm), the
+    """The last Newton step (where ``_final`` bounds its Taylor remainder), lse(s') and the KLs at
+    the final α (segment 0 stores them), then one sampling pass: argmax_v log₂(U_v)/q_v (``_race``, the Gumbel-max draw with one logarithm), the
     uniforms U from Philox(seed, counter): one counter gives the 4 uniforms of 4 neighbours.
     Records the segment's best (key, index); writes log q = s' − lse(s') (fp32) with WRITE_LOGQ."""
     pid = tl.program_id(0)
