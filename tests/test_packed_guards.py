@@ -47,13 +47,9 @@ class Guards:
         return view.view(t.shape)
 
     def empty(self, shape, dtype, device):
-        n = 1
-        for d in (shape if isinstance(shape, (tuple, list, torch.Size)) else (shape,)):
-            n *= d
-        big = torch.full((n + 2 * GUARD,), _sentinel(dtype, self.variant), dtype=dtype, device=device)
-        big[GUARD:GUARD + n] = _sentinel(dtype, 0)  # the buffer itself starts alike in both runs
-        self.placed.append((big, n))
-        return big[GUARD:GUARD + n].view(shape)
+        """``ops._empty``: a placed buffer that starts alike in both runs (sentinel 0)."""
+        shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (shape,)
+        return self.place(torch.full(shape, _sentinel(dtype, 0), dtype=dtype, device=device))
 
     def check(self):
         for big, n in self.placed:
