@@ -24,9 +24,9 @@ common to every family
   sigma_sq        unbiased variance of ℓ (n < 2 → 0)
   ess, ess_ratio  (Σω)²/Σω² and ess/n with ω = w^γ_t, γ_t the token's effective
                   exponent (see below; 1 for ppo_clip, sapo, vespo)
-  skewness        m3/m2^1.5 of ℓ, biased moments (scipy.stats.skew), 0 if m2 = 0,
-                  NaN in fp32 compute if 0 < m2 < 2^-60 (fp32 cannot hold (ℓ − mean)⁴)
-  kurtosis        m4/m2² − 3 of ℓ, biased (scipy.stats.kurtosis), 0 if m2 = 0, NaN as skewness
+  skewness        m3/m2^1.5 of ℓ, biased moments (scipy.stats.skew), 0 if m2 = 0
+                  (any spread: fp32 moments are normalised before the powers)
+  kurtosis        m4/m2² − 3 of ℓ, biased (scipy.stats.kurtosis), 0 if m2 = 0
   max_weight_ratio  max w / Σw
 
 effective exponent γ_t, with gamma_mean/gamma_min/gamma_max over counted tokens

@@ -123,42 +123,143 @@ def moments_merge(a, b):
 
 
 @triton.jit
-def power_sums_init(like):
-    """Empty lane accumulator (count, K, S1..S4): power sums of x − K, K the lane's first x."""
+def exponent_of(x):
+    """floor(log2 |x|) of each normal x as int32 (exact, from the bits); −B for 0 and subnormals,
+    B + 1 for ±inf and NaN (B = 127 in fp32, 1023 in fp64)."""
+    if x.dtype == tl.float64:
+        return ((x.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32) - 1023
+    else:
+        return ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+
+
+@triton.jit
+def pow2(k, like):
+    """2^k (int32 k) exactly in like's dtype, from the bits: 0 for k ≤ −B, 2^B for k ≥ B."""
+    if like.dtype == tl.float64:
+        return (tl.minimum(tl.maximum(k + 1023, 0), 2046).to(tl.int64) << 52).to(tl.float64, bitcast=True)
+    else:
+        return (tl.minimum(tl.maximum(k + 127, 0), 254) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def moment_unit(n, m2):
+    """k of the unit 2^k ≈ σ (σ² = M2/n, k = floor(log2 σ²)/2 rounded down) in which a
+    summary's M3, M4 are held (M3/2^3k, M4/2^4k): so fp32 keeps them for tiny spreads
+    (|ℓ − mean| ≈ 1e-12 has (ℓ − mean)⁴ ≈ 1e-48, below fp32). A function of (n, M2) alone,
+    so a record needs no slot for it; an empty or constant summary has the smallest unit.
+    No division: floor(log2 M2) − floor(log2 n) is within 1 of floor(log2 σ²)."""
+    return (exponent_of(m2) - exponent_of(tl.maximum(n, 1.0)) + 2048) // 2 - 1024
+
+
+@triton.jit
+def unit_of(x):
+    """2^floor(log2 |x|) of each normal x, exactly (x's exponent bits, one AND): 0 for 0 and
+    subnormals, inf for ±inf and NaN."""
+    if x.dtype == tl.float64:
+        return (x.to(tl.int64, bitcast=True) & 0x7FF0000000000000).to(tl.float64, bitcast=True)
+    else:
+        return (x.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def inverse_unit(u):
+    """1/u of a ``unit_of`` value u, exactly (one integer subtraction of the bits): 2^B for u = 0
+    (B = 127 in fp32, 1023 in fp64), −inf for u = inf (a non-finite lane stays NaN)."""
+    if u.dtype == tl.float64:
+        return (0x7FE0000000000000 - u.to(tl.int64, bitcast=True)).to(tl.float64, bitcast=True)
+    else:
+        return (0x7F000000 - u.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def batch_frame(n, total, largest):
+    """(c, r, u) of ℓ from the frame sums of all tokens (count n, Σℓ, max |ℓ|): c = Σℓ/n, and
+    u = 2^(floor(log2(max|ℓ| + |c|)) − 22) and r = 1/u, exact powers of two. The frame of
+    ``power_sums_add``: |ℓ − c|·r < 2^23 for every ℓ, so n·z⁴ < 2^123 stays finite in fp32,
+    and a z below fp32's range is 2^−53 of the largest deviation (nothing to the moments)."""
+    c = total / tl.maximum(n, 1.0)
+    k = exponent_of(largest + tl.abs(c)) - 22
+    return c, pow2(-k, c), pow2(k, c)
+
+
+@triton.jit
+def power_sums_init(like, FRAMED: tl.constexpr):
+    """Empty lane accumulator of the moments of ℓ: FRAMED, (count, S1..S4) of z = (x − c)·r in a
+    frame (c, r) given for the whole batch (``batch_frame``); else (count, K, v, S1..S4) of
+    z = (x − K)/v, K the lane's first counted x and v = ``unit_of`` its largest |x − K| so far."""
     z = tl.zeros_like(like)
-    return z, z, z, z, z, z
+    if FRAMED:
+        return z, z, z, z, z
+    else:
+        return z, z, z, z, z, z, z
 
 
 @triton.jit
-def power_sums_add(acc, x, m):
-    """S_p += (x − K)^p where m (K: the lane's first counted x, so the sums stay small and a
-    constant x gives exact zeros; four multiply-adds, no division)."""
-    n, K, s1, s2, s3, s4 = acc
-    K = tl.where(m & (n == 0.0), x, K)
-    d = tl.where(m, x - K, 0.0)
-    d2 = d * d
-    return n + tl.where(m, 1.0, 0.0), K, s1 + d, s2 + d2, s3 + d2 * d, s4 + d2 * d2
+def power_sums_add(acc, x, m, frame, FRAMED: tl.constexpr):
+    """S_p += z^p where m (four multiply-adds, no division). FRAMED: z = (x − c)·r in the batch
+    frame (|z| < 2√n: fp32 holds z⁴ for any spread). Else about the lane's first counted x K (a
+    constant x gives exact zeros), in units v of the lane's largest |x − K| so far (|z| < 2: tiny
+    log-ratios keep S4 within fp32); when v grows the sums are rescaled by f = v_old/v, a power
+    of two (exact; ``inverse_unit``)."""
+    if FRAMED:
+        n, s1, s2, s3, s4 = acc
+        c, r, u = frame
+        z = tl.where(m, (x - c) * r, 0.0)
+        z2 = z * z
+        return n + tl.where(m, 1.0, 0.0), s1 + z, s2 + z2, s3 + z2 * z, s4 + z2 * z2
+    else:
+        n, K, v, s1, s2, s3, s4 = acc
+        K = tl.where(m & (n == 0.0), x, K)
+        d = tl.where(m, x - K, 0.0)
+        v1 = tl.maximum(v, unit_of(d))
+        r = inverse_unit(v1)
+        f = v * r  # 1 unless v grew
+        z = d * r
+        f2 = f * f
+        z2 = z * z
+        return (n + tl.where(m, 1.0, 0.0), K, v1, s1 * f + z, s2 * f2 + z2, s3 * (f2 * f) + z2 * z,
+                s4 * (f2 * f2) + z2 * z2)
 
 
 @triton.jit
-def power_sums_moments(acc):
-    """(count, mean, M2, M3, M4) of each lane from its power sums: with a = S1/n = mean − K,
-    M2 = S2 − a·S1, M3 = S3 − 3a·S2 + 2a²·S1, M4 = S4 − 4a·S3 + 6a²·S2 − 3a³·S1 (M2 ≥ 0)."""
-    n, K, s1, s2, s3, s4 = acc
+def central_sums(n, s1, s2, s3, s4):
+    """(a, M2, M3, M4) of the power sums S_p = Σ z^p of n values: a = S1/n, M2 = S2 − a·S1 (≥ 0),
+    M3 = S3 − 3a·S2 + 2a²·S1, M4 = S4 − 4a·S3 + 6a²·S2 − 3a³·S1."""
     a = s1 / tl.maximum(n, 1.0)
     m2 = s2 - a * s1
-    return (n, K + a, tl.where(m2 < 0.0, 0.0, m2), s3 - 3.0 * a * s2 + 2.0 * (a * a) * s1,
+    return (a, tl.where(m2 < 0.0, 0.0, m2), s3 - 3.0 * a * s2 + 2.0 * (a * a) * s1,
             s4 - 4.0 * a * s3 + 6.0 * (a * a) * s2 - 3.0 * (a * a * a) * s1)
 
 
 @triton.jit
-def shift_moments4(n, mean, m2, m3, m4, mu):
-    """Central sums of one summary re-centred on mu (δ = mean − mu):
-    M2' = M2 + nδ², M3' = M3 + 3δM2 + nδ³, M4' = M4 + 4δM3 + 6δ²M2 + nδ⁴."""
-    d = tl.where(n > 0.0, mean - mu, 0.0)
+def power_sums_moments(acc, FRAMED: tl.constexpr):
+    """The lane's slots of a partial record (layout.P_N_ALL, P_M2): FRAMED, (count, S1, S2, S3,
+    S4) as they are (records in one frame merge by sums); else (count, mean, M2, M3', M4') with
+    M3', M4' in the units of ``moment_unit`` (count, M2) (records merge by ``shift_moments34``)."""
+    if FRAMED:
+        return acc
+    else:
+        n, K, v, s1, s2, s3, s4 = acc
+        a, m2, m3, m4 = central_sums(n, s1, s2, s3, s4)
+        M2 = (m2 * v) * v
+        t = v * pow2(-moment_unit(n, M2), a)
+        t3 = t * t * t
+        return n, K + a * v, M2, m3 * t3, m4 * (t3 * t)
+
+
+@triton.jit
+def shift_moments34(n, mean, m2, m3, m4, mu, k):
+    """M3, M4 of one summary (held in units 2^moment_unit(n, M2)) re-centred on mu (δ =
+    mean − mu) and held in units 2^k (powers of 2: exact), all in those units:
+    M3' = M3 + 3δM2 + nδ³, M4' = M4 + 4δM3 + 6δ²M2 + nδ⁴."""
+    t = pow2(moment_unit(n, m2) - k, m2)
+    r = pow2(-k, m2)
+    d = tl.where(n > 0.0, mean - mu, 0.0) * r
+    w2 = (m2 * r) * r
+    t2 = t * t
+    m3 = m3 * (t2 * t)
     d2 = d * d
-    return (m2 + n * d2, m3 + 3.0 * d * m2 + n * d2 * d,
-            m4 + 4.0 * d * m3 + 6.0 * d2 * m2 + n * d2 * d2)
+    return m3 + 3.0 * d * w2 + n * d2 * d, m4 * (t2 * t2) + 4.0 * d * m3 + 6.0 * d2 * w2 + n * d2 * d2
 
 
 @triton.jit
@@ -263,22 +364,32 @@ def exchange_warps(values, scratch_ptr, W: tl.constexpr, USED: tl.constexpr):
 
 
 @triton.jit
-def lane_summaries(a, b, scratch_ptr, TWO: tl.constexpr, W: tl.constexpr):
-    """The (count, mean, M2) of the lane accumulators of group a (and b if TWO, else a's again):
-    per warp then across the W warps through scratch_ptr (6·W values, ``exchange_warps``), or
-    CTA-wide (W = 0)."""
-    if W == 0:
-        s_a = moments_reduce(a, 0)
-        s_b = s_a
-        if TWO:
-            s_b = moments_reduce(b, 0)
-        out = (s_a, s_b)
-    elif TWO:
-        got = exchange_warps(moments_reduce(a, W) + moments_reduce(b, W), scratch_ptr, W, 63)
-        out = (moments_reduce(got[0:3], 0), moments_reduce(got[3:6], 0))
+def _group_reduce(acc, W: tl.constexpr, PLAIN: tl.constexpr):
+    """``moments_reduce`` of a (count, mean, M2) group, or (PLAIN) sums and a maximum of a frame
+    accumulator (count, Σℓ, max |ℓ|)."""
+    if PLAIN:
+        n, total, largest = acc
+        return group_sum(n, W), group_sum(total, W), group_max(largest, W)
     else:
-        s_a = moments_reduce(exchange_warps(moments_reduce(a, W), scratch_ptr, W, 7), 0)
-        out = (s_a, s_a)
+        return moments_reduce(acc, W)
+
+
+@triton.jit
+def lane_summaries(groups, scratch_ptr, W: tl.constexpr, PLAIN: tl.constexpr = 0):
+    """The (count, mean, M2) of the lane accumulators of each group (a tuple of up to three; bit
+    g of PLAIN: group g is a frame accumulator, summed), per warp then across the W warps
+    through scratch_ptr (3·W values per group, one ``exchange_warps``), or CTA-wide (W = 0)."""
+    out = ()
+    if W == 0:
+        for g in tl.static_range(len(groups)):
+            out = out + (_group_reduce(groups[g], 0, (PLAIN >> g) % 2 == 1),)
+    else:
+        per_warp = ()
+        for g in tl.static_range(len(groups)):
+            per_warp = per_warp + _group_reduce(groups[g], W, (PLAIN >> g) % 2 == 1)
+        got = exchange_warps(per_warp, scratch_ptr, W, (1 << (3 * len(groups))) - 1)
+        for g in tl.static_range(len(groups)):
+            out = out + (_group_reduce((got[3 * g], got[3 * g + 1], got[3 * g + 2]), 0, (PLAIN >> g) % 2 == 1),)
     return out
 
 

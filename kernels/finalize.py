@@ -15,8 +15,8 @@ are neither reduced, stored nor read.
 import triton
 import triton.language as tl
 
-from .common import (ess_of, exchange_warps, expsum_scale, group_max, group_sum, pooled_mean, safe_div,
-                     shift_moments, shift_moments4, unbiased_var)
+from .common import (central_sums, ess_of, exchange_warps, expsum_scale, group_max, group_sum, moment_unit,
+                     pooled_mean, pow2, safe_div, shift_moments, shift_moments34, unbiased_var)
 from .layout import (E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, METRIC_WIDTH, P_ESS, P_EXTRAS, P_G_MAX,
                      P_GAMMA, P_KL, P_LOSS, P_M2, P_M2_NEG, P_M2_POS, P_N_ALL, P_N_NEG, P_N_POS, P_NEG_G_MIN,
                      P_NONFINITE, P_PHI, P_PHI_MAX, P_ROWS, P_SEQ_KL, P_SEQ_LOSS, P_W, P_W_MAX, P_Z_ALL, P_Z_NEG,
@@ -27,7 +27,6 @@ TOKEN_SUM = tl.constexpr(1)
 SEQ_MEAN_TOKEN_SUM = tl.constexpr(2)
 SEQ_MEAN_TOKEN_MEAN = tl.constexpr(3)
 SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(4)
-FP32_MOMENT_FLOOR = tl.constexpr(2.0 ** -60)  # m2 below which fp32 loses (ℓ − c)⁴ (reference.diagnostics)
 
 
 @triton.jit
@@ -93,14 +92,25 @@ def _mean(r, slot: tl.constexpr, count, SLOTS: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def merge_record(r, SLOTS: tl.constexpr, W: tl.constexpr):
+def merge_record(r, SLOTS: tl.constexpr, W: tl.constexpr, FRAMED: tl.constexpr):
     """The merge of a record of [L] vectors (slot order): per warp, on every lane of the warp
     (W > 0 warps), or of all lanes into scalars (W = 0). Maxima propagate NaN; an empty
-    summary is neutral."""
+    summary is neutral. FRAMED: the moments of ℓ are power sums in one frame (sums)."""
     c_a = _sum(r, P_N_ALL, SLOTS, W)
     c_p = _sum(r, P_N_POS, SLOTS, W)
     c_n = _sum(r, P_N_NEG, SLOTS, W)
-    mu_a = _mean(r, P_N_ALL, c_a, SLOTS, W)
+    if FRAMED:  # (count, S1, S2, S3, S4) of ℓ in the batch frame (``common.power_sums_moments``)
+        mu_a = _sum(r, P_N_ALL + 1, SLOTS, W)
+        m2 = _sum(r, P_M2, SLOTS, W)
+        m3 = _sum(r, P_M2 + 1, SLOTS, W)
+        m4 = _sum(r, P_M2 + 2, SLOTS, W)
+    else:  # (count, mean, M2, M3, M4), M3 and M4 in the merged summary's unit (``common.moment_unit``)
+        mu_a = _mean(r, P_N_ALL, c_a, SLOTS, W)
+        m2 = _sum_of(shift_moments(r[P_N_ALL], r[P_N_ALL + 1], r[P_M2], mu_a), P_M2, SLOTS, W)
+        m3, m4 = shift_moments34(r[P_N_ALL], r[P_N_ALL + 1], r[P_M2], r[P_M2 + 1], r[P_M2 + 2], mu_a,
+                                 moment_unit(c_a, m2))
+        m3 = _sum_of(m3, P_M2 + 1, SLOTS, W)
+        m4 = _sum_of(m4, P_M2 + 2, SLOTS, W)
     mu_p = _mean(r, P_N_POS, c_p, SLOTS, W)
     mu_n = _mean(r, P_N_NEG, c_n, SLOTS, W)
     z_a = _max(r, P_Z_ALL, SLOTS, W)
@@ -109,7 +119,6 @@ def merge_record(r, SLOTS: tl.constexpr, W: tl.constexpr):
     f_a = expsum_scale(r[P_Z_ALL], z_a)
     f_p = expsum_scale(r[P_Z_POS], z_p)
     f_n = expsum_scale(r[P_Z_NEG], z_n)
-    m2, m3, m4 = shift_moments4(r[P_N_ALL], r[P_N_ALL + 1], r[P_M2], r[P_M2 + 1], r[P_M2 + 2], mu_a)
     m2_p = shift_moments(r[P_N_POS], r[P_N_POS + 1], r[P_M2_POS], mu_p)
     m2_n = shift_moments(r[P_N_NEG], r[P_N_NEG + 1], r[P_M2_NEG], mu_n)
     extras = ()
@@ -118,7 +127,7 @@ def merge_record(r, SLOTS: tl.constexpr, W: tl.constexpr):
     return ((c_a, mu_a, c_p, mu_p, c_n, mu_n, _sum(r, P_SEQ_LOSS, SLOTS, W), _sum(r, P_SEQ_KL, SLOTS, W),
              _max(r, P_W_MAX, SLOTS, W), _max(r, P_PHI_MAX, SLOTS, W), _max(r, P_G_MAX, SLOTS, W),
              _max(r, P_NEG_G_MIN, SLOTS, W), z_a, z_p, z_n,
-             _sum_of(m2, P_M2, SLOTS, W), _sum_of(m3, P_M2 + 1, SLOTS, W), _sum_of(m4, P_M2 + 2, SLOTS, W),
+             m2, m3, m4,
              _sum_of(m2_p, P_M2_POS, SLOTS, W), _sum_of(m2_n, P_M2_NEG, SLOTS, W),
              _sum_of(r[P_ESS] * f_a, P_ESS, SLOTS, W), _sum_of(r[P_ESS + 1] * (f_a * f_a), P_ESS + 1, SLOTS, W),
              _sum_of(r[P_ESS + 2] * f_p, P_ESS + 2, SLOTS, W), _sum_of(r[P_ESS + 3] * (f_p * f_p), P_ESS + 3, SLOTS, W),
@@ -159,10 +168,11 @@ def store_record(ptr, record, SLOTS: tl.constexpr):
 
 
 @triton.jit
-def reduce_record(record, scratch_ptr, SLOTS: tl.constexpr, W: tl.constexpr):
+def reduce_record(record, scratch_ptr, SLOTS: tl.constexpr, W: tl.constexpr, FRAMED: tl.constexpr):
     """One merged record (scalars) of a record of [L] lane vectors, L a multiple of 32·W (see
     the module docstring); scratch_ptr: PARTIAL_WIDTH·W values (``exchange_warps``)."""
-    return merge_record(exchange_warps(merge_record(record, SLOTS, W), scratch_ptr, W, SLOTS), SLOTS, 0)
+    return merge_record(exchange_warps(merge_record(record, SLOTS, W, FRAMED), scratch_ptr, W, SLOTS), SLOTS, 0,
+                        FRAMED)
 
 
 @triton.jit
@@ -226,17 +236,18 @@ def _packed_rows(cu_ptr, S, row_count_ptr, BLOCK: tl.constexpr):
 
 @triton.jit
 def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_count_ptr, cu_ptr,
-             loss_ptr, metrics_ptr, grad_scale_ptr, scratch_ptr, batch_ctx, groups, S, T,
+             loss_ptr, metrics_ptr, grad_scale_ptr, scratch_ptr, batch_ctx, groups, frame, S, T,
              dp_size, global_token_count, global_batch_size, loss_scale_factor,
              agg, SEQ_AGG: tl.constexpr, SEQ_GAMMA: tl.constexpr, PACKED: tl.constexpr,
-             COUNTS_ON_DEVICE: tl.constexpr, GROUPS_GIVEN: tl.constexpr, SLOTS: tl.constexpr, WARPS: tl.constexpr,
-             BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+             COUNTS_ON_DEVICE: tl.constexpr, GROUPS_GIVEN: tl.constexpr, FRAMED: tl.constexpr, SLOTS: tl.constexpr,
+             WARPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
     """All n_part (≤ BLOCK_P) partial records (``partial_stride`` apart) merged in program
     order (``reduce_record``); the loss, metrics (slot order = layout.METRIC_SLOTS) and the
     gradient scale s of SPEC §2 (for seq-mean-token-mean the backward divides it by the
     row's n_b). COUNTS_ON_DEVICE: bit 0 global_token_count, bit 1 global_batch_size are 0-dim
     device tensors (a bad value gives NaN: ``_count``). Only the slots in SLOTS are read (``layout.partial_slots``); GROUPS_GIVEN:
-    (count, M2) of the A>0 and A<0 groups are ``groups`` (the batch statistics), not slots."""
+    (count, M2) of the A>0 and A<0 groups are ``groups`` (the batch statistics), not slots;
+    FRAMED: the moments of ℓ are power sums in the batch ``frame`` (c, r, u)."""
     p = tl.arange(0, BLOCK_P)
     dt = partial_ptr.dtype.element_ty
     if SEQ_AGG:  # the rows that span chunks first, before the partials' registers are live
@@ -248,7 +259,7 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
     # every filled slot of every partial record (L1 bypassed: written by other programs), loaded
     # before any is used (one L2 round trip); absent programs are empty records (−inf maxima)
     rec = reduce_record(load_record(partial_ptr + p.to(tl.int64) * partial_stride, p < n_part, SLOTS),
-                        scratch_ptr, SLOTS, WARPS)
+                        scratch_ptr, SLOTS, WARPS, FRAMED)
     n_all, mean_all, n_pos, mean_pos, n_neg, mean_neg = rec[P_N_ALL:P_N_NEG + 2]
     w_max, phi_max, g_max, g_min = rec[P_W_MAX], rec[P_PHI_MAX], rec[P_G_MAX], -rec[P_NEG_G_MIN]
     m2_all, m3_all, m4_all = rec[P_M2:P_M2 + 3]
@@ -303,15 +314,18 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
     ess = ess_of(ess_all)
     ess_p = ess_of(ess_pos)
     ess_n = ess_of(ess_neg)
-    # diagnostics: biased moments as scipy.stats.skew / kurtosis, 0 where scipy treats
-    # m2 as zero (m2 ≤ (1e-15·mean)²) or there is no token; NaN where fp32 cannot hold them
-    # (m2 < 2^-60: the lanes' (ℓ − c)⁴ fall below 2^-126; reference.diagnostics.FP32_MOMENT_FLOOR)
-    cm2 = safe_div(m2_all, n_all)
-    spread = ~(cm2 <= (1e-15 * mean_all) * (1e-15 * mean_all))
-    floor = 0.0
-    if cm2.dtype == tl.float32:
-        floor = FP32_MOMENT_FLOOR
-    lost = spread & (cm2 < floor)
+    # diagnostics: biased moments as scipy.stats.skew / kurtosis in the units 1/r of M3, M4
+    # (scale-free), 0 where scipy treats m2 as zero (m2 ≤ (1e-15·mean)²) or there is no token
+    if FRAMED:  # power sums of z = (ℓ − c)·r
+        c, r, u = frame
+        a, m2z, m3_all, m4_all = central_sums(n_all, mean_all, m2_all, m3_all, m4_all)
+        mean_all = c + a * u
+        m2_all = (m2z * u) * u
+    else:  # M3, M4 in units 2^moment_unit(count, M2)
+        r = pow2(-moment_unit(n_all, m2_all), m2_all)
+        m2z = (m2_all * r) * r
+    c2 = safe_div(m2z, n_all)
+    spread = ~(c2 <= (1e-15 * mean_all * r) * (1e-15 * mean_all * r))
     metrics = (
         n_all, -tl.where(n_all > 0.0, mean_all, 0.0), safe_div(s_w, n_all), w_max,
         safe_div(s_phi, n_all), phi_max, unbiased_var(n_all, m2_all), ess,
@@ -319,8 +333,8 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
         gamma, gamma_pos, gamma_neg, unbiased_var(n_pos, m2_pos),
         unbiased_var(n_neg, m2_neg), gamma_base, safe_div(x0, n_all), safe_div(x1, n_all),
         safe_div(x2, n_all), safe_div(x3, n_all), safe_div(x0, n_all), safe_div(x1, n_all),  # clipfrac(_lower): x0, x1
-        tl.where(lost, float("nan"), tl.where(spread, safe_div(safe_div(m3_all, n_all), cm2 * tl.sqrt(cm2)), 0.0)),
-        tl.where(lost, float("nan"), tl.where(spread, safe_div(safe_div(m4_all, n_all), cm2 * cm2) - 3.0, 0.0)),
+        tl.where(spread, safe_div(safe_div(m3_all, n_all), c2 * tl.sqrt(c2)), 0.0),
+        tl.where(spread, safe_div(safe_div(m4_all, n_all), c2 * c2) - 3.0, 0.0),
         safe_div(w_max, s_w), ess_p, safe_div(ess_p, n_pos), ess_n, safe_div(ess_n, n_neg), nonfinite,
         kl_loss * dp_size)
     for k in tl.static_range(METRIC_WIDTH):

@@ -10,9 +10,9 @@ fixed value ≥ 0 overrides the data-driven rule for its group (sign family), an
 import triton
 import triton.language as tl
 
-from .common import clamp_nan, lane_summaries, moments_init, moments_merge, unbiased_var
+from .common import batch_frame, clamp_nan, lane_summaries, max_nan, moments_init, moments_merge, unbiased_var
 from .families import IS_RESHAPE, IS_RESHAPE_SIGN, IS_RESHAPE_VAR
-from .layout import S_AFIRST, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
+from .layout import S_AFIRST, S_FRAME, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
 
 GAMMA_FIXED = tl.constexpr(0)
 GAMMA_ESS = tl.constexpr(1)
@@ -85,26 +85,33 @@ def record_index(j, first, base, stride):
 
 
 @triton.jit
-def _merge_groups(rec_ptr, count, first, base, stride, slot_a, slot_b, TWO: tl.constexpr,
-                  KS: tl.constexpr, BLOCK: tl.constexpr):
-    """[BLOCK] lanes of (count, mean, M2) of group a (and b if TWO) over ``count`` records: each
-    lane Chan-merges its records in order (one pass, fixed order, both groups' loads issued
-    together; ``common.lane_summaries`` merges the lanes)."""
+def _merge_groups(rec_ptr, count, first, base, stride, slots, PLAIN: tl.constexpr, KS: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """[BLOCK] lanes of (count, mean, M2) of each group whose record slot is in ``slots`` (a
+    tuple) over ``count`` records: each lane Chan-merges its records in order, or sums the frame
+    sums (bit g of PLAIN; the maximum of max |ℓ|). One pass, fixed order, every group's loads
+    issued together; ``common.lane_summaries`` merges the lanes."""
     jj = tl.arange(0, BLOCK)
-    a = moments_init(tl.zeros([BLOCK], rec_ptr.dtype.element_ty))
-    b = a
+    empty = moments_init(tl.zeros([BLOCK], rec_ptr.dtype.element_ty))
+    lanes = ()
+    for g in tl.static_range(len(slots)):
+        lanes = lanes + (empty,)
     for j0 in range(0, count, BLOCK):
         j = j0 + jj
         rec = rec_ptr + record_index(j, first, base, stride).to(tl.int64) * KS
         ok = j < count
-        ra = rec + slot_a
-        a = moments_merge(a, (tl.load(ra, mask=ok, other=0.0), tl.load(ra + 1, mask=ok, other=0.0),
-                              tl.load(ra + 2, mask=ok, other=0.0)))
-        if TWO:
-            rb = rec + slot_b
-            b = moments_merge(b, (tl.load(rb, mask=ok, other=0.0), tl.load(rb + 1, mask=ok, other=0.0),
-                                  tl.load(rb + 2, mask=ok, other=0.0)))
-    return a, b
+        merged = ()
+        for g in tl.static_range(len(slots)):
+            r = rec + slots[g]
+            got = (tl.load(r, mask=ok, other=0.0), tl.load(r + 1, mask=ok, other=0.0),
+                   tl.load(r + 2, mask=ok, other=0.0))
+            if (PLAIN >> g) % 2 == 1:
+                n, total, largest = lanes[g]
+                merged = merged + ((n + got[0], total + got[1], max_nan(largest, got[2])),)
+            else:
+                merged = merged + (moments_merge(lanes[g], got),)
+        lanes = merged
+    return lanes
 
 
 @triton.jit
@@ -153,14 +160,16 @@ def merge_sequence_sums(rec_ptr, count, first, base, stride, KS: tl.constexpr, B
 
 @triton.jit
 def family_context(rec_ptr, count, first, base, stride, gamma_rule, scratch_ptr,
-                   FAMILY: tl.constexpr, GAMMA_MODE: tl.constexpr, HAS_STATS: tl.constexpr,
+                   FAMILY: tl.constexpr, GAMMA_MODE: tl.constexpr, HAS_STATS: tl.constexpr, FRAME: tl.constexpr,
                    KS: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr, W: tl.constexpr):
     """The family's γ context (c0, c1) from ``count`` statistics records (``record_index``),
-    merged per warp through scratch_ptr (W > 0, see ``common.lane_summaries``) or CTA-wide (W = 0), and
-    (count, M2) of ℓ over the A>0 and A<0 groups (the sign family with statistics, else 0).
+    merged per warp through scratch_ptr (W > 0, see ``common.lane_summaries``) or CTA-wide (W = 0);
+    (count, M2) of ℓ over the A>0 and A<0 groups (the sign family with statistics, else 0); and
+    with FRAME (batch statistics) the frame (c, r, u) of pass 2's moments of ℓ from the records'
+    frame sums (``common.batch_frame``), else 0.
 
     is_reshape / is_reshape_var: c0 = γ (γ_base) on [a_lo, a_hi] from σ² of all tokens,
-    or the clipped fixed value. is_reshape_sign: c0 = γ+ from the A>0 group (empty → 0.5),
+    or the fixed value (validated in range). is_reshape_sign: c0 = γ+ from the A>0 group (empty → 0.5),
     c1 = 1 + δ from the A<0 group (empty → 1.5); fixed values ≥ 0 override.
     Other families: (0, 0).
     """
@@ -169,12 +178,19 @@ def family_context(rec_ptr, count, first, base, stride, gamma_rule, scratch_ptr,
     c0 = tl.zeros([], dt)
     c1 = tl.zeros([], dt)
     groups = (c0, c0, c0, c0)
+    frame = (c0, c0, c0)
     if FAMILY == IS_RESHAPE or FAMILY == IS_RESHAPE_VAR:
         if GAMMA_MODE == GAMMA_FIXED:
-            c0 += clamp_nan(fixed_a, a_lo, a_hi)
+            c0 += fixed_a  # validated in [a_lo, a_hi] on the host
         else:
-            lanes, _ = _merge_groups(rec_ptr, count, first, base, stride, S_N_ALL, S_N_ALL, False, KS, BLOCK)
-            summary, _ = lane_summaries(lanes, lanes, scratch_ptr, False, W)
+            if FRAME:
+                lanes = _merge_groups(rec_ptr, count, first, base, stride, (S_N_ALL, S_FRAME), 2, KS, BLOCK)
+                summary, sums = lane_summaries(lanes, scratch_ptr, W, 2)
+                f_n, f_total, f_largest = sums
+                frame = batch_frame(f_n, f_total, f_largest)
+            else:
+                summary = lane_summaries(_merge_groups(rec_ptr, count, first, base, stride, (S_N_ALL,), 0, KS, BLOCK),
+                                         scratch_ptr, W)[0]
             n, mean, m2 = summary  # (no nested unpacking: Triton < 3.7's dependency scan rejects it)
             if GAMMA_MODE == GAMMA_ESS:
                 c0 += gamma_closed_form(unbiased_var(n, m2), rho, a_lo, a_hi)
@@ -183,8 +199,14 @@ def family_context(rec_ptr, count, first, base, stride, gamma_rule, scratch_ptr,
                 c0 += solve_ess_exact(n, grid, rho, a_lo, a_hi, G)
     elif FAMILY == IS_RESHAPE_SIGN:
         if HAS_STATS:
-            pos, neg = _merge_groups(rec_ptr, count, first, base, stride, S_N_POS, S_N_NEG, True, KS, BLOCK)
-            summary_p, summary_n = lane_summaries(pos, neg, scratch_ptr, True, W)
+            if FRAME:
+                lanes = _merge_groups(rec_ptr, count, first, base, stride, (S_N_POS, S_N_NEG, S_FRAME), 4, KS, BLOCK)
+                summary_p, summary_n, sums = lane_summaries(lanes, scratch_ptr, W, 4)
+                f_n, f_total, f_largest = sums
+                frame = batch_frame(f_n, f_total, f_largest)
+            else:
+                lanes = _merge_groups(rec_ptr, count, first, base, stride, (S_N_POS, S_N_NEG), 0, KS, BLOCK)
+                summary_p, summary_n = lane_summaries(lanes, scratch_ptr, W)
             n_p, mean_p, m2_p = summary_p
             n_n, mean_n, m2_n = summary_n
             if GAMMA_MODE == GAMMA_ESS_EXACT:
@@ -201,4 +223,4 @@ def family_context(rec_ptr, count, first, base, stride, gamma_rule, scratch_ptr,
         else:
             c0 += fixed_a
             c1 += fixed_b
-    return (c0, c1), groups
+    return (c0, c1), groups, frame

@@ -4,7 +4,8 @@ kernels as constexprs and by Python through ``.value``).
 Statistics record (``batch_stats_kernel`` → ``token_loss_kernel``), one per
 program (batch γ) or one per piece (row rules, see ``rows.py``): (count, mean, M2)
 of ℓ for the groups all / A>0 / A<0, the piece's Σ m·ℓ and first counted
-advantage (VESPO), then for ``gamma="ess_exact"`` the grid sums Σe^{γ_jℓ},
+advantage (VESPO), a batch record's frame sums (count, Σℓ, max |ℓ|) of all tokens,
+then for ``gamma="ess_exact"`` the grid sums Σe^{γ_jℓ},
 Σe^{2γ_jℓ}, Σℓe^{γ_jℓ}, Σℓe^{2γ_jℓ} of group a (all or A>0) and group b (A<0),
 G values each.
 
@@ -23,8 +24,9 @@ S_N_POS = tl.constexpr(3)
 S_N_NEG = tl.constexpr(6)
 S_LSUM = tl.constexpr(9)
 S_AFIRST = tl.constexpr(10)
-S_GRID = tl.constexpr(11)  # + k*G + j; k = 0..3 group a, 4..7 group b
-S_BASE_WIDTH = 11
+S_FRAME = tl.constexpr(11)  # (count, Σ m·ℓ, max m·|ℓ|) of all tokens, batch records (``common.batch_frame``)
+S_GRID = tl.constexpr(14)  # + k*G + j; k = 0..3 group a, 4..7 group b
+S_BASE_WIDTH = 14
 
 # row-sum element
 E_COUNT = tl.constexpr(0)
@@ -38,7 +40,7 @@ ROW_ENDS = tl.constexpr(2)
 
 # partial record (``finalize.merge_record``): moments, maxima and exponential sums as
 # (count, mean, M2..) / max / Σ about the summary's own mean and max; every other slot a sum
-P_N_ALL = tl.constexpr(0)  # (count, mean) of ℓ: all +0, A>0 +2, A<0 +4
+P_N_ALL = tl.constexpr(0)  # (count, mean) of ℓ: all +0 (count, S1 in the batch frame), A>0 +2, A<0 +4
 P_N_POS = tl.constexpr(2)
 P_N_NEG = tl.constexpr(4)
 P_SEQ_LOSS = tl.constexpr(6)  # Σ over complete rows of (Σ_t m·L)/n_b
@@ -50,7 +52,7 @@ P_NEG_G_MIN = tl.constexpr(11)
 P_Z_ALL = tl.constexpr(12)
 P_Z_POS = tl.constexpr(13)
 P_Z_NEG = tl.constexpr(14)
-P_M2 = tl.constexpr(15)  # M2, M3, M4 of all, M2 of A>0, M2 of A<0
+P_M2 = tl.constexpr(15)  # M2, M3, M4 of all (common.power_sums_moments), M2 of A>0, M2 of A<0
 P_M2_POS = tl.constexpr(18)
 P_M2_NEG = tl.constexpr(19)
 P_ESS = tl.constexpr(20)  # (Σe^{z−max}, Σe^{2(z−max)}), z = γ_t·ℓ: all +0, A>0 +2, A<0 +4
@@ -66,7 +68,7 @@ PARTIAL_WIDTH = tl.constexpr(38)
 # a program's row of the partial buffer: its record, then the scratch of its merges across
 # warps (``common.exchange_warps``): the records of its warps, then the batch context's moments
 PARTIAL_SCRATCH = tl.constexpr(40)
-CONTEXT_WIDTH = tl.constexpr(8)  # per warp: (count, mean, M2) of two groups
+CONTEXT_WIDTH = tl.constexpr(12)  # per warp: (count, mean, M2) of up to three groups
 
 
 def partial_row(warps: int) -> int:

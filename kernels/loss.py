@@ -69,8 +69,8 @@ def _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, ch
             lsum, a_first = merge_sequence_sums(stats_ptr, count, first, base, 2, KS, BLOCK_REC)
             ctx = (vespo_sequence_weight(lsum, a_first, clamp, params), tl.zeros([], ACC))
         else:
-            ctx, _ = family_context(stats_ptr, count, first, base, 2, gamma_rule, stats_ptr,
-                                    FAMILY, GAMMA_MODE, True, KS, G, BLOCK_REC, 0)
+            ctx, _, _ = family_context(stats_ptr, count, first, base, 2, gamma_rule, stats_ptr,
+                                       FAMILY, GAMMA_MODE, True, False, KS, G, BLOCK_REC, 0)
     return ctx
 
 
@@ -116,19 +116,22 @@ def token_loss_kernel(
     record_scratch = row + PARTIAL_SCRATCH
     # the batch context, identical in every program (same records, same order); with batch
     # statistics the sign family's A>0 / A<0 moments of ℓ come from them (pass 1 counted the
-    # same tokens), else from this pass (OWN_GROUPS)
+    # same tokens), else from this pass (OWN_GROUPS), and the moments of ℓ are power sums in the
+    # batch frame (FRAMED: ``common.power_sums_add``)
     OWN_GROUPS: tl.constexpr = SIGN_GROUPS and not BATCH_STATS
+    FRAMED: tl.constexpr = BATCH_STATS
     if GAMMA_MODE == GAMMA_GIVEN:
         batch_ctx = (tl.load(gamma_ptr).to(ACC), tl.load(gamma_ptr + 1).to(ACC))
         groups = (zero, zero, zero, zero)
+        frame = (zero, zero, zero)
     else:
-        batch_ctx, groups = family_context(stats_ptr, n_stats, 0, 0, 1, gamma_rule,
-                                           record_scratch + PARTIAL_WIDTH * WARPS, FAMILY, GAMMA_MODE, BATCH_STATS,
-                                           KS, G, BLOCK_REC, WARPS)
+        batch_ctx, groups, frame = family_context(stats_ptr, n_stats, 0, 0, 1, gamma_rule,
+                                                  record_scratch + PARTIAL_WIDTH * WARPS, FAMILY, GAMMA_MODE,
+                                                  BATCH_STATS, FRAMED, KS, G, BLOCK_REC, WARPS)
     # lane accumulators of the program
     loss_acc = like
     kl_acc = like
-    moments = power_sums_init(like)
+    moments = power_sums_init(like, FRAMED)
     pos = moments_init(like)
     neg = moments_init(like)
     w_sum = like
@@ -196,7 +199,7 @@ def token_loss_kernel(
                 if SEQ_AGG:
                     row_loss += L
                     row_n += tl.where(m, 1.0, 0.0)
-                moments = power_sums_add(moments, ell, m)
+                moments = power_sums_add(moments, ell, m, frame, FRAMED)
                 if OWN_GROUPS:
                     pos = moments_add(pos, ell, m & (A > 0.0))
                     neg = moments_add(neg, ell, m & (A < 0.0))
@@ -249,22 +252,22 @@ def token_loss_kernel(
                            t_flags)
 
     # the program's partial record (slot order of layout.P_*; its scalars on lane 0)
-    n, mean, m2, m3, m4 = power_sums_moments(moments)
+    n, mean, m2, m3, m4 = power_sums_moments(moments, FRAMED)
     first = lanes == 0
     e0, e1, e2, e3, e4 = extras
     record = (n, mean, pos[0], pos[1], neg[0], neg[1], tl.where(first, seq_loss, 0.0), tl.where(first, seq_kl, 0.0),
               w_max, phi_max, g_max, -g_min, ess_all[0], ess_pos[0], ess_neg[0],
               m2, m3, m4, pos[2], neg[2], ess_all[1], ess_all[2], ess_pos[1], ess_pos[2], ess_neg[1], ess_neg[2],
               loss_acc, kl_acc, w_sum, phi_sum, g_sum, e0, e1, e2, e3, e4, nonfinite, tl.where(first, seq_rows, 0.0))
-    store_record(row, reduce_record(record, record_scratch, SLOTS, WARPS), SLOTS)
+    store_record(row, reduce_record(record, record_scratch, SLOTS, WARPS, FRAMED), SLOTS)
 
     # completion ticket: the last program to arrive merges every partial
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == tl.num_programs(0) - 1:
         finalize(partial_ptr, partial_stride, tl.num_programs(0), element_ptr, 2 * n_chunks, row_count_ptr, cu_ptr,
-                 loss_ptr, metrics_ptr, grad_scale_ptr, record_scratch, batch_ctx, groups, S, T,
+                 loss_ptr, metrics_ptr, grad_scale_ptr, record_scratch, batch_ctx, groups, frame, S, T,
                  dp_size, global_token_count, global_batch_size, loss_scale_factor,
-                 agg_mode, SEQ_AGG, SEQ_GAMMA, PACKED, COUNTS_ON_DEVICE, SIGN_GROUPS and not OWN_GROUPS, SLOTS,
+                 agg_mode, SEQ_AGG, SEQ_GAMMA, PACKED, COUNTS_ON_DEVICE, SIGN_GROUPS and not OWN_GROUPS, FRAMED, SLOTS,
                  WARPS, BLOCK_P, BLOCK_E)
         tl.store(ticket_ptr, 0)

@@ -1,8 +1,9 @@
 """Pass 1 (families whose γ or weight needs statistics): records of ℓ.
 
 A persistent grid walks the chunks (``rows.py``); per tile every lane updates
-its own Welford moments (groups all / A>0 / A<0) and, for ``ess_exact``, its
-grid sums. With ``ROW_STATS`` (per-sequence γ, VESPO) the lanes are reduced
+its own Welford moments (groups all / A>0 / A<0), for a batch record the frame
+sums of pass 2's moments (count, Σℓ, max |ℓ|: ``common.batch_frame``) and, for
+``ess_exact``, its grid sums. With ``ROW_STATS`` (per-sequence γ, VESPO) the lanes are reduced
 once per piece into a record at the piece's element; otherwise once per program
 into the program's record (each warp merges its lanes, then the warps' moments
 through the program's scratch row: ``common.lane_summaries``), merged in a fixed
@@ -13,7 +14,7 @@ import triton.language as tl
 
 from .common import lane_summaries, max_nan, moments_add, moments_init
 from .gamma import ess_grid_terms
-from .layout import S_AFIRST, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
+from .layout import S_AFIRST, S_FRAME, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
 from .rows import load_raw, locate_row, piece_end, prologue_stop, streams, token_values
 
 
@@ -57,15 +58,16 @@ def _store_grid(ptr, acc, G: tl.constexpr):
 
 
 @triton.jit
-def _store_record(ptr, all_, pos, neg, lsum, a_first, grid_a, grid_b,
+def _store_record(ptr, all_, pos, neg, lsum, a_first, frame, grid_a, grid_b,
                   SIGN_GROUPS: tl.constexpr, ESS_EXACT: tl.constexpr, G: tl.constexpr):
-    """A record from the (count, mean, M2) summaries of the groups, Σℓ, the first counted A
-    and the lanes' ESS grid sums."""
+    """A record from the (count, mean, M2) summaries of the groups, Σℓ, the first counted A,
+    the frame sums and the lanes' ESS grid sums."""
     _store_moments(ptr + S_N_ALL, all_)
     _store_moments(ptr + S_N_POS, pos)
     _store_moments(ptr + S_N_NEG, neg)
     tl.store(ptr + S_LSUM, lsum)
     tl.store(ptr + S_AFIRST, a_first)
+    _store_moments(ptr + S_FRAME, frame)
     if ESS_EXACT:
         _store_grid(ptr + S_GRID, grid_a, G)
         if SIGN_GROUPS:
@@ -73,17 +75,25 @@ def _store_record(ptr, all_, pos, neg, lsum, a_first, grid_a, grid_b,
 
 
 @triton.jit
-def _summaries(all_, pos, neg, scratch_ptr, SIGN_GROUPS: tl.constexpr, W: tl.constexpr):
+def _summaries(all_, pos, neg, frame, scratch_ptr, SIGN_GROUPS: tl.constexpr, FRAME: tl.constexpr,
+               W: tl.constexpr):
     """The (count, mean, M2) of the lanes per group that pass 2 reads (all, or A>0 and A<0 for the
-    sign family; ``common.lane_summaries``), 0 for the others."""
+    sign family) and with FRAME the frame sums (count, Σℓ, max |ℓ|) of all tokens
+    (``common.lane_summaries``), 0 for the others."""
     zero = tl.zeros([], all_[0].dtype)
     none = (zero, zero, zero)
-    if SIGN_GROUPS:
-        s_pos, s_neg = lane_summaries(pos, neg, scratch_ptr, True, W)
-        out = (none, s_pos, s_neg)
+    if SIGN_GROUPS and FRAME:
+        s_pos, s_neg, s_frame = lane_summaries((pos, neg, frame), scratch_ptr, W, 4)
+        out = (none, s_pos, s_neg, s_frame)
+    elif SIGN_GROUPS:
+        s_pos, s_neg = lane_summaries((pos, neg), scratch_ptr, W)
+        out = (none, s_pos, s_neg, none)
+    elif FRAME:
+        s_all, s_frame = lane_summaries((all_, frame), scratch_ptr, W, 2)
+        out = (s_all, none, none, s_frame)
     else:
-        s_all, _ = lane_summaries(all_, all_, scratch_ptr, False, W)
-        out = (s_all, none, none)
+        s_all = lane_summaries((all_,), scratch_ptr, W)[0]
+        out = (s_all, none, none, none)
     return out
 
 
@@ -113,6 +123,7 @@ def batch_stats_kernel(
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_T)
     all_, pos, neg, lsum, grid_a, grid_b = _lanes_init(BLOCK_T, G, ACC)
+    frame = (lsum, lsum, lsum)  # batch records: count, Σℓ and max |ℓ| of all tokens (pass 2's frame)
     for c in range(pid, n_chunks, tl.num_programs(0)):
         a = c * chunk
         b = tl.minimum(a + chunk, N)
@@ -145,6 +156,9 @@ def batch_stats_kernel(
                         grid_b = _grid_add(grid_b, ell, m & (A < 0.0), b_lo, b_hi, G)
                 elif ESS_EXACT:
                     grid_a = _grid_add(grid_a, ell, m, a_lo, a_hi, G)
+                if not ROW_STATS:
+                    f_n, f_total, f_largest = frame
+                    frame = (f_n + tl.where(m, 1.0, 0.0), f_total + ell, max_nan(f_largest, tl.abs(ell)))
                 if ROW_STATS:
                     lsum += ell
                     if HAS_ROLLOUT:
@@ -158,12 +172,13 @@ def batch_stats_kernel(
                                       mask=f < e, other=1.0).to(ACC)
                 element = tl.where(start < a, 2 * c, 2 * c + 1)  # head / tail of the chunk
                 element = tl.where((start >= a) & (end <= b), 2 * n_chunks + s, element)  # complete row
-                s_all, s_pos, s_neg = _summaries(all_, pos, neg, scratch_ptr, SIGN_GROUPS, 0)
+                s_all, s_pos, s_neg, s_frame = _summaries(all_, pos, neg, frame, scratch_ptr, SIGN_GROUPS, False, 0)
                 _store_record(rec_ptr + element.to(tl.int64) * KS, s_all, s_pos, s_neg, tl.sum(lsum), a_first,
-                              grid_a, grid_b, SIGN_GROUPS, ESS_EXACT, G)
+                              s_frame, grid_a, grid_b, SIGN_GROUPS, ESS_EXACT, G)
             p = e
     if not ROW_STATS:
-        all_, pos, neg = _summaries(all_, pos, neg, scratch_ptr + pid.to(tl.int64) * scratch_stride, SIGN_GROUPS, WARPS)
+        all_, pos, neg, frame = _summaries(all_, pos, neg, frame, scratch_ptr + pid.to(tl.int64) * scratch_stride,
+                                           SIGN_GROUPS, True, WARPS)
         zero = tl.zeros([], ACC)
-        _store_record(rec_ptr + pid.to(tl.int64) * KS, all_, pos, neg, zero, zero + 1.0, grid_a, grid_b,
+        _store_record(rec_ptr + pid.to(tl.int64) * KS, all_, pos, neg, zero, zero + 1.0, frame, grid_a, grid_b,
                       SIGN_GROUPS, ESS_EXACT, G)

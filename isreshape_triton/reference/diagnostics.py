@@ -22,9 +22,6 @@ from .gamma import masked_amax, masked_amin, masked_moments
 
 ALL = (0, 1)
 MOMENT_RESOLUTION = 1e-15  # numpy.finfo(float64).resolution, scipy's "m2 is 0" threshold
-# fp32 compute holds (ℓ − c)⁴ only above 2^-126: below m2 = 2^-60 (σ ≈ 9e-10) skewness and kurtosis
-# are NaN there, not the 0 and −3 of underflowed sums (the kernels' finalize uses the same floor)
-FP32_MOMENT_FLOOR = 2.0 ** -60
 
 
 def _mean(x, mf, n):
@@ -48,13 +45,12 @@ def _ess(z, group):
     return ess, torch.where(n > 0, ess / n.clamp_min(1.0), 0.0)
 
 
-def _skew_kurt(x, mf, n, floor):
+def _skew_kurt(x, mf, n):
     """Skewness m3/m2^1.5 and excess kurtosis m4/m2² − 3 with biased central moments
     (``scipy.stats.skew`` / ``scipy.stats.kurtosis`` defaults) over the counted tokens.
 
     0 when n = 0 or m2 = 0; as in scipy, m2 counts as 0 when it is below the
-    rounding level of the mean, m2 ≤ (1e-15·mean)² (scipy returns NaN there). NaN when
-    0 < m2 < ``floor``: a spread the compute dtype cannot raise to the fourth power."""
+    rounding level of the mean, m2 ≤ (1e-15·mean)² (scipy returns NaN there)."""
     mean = (x * mf).sum() / n.clamp_min(1.0)
     d = (x - mean) * mf
     d2 = d * d
@@ -63,9 +59,7 @@ def _skew_kurt(x, mf, n, floor):
     m4 = (d2 * d2).sum() / n.clamp_min(1.0)
     zero = (n == 0) | (m2 <= (MOMENT_RESOLUTION * mean) ** 2) | (m2 == 0)  # False for NaN m2
     safe = torch.where(zero, 1.0, m2)
-    lost = ~zero & (m2 < floor)
-    return (torch.where(zero, 0.0, torch.where(lost, math.nan, m3 / safe ** 1.5)),
-            torch.where(zero, 0.0, torch.where(lost, math.nan, m4 / (safe * safe) - 3.0)))
+    return torch.where(zero, 0.0, m3 / safe ** 1.5), torch.where(zero, 0.0, m4 / (safe * safe) - 3.0)
 
 
 def _max_weight_ratio(ell, mask):
@@ -89,7 +83,7 @@ def compute_metrics(loss_type: str, ell: torch.Tensor, adv: torch.Tensor, mask: 
     gamma_t = torch.broadcast_to(terms.gamma_t.detach().to(torch.float64), ell.shape)
 
     ess, ess_ratio = _ess(gamma_t * ell, mask)
-    skewness, kurtosis = _skew_kurt(ell, mf, n, 0.0 if out_dtype == torch.float64 else FP32_MOMENT_FLOOR)
+    skewness, kurtosis = _skew_kurt(ell, mf, n)
 
     m = {
         "token_count": n,
