@@ -58,3 +58,14 @@ def install_source_finder(root: str = REPO) -> SourceTreeFinder:
 
 
 install_source_finder()
+
+
+def use_interpreter() -> None:
+    """Run the kernels in Triton's interpreter on the CPU (call before anything imports triton;
+    an explicit ``TRITON_INTERPRET`` wins) with ``isreshape_triton.dev.interpreter``: whole-level
+    custom reductions and the GPU's fp32 → bf16 rounding."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"] == "1":
+        from isreshape_triton.dev.interpreter import install
+
+        install()

@@ -14,6 +14,8 @@ import sys
 import threading
 import time
 
+from . import use_interpreter
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "out")  # untracked (.gitignore); bench/results holds the committed figures
 NO_CUDA = ("--device cuda: no CUDA device is visible to torch (torch.cuda.is_available() is False); "
@@ -70,7 +72,7 @@ def _select_device(requested: str):
     if requested == "cuda" and not torch.cuda.is_available():
         return None
     if requested == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # run the fused kernels in the interpreter
+        use_interpreter()  # run the fused kernels in the interpreter
     return requested
 
 

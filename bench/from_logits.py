@@ -23,6 +23,8 @@ import json
 import os
 import time
 
+from . import use_interpreter
+
 
 def _setup(device: str) -> str:
     import torch
@@ -30,7 +32,7 @@ def _setup(device: str) -> str:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        use_interpreter()
     return device
 
 
@@ -101,7 +103,7 @@ def _fused_bytes(family, N, V, dtype, mask_dtype):
 def measure(impl, family, N, V, dtype, device, temperature=0.8, beta=0.01) -> dict:
     import torch
 
-    from isreshape_triton.profiling import count_work
+    from isreshape_triton.dev.profiling import count_work
 
     logits, labels, old, adv, mask = _batch(N, V, dtype, device)
     if impl == "liger":

@@ -52,6 +52,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from . import use_interpreter
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gpu"
 README = Path(__file__).resolve().parent.parent / "README.md"
 MODEL_JSON = Path(__file__).resolve().parent / "results" / "model.json"
@@ -934,7 +936,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     if args.dry_run and args.device != "cuda":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+        use_interpreter()  # before anything imports triton
     device, error = select_device(args.device, args.dry_run)
     if error:
         sys.stderr.write(f"gpu_check: {error}\n")

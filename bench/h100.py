@@ -122,7 +122,7 @@ class Trace:
 def trace(loss_type: str, case: Case, dtype=torch.float32, options: Optional[dict] = None) -> Trace:
     """Every launch of one forward + backward of the fused op at the case's shape (on meta tensors)."""
     from isreshape_triton import ops
-    from isreshape_triton.profiling import count_work
+    from isreshape_triton.dev.profiling import count_work
 
     recorded = []
     original = ops.Launch.__call__
@@ -147,7 +147,7 @@ def _source_hash() -> str:
     import triton
 
     import isreshape_triton.kernels as kernels
-    from isreshape_triton import aot
+    from isreshape_triton.dev import aot
     h = hashlib.sha256(triton.__version__.encode())
     for path in sorted(Path(kernels.__file__).parent.glob("*.py")) + [Path(aot.__file__)]:
         h.update(path.read_bytes())
@@ -157,7 +157,7 @@ def _source_hash() -> str:
 def compiled(specs: List[dict], cache_dir: Path = CACHE_DIR, log=sys.stderr) -> List[dict]:
     """AOT rows with SASS for ``specs`` (compiled in a subprocess, cached per specialization in a
     folder named by the hash of the kernel sources, aot.py and the Triton version)."""
-    from isreshape_triton import aot
+    from isreshape_triton.dev import aot
 
     source = _source_hash()
     if cache_dir.is_dir():  # rows of older kernel sources are never read again
@@ -308,7 +308,7 @@ def eager_counts(loss_type: str, case: Case) -> dict:
     once per family at ``EAGER_COUNT_SHAPE`` on the CPU, bytes scaled by the token count (they are
     per-token streams to within 1 % from 64K to 4M tokens; launches and syncs do not depend on the
     shape, to within a couple of data-dependent branches)."""
-    from isreshape_triton.profiling import count_work
+    from isreshape_triton.dev.profiling import count_work
 
     from .eager import EAGER
     if loss_type not in _EAGER:
@@ -392,7 +392,7 @@ def model(configs: List[tuple], case_list: Optional[List[Case]] = None, measure:
           log=sys.stderr, cache_dir: Path = CACHE_DIR) -> Dict[str, List[Result]]:
     """The model at every case for each (loss_type, dtype name, options as ((name, value), ...))
     in ``configs``; every specialization the cache lacks is compiled in one subprocess."""
-    from isreshape_triton import aot
+    from isreshape_triton.dev import aot
 
     case_list = case_list or cases()
     traces = {cfg: [trace(cfg[0], c, DTYPES[cfg[1]], dict(cfg[2])) for c in case_list] for cfg in configs}

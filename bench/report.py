@@ -140,14 +140,14 @@ def acceptance_text(items: List[dict]) -> str:
 
 
 def aot_report(regenerate: bool = False) -> Optional[object]:
-    """The sm_90 compile report of ``python -m isreshape_triton.aot`` (committed in
+    """The sm_90 compile report of ``python -m isreshape_triton.dev.aot`` (committed in
     bench/results/aot_report.json; ``regenerate`` compiles every specialization again)."""
-    from isreshape_triton import aot
+    from isreshape_triton.dev import aot
 
     path = str(aot.REPORT_PATH)
     if not regenerate and not os.path.exists(path):
         return {"error": "no bench/results/aot_report.json: run `python -m bench --aot` "
-                         "(or `python -m isreshape_triton.aot`) to compile every specialization"}
+                         "(or `python -m isreshape_triton.dev.aot`) to compile every specialization"}
     if regenerate:
         try:
             aot.write_report(path)
@@ -163,7 +163,7 @@ def aot_text(report) -> str:
     if not rows:
         return f"```\n{json.dumps(report)[:2000]}\n```\n"
     lines = [f"Target: {report.get('target', 'sm_90')}; every specialization below compiled ahead of time "
-             "(`python -m isreshape_triton.aot`).\n",
+             "(`python -m isreshape_triton.dev.aot`).\n",
              "| kernel | specializations | compile errors | registers (min–max) | shared memory bytes (max) "
              "| spill stores / loads (total) |", "|---|---|---|---|---|---|"]
     for kernel in dict.fromkeys(r["kernel"] for r in rows):
@@ -224,7 +224,7 @@ def render(plan, env, rows, aot, wall_s) -> str:
     parts = [f"# isreshape-triton benchmark ({plan.mode} mode, {env.get('gpu') or 'CPU only'})\n"]
     parts.append("Figures are fwd+bwd of one `token-mean` policy loss on a synthetic batch (ragged masks, "
                  "realistic log-ratio spread). **Counts** (launches, syncs, bytes, peak memory) are measured "
-                 "by `isreshape_triton.profiling` and do not depend on the machine: every non-view aten op = "
+                 "by `isreshape_triton.dev.profiling` and do not depend on the machine: every non-view aten op = "
                  "one launch, bytes = its tensor inputs + outputs; Triton launches are hooked. "
                  "Bytes / token are per B×T position. The **H100 model** column is an estimate, *not a "
                  f"measurement*: bytes / {H100_BW / 1e12:.2f} TB/s + launches × {LAUNCH_S * 1e6:.0f} µs, "
@@ -244,7 +244,7 @@ def render(plan, env, rows, aot, wall_s) -> str:
         parts.append("## GPU timings\n\nNot measured: no CUDA device on this machine.\n")
     parts.append("## sm_90 compile report (registers, spills per kernel)\n")
     parts.append(aot_text(aot) if aot is not None else
-                 "Not available (no `isreshape_triton.aot` report in bench/results/aot_report.json).\n")
+                 "Not available (no `isreshape_triton.dev.aot` report in bench/results/aot_report.json).\n")
     parts.append(f"Run took {wall_s:.0f} s on {env.get('cpu_count')} CPU cores.\n")
     return "\n".join(parts)
 

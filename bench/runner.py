@@ -12,7 +12,7 @@ loss sum supplies it).  Figures per run:
 
 * measured by counters (any machine): launches (Triton kernels + non-view aten
   ops), host syncs, aten-level bytes, peak extra memory (storages created inside
-  the step, tracked by lifetime) — see ``isreshape_triton.profiling``;
+  the step, tracked by lifetime) — see ``isreshape_triton.dev.profiling``;
 * fused bytes: the analytic ``isreshape_triton.ops.traffic_model`` (the whole
   fwd+bwd op; Triton kernels cannot be counted by a dispatch mode); the counted
   bytes of its aten glue are kept apart in ``aten_glue_bytes``;
@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import isreshape_triton as irt
-from isreshape_triton.profiling import LaunchCounter, count_work
+from isreshape_triton.dev.profiling import LaunchCounter, count_work
 
 from .data import Batch, make_batch
 from .eager import EAGER

@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+from . import use_interpreter
+
 H100_BW = 3.35e12
 LAUNCH_S = 4e-6
 SHAPES = [(1, 32000), (1, 262144), (8, 128256), (64, 151936), (256, 151936), (1024, 32000)]
@@ -60,7 +62,7 @@ def measured_counts() -> str:
 
     import isreshape_triton as irt
     from isreshape_triton import sampling as S
-    from isreshape_triton.profiling import count_work
+    from isreshape_triton.dev.profiling import count_work
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     a = torch.randn(4, 300, device=dev)
@@ -95,10 +97,9 @@ def gpu_timings() -> str:
 def aot_table() -> str:
     from pathlib import Path
 
-    from isreshape_triton import aot
-    from isreshape_triton import sampling as S
+    from isreshape_triton.dev import aot
 
-    rows = aot.run_in_subprocess(S.default_specs(), Path(RESULTS) / "sampling_aot.json")
+    rows = aot.run_in_subprocess(aot.sampling_specs(), Path(RESULTS) / "sampling_aot.json")
     lines = ["| kernel | specializations | errors | registers (min–max) | spill bytes |", "|---|---|---|---|---|"]
     for kernel in dict.fromkeys(r["kernel"] for r in rows):
         ks = [r for r in rows if r["kernel"] == kernel]
@@ -173,7 +174,7 @@ def trace_sampling(n: int, v: int, dtype, method: str):
 
     from isreshape_triton import ops
     from isreshape_triton import sampling as S
-    from isreshape_triton.profiling import count_work
+    from isreshape_triton.dev.profiling import count_work
 
     from .h100 import Trace
 
@@ -229,7 +230,7 @@ def model_row(method: str, dtype: str, n: int, v: int, tr, rows) -> dict:
 def h100_model(methods=MODEL_METHODS, dtypes=MODEL_DTYPES, shapes=MODEL_SHAPES, cache_dir=None, log=sys.stderr):
     """(results, compiled rows) of the SASS cost model at every (method, dtype, shape): every
     specialization the cache lacks is compiled for sm_90 in one subprocess."""
-    from isreshape_triton import aot
+    from isreshape_triton.dev import aot
 
     from . import h100
 
@@ -350,7 +351,7 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        use_interpreter()
     from isreshape_triton import sampling as S
 
     os.makedirs(RESULTS, exist_ok=True)

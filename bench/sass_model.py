@@ -1,6 +1,6 @@
 """Read the sm_90 SASS of a compiled kernel and turn it into a per-launch H100 cost: a MODEL.
 
-Input: the text of ``cuobjdump -sass`` of a cubin (``isreshape_triton.aot.compile_spec(spec,
+Input: the text of ``cuobjdump -sass`` of a cubin (``isreshape_triton.dev.aot.compile_spec(spec,
 sass=True)`` adds it to the report row), optionally with the ``nvdisasm -g`` text of the same
 cubin for source lines. Parsing:
 

@@ -28,7 +28,6 @@ from typing import Optional
 import torch
 import triton.language as tl
 
-from . import profiling
 from .families import ESS_GRID_POINTS, GammaRule, KernelFamily, kernel_family
 from .inputs import Inputs, pad_packed, prepare_inputs
 from .kernels import finalize as kfin
@@ -72,7 +71,7 @@ TILING = Tiling()
 # Tile sizes (tokens) and warps per kernel, by compute dtype, fixed so that no size
 # change ever compiles a new kernel. No software pipelining (num_stages=1): the tile
 # loops carry lane accumulators, and pipelining costs minutes of compile time. Each
-# choice is spill-free on sm_90 (``python -m isreshape_triton.aot``, tests/test_zz_aot.py).
+# choice is spill-free on sm_90 (``python -m isreshape_triton.dev.aot``, tests/test_zz_aot.py).
 # (with 8 warps ptxas aims at 64 registers and spills a few bytes unless maxnreg lets it take more)
 STATS_TILE = {False: (1024, dict(num_warps=8, maxnreg=128)), True: (512, dict(num_warps=8, maxnreg=255))}
 STATS_TILE_ESS_EXACT = {False: (16, dict(num_warps=8, maxnreg=128)), True: (16, dict(num_warps=8, maxnreg=255))}
@@ -533,10 +532,6 @@ _policy_loss_backward_op = torch.library.custom_op("isreshape_triton::policy_los
 def _(neg_phi, grad_scale, grad_loss, row_count, cu_seqlens, shape, dtype, per_row):
     return neg_phi.new_empty(shape, dtype=dtype)
 
-
-# the profiler counts the ops' launches and buffers, not one aten op each
-profiling.register_fused_op(torch.ops.isreshape_triton.policy_loss.default, _policy_loss_forward)
-profiling.register_fused_op(torch.ops.isreshape_triton.policy_loss_backward.default, _policy_loss_backward)
 
 DOUBLE_BACKWARD_ERROR = (
     "isreshape_triton.policy_loss does not support double backward: its gradient "

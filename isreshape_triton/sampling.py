@@ -16,15 +16,14 @@ fp64 throughout: locating a flat maximum to 1e-4 needs the ratio to ~1e-8.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
-METHODS = ("kl_symmetry", "snr")
+from .sampling_args import SamplingConfig, SamplingResult, validate
+
 NEWTON_PASSES = 7  # kl_symmetry evaluation passes (the last two in fp64); 6 Newton updates in them and
 # a 7th in the draw where the step is short, |δ|·(max ℓ − min ℓ) ≤ 0.01 (else log Z and the KLs are
 # those evaluated at the last pass's α, not extrapolated; issue 17)
@@ -44,87 +43,6 @@ ALPHA_TILE = {False: (1024, dict(num_warps=4)), True: (512, dict(num_warps=4))} 
 # and spills a register around the fp64 division calls of the final Newton step
 DRAW_TILE = (1024, dict(num_warps=4, maxnreg=128))
 FINAL_OPTIONS = dict(num_warps=4)
-
-
-class SamplingResult(NamedTuple):
-    """Per row (leading shape of the logits): the drawn token, α, log q*(token),
-    log π_θ(token), log π_t(token), KL(q*‖π_θ), KL(q*‖π_t), whether α sits at a bound of [0, 1]
-    because the equation has no interior root (or the SNR no interior maximum), and log q* over the
-    vocabulary when asked for (else None). Floats are fp32; tokens int64 (−1 for an invalid row)."""
-
-    tokens: torch.Tensor
-    alpha: torch.Tensor
-    log_q: torch.Tensor
-    log_p_policy: torch.Tensor
-    log_p_target: torch.Tensor
-    kl_q_policy: torch.Tensor
-    kl_q_target: torch.Tensor
-    alpha_at_bound: torch.Tensor
-    log_q_full: Optional[torch.Tensor]
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Validated options: ``method`` is "kl_symmetry", "snr" or "fixed" (then ``alpha`` is set)."""
-
-    method: str
-    alpha: Optional[float]
-    temperature: float
-    return_log_q: bool
-
-
-def _check_logits(name: str, t, like: Optional[torch.Tensor] = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (logits), got dtype {t.dtype}")
-    if t.dim() < 2:
-        raise ValueError(f"{name} must have shape [N, V] (or [..., V]), got {tuple(t.shape)}")
-    if t.shape[-1] == 0:
-        raise ValueError(f"{name} must have a non-empty vocabulary dimension, got {tuple(t.shape)}")
-    if like is not None:
-        if t.shape != like.shape:
-            raise ValueError(f"{name} must have the shape of logits_policy {tuple(like.shape)}, "
-                             f"got {tuple(t.shape)}")
-        if t.device != like.device:
-            raise ValueError(f"{name} is on {t.device} but logits_policy is on {like.device}")
-
-
-def _real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def validate(logits_policy, logits_target, method="kl_symmetry", temperature=1.0, ref_logits=None,
-             generator=None, return_log_q=False) -> SamplingConfig:
-    """Check every argument (errors name it) and return the normalised options."""
-    _check_logits("logits_policy", logits_policy)
-    _check_logits("logits_target", logits_target, logits_policy)
-    if isinstance(method, str):
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS} or a float alpha in [0, 1], got {method!r}")
-        name, alpha = method, None
-    elif _real(method):
-        alpha = float(method)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"method as a fixed alpha must lie in [0, 1], got {method!r}")
-        name = "fixed"
-    else:
-        raise TypeError(f"method must be one of {METHODS} or a float alpha in [0, 1], got {method!r}")
-    if not _real(temperature):
-        raise TypeError(f"temperature must be a number, got {temperature!r}")
-    if not (math.isfinite(float(temperature)) and float(temperature) > 0.0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if ref_logits is not None:
-        if name != "snr":
-            raise ValueError("ref_logits (π_ref of the SNR reward) is only used by method='snr'")
-        _check_logits("ref_logits", ref_logits, logits_policy)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if generator is not None and generator.device.type != "cpu" and generator.device != logits_policy.device:
-        raise ValueError(f"generator is on {generator.device} but the logits are on {logits_policy.device}")
-    if not isinstance(return_log_q, bool):
-        raise TypeError(f"return_log_q must be a bool, got {return_log_q!r}")
-    return SamplingConfig(name, alpha, float(temperature), return_log_q)
 
 
 def optimal_sampling(logits_policy, logits_target, method="kl_symmetry", temperature=1.0, ref_logits=None,
@@ -304,24 +222,6 @@ def _optimal_sampling_kernels(logits_policy, logits_target, ref_logits, generato
     r = plan.result
     return SamplingResult(*(t.view(lead) for t in r[:-1]),
                           r.log_q_full.view(*lead, V) if r.log_q_full is not None else None)
-
-
-def default_specs() -> list:
-    """Every kernel specialization ``optimal_sampling`` can launch (for the sm_90 AOT check):
-    each input dtype × method × reference × log q output, and CONTIG (sizes never specialise)."""
-    from . import aot
-
-    specs = {}
-    layouts = [(dtype, 64) for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
-    for dtype, vocab in layouts + [(torch.float32, 63)]:  # V = 63: the CONTIG=False specialisations
-        x = torch.zeros(2, vocab, dtype=dtype)
-        for method, ref in (("kl_symmetry", None), ("snr", None), ("snr", x), (0.5, None)):
-            for log_q in (False, True):
-                config = validate(x, x, method, 1.0, ref, None, log_q)
-                for step in plan_sampling(x, x, ref, config, torch.zeros(1, dtype=torch.int64)).steps:
-                    spec = aot.launch_spec(step)
-                    specs[aot.spec_key(spec)] = spec
-    return list(specs.values())
 
 
 def traffic_model(n_rows: int, vocab: int, itemsize: int, method: str = "kl_symmetry", has_ref: bool = False,

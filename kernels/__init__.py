@@ -12,9 +12,3 @@ backward.py  the backward: ∂L/∂log_prob · scale · grad_out
 logits.py    from logits: online log-softmax, entropy and their backward (SPEC §8)
 sampling.py  the optimal sampling distribution of seed 003 (SPEC §9)
 """
-import os
-
-if os.environ.get("TRITON_INTERPRET") == "1":  # custom tl.reduce / associative_scan: whole levels at once
-    from ..interpreter import install as _vectorise_interpreter
-
-    _vectorise_interpreter()

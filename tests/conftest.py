@@ -9,6 +9,10 @@ import torch  # noqa: E402
 from hypothesis import Phase, settings  # noqa: E402
 from torch.utils._python_dispatch import _disable_current_modes  # noqa: E402
 
+from isreshape_triton.dev import interpreter  # noqa: E402
+
+interpreter.install()  # whole-level custom reductions, the GPU's fp32 → bf16 rounding
+
 settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True,
                           phases=[Phase.explicit, Phase.reuse, Phase.generate])  # bounded: no shrinking
 settings.load_profile("ci")
@@ -33,7 +37,8 @@ EXERCISED_SPECIALIZATIONS = {}  # every kernel specialization launched in this s
 @pytest.fixture(autouse=True, scope="session")
 def record_specializations():
     """Record the specialization of every launch of the fused op, for the sm_90 AOT check."""
-    from isreshape_triton import aot, ops
+    from isreshape_triton import ops
+    from isreshape_triton.dev import aot
 
     original = ops.Launch.__call__
 

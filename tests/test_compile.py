@@ -27,7 +27,7 @@ import isreshape_triton as irt
 from isreshape_triton import ops
 from isreshape_triton.families import kernel_family
 from isreshape_triton.params import AggConfig, KLConfig
-from isreshape_triton.profiling import count_work
+from isreshape_triton.dev.profiling import count_work
 
 from _cases import FAMILY_CONFIGS, make_batch
 

@@ -22,8 +22,9 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import _disable_current_modes
 
 import isreshape_triton as irt
-from isreshape_triton import aot, from_logits
-from isreshape_triton.profiling import count_work
+from isreshape_triton import from_logits
+from isreshape_triton.dev import aot
+from isreshape_triton.dev.profiling import count_work
 from isreshape_triton.reference.from_logits import policy_loss_from_logits as reference_from_logits
 
 from _cases import pairwise
@@ -772,7 +773,7 @@ _COMPILE_IR = textwrap.dedent("""
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from isreshape_triton import aot
+    from isreshape_triton.dev import aot
     out = []
     for spec in json.load(open(sys.argv[1])):
         fn = aot._kernel(spec["kernel"])

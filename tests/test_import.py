@@ -7,12 +7,17 @@
   before the op ever ran eagerly, and matches the eager result;
 * ``TRITON_INTERPRET=1`` set after triton was imported is a one-line RuntimeError saying it
   must be set before anything imports triton (not an error from deep inside Triton); set
-  before, also after ``import isreshape_triton``, it runs the interpreter.
+  before, also after ``import isreshape_triton``, it runs the interpreter;
+* the product's import graph (every import, at module level or inside a function) has no
+  cycle between its modules, and none of its modules imports the development tooling
+  (``isreshape_triton.dev``: AOT and SASS, profiler, interpreter shim).
 """
+import ast
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +136,73 @@ def test_interpret_set_before_triton_import_runs_the_interpreter(before):
     print(type(sys.modules["isreshape_triton.kernels.loss"].token_loss_kernel).__name__)
     """, interpret=False))
     assert out.split() == ["OK", "InterpretedFunction"]
+
+
+# ----------------------------------------------------------------------------- the import graph
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = "isreshape_triton"
+DEV = f"{PACKAGE}.dev"
+
+
+def _modules() -> dict:
+    """{module name: source path} of the installed layout (``kernels/`` is ``isreshape_triton.kernels``)."""
+    out = {}
+    for base, prefix in ((ROOT / PACKAGE, PACKAGE), (ROOT / "kernels", f"{PACKAGE}.kernels")):
+        for path in base.rglob("*.py"):
+            parts = list(path.relative_to(base).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([prefix] + parts)] = path
+    return out
+
+
+def _imports(name: str, path: Path, modules: dict) -> set:
+    """The modules of the package that ``name`` imports (a package's ``__init__`` aside: importing
+    any submodule runs it, so it is no edge)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {t for t in targets if t in modules and t != name and not (modules[t].name == "__init__.py"
+                                                                              and name.startswith(t + "."))}
+    return found
+
+
+def _graph() -> dict:
+    modules = _modules()
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def test_the_product_never_imports_the_dev_tooling():
+    graph = _graph()
+    bad = {name: sorted(t for t in targets if t == DEV or t.startswith(DEV + "."))
+           for name, targets in graph.items() if not (name == DEV or name.startswith(DEV + "."))}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_no_import_cycles():
+    graph = {name: {t for t in targets if t != PACKAGE} for name, targets in _graph().items() if name != PACKAGE}
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "\n".join(" → ".join(c) for c in cycles)

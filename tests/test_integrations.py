@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import isreshape_triton as irt
-from isreshape_triton.profiling import LaunchCounter
+from isreshape_triton.dev.profiling import LaunchCounter
 
 AGG_MODES = irt.AGG_MODES
 

@@ -1,4 +1,4 @@
-"""The interpreter shim (isreshape_triton/interpreter.py): custom-combine reductions and
+"""The interpreter shim (isreshape_triton/dev/interpreter.py): custom-combine reductions and
 scans run a whole tree level per combine call and agree exactly with the left fold,
 order included (the combine below is associative but not commutative)."""
 import numpy as np
@@ -9,7 +9,7 @@ import triton.language as tl
 from triton.runtime import interpreter
 
 import isreshape_triton.kernels  # noqa: F401  (installs the shim under TRITON_INTERPRET=1)
-from isreshape_triton import interpreter as shim
+from isreshape_triton.dev import interpreter as shim
 
 
 @triton.jit

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import isreshape_triton as irt
 from isreshape_triton import ops
-from isreshape_triton.profiling import count_work
+from isreshape_triton.dev.profiling import count_work
 
 from _cases import FAMILY_CONFIGS
 from test_kernels import GRAD_RTOL, SMALL_TILING

@@ -25,7 +25,7 @@ from isreshape_triton.kernels.backward import policy_grad_kernel
 from isreshape_triton.kernels.loss import token_loss_kernel
 from isreshape_triton.kernels.stats import batch_stats_kernel
 from isreshape_triton.ops import fused_policy_loss
-from isreshape_triton.profiling import count_work
+from isreshape_triton.dev.profiling import count_work
 
 from _cases import (ADVANTAGES, AGG_MODES, DTYPES, FAMILY_CONFIGS, LAYOUTS, MASKS, SPECIALS,
                     make_batch, pairwise)

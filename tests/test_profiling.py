@@ -1,4 +1,4 @@
-"""The work counters themselves (isreshape_triton.profiling): known snippets, known counts."""
+"""The work counters themselves (isreshape_triton.dev.profiling): known snippets, known counts."""
 import json
 import os
 import runpy
@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from isreshape_triton.profiling import OpCounter, count_work, tensor_bytes
+from isreshape_triton.dev.profiling import OpCounter, count_work, tensor_bytes
 
 N = 1000
 
@@ -162,7 +162,7 @@ def test_counters_nest_and_count_work_combines():
 
 _TRITON_SNIPPET = textwrap.dedent("""
     import json, torch, triton, triton.language as tl
-    from isreshape_triton.profiling import LaunchCounter, OpCounter, count_work
+    from isreshape_triton.dev.profiling import LaunchCounter, OpCounter, count_work
 
     @triton.jit
     def scale_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):

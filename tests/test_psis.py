@@ -12,7 +12,7 @@ import torch
 
 import isreshape_triton as irt
 from isreshape_triton.metrics import metric_names
-from isreshape_triton.profiling import count_work
+from isreshape_triton.dev.profiling import count_work
 from isreshape_triton.psis import psis_gamma, psis_smooth, psis_tail_length
 
 with warnings.catch_warnings():

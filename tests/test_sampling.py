@@ -14,7 +14,7 @@ from scipy import stats
 
 import isreshape_triton as irt
 from isreshape_triton import sampling as S
-from isreshape_triton.profiling import count_work
+from isreshape_triton.dev.profiling import count_work
 from isreshape_triton.reference import sampling as R
 
 NINF = -math.inf

@@ -27,7 +27,7 @@ N, V = 4, 20000  # 8 programs: 4 rows × 2 segments of 16384 elements
 
 
 def _search_launch(method: str, index: int):
-    from isreshape_triton import aot
+    from isreshape_triton.dev import aot
 
     tr = bs.trace_sampling(N, V, torch.float32, method)
     alpha = [la for la in tr.launches if aot.kernel_path(la.kernel).endswith(":sampling_alpha_kernel")]
@@ -36,7 +36,7 @@ def _search_launch(method: str, index: int):
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    from isreshape_triton import aot
+    from isreshape_triton.dev import aot
 
     import triton.language as tl
 
@@ -95,10 +95,10 @@ def test_every_sampling_kernel_compiles_without_spills(tmp_path):
     """Every kernel ``optimal_sampling`` launches (the draw, the statistics pass and the finalize
     in each fp32 specialization: method, reference, log q output, CONTIG) compiles for sm_90 with
     no spills; the search pass is the fixture's (above). Runs on the oldest Triton too."""
-    from isreshape_triton import aot
-    from isreshape_triton.sampling import default_specs
+    from isreshape_triton.dev import aot
+    from isreshape_triton.dev.aot import sampling_specs
 
-    specs = [s for s in default_specs() if s["signature"]["pol_ptr"] == "*fp32"
+    specs = [s for s in sampling_specs() if s["signature"]["pol_ptr"] == "*fp32"
              and not s["kernel"].endswith(":sampling_alpha_kernel")]
     rows = aot.run_in_subprocess(specs, tmp_path / "aot.json")
     assert {r["kernel"].split(":")[1] for r in rows} == {"sampling_draw_kernel", "sampling_stats_kernel",

@@ -283,7 +283,7 @@ OP_CONFIGS = [(fam, "fp32", (), None) for fam in irt.LOSS_TYPES] + [
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """(cache dir, rows of the tiny kernels, [(config, spec, row)] of every op launch)."""
-    from isreshape_triton import aot
+    from isreshape_triton.dev import aot
 
     op = []
     for cfg in OP_CONFIGS:

@@ -77,7 +77,7 @@ def test_compat_picks_the_division_this_triton_has():
 def test_fast_division_compiles_to_div_approx_for_sm90(tmp_path, monkeypatch):
     """``common.fast_div`` is one MUFU.RCP and a multiply (``div.approx.f32``): no FCHK range
     check and no call to the IEEE slow path, unlike ``tl.math.div_rn`` (the control)."""
-    from isreshape_triton import aot
+    from isreshape_triton.dev import aot
 
     specs = [{"kernel": "_sass_kernels:fast_div_kernel",
               "signature": {"x_ptr": "*fp32", "y_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32"},

@@ -12,7 +12,7 @@ summarised in the assertion messages.
 import json
 import os
 
-from isreshape_triton import aot
+from isreshape_triton.dev import aot
 
 
 def test_exercised_specializations_compile_for_sm90_without_spills(record_specializations, tmp_path):

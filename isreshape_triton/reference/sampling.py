@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ..sampling import SamplingResult, validate
+from ..sampling_args import SamplingResult, validate
 
 KL_GRID = 101
 BISECTION_STEPS = 60

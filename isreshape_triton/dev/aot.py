@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of every kernel specialization for sm_90 (H100), on a
 machine without a GPU, and the resource report (registers, shared memory, spills).
 
-    python -m isreshape_triton.aot [--specs specs.json] [--out report.json]
+    python -m isreshape_triton.dev.aot [--specs specs.json] [--out report.json]
 
 A *specialization* is what Triton compiles once: the kernel, the types of its
 runtime arguments and the values of its constexprs. ``specs_from_plan`` derives
@@ -143,10 +143,10 @@ def pairwise_cover(specs: list) -> list:
 
 def specs_from_plan(log_prob, old_log_prob, advantages, response_mask, loss_type, **options) -> list:
     """Specializations the op launches for these inputs (nothing is launched)."""
-    from . import ops
-    from .families import kernel_family
-    from .inputs import prepare_inputs
-    from .params import AggConfig, KLConfig, make_params
+    from .. import ops
+    from ..families import kernel_family
+    from ..inputs import prepare_inputs
+    from ..params import AggConfig, KLConfig, make_params
 
     agg = AggConfig(options.pop("loss_agg_mode", "token-mean"))
     clamp = options.pop("log_ratio_clamp", 20.0)
@@ -168,8 +168,7 @@ def default_specs() -> list:
     """A representative set: every family option and γ mode, every input dtype, with and
     without advantages and mask (tile sizes do not depend on the shape), and every
     specialization of ``optimal_sampling``."""
-    from .params import LOSS_TYPES
-    from .sampling import default_specs as sampling_specs
+    from ..params import LOSS_TYPES
 
     configs = [(lt, {}) for lt in LOSS_TYPES] + [
         ("is_reshape", {"gamma": "ess_exact"}), ("is_reshape", {"gamma_granularity": "sequence"}),
@@ -191,6 +190,24 @@ def default_specs() -> list:
     return list(specs.values())
 
 
+def sampling_specs() -> list:
+    """Every kernel specialization ``optimal_sampling`` can launch (for the sm_90 AOT check):
+    each input dtype × method × reference × log q output, and CONTIG (sizes never specialise)."""
+    from ..sampling import plan_sampling, validate
+
+    specs = {}
+    layouts = [(dtype, 64) for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
+    for dtype, vocab in layouts + [(torch.float32, 63)]:  # V = 63: the CONTIG=False specialisations
+        x = torch.zeros(2, vocab, dtype=dtype)
+        for method, ref in (("kl_symmetry", None), ("snr", None), ("snr", x), (0.5, None)):
+            for log_q in (False, True):
+                config = validate(x, x, method, 1.0, ref, None, log_q)
+                for step in plan_sampling(x, x, ref, config, torch.zeros(1, dtype=torch.int64)).steps:
+                    spec = launch_spec(step)
+                    specs[spec_key(spec)] = spec
+    return list(specs.values())
+
+
 # ----------------------------------------------------------------------------- compiling (no interpreter)
 
 def _kernel(path: str):
@@ -203,7 +220,7 @@ def _tools():
     """The ptxas Triton itself uses for sm_90 (it reads Triton's PTX version) and cuobjdump."""
     import triton
 
-    from .kernels.compat import ptxas
+    from ..kernels.compat import ptxas
 
     nvidia = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     return Path(ptxas(90).path), nvidia / "cuobjdump"
@@ -284,7 +301,7 @@ def run_in_subprocess(specs: list, out: Path, timeout: float = 1500, sass: bool 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(specs, f)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-m", "isreshape_triton.aot", "--specs", f.name, "--out", str(out)]
+    subprocess.run([sys.executable, "-m", "isreshape_triton.dev.aot", "--specs", f.name, "--out", str(out)]
                    + (["--sass"] if sass else []), env=env, check=True, timeout=timeout)
     os.unlink(f.name)
     return json.loads(out.read_text())["kernels"]

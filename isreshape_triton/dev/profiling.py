@@ -96,6 +96,17 @@ def register_fused_op(op, impl) -> None:
     _FUSED_OPS[op] = impl
 
 
+def _register_package_ops() -> None:
+    """The package's custom ops (``ops.py``) count by what their implementation runs."""
+    from .. import ops
+
+    register_fused_op(torch.ops.isreshape_triton.policy_loss.default, ops._policy_loss_forward)
+    register_fused_op(torch.ops.isreshape_triton.policy_loss_backward.default, ops._policy_loss_backward)
+
+
+_register_package_ops()
+
+
 def _base_name(func) -> str:
     return func._schema.name.split("::")[-1]
 
