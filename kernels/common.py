@@ -197,10 +197,10 @@ def power_sums_init(like, FRAMED: tl.constexpr):
 @triton.jit
 def power_sums_add(acc, x, m, frame, FRAMED: tl.constexpr):
     """S_p += z^p where m (four multiply-adds, no division). FRAMED: z = (x − c)·r in the batch
-    frame (|z| < 2√n: fp32 holds z⁴ for any spread). Else about the lane's first counted x K (a
-    constant x gives exact zeros), in units v of the lane's largest |x − K| so far (|z| < 2: tiny
-    log-ratios keep S4 within fp32); when v grows the sums are rescaled by f = v_old/v, a power
-    of two (exact; ``inverse_unit``)."""
+    frame (``batch_frame``: |z| < 2^23, so fp32 holds n·z⁴ for any spread). Else about the lane's
+    first counted x K (a constant x gives exact zeros), in units v of the lane's largest |x − K|
+    so far (|z| < 2: tiny log-ratios keep S4 within fp32); when v grows the sums are rescaled by
+    f = v_old/v, a power of two (exact; ``inverse_unit``)."""
     if FRAMED:
         n, s1, s2, s3, s4 = acc
         c, r, u = frame
