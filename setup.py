@@ -25,8 +25,9 @@ setup(
     python_requires=">=3.10",
     # `kernels/` (the @triton.jit code) installs as isreshape_triton.kernels, so a
     # top-level `import kernels` (a different PyPI package) is never needed.
-    packages=["isreshape_triton", "isreshape_triton.reference", "isreshape_triton.kernels",
-              "isreshape_triton.integrations", "isreshape_triton.dev"],
+    packages=["isreshape_triton", "isreshape_triton.families", "isreshape_triton.reference",
+              "isreshape_triton.kernels", "isreshape_triton.kernels.families", "isreshape_triton.integrations",
+              "isreshape_triton.dev"],
     package_dir={"isreshape_triton.kernels": "kernels"},
     # the window CI tests (oldest and newest Triton); isreshape_triton/versions.py checks it at import
     install_requires=["torch>=2.9", "triton>=3.5,<4", "numpy"],

@@ -10,7 +10,7 @@ One forward + backward step per row, with an entropy bonus in the loss, at V = 3
 * ``liger``: Liger-Kernel's ``triton_grpo_loss`` (ppo_clip only, no entropy; GPU only).
 
 Figures: Triton and aten launches, host syncs, bytes (eager: counted aten bytes; fused:
-the analytic ``from_logits.traffic_model`` plus the log-prob op's ``ops.traffic_model`` plus
+the analytic ``from_logits.traffic_model`` plus the log-prob op's ``launch.traffic_model`` plus
 counted aten glue), that in units of the logits' size, peak extra memory (storages
 created inside the step, the returned gradient excluded) and wall time: CPU wall time is
 labelled as such (the interpreter runs Triton programs in NumPy: not a speed figure); on
@@ -94,9 +94,9 @@ def _liger_step(temperature):
 def _fused_bytes(family, N, V, dtype, mask_dtype):
     import torch
 
-    from isreshape_triton import from_logits, ops
+    from isreshape_triton import from_logits, launch
 
-    lp_op = ops.traffic_model(family, torch.float32, mask_dtype, 2, N // 2, "BT")
+    lp_op = launch.traffic_model(family, torch.float32, mask_dtype, 2, N // 2, "BT")
     return from_logits.traffic_model(N, V, dtype, entropy_grad=True) + lp_op
 
 

@@ -6,8 +6,8 @@ kernel it launches, beside the eager-PyTorch model and the roofline: a MODEL, no
 
 (``python -m bench`` runs it too.) Steps:
 
-1. ``trace``: the op runs forward + backward on ``meta`` tensors with ``ops.Launch.__call__``
-   replaced by a recorder, so every launch it plans (``ops.plan_launches`` and whatever its
+1. ``trace``: the op runs forward + backward on ``meta`` tensors with ``launch.Launch.__call__``
+   replaced by a recorder, so every launch it plans (``launch.plan_launches`` and whatever its
    backward launches) is captured with its grid and arguments at the real shape, and
    ``count_work`` counts its aten glue (launches, bytes). Nothing runs, nothing is allocated.
 2. ``compiled``: each launch's specialization (``aot.launch_spec(..., jit_values=True)``: what the
@@ -113,7 +113,7 @@ def case_inputs(case: Case, dtype, device) -> tuple:
 
 @dataclass
 class Trace:
-    launches: list  # ops.Launch objects, forward then backward
+    launches: list  # launch.Launch objects, forward then backward
     aten_launches: int
     aten_bytes: int
     syncs: int
@@ -121,23 +121,23 @@ class Trace:
 
 def trace(loss_type: str, case: Case, dtype=torch.float32, options: Optional[dict] = None) -> Trace:
     """Every launch of one forward + backward of the fused op at the case's shape (on meta tensors)."""
-    from isreshape_triton import ops
+    from isreshape_triton import launch, ops
     from isreshape_triton.dev.profiling import count_work
 
     recorded = []
-    original = ops.Launch.__call__
-    ops.Launch.__call__ = lambda self: recorded.append(self)
+    original = launch.Launch.__call__
+    launch.Launch.__call__ = lambda self: recorded.append(self)
     try:
         lp, old, adv, mask, extra = case_inputs(case, dtype, "meta")
         seed = torch.ones((), dtype=dtype, device="meta")
-        ops.completion_ticket(lp.device)  # allocated by the first call only: steady state, as in training
+        launch.completion_ticket(lp.device)  # allocated by the first call only: steady state, as in training
         with count_work(track_memory=False) as work:
             loss, _ = ops.fused_policy_loss(lp, old, adv, mask, loss_type, **extra, **(options or {}))
             # the gradient itself: on meta tensors AccumulateGrad copies it into .grad, where a real
             # device steals the op's output buffer (no aten op)
             torch.autograd.grad(loss, lp, seed.to(loss.dtype))
     finally:
-        ops.Launch.__call__ = original
+        launch.Launch.__call__ = original
     return Trace(recorded, work.torch_launches, work.bytes, work.syncs)
 
 
@@ -292,9 +292,9 @@ def fused_model(tr: Trace, rows: List[dict], m: sm.H100Model = sm.H100, work=lau
 
 
 def roofline_bytes(loss_type: str, case: Case, dtype) -> int:
-    """SPEC §13 bytes: ``ops.traffic_model`` of the case (bool masks, per-token advantages, as in the
+    """SPEC §13 bytes: ``launch.traffic_model`` of the case (bool masks, per-token advantages, as in the
     bench batch; the packed case by its padded stand-in until ``PACKED_INPUTS``)."""
-    from isreshape_triton.ops import traffic_model
+    from isreshape_triton.launch import traffic_model
 
     return int(traffic_model(loss_type, dtype, torch.bool, case.R, case.T, "BT"))
 

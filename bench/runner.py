@@ -13,7 +13,7 @@ loss sum supplies it).  Figures per run:
 * measured by counters (any machine): launches (Triton kernels + non-view aten
   ops), host syncs, aten-level bytes, peak extra memory (storages created inside
   the step, tracked by lifetime) — see ``isreshape_triton.dev.profiling``;
-* fused bytes: the analytic ``isreshape_triton.ops.traffic_model`` (the whole
+* fused bytes: the analytic ``isreshape_triton.launch.traffic_model`` (the whole
   fwd+bwd op; Triton kernels cannot be counted by a dispatch mode); the counted
   bytes of its aten glue are kept apart in ``aten_glue_bytes``;
 * with CUDA: median fwd+bwd time (``triton.testing.do_bench``), achieved
@@ -74,7 +74,7 @@ def make_plan(mode: str, device: str) -> Plan:
             "(TRITON_INTERPRET=1) at B×T = " + ", ".join(f"{b}×{t}" for b, t in plan.fused_sizes)
             + " only (the interpreter runs each program instance in NumPy, far slower than a GPU); its "
             "launch and sync counts do not depend on the size, and its bytes come from the analytic "
-            "traffic model `isreshape_triton.ops.traffic_model`. Eager and reference run at every size.")
+            "traffic model `isreshape_triton.launch.traffic_model`. Eager and reference run at every size.")
         plan.notes.append("No CUDA device: no timings; torch.compile baseline skipped (GPU only).")
     return plan
 
@@ -112,10 +112,10 @@ IMPLS = {"eager": _eager, "reference": _reference, "fused": _fused, "compiled": 
 
 
 def traffic_model_bytes(family, batch: Batch, split: bool = False):
-    """``isreshape_triton.ops.traffic_model`` of the batch; ``split``: (per-token streams, the
+    """``isreshape_triton.launch.traffic_model`` of the batch; ``split``: (per-token streams, the
     O(rows + chunks + programs) record buffers)."""
     try:
-        from isreshape_triton.ops import traffic_model
+        from isreshape_triton.launch import traffic_model
     except ImportError:
         return None
     B, T = batch.shape

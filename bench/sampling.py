@@ -172,21 +172,21 @@ def trace_sampling(n: int, v: int, dtype, method: str):
     the aten work around it (``bench.h100.Trace``)."""
     import torch
 
-    from isreshape_triton import ops
+    from isreshape_triton import launch
     from isreshape_triton import sampling as S
     from isreshape_triton.dev.profiling import count_work
 
     from .h100 import Trace
 
     recorded = []
-    original = ops.Launch.__call__
-    ops.Launch.__call__ = lambda self: recorded.append(self)
+    original = launch.Launch.__call__
+    launch.Launch.__call__ = lambda self: recorded.append(self)
     try:
         x = torch.empty(n, v, dtype=dtype, device="meta")
         with count_work(track_memory=False) as work:
             S._optimal_sampling_kernels(x, x, None, None, S.validate(x, x, method))
     finally:
-        ops.Launch.__call__ = original
+        launch.Launch.__call__ = original
     return Trace(recorded, work.torch_launches, work.bytes, work.syncs)
 
 

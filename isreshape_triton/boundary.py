@@ -11,7 +11,7 @@ graph break under ``fullgraph=True``.
 Floats: a float argument of the compiled function that Dynamo traces as symbolic
 (after its value changed once) stays symbolic through the front end: validation
 compares it (range guards, never a guard on its value), and it reaches the custom op
-as a float64 tensor computed in the graph (``ops.split_symbolic``), so new values of
+as a float64 tensor computed in the graph (``custom_op.split_symbolic``), so new values of
 a parameter schedule reuse the graph. Ints are made static here (they select kernel
 specializations and shapes). Tensors (the batch, ``cu_seqlens``, tensor-valued
 counts) are graph inputs: new values never recompile. The option dataclasses (``params=``) cross the boundary field by field

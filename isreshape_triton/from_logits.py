@@ -122,7 +122,7 @@ def plan_forward(logits: torch.Tensor, labels: torch.Tensor, cfg: _Config) -> tu
     """(steps, log_prob, lse, entropy): the launches (and the all-gather with a tp group)
     of the forward pass; nothing runs."""
     from .kernels import logits as kl  # triton loads on first use (TRITON_INTERPRET is read then)
-    from .ops import Launch
+    from .launch import Launch
 
     lead = logits.dim() - 1
     N, V = labels.numel(), logits.shape[-1]
@@ -165,7 +165,7 @@ def plan_backward(logits, labels, lse, entropy, grad_log_prob, grad_entropy, cfg
     """(launch, grad_logits) of the backward pass; grad_logits is the logits' own storage
     with ``cfg.inplace``."""
     from .kernels import logits as kl
-    from .ops import Launch
+    from .launch import Launch
 
     lead = logits.dim() - 1
     N, V = labels.numel(), logits.shape[-1]
@@ -291,7 +291,7 @@ def policy_loss_from_logits(logits, labels, old_log_prob, advantages=None, respo
 def traffic_model(N: int, V: int, dtype: torch.dtype, entropy_grad: bool = False, backward: bool = True,
                   tp: int = 1, label_bytes: int = 8) -> int:
     """Bytes the from-logits kernels move for N tokens of V (local) columns; the log-prob
-    op's own traffic (``ops.traffic_model`` on fp32 log_prob) comes on top.
+    op's own traffic (``launch.traffic_model`` on fp32 log_prob) comes on top.
 
     forward: the logits once, labels, the target logit again, log_prob / lse / entropy
     written; more than one chunk or sharded V: the records written and read back (tp ×

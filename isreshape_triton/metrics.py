@@ -58,24 +58,13 @@ with ref_log_prob (SPEC §4.1)
 """
 from __future__ import annotations
 
+from .families import FAMILIES
+
 COMMON = ("token_count", "nonfinite_tokens", "ppo_kl", "w_mean", "w_max", "phi_mean", "phi_abs_max",
           "sigma_sq", "ess", "ess_ratio", "skewness", "kurtosis", "max_weight_ratio")
 GAMMA_STATS = ("gamma_mean", "gamma_min", "gamma_max")
-EXTRAS = {
-    "is_reshape": GAMMA_STATS + ("gamma",),
-    "is_reshape_sign": GAMMA_STATS + ("gamma_pos", "gamma_neg", "sigma_sq_pos", "sigma_sq_neg",
-                                      "ess_pos", "ess_ratio_pos", "ess_neg", "ess_ratio_neg"),
-    "is_reshape_tr": GAMMA_STATS,
-    "is_reshape_var": GAMMA_STATS + ("gamma_base", "p_case1", "p_case2", "p_case3", "p_case4"),
-    "ppo_clip": ("clipfrac", "clipfrac_lower"),
-    "sapo": (),
-    "vespo": (),
-}
-
-
+EXTRAS = {name: (GAMMA_STATS if family.gamma_stats else ()) + family.metrics for name, family in FAMILIES.items()}
 PSIS = ("psis_k", "psis_unreliable")
-
-
 KL = ("kl_loss",)
 
 

@@ -113,7 +113,7 @@ def launch_count(method: str) -> int:
 
 @dataclass
 class SamplingPlan:
-    steps: list  # ops.Launch objects, run in order
+    steps: list  # launch.Launch objects, run in order
     result: SamplingResult  # flat [N] outputs (and [N, V] log q)
     seg: int
     nseg: int
@@ -132,7 +132,7 @@ def plan_sampling(pol: torch.Tensor, tgt: torch.Tensor, ref: Optional[torch.Tens
     import triton.language as tl
 
     from .kernels import sampling as ks
-    from .ops import Launch
+    from .launch import Launch
 
     N, V = pol.shape
     dev = pol.device

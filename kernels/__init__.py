@@ -2,7 +2,8 @@
 
 rows.py      work items: chunks, the row pieces inside them, tile loads
 common.py    lane accumulators (moments, shifted exp sums), NaN-loud helpers, expm1/log1p/tanh
-families.py  one device function per loss family: (φ, F) per token; verl's KL penalty
+families/    one module per loss family: its token function (φ, F) and, if any, its row weight
+kl.py        verl's KL penalty
 gamma.py     γ rules on the device (closed form, exact sample ESS), record merges
 layout.py    slot layouts of the record / element / partial / metric buffers
 stats.py     forward pass 1: statistics records of ℓ per program or per row piece

@@ -11,13 +11,16 @@ import triton
 import triton.language as tl
 
 from .common import batch_frame, clamp_nan, lane_summaries, max_nan, moments_init, moments_merge, unbiased_var
-from .families import IS_RESHAPE, IS_RESHAPE_SIGN, IS_RESHAPE_VAR
 from .layout import S_AFIRST, S_FRAME, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
 
 GAMMA_FIXED = tl.constexpr(0)
 GAMMA_ESS = tl.constexpr(1)
 GAMMA_ESS_EXACT = tl.constexpr(2)
 GAMMA_GIVEN = tl.constexpr(3)  # computed on the device before the loss pass (PSIS)
+# the tokens a family's γ rule reads (``family.KernelFamily``: no rule, one γ from all tokens, γ± by sign)
+GROUPS_NONE = tl.constexpr(0)
+GROUPS_ALL = tl.constexpr(1)
+GROUPS_SIGN = tl.constexpr(2)
 
 
 @triton.jit
@@ -160,7 +163,7 @@ def merge_sequence_sums(rec_ptr, count, first, base, stride, KS: tl.constexpr, B
 
 @triton.jit
 def family_context(rec_ptr, count, first, base, stride, gamma_rule, scratch_ptr,
-                   FAMILY: tl.constexpr, GAMMA_MODE: tl.constexpr, HAS_STATS: tl.constexpr, FRAME: tl.constexpr,
+                   GROUPS: tl.constexpr, GAMMA_MODE: tl.constexpr, HAS_STATS: tl.constexpr, FRAME: tl.constexpr,
                    KS: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr, W: tl.constexpr):
     """The family's γ context (c0, c1) from ``count`` statistics records (``record_index``),
     merged per warp through scratch_ptr (W > 0, see ``common.lane_summaries``) or CTA-wide (W = 0);
@@ -168,10 +171,10 @@ def family_context(rec_ptr, count, first, base, stride, gamma_rule, scratch_ptr,
     with FRAME (batch statistics) the frame (c, r, u) of pass 2's moments of ℓ from the records'
     frame sums (``common.batch_frame``), else 0.
 
-    is_reshape / is_reshape_var: c0 = γ (γ_base) on [a_lo, a_hi] from σ² of all tokens,
-    or the fixed value (validated in range). is_reshape_sign: c0 = γ+ from the A>0 group (empty → 0.5),
-    c1 = 1 + δ from the A<0 group (empty → 1.5); fixed values ≥ 0 override.
-    Other families: (0, 0).
+    GROUPS_ALL (is_reshape's γ, is_reshape_var's γ_base): c0 = γ on [a_lo, a_hi] from σ² of all
+    tokens, or the fixed value (validated in range). GROUPS_SIGN (is_reshape_sign): c0 = γ+ from
+    the A>0 group (empty → 0.5), c1 = 1 + δ from the A<0 group (empty → 1.5); fixed values ≥ 0
+    override. GROUPS_NONE: (0, 0).
     """
     rho, fixed_a, fixed_b, a_lo, a_hi, b_lo, b_hi = gamma_rule
     dt = rec_ptr.dtype.element_ty
@@ -179,7 +182,7 @@ def family_context(rec_ptr, count, first, base, stride, gamma_rule, scratch_ptr,
     c1 = tl.zeros([], dt)
     groups = (c0, c0, c0, c0)
     frame = (c0, c0, c0)
-    if FAMILY == IS_RESHAPE or FAMILY == IS_RESHAPE_VAR:
+    if GROUPS == GROUPS_ALL:
         if GAMMA_MODE == GAMMA_FIXED:
             c0 += fixed_a  # validated in [a_lo, a_hi] on the host
         else:
@@ -197,7 +200,7 @@ def family_context(rec_ptr, count, first, base, stride, gamma_rule, scratch_ptr,
             else:
                 grid = _merge_grid(rec_ptr, count, first, base, stride, S_GRID, G, KS, BLOCK)
                 c0 += solve_ess_exact(n, grid, rho, a_lo, a_hi, G)
-    elif FAMILY == IS_RESHAPE_SIGN:
+    elif GROUPS == GROUPS_SIGN:
         if HAS_STATS:
             if FRAME:
                 lanes = _merge_groups(rec_ptr, count, first, base, stride, (S_N_POS, S_N_NEG, S_FRAME), 4, KS, BLOCK)

@@ -24,9 +24,9 @@ import triton.language as tl
 
 from .common import (expsum_add, expsum_init, max_nan, min_nan, moments_add, moments_init, power_sums_add,
                      power_sums_init, power_sums_moments, safe_div)
-from .families import IS_RESHAPE_VAR, KL_NONE, VESPO, family_token, kl_penalty, vespo_sequence_weight
 from .finalize import finalize, reduce_record, store_record
 from .gamma import GAMMA_GIVEN, family_context, merge_sequence_sums
+from .kl import KL_NONE, kl_penalty
 from .layout import (E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, PARTIAL_SCRATCH,
                      PARTIAL_WIDTH, ROW_ENDS, ROW_STARTS)
 from .rows import load_raw, locate_row, piece_end, prologue_stop, row_elements, streams, token_values
@@ -50,11 +50,12 @@ def _store_element(ptr, n, loss, kl, row, flags):
 @triton.jit
 def _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, chunk, n_chunks,
                  clamp, gamma_rule, params, batch_ctx,
-                 FAMILY: tl.constexpr, GAMMA_MODE: tl.constexpr, ROW_STATS: tl.constexpr,
+                 ROW_WEIGHT: tl.constexpr, GROUPS: tl.constexpr, GAMMA_MODE: tl.constexpr, ROW_STATS: tl.constexpr,
                  ACC: tl.constexpr, KS: tl.constexpr, G: tl.constexpr, BLOCK_REC: tl.constexpr):
     """The family context of row s: the batch context, the given γ of the row (PSIS),
     or merged from the row's piece records (one for a complete row, else the tail of its
-    first chunk and the heads of the others)."""
+    first chunk and the heads of the others): the family's ``ROW_WEIGHT`` of the row's Σℓ and
+    first advantage, or its γ rule on the row's groups."""
     ctx = batch_ctx
     if GAMMA_MODE == GAMMA_GIVEN:
         row = gamma_ptr + s.to(tl.int64) * gamma_row_stride
@@ -65,12 +66,12 @@ def _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, ch
         first = tl.where(complete, 2 * n_chunks + s, first)
         count = tl.where(complete, 1, count)
         base = 2 * (start // chunk)
-        if FAMILY == VESPO:
+        if ROW_WEIGHT is not None:
             lsum, a_first = merge_sequence_sums(stats_ptr, count, first, base, 2, KS, BLOCK_REC)
-            ctx = (vespo_sequence_weight(lsum, a_first, clamp, params), tl.zeros([], ACC))
+            ctx = (ROW_WEIGHT(lsum, a_first, clamp, params), tl.zeros([], ACC))
         else:
             ctx, _, _ = family_context(stats_ptr, count, first, base, 2, gamma_rule, stats_ptr,
-                                       FAMILY, GAMMA_MODE, True, False, KS, G, BLOCK_REC, 0)
+                                       GROUPS, GAMMA_MODE, True, False, KS, G, BLOCK_REC, 0)
     return ctx
 
 
@@ -87,7 +88,8 @@ def token_loss_kernel(
     s_rollout_r, s_rollout_t, s_ref_r, s_ref_t,
     clamp, gamma_rule, params, kl_coef, agg_mode,
     dp_size, global_token_count, global_batch_size, loss_scale_factor,
-    FAMILY: tl.constexpr, OPT: tl.constexpr, GAMMA_MODE: tl.constexpr, KL_TYPE: tl.constexpr,
+    TOKEN: tl.constexpr, OPT: tl.constexpr, ROW_WEIGHT: tl.constexpr, GROUPS: tl.constexpr,
+    GAMMA_STATS: tl.constexpr, GAMMA_MODE: tl.constexpr, KL_TYPE: tl.constexpr,
     BATCH_STATS: tl.constexpr, ROW_STATS: tl.constexpr, SIGN_GROUPS: tl.constexpr,
     ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
     PACKED: tl.constexpr, UNIT_STRIDE: tl.constexpr, WRITE_GRAD: tl.constexpr, SEQ_AGG: tl.constexpr,
@@ -98,8 +100,10 @@ def token_loss_kernel(
     """Loss, metrics and ∂L/∂lp per token (see module docstring); ``agg_mode`` is the
     aggregation's index in ``AGG_MODES`` (SEQ_AGG: one of the seq-* modes). With rollout IS weights r
     and the KL term, L_t = −F_t·r_t + β·k(x_t) and ∂L_t/∂lp_t = −φ_t·r_t + β·k'(x_t)
-    (VESPO: r is in W, not per token); ``kl_coef`` = β. ``params`` is the family's float tuple,
-    ``gamma_rule`` the γ rule (``gamma.py``); global_* < 0 means "not given" (or device
+    (a family with a ``ROW_WEIGHT``: r is in it, not per token); ``kl_coef`` = β. The family:
+    its device function ``TOKEN`` with its option OPT and float tuple ``params``, its
+    ``ROW_WEIGHT`` (or None), the groups of its γ rule ``gamma_rule`` (``gamma.py``: GROUPS,
+    GAMMA_MODE) and whether it reports γ_t statistics (GAMMA_STATS); global_* < 0 means "not given" (or device
     tensors, see ``finalize``); SLOTS: the partial slots filled (``layout.partial_slots``);
     WARPS: the launch's num_warps."""
     lp, olp, adv, mask, rollout, ref = streams(lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr,
@@ -126,7 +130,7 @@ def token_loss_kernel(
         frame = (zero, zero, zero)
     else:
         batch_ctx, groups, frame = family_context(stats_ptr, n_stats, 0, 0, 1, gamma_rule,
-                                                  record_scratch + PARTIAL_WIDTH * WARPS, FAMILY, GAMMA_MODE,
+                                                  record_scratch + PARTIAL_WIDTH * WARPS, GROUPS, GAMMA_MODE,
                                                   BATCH_STATS, FRAMED, KS, G, BLOCK_REC, WARPS)
     # lane accumulators of the program
     loss_acc = like
@@ -165,7 +169,7 @@ def token_loss_kernel(
                            HAS_ADV, HAS_MASK, HAS_ROLLOUT, KL_TYPE != KL_NONE)  # the piece's first tile
             ctx = _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, chunk,
                                n_chunks, clamp, gamma_rule, params, batch_ctx,
-                               FAMILY, GAMMA_MODE, ROW_STATS, ACC, KS, G, BLOCK_REC)
+                               ROW_WEIGHT, GROUPS, GAMMA_MODE, ROW_STATS, ACC, KS, G, BLOCK_REC)
             row_loss = like
             row_kl = like
             row_n = like
@@ -177,12 +181,12 @@ def token_loss_kernel(
                                                        HAS_ROLLOUT, KL_TYPE != KL_NONE, PACKED)
                 raw = ahead
                 w = tl.exp(ell)
-                phi, F, g, x = family_token(ell, w, A, ctx, params, FAMILY, OPT)
+                phi, F, g, x = TOKEN(ell, w, A, ctx, params, OPT)
                 # a non-finite input poisons its token's φ, F and extras, whatever the formula
                 phi = tl.where(bad, float("nan"), tl.where(m, phi, 0.0))
                 L = tl.where(bad, float("nan"), tl.where(m, -F, 0.0))
                 dL = -phi
-                if HAS_ROLLOUT and FAMILY != VESPO:
+                if HAS_ROLLOUT and ROW_WEIGHT is None:
                     L = L * r
                     dL = dL * r
                 if KL_TYPE != KL_NONE:
@@ -211,7 +215,7 @@ def token_loss_kernel(
                 phi_sum += phi
                 phi_max = max_nan(phi_max, tl.abs(phi))
                 ess_all = expsum_add(ess_all, g * ell, m)
-                if FAMILY <= IS_RESHAPE_VAR:
+                if GAMMA_STATS:
                     g_sum += tl.where(m, g, 0.0)
                     g_min = tl.where(m, min_nan(g_min, g), g_min)
                     g_max = tl.where(m, max_nan(g_max, g), g_max)

@@ -22,13 +22,13 @@ torch.set_num_threads(2)
 @pytest.fixture
 def poisoned_outputs(monkeypatch):
     """Every buffer the fused op allocates starts as NaN, so an unwritten element shows."""
-    from isreshape_triton import ops
+    from isreshape_triton import launch
 
     def nan_empty(shape, dtype, device):
         with _disable_current_modes():  # the poison fill is the test's work, not the op's
             return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(ops, "_empty", nan_empty)
+    monkeypatch.setattr(launch, "empty_buffer", nan_empty)
 
 
 EXERCISED_SPECIALIZATIONS = {}  # every kernel specialization launched in this session (see test_zz_aot)
@@ -37,16 +37,16 @@ EXERCISED_SPECIALIZATIONS = {}  # every kernel specialization launched in this s
 @pytest.fixture(autouse=True, scope="session")
 def record_specializations():
     """Record the specialization of every launch of the fused op, for the sm_90 AOT check."""
-    from isreshape_triton import ops
+    from isreshape_triton import launch
     from isreshape_triton.dev import aot
 
-    original = ops.Launch.__call__
+    original = launch.Launch.__call__
 
     def recording_call(self):
         spec = aot.launch_spec(self)
         EXERCISED_SPECIALIZATIONS[aot.spec_key(spec)] = spec
         return original(self)
 
-    ops.Launch.__call__ = recording_call
+    launch.Launch.__call__ = recording_call
     yield EXERCISED_SPECIALIZATIONS
-    ops.Launch.__call__ = original
+    launch.Launch.__call__ = original

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import isreshape_triton as irt
-from isreshape_triton import ops
+from isreshape_triton import launch
+from isreshape_triton.inputs import prepare_inputs
 from isreshape_triton.inputs import Inputs
 
 from _cases import AGG_MODES, FAMILY_CONFIGS, pairwise
@@ -24,15 +25,15 @@ SMS = 132
                                  (1024, 4096), (3, 37)])
 def test_plan_fills_the_gpu_for_every_shape(R, T):
     x = Inputs(torch.empty(R, T), torch.empty(R, T), None, None, torch.Size((R, T)))
-    geo = ops.geometry(x)
+    geo = launch.geometry(x)
     assert geo["chunk"] <= 4096 and geo["n_chunks"] * geo["chunk"] >= R * T
     assert geo["grid"] >= min(geo["n_chunks"], 2 * SMS)
-    assert geo["grid"] <= ops.TILING.max_programs  # = the number of partial records
+    assert geo["grid"] <= launch.TILING.max_programs  # = the number of partial records
     if R * T >= 2 * SMS * 1024:  # enough tokens: at least two work items per SM
         assert geo["n_chunks"] >= 2 * SMS - 8
     packed = Inputs(torch.empty(R * T), torch.empty(R * T), None, None, torch.Size((R * T,)),
                     torch.arange(0, R * T + 1, T, dtype=torch.int32))
-    assert ops.geometry(packed)["grid"] == geo["grid"]  # the plan depends on N only
+    assert launch.geometry(packed)["grid"] == geo["grid"]  # the plan depends on N only
 
 
 def _packed_batch(lengths, seed=0, dtype=torch.float32):
@@ -60,7 +61,7 @@ PACKED_CASES = pairwise({"family": PACKED_FAMILIES, "agg": AGG_MODES, "adv": ("N
 def test_packed_matches_padded_reference(case, poisoned_outputs, monkeypatch):
     """Every row rule per sequence; the reference pads to [S, longest] (SPEC §2)."""
     if case["tiling"] == "small":
-        monkeypatch.setattr(ops, "TILING", SMALL_TILING)
+        monkeypatch.setattr(launch, "TILING", SMALL_TILING)
     loss_type, opts = case["family"]
     lp, olp, adv, mask, seq_adv, cu = _packed_batch(case["lengths"], seed=len(case["lengths"]))
     adv = {"N": adv, "S": seq_adv, "none": None}[case["adv"]]
@@ -74,7 +75,7 @@ def test_packed_matches_padded_reference(case, poisoned_outputs, monkeypatch):
 
 def test_one_long_row_spans_many_chunks_and_programs(monkeypatch):
     """R = 1: 19 chunks of 16 tokens on 3 programs; the same bits on every repeat."""
-    monkeypatch.setattr(ops, "TILING", SMALL_TILING)
+    monkeypatch.setattr(launch, "TILING", SMALL_TILING)
     g = torch.Generator().manual_seed(1)
     lp = -torch.rand(1, 300, generator=g)
     olp = lp + 0.5 * torch.randn(1, 300, generator=g)
@@ -119,11 +120,11 @@ def test_every_output_is_written_with_empty_rows(agg, monkeypatch):
     lp, olp, adv, mask, _, cu = _packed_batch((7, 0, 12, 0, 3))
     outs = []
     for fill in (float("nan"), 7.0):
-        monkeypatch.setattr(ops, "_empty", lambda shape, dtype, device, fill=fill: torch.full(shape, fill, dtype=dtype,
+        monkeypatch.setattr(launch, "empty_buffer", lambda shape, dtype, device, fill=fill: torch.full(shape, fill, dtype=dtype,
                                                                                                 device=device))
-        x = ops.prepare_inputs(lp, olp, adv, mask, cu_seqlens=cu)
-        plan = ops.plan_launches(x, irt.families.kernel_family("vespo", irt.make_params("vespo")),
-                                 ops.AggConfig(agg), 20.0, True)
+        x = prepare_inputs(lp, olp, adv, mask, cu_seqlens=cu)
+        plan = launch.plan_launches(x, irt.families.kernel_family("vespo", irt.make_params("vespo")),
+                                 irt.params.AggConfig(agg), 20.0, True)
         for step in plan.steps:
             step()
         outs.append((plan.loss, plan.metrics, plan.neg_phi, plan.grad_scale, plan.row_count))

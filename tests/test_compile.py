@@ -24,7 +24,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import isreshape_triton as irt
-from isreshape_triton import ops
+from isreshape_triton import custom_op, launch
 from isreshape_triton.families import kernel_family
 from isreshape_triton.params import AggConfig, KLConfig
 from isreshape_triton.dev.profiling import count_work
@@ -87,7 +87,7 @@ def _assert_same(a, b, rtol=1e-6):
 # ============================================================================ the custom ops
 def _op_args(loss_type="is_reshape_sign", agg="seq-mean-token-mean", packed=False, **opts):
     fam = kernel_family(loss_type, irt.make_params(loss_type, **opts))
-    mode, ints, floats = ops.encode_config(fam, AggConfig(agg), KLConfig(), 20.0, True)
+    mode, ints, floats = custom_op.encode_config(fam, AggConfig(agg), KLConfig(), 20.0, True)
     if packed:
         lp, olp, adv, mask, cu = _packed((7, 0, 12, 3))
     else:
@@ -143,11 +143,11 @@ def test_config_encoding_round_trips(loss_type, opts):
     for agg, kl in ((AggConfig("token-mean"), KLConfig()),
                     (AggConfig("seq-mean-token-sum-norm", 4, 1e-44, 7.0, 3.5), KLConfig(0.25, "kl")),
                     (AggConfig("token-sum", 2, torch.tensor(9.0), None, 0.0), KLConfig(1e-3, "mse"))):
-        mode, ints, floats = ops.encode_config(fam, agg, kl, 17.5, False)
+        mode, ints, floats = custom_op.encode_config(fam, agg, kl, 17.5, False)
         assert all(type(i) is int for i in ints) and all(type(f) is float for f in floats)
         tensors = [v if isinstance(v, torch.Tensor) else None for v in (agg.global_token_count,
                                                                         agg.global_batch_size)]
-        fam2, agg2, kl2, clamp, write_grad = ops.decode_config(mode, ints, floats, *tensors)
+        fam2, agg2, kl2, clamp, write_grad = custom_op.decode_config(mode, ints, floats, *tensors)
         assert (fam2, agg2, kl2, clamp, write_grad) == (fam, agg, kl, 17.5, False)
 
 
@@ -293,13 +293,13 @@ def test_func_grad_equals_autograd(loss_type, agg, opts):
 def recorded_buffers(monkeypatch):
     """Every buffer the op allocates, as (shape, dtype), in order."""
     calls = []
-    original = ops._empty
+    original = launch.empty_buffer
 
     def record(shape, dtype, device):
         calls.append((tuple(shape), dtype))
         return original(shape, dtype, device)
 
-    monkeypatch.setattr(ops, "_empty", record)
+    monkeypatch.setattr(launch, "empty_buffer", record)
     return calls
 
 
@@ -323,7 +323,7 @@ def test_allocations_depend_on_shapes_only_and_no_sync(loss_type, agg, opts, rec
     """What CUDA-graph capture needs, checked on the CPU: forward + backward make no sync
     (strict detector), and allocate the same buffers whatever the values (NaN, ±inf, all
     masked...), so a captured graph's memory plan holds for every replay."""
-    ops.completion_ticket(torch.device("cpu"))  # once per device and thread, before any capture
+    launch.completion_ticket(torch.device("cpu"))  # once per device and thread, before any capture
     seen = []
     for lp, olp, adv, mask in _data_variants(3, 21, seed=7):
         recorded_buffers.clear()
@@ -387,7 +387,7 @@ def _call(i):
 
 
 def test_two_threads_match_sequential_calls():
-    """The interpreter is serialised per launch (``ops._INTERPRETER_LOCK``); every thread has
+    """The interpreter is serialised per launch (``launch._INTERPRETER_LOCK``); every thread has
     its own completion ticket, so interleaved calls give the sequential results bit for bit."""
     n = len(THREAD_CASES)
     sequential = [_call(i) for i in range(n)]

@@ -45,13 +45,13 @@ ENTROPY_BONUS = 0.05
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer either op allocates for its kernels starts as NaN."""
-    from isreshape_triton import ops
+    from isreshape_triton import launch
 
     def nan_empty(shape, dtype, device):
         with _disable_current_modes():
             return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(ops, "_empty", nan_empty)
+    monkeypatch.setattr(launch, "empty_buffer", nan_empty)
     monkeypatch.setattr(from_logits, "_empty", nan_empty)
 
 

@@ -8,8 +8,8 @@
 * ``TRITON_INTERPRET=1`` set after triton was imported is a one-line RuntimeError saying it
   must be set before anything imports triton (not an error from deep inside Triton); set
   before, also after ``import isreshape_triton``, it runs the interpreter;
-* the product's import graph (every import, at module level or inside a function) has no
-  cycle between its modules, and none of its modules imports the development tooling
+* the product's import graph (every import, at module level or inside a function, and the
+  imports by name of the family modules) has no cycle between its modules, and none of its modules imports the development tooling
   (``isreshape_triton.dev``: AOT and SASS, profiler, interpreter shim).
 """
 import ast
@@ -179,7 +179,15 @@ def _imports(name: str, path: Path, modules: dict) -> set:
 
 def _graph() -> dict:
     modules = _modules()
-    return {name: _imports(name, path, modules) for name, path in modules.items()}
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    # the imports by name (importlib): the family registry imports every family module, the
+    # launch planning every family's device module
+    for name in modules:
+        if name.startswith(f"{PACKAGE}.families."):
+            graph[f"{PACKAGE}.families"].add(name)
+        if name.startswith(f"{PACKAGE}.kernels.families."):
+            graph[f"{PACKAGE}.ops"].add(name)
+    return graph
 
 
 def test_the_product_never_imports_the_dev_tooling():

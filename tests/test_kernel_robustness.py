@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import isreshape_triton as irt
-from isreshape_triton import ops
+from isreshape_triton import launch
 from isreshape_triton.dev.profiling import count_work
 
 from _cases import FAMILY_CONFIGS
@@ -453,13 +453,13 @@ def test_fuzz_both_paths_agree(data):
         kw[name] = torch.tensor(value)
         uses = agg == "token-mean" if name == "global_token_count" else agg.startswith("seq-")
         count_bad = uses and not 0 <= value < INF
-    saved = ops.TILING
-    ops.TILING = draw(st.sampled_from([saved, SMALL_TILING]))
+    saved = launch.TILING
+    launch.TILING = draw(st.sampled_from([saved, SMALL_TILING]))
     psis_rows = opts.get("gamma") == "psis" and opts.get("gamma_granularity") == "sequence"
     try:  # packed PSIS per sequence pads to the longest sequence: one documented sync
         k = kernel(lp, olp, adv, mask, loss_type, agg, syncs=int(psis_rows and cu is not None), **kw)
     finally:
-        ops.TILING = saved
+        launch.TILING = saved
     r = reference(lp, olp, adv, mask, loss_type, agg, **_pin_gammas(loss_type, kw, k[1]))
     per_row_exact = opts.get("gamma") == "ess_exact" and opts.get("gamma_granularity") == "sequence"
     rtol = 2e-3 if per_row_exact else (1e-6 if dtype == F64 else 1e-5)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import isreshape_triton as irt
 from isreshape_triton.families import kernel_family
-from isreshape_triton import ops
+from isreshape_triton import launch
 from isreshape_triton.kernels.backward import policy_grad_kernel
 from isreshape_triton.kernels.loss import token_loss_kernel
 from isreshape_triton.kernels.stats import batch_stats_kernel
@@ -45,13 +45,13 @@ def _case_id(case):
            f"{case['layout']}-{case['special']}-{case['tiling']}"
 
 
-SMALL_TILING = ops.Tiling(max_programs=3, chunk_min=16, chunk_max=16)
+SMALL_TILING = launch.Tiling(max_programs=3, chunk_min=16, chunk_max=16)
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 16 tokens on at most 3 programs: rows span chunks, programs walk several."""
-    monkeypatch.setattr(ops, "TILING", SMALL_TILING)
+    monkeypatch.setattr(launch, "TILING", SMALL_TILING)
 
 
 def fused_with_counts(lp, olp, adv, mask, loss_type, agg, syncs=0, **opts):
@@ -59,7 +59,7 @@ def fused_with_counts(lp, olp, adv, mask, loss_type, agg, syncs=0, **opts):
     that many documented syncs) and the launch counter; ``work.forward`` /
     ``work.backward`` count each half."""
     x = lp.detach().clone().requires_grad_()
-    ops.completion_ticket(lp.device)  # allocated once per device and thread, not per call
+    launch.completion_ticket(lp.device)  # allocated once per device and thread, not per call
     strict = syncs == 0
     with count_work(strict=strict, track_memory=False) as work:
         with count_work(strict=strict, track_memory=False) as forward:
@@ -133,7 +133,7 @@ def check_against_reference(lp, olp, adv, mask, loss_type, agg, opts, rtol=None,
 def test_parity_pairwise(case, poisoned_outputs, monkeypatch):
     loss_type, opts = case["family"]
     if case["tiling"] == "small":
-        monkeypatch.setattr(ops, "TILING", SMALL_TILING)
+        monkeypatch.setattr(launch, "TILING", SMALL_TILING)
     lp, olp, adv, mask = make_batch(5, 37, case["dtype"], case["adv"], case["mask"], case["layout"],
                                     case["special"], seed=zlib.crc32(_case_id(case).encode()) % 1000)  # not hash(): salted per process
     seq_exact = opts.get("gamma") == "ess_exact" and opts.get("gamma_granularity") == "sequence"
@@ -267,12 +267,12 @@ def test_skew_kurtosis_moments_of_tiny_log_ratios(spread, center, tiling, loss_t
     olp = torch.zeros_like(lp)
     mask = torch.rand(5, 700, generator=g) > 0.3
     adv = torch.randn(5, 700, generator=g)
-    saved = ops.TILING
-    ops.TILING = SMALL_TILING if tiling == "small" else saved
+    saved = launch.TILING
+    launch.TILING = SMALL_TILING if tiling == "small" else saved
     try:
         _, metrics, _, _ = fused_with_counts(lp, olp, adv, mask, loss_type, "token-mean")
     finally:
-        ops.TILING = saved
+        launch.TILING = saved
     _, ref_metrics = irt.reference.policy_loss(lp, olp, adv, mask, loss_type, "token-mean")
     x = lp.double()[mask].clamp(-20.0, 20.0).numpy()  # ℓ = clamp(d, −20, 20)
     skew, kurt = scipy_stats.skew(x), scipy_stats.kurtosis(x)
@@ -295,7 +295,8 @@ def test_float_parameters_are_runtime_arguments():
     """Changing τ, ρ, γ bounds, clip ranges, B, T, N, S or the chunk size never recompiles:
     floats are not constexpr and integer sizes are not specialised."""
     structural = {"ACC", "HAS_ADV", "HAS_MASK", "PACKED", "SIGN_GROUPS", "ESS_EXACT", "G", "KS",
-                  "ROW_STATS", "BLOCK_T", "FAMILY", "OPT", "GAMMA_MODE", "BATCH_STATS", "WRITE_GRAD",
+                  "ROW_STATS", "BLOCK_T", "TOKEN", "ROW_WEIGHT", "GROUPS", "GAMMA_STATS", "OPT", "GAMMA_MODE",
+                  "BATCH_STATS", "WRITE_GRAD",
                   "BLOCK_REC", "SEQ_GAMMA", "AGG", "SEQ_AGG", "BLOCK_P", "BLOCK_E", "PER_ROW",
                   "COUNTS_ON_DEVICE", "HAS_ROLLOUT", "HAS_REF", "KL_TYPE", "UNIT_STRIDE", "SLOTS", "WARPS"}
     for kernel in (batch_stats_kernel, token_loss_kernel, policy_grad_kernel):
@@ -312,8 +313,8 @@ def test_unit_stride_specialization_follows_the_layout(monkeypatch):
     """Contiguous token streams take the UNIT_STRIDE addresses, a strided view or [B]
     advantages the general ones; both give the same bits."""
     seen = []
-    run = ops.Launch.__call__
-    monkeypatch.setattr(ops.Launch, "__call__", lambda self: (seen.append(self.constexprs.get("UNIT_STRIDE")),
+    run = launch.Launch.__call__
+    monkeypatch.setattr(launch.Launch, "__call__", lambda self: (seen.append(self.constexprs.get("UNIT_STRIDE")),
                                                               run(self))[1])
     out = {}
     for layout, adv in (("contiguous", "BT"), ("strided", "BT"), ("contiguous", "B")):
@@ -356,7 +357,7 @@ def test_traffic_budget(loss_type, opts):
     """fp32 inputs with a float32 mask: ≤ 44 bytes/token forward + backward (each input
     read at most twice, −m·φ written once, read and scaled once); 17 B/token is the
     single-pass floor for the inputs alone."""
-    from isreshape_triton.ops import traffic_model
+    from isreshape_triton.launch import traffic_model
 
     B, T = 1024, 4096
     params = irt.make_params(loss_type, **opts)

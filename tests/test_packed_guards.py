@@ -3,7 +3,7 @@ malformed offsets (negative, decreasing, past N, past int32) never make the kern
 outside their buffers (SPEC §2), without validate=True.
 
 The interpreter does not catch out-of-bounds accesses (it reads host memory), so every tensor the
-test can place — the inputs, cu_seqlens and every buffer the op allocates (``ops._empty``) — is a
+test can place — the inputs, cu_seqlens and every buffer the op allocates (``launch.empty_buffer``) — is a
 view into the middle of a larger tensor filled with a sentinel, and the guard regions around it
 must be intact after forward and backward. (Reads outside a guard cannot be seen this way, but a
 read past a buffer of the op lands in its guard, whose sentinel would show in the result only by
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import isreshape_triton as irt
-from isreshape_triton import ops
+from isreshape_triton import launch
 
 from test_kernels import SMALL_TILING
 
@@ -47,7 +47,7 @@ class Guards:
         return view.view(t.shape)
 
     def empty(self, shape, dtype, device):
-        """``ops._empty``: a placed buffer that starts alike in both runs (sentinel 0)."""
+        """``launch.empty_buffer``: a placed buffer that starts alike in both runs (sentinel 0)."""
         shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (shape,)
         return self.place(torch.full(shape, _sentinel(dtype, 0), dtype=dtype, device=device))
 
@@ -61,11 +61,11 @@ class Guards:
 @pytest.fixture
 def guards(monkeypatch):
     """A factory: guards(variant) routes the op's allocations into a fresh Guards."""
-    monkeypatch.setattr(ops, "TILING", SMALL_TILING)  # 16-token chunks: rows span chunks
+    monkeypatch.setattr(launch, "TILING", SMALL_TILING)  # 16-token chunks: rows span chunks
 
     def make(variant=0):
         g = Guards(variant)
-        monkeypatch.setattr(ops, "_empty", g.empty)
+        monkeypatch.setattr(launch, "empty_buffer", g.empty)
         return g
 
     return make
@@ -186,11 +186,11 @@ def test_fuzz_malformed_offsets_stay_in_bounds(data):
     loss_type, opts = draw(st.sampled_from([("is_reshape", {}), ("vespo", {}), ("is_reshape_sign", {}),
                                             ("ppo_clip", {}), ("is_reshape", {"gamma_granularity": "sequence"})]))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops, "TILING", SMALL_TILING)
+        mp.setattr(launch, "TILING", SMALL_TILING)
 
         def make(variant=0):
             g = Guards(variant)
-            mp.setattr(ops, "_empty", g.empty)
+            mp.setattr(launch, "empty_buffer", g.empty)
             return g
 
         loss, grad = _run(make, cu, agg, adv_per_seq, loss_type=loss_type, **opts)

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 import isreshape_triton as irt
 from isreshape_triton.metrics import metric_names
-from isreshape_triton.params import AGG_MODES, LOSS_TYPES, NEG_SATURATIONS, POS_WEIGHTS, AggConfig
+from isreshape_triton.families.is_reshape_sign import NEG_SATURATIONS, POS_WEIGHTS
+from isreshape_triton.params import AGG_MODES, LOSS_TYPES, AggConfig
 
 ref = irt.reference
 F64 = torch.float64

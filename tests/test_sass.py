@@ -3,7 +3,7 @@
 * the parser on hand-written SASS (loops, nesting, barriers, load widths, load chains,
   labels and line info, dead code) and on tiny compiled kernels, so that the test shows it
   sees a BAR.SYNC inside a loop when there is one;
-* every kernel the op launches (forward and backward, traced from ``ops.plan_launches`` by
+* every kernel the op launches (forward and backward, traced from ``launch.plan_launches`` by
   ``bench.h100.trace`` for a pairwise set of families, options, fp32/bf16 and shapes): no spills,
   and no ``BAR.*`` inside any innermost loop;
 * the H100 model: its assumptions are printed, and it is never faster than the roofline.

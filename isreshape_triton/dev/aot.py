@@ -5,7 +5,7 @@ machine without a GPU, and the resource report (registers, shared memory, spills
 
 A *specialization* is what Triton compiles once: the kernel, the types of its
 runtime arguments and the values of its constexprs. ``specs_from_plan`` derives
-them from the launches the op would make (``ops.plan_launches``), so the report
+them from the launches the op would make (``launch.plan_launches``), so the report
 covers exactly what runs. Compilation happens in a separate process without
 ``TRITON_INTERPRET`` (the interpreter replaces the JIT); registers and shared
 memory come from ``cuobjdump -res-usage`` on the cubin, spills from ``ptxas -v`` run
@@ -50,9 +50,22 @@ def _arg_type(value) -> str:
 
 
 def _constexpr_value(value):
-    """JSON form of a constexpr (Triton dtypes by name)."""
-    return {"dtype": {"fp32": "float32", "fp64": "float64"}.get(str(value), str(value))} \
-        if hasattr(value, "primitive_bitwidth") else value
+    """JSON form of a constexpr: Triton dtypes by name, device functions (a family's ``TOKEN``)
+    by ``kernel_path``."""
+    if hasattr(value, "primitive_bitwidth"):
+        return {"dtype": {"fp32": "float32", "fp64": "float64"}.get(str(value), str(value))}
+    if callable(value):
+        return {"jit": kernel_path(value)}
+    return value
+
+
+def _constexpr(value):
+    """A constexpr back from its JSON form (``_constexpr_value``)."""
+    if isinstance(value, dict):
+        import triton.language as tl
+
+        return getattr(tl, value["dtype"]) if "dtype" in value else _kernel(value["jit"])
+    return value
 
 
 def kernel_path(kernel) -> str:
@@ -62,7 +75,7 @@ def kernel_path(kernel) -> str:
 
 
 def launch_spec(launch, jit_values: bool = False) -> dict:
-    """The specialization of one ``ops.Launch``: kernel path, argument types, constexprs.
+    """The specialization of one ``launch.Launch``: kernel path, argument types, constexprs.
 
     ``jit_values``: also what Triton's JIT specializes on argument values on a GPU, for the
     arguments not in ``do_not_specialize``: an integer equal to 1 becomes a constant, and
@@ -143,7 +156,7 @@ def pairwise_cover(specs: list) -> list:
 
 def specs_from_plan(log_prob, old_log_prob, advantages, response_mask, loss_type, **options) -> list:
     """Specializations the op launches for these inputs (nothing is launched)."""
-    from .. import ops
+    from .. import launch
     from ..families import kernel_family
     from ..inputs import prepare_inputs
     from ..params import AggConfig, KLConfig, make_params
@@ -154,11 +167,11 @@ def specs_from_plan(log_prob, old_log_prob, advantages, response_mask, loss_type
     x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, clamp, options.pop("cu_seqlens", None),
                        False, options.pop("rollout_is_weights", None), options.pop("ref_log_prob", None))
     fam = kernel_family(loss_type, make_params(loss_type, **options))
-    gamma = torch.zeros(2, dtype=ops._acc_dtype(log_prob.dtype)) if fam.psis else None
-    plan = ops.plan_launches(x, fam, agg, clamp, write_grad=log_prob.requires_grad, gamma=gamma, kl=kl)
-    launches = [step for step in plan.steps if isinstance(step, ops.Launch)]
+    gamma = torch.zeros(2, dtype=launch.acc_dtype(log_prob.dtype)) if fam.psis else None
+    plan = launch.plan_launches(x, fam, agg, clamp, write_grad=log_prob.requires_grad, gamma=gamma, kl=kl)
+    launches = [step for step in plan.steps if isinstance(step, launch.Launch)]
     if log_prob.requires_grad:
-        launches.append(ops.backward_launch(plan.neg_phi, torch.empty_like(log_prob), plan.grad_scale,
+        launches.append(launch.backward_launch(plan.neg_phi, torch.empty_like(log_prob), plan.grad_scale,
                                             plan.loss, plan.row_count, x.cu_seqlens, plan.geometry,
                                             agg.loss_agg_mode == "seq-mean-token-mean"))
     return [launch_spec(step) for step in launches]
@@ -244,13 +257,11 @@ def compile_spec(spec: dict, sass: bool = False) -> dict:
     """Compile one specialization for sm_90 and read its resource usage (and, with
     ``sass``, its SASS: ``sass`` from ``cuobjdump -sass``, ``sass_lines`` from ``nvdisasm -g``)."""
     import triton
-    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = _kernel(spec["kernel"])
-    constexprs = {k: getattr(tl, v["dtype"]) if isinstance(v, dict) else v
-                  for k, v in spec["constexprs"].items()}
+    constexprs = {k: _constexpr(v) for k, v in spec["constexprs"].items()}
     signature = {name: ("constexpr" if name in constexprs else _tuples(spec["signature"][name]))
                  for name in fn.arg_names}
     row = {"kernel": spec["kernel"], "constexprs": spec["constexprs"], "options": spec["options"]}

@@ -97,11 +97,11 @@ def register_fused_op(op, impl) -> None:
 
 
 def _register_package_ops() -> None:
-    """The package's custom ops (``ops.py``) count by what their implementation runs."""
-    from .. import ops
+    """The package's custom ops (``custom_op.py``) count by what their implementation runs."""
+    from .. import custom_op
 
-    register_fused_op(torch.ops.isreshape_triton.policy_loss.default, ops._policy_loss_forward)
-    register_fused_op(torch.ops.isreshape_triton.policy_loss_backward.default, ops._policy_loss_backward)
+    register_fused_op(torch.ops.isreshape_triton.policy_loss.default, custom_op._policy_loss_forward)
+    register_fused_op(torch.ops.isreshape_triton.policy_loss_backward.default, custom_op._policy_loss_backward)
 
 
 _register_package_ops()

@@ -15,34 +15,13 @@ import math
 
 import torch
 
+from ..families import FAMILIES
 from ..metrics import metric_names
-from .families import TokenTerms
 from ..psis import K_HAT_THRESHOLD
 from .gamma import masked_amax, masked_amin, masked_moments
+from .shared import ALL, TokenTerms, ess, masked_mean, scalar
 
-ALL = (0, 1)
 MOMENT_RESOLUTION = 1e-15  # numpy.finfo(float64).resolution, scipy's "m2 is 0" threshold
-
-
-def _mean(x, mf, n):
-    """Σ m·x / n over the counted tokens (0 when n = 0)."""
-    s = torch.where(mf != 0, x.to(torch.float64), 0.0).sum()
-    return torch.where(n > 0, s / n.clamp_min(1.0), 0.0)
-
-
-def _scalar(x):
-    return x.reshape(())
-
-
-def _ess(z, group):
-    """(ESS, ESS/n) = ((Σω)²/Σω², that / n) with ω = exp(z) over the group; (0, 0) if empty.
-
-    ω is shifted by max z (the ratio is scale free)."""
-    om = torch.where(group, torch.exp(z - masked_amax(z, group, ALL)), 0.0)
-    s1, s2 = om.sum(), (om * om).sum()
-    ess = torch.where(s2 == 0, 0.0, s1 * s1 / torch.where(s2 == 0, 1.0, s2))  # NaN stays NaN
-    n = group.to(torch.float64).sum()
-    return ess, torch.where(n > 0, ess / n.clamp_min(1.0), 0.0)
 
 
 def _skew_kurt(x, mf, n):
@@ -82,54 +61,34 @@ def compute_metrics(loss_type: str, ell: torch.Tensor, adv: torch.Tensor, mask: 
     phi = terms.phi.detach().to(torch.float64)
     gamma_t = torch.broadcast_to(terms.gamma_t.detach().to(torch.float64), ell.shape)
 
-    ess, ess_ratio = _ess(gamma_t * ell, mask)
+    ess_all, ess_ratio = ess(gamma_t * ell, mask)
     skewness, kurtosis = _skew_kurt(ell, mf, n)
 
     m = {
         "token_count": n,
         "nonfinite_tokens": (n * 0 if nonfinite is None else nonfinite.to(torch.float64).sum()),
-        "ppo_kl": _mean(-ell, mf, n),
-        "w_mean": _mean(w, mf, n),
-        "w_max": _scalar(masked_amax(w, mask, ALL)),
-        "phi_mean": _mean(phi, mf, n),
-        "phi_abs_max": _scalar(masked_amax(phi.abs(), mask, ALL)),
-        "sigma_sq": _scalar(masked_moments(ell, mask, ALL)[2]),
-        "ess": ess,
+        "ppo_kl": masked_mean(-ell, mf, n),
+        "w_mean": masked_mean(w, mf, n),
+        "w_max": scalar(masked_amax(w, mask, ALL)),
+        "phi_mean": masked_mean(phi, mf, n),
+        "phi_abs_max": scalar(masked_amax(phi.abs(), mask, ALL)),
+        "sigma_sq": scalar(masked_moments(ell, mask, ALL)[2]),
+        "ess": ess_all,
         "ess_ratio": ess_ratio,
         "skewness": skewness,
         "kurtosis": kurtosis,
         # max w / Σw = 1 / Σ exp(ℓ − max ℓ) (overflow-free)
         "max_weight_ratio": _max_weight_ratio(ell, mask),
     }
-    if loss_type in ("is_reshape", "is_reshape_sign", "is_reshape_tr", "is_reshape_var"):
-        m["gamma_mean"] = _mean(gamma_t, mf, n)
-        m["gamma_min"] = _scalar(masked_amin(gamma_t, mask, ALL))
-        m["gamma_max"] = _scalar(masked_amax(gamma_t, mask, ALL))
-    batch = getattr(params, "gamma_granularity", "batch") == "batch"
-
-    def batch_or_mean(value, group):
-        # the batch value, or (per-row values) its token mean over the group's counted tokens
-        if batch:
-            return _scalar(value.to(torch.float64))
-        g = group.to(torch.float64)
-        return _mean(value, g, g.sum())
-
-    if loss_type == "is_reshape":
-        m["gamma"] = batch_or_mean(stats["gamma"], mask)
-    elif loss_type == "is_reshape_sign":
-        pos, neg = mask & (adv > 0), mask & (adv < 0)
-        m["gamma_pos"] = batch_or_mean(stats["gamma_pos"], pos)
-        m["gamma_neg"] = batch_or_mean(stats["gamma_neg"], neg)
-        m["sigma_sq_pos"] = _scalar(masked_moments(ell, pos, ALL)[2])
-        m["sigma_sq_neg"] = _scalar(masked_moments(ell, neg, ALL)[2])
-        # per-group ESS at the group's exponent (γ+ on A>0, γ− on A<0: γ_t there)
-        m["ess_pos"], m["ess_ratio_pos"] = _ess(gamma_t * ell, pos)
-        m["ess_neg"], m["ess_ratio_neg"] = _ess(gamma_t * ell, neg)
-    elif loss_type == "is_reshape_var":
-        m["gamma_base"] = batch_or_mean(stats["gamma_base"], mask)
-    if loss_type in ("is_reshape_var", "ppo_clip"):
-        for key, value in terms.extras.items():
-            m[key] = _mean(value.detach(), mf, n)
+    family = FAMILIES[loss_type]
+    if family.gamma_stats:
+        m["gamma_mean"] = masked_mean(gamma_t, mf, n)
+        m["gamma_min"] = scalar(masked_amin(gamma_t, mask, ALL))
+        m["gamma_max"] = scalar(masked_amax(gamma_t, mask, ALL))
+    if family.reference_metrics is not None:
+        m.update(family.reference_metrics(ell, adv, mask, terms._replace(gamma_t=gamma_t), stats, params))
+    for key, value in terms.extras.items():  # per-token extras: their means
+        m[key] = masked_mean(value.detach(), mf, n)
 
     if "psis_k" in stats:  # gamma="psis": every k̂ of the batch (rows / sign groups)
         k = stats["psis_k"].to(torch.float64)

@@ -27,7 +27,9 @@ from ..inputs import pad_packed, prepare_inputs
 from ..params import AggConfig, check_log_ratio_clamp, check_process_group, kl_config, make_params
 from .aggregation import aggregate
 from .diagnostics import compute_metrics
-from .families import FAMILIES, STATS, _TAKES_PARAMS, TokenTerms, split_psis
+from ..families import FAMILIES
+from .families import family_stats, split_psis
+from .shared import TokenTerms
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -112,12 +114,12 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
     nan = torch.where(bad, math.nan, 0.0).to(dt)
     ell = torch.clamp(d.detach(), -C, C) + (d - d.detach()) + torch.where(bad_d, math.nan, 0.0).to(dt)
 
-    vespo_rollout = {"log_rollout": torch.log(r.clamp_min(1e-8))} if loss_type == "vespo" and r is not None else {}
-    stats, diag = split_psis(STATS[loss_type](ell.detach(), adv, mask, p, C, **vespo_rollout))
-    kwargs = {**stats, "params": p} if loss_type in _TAKES_PARAMS else stats
-    terms = poison(FAMILIES[loss_type](ell, adv, **kwargs), nan, ell)
+    row_weight = FAMILIES[loss_type].row_weight  # rollout IS weights enter the row weight, not each token
+    log_rollout = torch.log(r.clamp_min(1e-8)) if row_weight and r is not None else None
+    stats, diag = split_psis(family_stats(loss_type, ell, adv, mask, p, C, log_rollout))
+    terms = poison(FAMILIES[loss_type].reference(ell, adv, params=p, **stats), nan, ell)
 
-    L = -terms.F if r is None or loss_type == "vespo" else -terms.F * r  # VESPO: r is in W
+    L = -terms.F if r is None or row_weight else -terms.F * r
     extra = {}
     if k is not None:
         L = L + kl.kl_coef * k
