@@ -8,7 +8,11 @@ same records in the same order in every program, so every program gets the
 same bits), the row's context merged from pass 1's piece records, or the γ
 computed beforehand on the device (PSIS). Per tile every lane updates its own
 accumulators; lanes are reduced once per piece (row sums for the seq-* modes)
-and once per program (the partial record).
+and once per program (the partial record). The kernel's steps, in order:
+``_batch_context``; per piece ``_row_context``; per tile ``token_values``,
+``_token_loss`` (the family's φ, L_t, ∂L_t/∂lp_t), ``_row_add`` and ``_accumulate``;
+per piece ``_finish_piece``; then ``_partial_record``, the ticket and, in the last
+program, ``finalize``.
 
 Completion: each program publishes its partial record, then takes a ticket
 (``atomic_add`` with acq_rel semantics at GPU scope, after a CTA barrier so that
@@ -39,12 +43,153 @@ def _counted(x, m, bad):
 
 
 @triton.jit
-def _store_element(ptr, n, loss, kl, row, flags):
+def _store_element(ptr, element):
+    """A row-sum element (count, Σ m·L, Σ m·k, row, flags) at ptr (``layout.E_*``)."""
+    n, loss, kl, row, flags = element
     tl.store(ptr + E_COUNT, n)
     tl.store(ptr + E_LOSS, loss)
     tl.store(ptr + E_KL, kl)
     tl.store(ptr + E_ROW, row.to(ptr.dtype.element_ty))
     tl.store(ptr + E_FLAGS, flags.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _batch_context(stats_ptr, n_stats, gamma_ptr, gamma_rule, scratch_ptr, GROUPS: tl.constexpr,
+                   GAMMA_MODE: tl.constexpr, BATCH_STATS: tl.constexpr, ACC: tl.constexpr, KS: tl.constexpr,
+                   G: tl.constexpr, BLOCK_REC: tl.constexpr, WARPS: tl.constexpr):
+    """The batch context, identical in every program (same records, same order): the γ given on
+    the device (PSIS), or ``gamma.family_context`` of pass 1's program records (with its groups
+    and frame)."""
+    if GAMMA_MODE == GAMMA_GIVEN:
+        zero = tl.zeros([], ACC)
+        ctx = (tl.load(gamma_ptr).to(ACC), tl.load(gamma_ptr + 1).to(ACC))
+        groups = (zero, zero, zero, zero)
+        frame = (zero, zero, zero)
+    else:
+        ctx, groups, frame = family_context(stats_ptr, n_stats, 0, 0, 1, gamma_rule, scratch_ptr, GROUPS, GAMMA_MODE,
+                                            BATCH_STATS, BATCH_STATS, KS, G, BLOCK_REC, WARPS)
+    return ctx, groups, frame
+
+
+@triton.jit
+def _lanes_init(like, FRAMED: tl.constexpr):
+    """The program's lane accumulators (``_accumulate``), empty."""
+    return (like, like, power_sums_init(like, FRAMED), moments_init(like), moments_init(like), like, like, like, like,
+            expsum_init(like), expsum_init(like), expsum_init(like), like, like + float("inf"), like,
+            (like, like, like, like, like), like)
+
+
+@triton.jit
+def _token_loss(ell, w, A, m, bad, r, kl_x, ctx, params, kl_coef, TOKEN: tl.constexpr, OPT: tl.constexpr,
+                ROLLOUT_PER_TOKEN: tl.constexpr, KL_TYPE: tl.constexpr):
+    """The family's φ, γ_t and extras (``TOKEN``), and per counted token L_t = −F_t·r_t + β·k_t,
+    ∂L_t/∂lp_t = −φ_t·r_t + β·k'_t and k_t (0 elsewhere); a non-finite input poisons its
+    token's φ, L and extras, whatever the formula."""
+    phi, F, g, x = TOKEN(ell, w, A, ctx, params, OPT)
+    phi = tl.where(bad, float("nan"), tl.where(m, phi, 0.0))
+    L = tl.where(bad, float("nan"), tl.where(m, -F, 0.0))
+    dL = -phi
+    if ROLLOUT_PER_TOKEN:
+        L = L * r
+        dL = dL * r
+    k = tl.zeros_like(ell)
+    if KL_TYPE != KL_NONE:
+        k, dk = kl_penalty(kl_x, KL_TYPE)
+        k = tl.where(m, k, 0.0)
+        L += kl_coef * k
+        dL += tl.where(m, kl_coef * dk, 0.0)
+    return phi, g, x, L, dL, k
+
+
+@triton.jit
+def _row_add(row_sums, L, k, m, HAS_KL: tl.constexpr):
+    """The piece's lane sums (m·L, m·k, m) plus a tile's."""
+    row_loss, row_kl, row_n = row_sums
+    if HAS_KL:
+        row_kl += k
+    return row_loss + L, row_kl, row_n + tl.where(m, 1.0, 0.0)
+
+
+@triton.jit
+def _accumulate(acc, ell, w, A, m, bad, phi, g, x, L, k, frame, FRAMED: tl.constexpr, OWN_GROUPS: tl.constexpr,
+                SIGN_GROUPS: tl.constexpr, GAMMA_STATS: tl.constexpr, HAS_KL: tl.constexpr):
+    """The lane accumulators plus a tile's counted tokens: Σ m·L, Σ m·k, the moments of ℓ (in the
+    batch frame if FRAMED; of the A>0 / A<0 groups if OWN_GROUPS), Σ and max of w and |φ|, the
+    shifted exp sums of γ_t·ℓ (per sign group if SIGN_GROUPS), Σ, min, max of γ_t (GAMMA_STATS),
+    the family's extras and the non-finite tokens."""
+    loss_acc, kl_acc, moments, pos, neg, w_sum, w_max, phi_sum, phi_max, ess_all, ess_pos, ess_neg, \
+        g_sum, g_min, g_max, extras, nonfinite = acc
+    if HAS_KL:
+        kl_acc += k
+    loss_acc += L
+    moments = power_sums_add(moments, ell, m, frame, FRAMED)
+    if OWN_GROUPS:
+        pos = moments_add(pos, ell, m & (A > 0.0))
+        neg = moments_add(neg, ell, m & (A < 0.0))
+    if SIGN_GROUPS:
+        ess_pos = expsum_add(ess_pos, g * ell, m & (A > 0.0))
+        ess_neg = expsum_add(ess_neg, g * ell, m & (A < 0.0))
+    w_sum += tl.where(m, w, 0.0)
+    w_max = max_nan(w_max, tl.where(m, w, 0.0))
+    phi_sum += phi
+    phi_max = max_nan(phi_max, tl.abs(phi))
+    ess_all = expsum_add(ess_all, g * ell, m)
+    if GAMMA_STATS:
+        g_sum += tl.where(m, g, 0.0)
+        g_min = tl.where(m, min_nan(g_min, g), g_min)
+        g_max = tl.where(m, max_nan(g_max, g), g_max)
+    x0, x1, x2, x3, x4 = x
+    e0, e1, e2, e3, e4 = extras
+    x_bad = bad
+    if SIGN_GROUPS:  # γ± of the token's own group: NaN only through that group's γ (metrics.py)
+        x_bad = tl.zeros_like(bad)
+    extras = (e0 + _counted(x0, m, x_bad), e1 + _counted(x1, m, x_bad), e2 + _counted(x2, m, x_bad),
+              e3 + _counted(x3, m, x_bad), e4 + _counted(x4, m, x_bad))
+    nonfinite += tl.where(bad, 1.0, 0.0)
+    return (loss_acc, kl_acc, moments, pos, neg, w_sum, w_max, phi_sum, phi_max, ess_all, ess_pos, ess_neg,
+            g_sum, g_min, g_max, extras, nonfinite)
+
+
+@triton.jit
+def _finish_piece(row_sums, seq, head, tail, s, start, end, a, b, row_count_ptr):
+    """A piece's row sums (seq-* modes): a complete row adds (Σ m·L)/n_b, (Σ m·k)/n_b and a
+    non-empty row to ``seq`` and writes n_b; the piece of a row that starts before chunk [a, b)
+    is its head element, of one that ends after it its tail element (``layout.E_*``)."""
+    row_loss, row_kl, row_n = row_sums
+    seq_loss, seq_kl, seq_rows = seq
+    n_b = tl.sum(row_n)
+    l_b = tl.sum(row_loss)
+    kl_b = tl.sum(row_kl)
+    complete = (start >= a) & (end <= b)
+    seq_loss += tl.where(complete, safe_div(l_b, n_b), 0.0)
+    seq_kl += tl.where(complete, safe_div(kl_b, n_b), 0.0)
+    seq_rows += tl.where(complete & (n_b > 0.0), 1.0, 0.0)
+    tl.store(row_count_ptr + s, n_b, mask=complete)
+    h_n, h_loss, h_kl, h_row, h_flags = head
+    is_head = start < a
+    head = (tl.where(is_head, n_b, h_n), tl.where(is_head, l_b, h_loss), tl.where(is_head, kl_b, h_kl),
+            tl.where(is_head, s, h_row), tl.where(is_head, tl.where(end <= b, ROW_ENDS, 0), h_flags))
+    t_n, t_loss, t_kl, t_row, t_flags = tail
+    is_tail = (start >= a) & (end > b)
+    tail = (tl.where(is_tail, n_b, t_n), tl.where(is_tail, l_b, t_loss), tl.where(is_tail, kl_b, t_kl),
+            tl.where(is_tail, s, t_row), tl.where(is_tail, ROW_STARTS, t_flags))
+    return (seq_loss, seq_kl, seq_rows), head, tail
+
+
+@triton.jit
+def _partial_record(acc, seq, lanes, FRAMED: tl.constexpr):
+    """The program's partial record of its lane accumulators, in the slot order of
+    ``layout.P_*`` (the row sums of the seq-* modes on lane 0)."""
+    loss_acc, kl_acc, moments, pos, neg, w_sum, w_max, phi_sum, phi_max, ess_all, ess_pos, ess_neg, \
+        g_sum, g_min, g_max, extras, nonfinite = acc
+    seq_loss, seq_kl, seq_rows = seq
+    n, mean, m2, m3, m4 = power_sums_moments(moments, FRAMED)
+    first = lanes == 0
+    e0, e1, e2, e3, e4 = extras
+    return (n, mean, pos[0], pos[1], neg[0], neg[1], tl.where(first, seq_loss, 0.0), tl.where(first, seq_kl, 0.0),
+            w_max, phi_max, g_max, -g_min, ess_all[0], ess_pos[0], ess_neg[0],
+            m2, m3, m4, pos[2], neg[2], ess_all[1], ess_all[2], ess_pos[1], ess_pos[2], ess_neg[1], ess_neg[2],
+            loss_acc, kl_acc, w_sum, phi_sum, g_sum, e0, e1, e2, e3, e4, nonfinite, tl.where(first, seq_rows, 0.0))
 
 
 @triton.jit
@@ -116,50 +261,24 @@ def token_loss_kernel(
     zero = tl.zeros([], ACC)
     # the program's row of the partial buffer (``partial_stride`` = layout.partial_row(WARPS) values):
     # its record, then the scratch of its merges across warps (the lanes' record, the batch context)
-    row = partial_ptr + pid.to(tl.int64) * partial_stride
-    record_scratch = row + PARTIAL_SCRATCH
-    # the batch context, identical in every program (same records, same order); with batch
-    # statistics the sign family's A>0 / A<0 moments of ℓ come from them (pass 1 counted the
-    # same tokens), else from this pass (OWN_GROUPS), and the moments of ℓ are power sums in the
-    # batch frame (FRAMED: ``common.power_sums_add``)
+    partial_row = partial_ptr + pid.to(tl.int64) * partial_stride
+    record_scratch = partial_row + PARTIAL_SCRATCH
+    # with batch statistics the sign family's A>0 / A<0 moments of ℓ come from them (pass 1
+    # counted the same tokens), else from this pass (OWN_GROUPS), and the moments of ℓ are power
+    # sums in the batch frame (FRAMED: ``common.power_sums_add``)
     OWN_GROUPS: tl.constexpr = SIGN_GROUPS and not BATCH_STATS
     FRAMED: tl.constexpr = BATCH_STATS
-    if GAMMA_MODE == GAMMA_GIVEN:
-        batch_ctx = (tl.load(gamma_ptr).to(ACC), tl.load(gamma_ptr + 1).to(ACC))
-        groups = (zero, zero, zero, zero)
-        frame = (zero, zero, zero)
-    else:
-        batch_ctx, groups, frame = family_context(stats_ptr, n_stats, 0, 0, 1, gamma_rule,
-                                                  record_scratch + PARTIAL_WIDTH * WARPS, GROUPS, GAMMA_MODE,
-                                                  BATCH_STATS, FRAMED, KS, G, BLOCK_REC, WARPS)
-    # lane accumulators of the program
-    loss_acc = like
-    kl_acc = like
-    moments = power_sums_init(like, FRAMED)
-    pos = moments_init(like)
-    neg = moments_init(like)
-    w_sum = like
-    w_max = like
-    phi_sum = like
-    phi_max = like
-    ess_all = expsum_init(like)
-    ess_pos = expsum_init(like)
-    ess_neg = expsum_init(like)
-    g_sum = like
-    g_min = like + float("inf")
-    g_max = like
-    extras = (like, like, like, like, like)
-    nonfinite = like
-    # complete rows of the seq-* modes: Σ (row loss)/n_b and the number of non-empty rows
-    seq_loss = zero
-    seq_kl = zero
-    seq_rows = zero
+    batch_ctx, groups, frame = _batch_context(stats_ptr, n_stats, gamma_ptr, gamma_rule,
+                                              record_scratch + PARTIAL_WIDTH * WARPS, GROUPS, GAMMA_MODE,
+                                              BATCH_STATS, ACC, KS, G, BLOCK_REC, WARPS)
+    acc = _lanes_init(like, FRAMED)  # the program's lane accumulators
+    seq = (zero, zero, zero)  # complete rows of the seq-* modes: Σ (row loss)/n_b, Σ (row KL)/n_b, rows n_b > 0
     for c in range(pid, n_chunks, tl.num_programs(0)):
         a = c * chunk
         b = tl.minimum(a + chunk, N)
         # the chunk's head and tail elements (neutral unless a piece fills them)
-        h_n, h_loss, h_kl, h_row, h_flags = zero, zero, zero, tl.zeros([], tl.int32), tl.zeros([], tl.int32)
-        t_n, t_loss, t_kl, t_row, t_flags = h_n, h_loss, h_kl, h_row, h_flags
+        head = (zero, zero, zero, tl.zeros([], tl.int32), tl.zeros([], tl.int32))
+        tail = head
         p = a
         while p < b:
             s, start, end = locate_row(p, cu_ptr, S, T, N, PACKED)
@@ -170,9 +289,7 @@ def token_loss_kernel(
             ctx = _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, chunk,
                                n_chunks, clamp, gamma_rule, params, batch_ctx,
                                ROW_WEIGHT, GROUPS, GAMMA_MODE, ROW_STATS, ACC, KS, G, BLOCK_REC)
-            row_loss = like
-            row_kl = like
-            row_n = like
+            row_sums = (like, like, like)  # the piece's lane sums of m·L, m·k and m (seq-* modes)
             for t0 in range(p, e, BLOCK_T):
                 offs = t0 + lanes
                 ahead = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, offs + BLOCK_T, e,
@@ -181,89 +298,24 @@ def token_loss_kernel(
                                                        HAS_ROLLOUT, KL_TYPE != KL_NONE, PACKED)
                 raw = ahead
                 w = tl.exp(ell)
-                phi, F, g, x = TOKEN(ell, w, A, ctx, params, OPT)
-                # a non-finite input poisons its token's φ, F and extras, whatever the formula
-                phi = tl.where(bad, float("nan"), tl.where(m, phi, 0.0))
-                L = tl.where(bad, float("nan"), tl.where(m, -F, 0.0))
-                dL = -phi
-                if HAS_ROLLOUT and ROW_WEIGHT is None:
-                    L = L * r
-                    dL = dL * r
-                if KL_TYPE != KL_NONE:
-                    k, dk = kl_penalty(kl_x, KL_TYPE)
-                    k = tl.where(m, k, 0.0)
-                    L += kl_coef * k
-                    dL += tl.where(m, kl_coef * dk, 0.0)
-                    kl_acc += k
-                    if SEQ_AGG:
-                        row_kl += k
+                phi, g, x, L, dL, k = _token_loss(ell, w, A, m, bad, r, kl_x, ctx, params, kl_coef, TOKEN, OPT,
+                                                  HAS_ROLLOUT and ROW_WEIGHT is None, KL_TYPE)
                 if WRITE_GRAD:
                     tl.store(neg_phi_ptr + offs, dL, mask=offs < e)
-                loss_acc += L
                 if SEQ_AGG:
-                    row_loss += L
-                    row_n += tl.where(m, 1.0, 0.0)
-                moments = power_sums_add(moments, ell, m, frame, FRAMED)
-                if OWN_GROUPS:
-                    pos = moments_add(pos, ell, m & (A > 0.0))
-                    neg = moments_add(neg, ell, m & (A < 0.0))
-                if SIGN_GROUPS:
-                    ess_pos = expsum_add(ess_pos, g * ell, m & (A > 0.0))
-                    ess_neg = expsum_add(ess_neg, g * ell, m & (A < 0.0))
-                w_sum += tl.where(m, w, 0.0)
-                w_max = max_nan(w_max, tl.where(m, w, 0.0))
-                phi_sum += phi
-                phi_max = max_nan(phi_max, tl.abs(phi))
-                ess_all = expsum_add(ess_all, g * ell, m)
-                if GAMMA_STATS:
-                    g_sum += tl.where(m, g, 0.0)
-                    g_min = tl.where(m, min_nan(g_min, g), g_min)
-                    g_max = tl.where(m, max_nan(g_max, g), g_max)
-                x0, x1, x2, x3, x4 = x
-                e0, e1, e2, e3, e4 = extras
-                x_bad = bad
-                if SIGN_GROUPS:  # γ± of the token's own group: NaN only through that group's γ (metrics.py)
-                    x_bad = tl.zeros_like(bad)
-                extras = (e0 + _counted(x0, m, x_bad), e1 + _counted(x1, m, x_bad), e2 + _counted(x2, m, x_bad),
-                          e3 + _counted(x3, m, x_bad), e4 + _counted(x4, m, x_bad))
-                nonfinite += tl.where(bad, 1.0, 0.0)
+                    row_sums = _row_add(row_sums, L, k, m, KL_TYPE != KL_NONE)
+                acc = _accumulate(acc, ell, w, A, m, bad, phi, g, x, L, k, frame, FRAMED, OWN_GROUPS, SIGN_GROUPS,
+                                  GAMMA_STATS, KL_TYPE != KL_NONE)
             if SEQ_AGG:  # the piece's row sums: a complete row now, else a head / tail element
-                n_b = tl.sum(row_n)
-                l_b = tl.sum(row_loss)
-                kl_b = tl.sum(row_kl)
-                complete = (start >= a) & (end <= b)
-                seq_loss += tl.where(complete, safe_div(l_b, n_b), 0.0)
-                seq_kl += tl.where(complete, safe_div(kl_b, n_b), 0.0)
-                seq_rows += tl.where(complete & (n_b > 0.0), 1.0, 0.0)
-                tl.store(row_count_ptr + s, n_b, mask=complete)
-                is_head = start < a
-                h_n = tl.where(is_head, n_b, h_n)
-                h_loss = tl.where(is_head, l_b, h_loss)
-                h_kl = tl.where(is_head, kl_b, h_kl)
-                h_row = tl.where(is_head, s, h_row)
-                h_flags = tl.where(is_head, tl.where(end <= b, ROW_ENDS, 0), h_flags)
-                is_tail = (start >= a) & (end > b)
-                t_n = tl.where(is_tail, n_b, t_n)
-                t_loss = tl.where(is_tail, l_b, t_loss)
-                t_kl = tl.where(is_tail, kl_b, t_kl)
-                t_row = tl.where(is_tail, s, t_row)
-                t_flags = tl.where(is_tail, ROW_STARTS, t_flags)
+                seq, head, tail = _finish_piece(row_sums, seq, head, tail, s, start, end, a, b, row_count_ptr)
             p = e
         if SEQ_AGG:
-            _store_element(element_ptr + tl.cast(2 * c, tl.int64) * ELEMENT_WIDTH, h_n, h_loss, h_kl, h_row,
-                           h_flags)
-            _store_element(element_ptr + tl.cast(2 * c + 1, tl.int64) * ELEMENT_WIDTH, t_n, t_loss, t_kl, t_row,
-                           t_flags)
+            _store_element(element_ptr + tl.cast(2 * c, tl.int64) * ELEMENT_WIDTH, head)
+            _store_element(element_ptr + tl.cast(2 * c + 1, tl.int64) * ELEMENT_WIDTH, tail)
 
     # the program's partial record (slot order of layout.P_*; its scalars on lane 0)
-    n, mean, m2, m3, m4 = power_sums_moments(moments, FRAMED)
-    first = lanes == 0
-    e0, e1, e2, e3, e4 = extras
-    record = (n, mean, pos[0], pos[1], neg[0], neg[1], tl.where(first, seq_loss, 0.0), tl.where(first, seq_kl, 0.0),
-              w_max, phi_max, g_max, -g_min, ess_all[0], ess_pos[0], ess_neg[0],
-              m2, m3, m4, pos[2], neg[2], ess_all[1], ess_all[2], ess_pos[1], ess_pos[2], ess_neg[1], ess_neg[2],
-              loss_acc, kl_acc, w_sum, phi_sum, g_sum, e0, e1, e2, e3, e4, nonfinite, tl.where(first, seq_rows, 0.0))
-    store_record(row, reduce_record(record, record_scratch, SLOTS, WARPS, FRAMED), SLOTS)
+    record = _partial_record(acc, seq, lanes, FRAMED)
+    store_record(partial_row, reduce_record(record, record_scratch, SLOTS, WARPS, FRAMED), SLOTS)
 
     # completion ticket: the last program to arrive merges every partial
     tl.debug_barrier()
