@@ -342,6 +342,13 @@ def group_max(x, W: tl.constexpr):
 
 
 @triton.jit
+def put(record, slot: tl.constexpr, values):
+    """``record`` (a tuple) with the tuple ``values`` in its slots from ``slot`` on: how a record
+    of a declared layout (``layout.py``) is written by field name."""
+    return record[:slot] + values + record[slot + len(values):]
+
+
+@triton.jit
 def exchange_warps(values, scratch_ptr, W: tl.constexpr, USED: tl.constexpr):
     """Per-warp values (a tuple of [L] vectors, each on every lane of its warp) as [W] vectors
     that every thread reads: lane 0 of warp w writes value k at scratch_ptr + k·W + w, then one

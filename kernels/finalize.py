@@ -15,12 +15,17 @@ are neither reduced, stored nor read.
 import triton
 import triton.language as tl
 
-from .common import (central_sums, ess_of, exchange_warps, expsum_scale, group_max, group_sum, moment_unit,
+from .common import (central_sums, ess_of, exchange_warps, expsum_scale, group_max, group_sum, moment_unit, put,
                      pooled_mean, pow2, safe_div, shift_moments, shift_moments34, unbiased_var)
-from .layout import (E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, METRIC_WIDTH, P_ESS, P_EXTRAS, P_G_MAX,
-                     P_GAMMA, P_KL, P_LOSS, P_M2, P_M2_NEG, P_M2_POS, P_N_ALL, P_N_NEG, P_N_POS, P_NEG_G_MIN,
-                     P_NONFINITE, P_PHI, P_PHI_MAX, P_ROWS, P_SEQ_KL, P_SEQ_LOSS, P_W, P_W_MAX, P_Z_ALL, P_Z_NEG,
-                     P_Z_POS, PARTIAL_WIDTH, ROW_ENDS, ROW_STARTS)
+from .layout import (E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, M_CLIPFRAC, M_CLIPFRAC_LOWER, M_ESS,
+                     M_ESS_NEG, M_ESS_POS, M_ESS_RATIO, M_ESS_RATIO_NEG, M_ESS_RATIO_POS, M_GAMMA, M_GAMMA_BASE,
+                     M_GAMMA_MAX, M_GAMMA_MEAN, M_GAMMA_MIN, M_GAMMA_NEG, M_GAMMA_POS, M_KL_LOSS, M_KURTOSIS,
+                     M_MAX_WEIGHT_RATIO, M_NONFINITE_TOKENS, M_P_CASE1, M_P_CASE2, M_P_CASE3, M_P_CASE4, M_PHI_ABS_MAX,
+                     M_PHI_MEAN, M_PPO_KL, M_SIGMA_SQ, M_SIGMA_SQ_NEG, M_SIGMA_SQ_POS, M_SKEWNESS, M_TOKEN_COUNT,
+                     M_W_MAX, M_W_MEAN, P_ESS, P_ESS_NEG, P_ESS_POS, P_EXTRAS, P_G_MAX, P_GAMMA, P_KL, P_LOSS, P_M2,
+                     P_M2_NEG, P_M2_POS, P_MAXIMA, P_N_ALL, P_N_NEG, P_N_POS, P_NEG_G_MIN, P_NONFINITE, P_PHI,
+                     P_PHI_MAX, P_ROWS, P_SEQ_KL, P_SEQ_LOSS, P_SUMS, P_W, P_W_MAX, P_Z_ALL, P_Z_NEG, P_Z_POS,
+                     PARTIAL_WIDTH, ROW_ENDS, ROW_STARTS)
 
 TOKEN_MEAN = tl.constexpr(0)
 TOKEN_SUM = tl.constexpr(1)
@@ -93,9 +98,19 @@ def _mean(r, slot: tl.constexpr, count, SLOTS: tl.constexpr, W: tl.constexpr):
 
 @triton.jit
 def merge_record(r, SLOTS: tl.constexpr, W: tl.constexpr, FRAMED: tl.constexpr):
-    """The merge of a record of [L] vectors (slot order): per warp, on every lane of the warp
-    (W > 0 warps), or of all lanes into scalars (W = 0). Maxima propagate NaN; an empty
-    summary is neutral. FRAMED: the moments of ℓ are power sums in one frame (sums)."""
+    """The merge of a record of [L] vectors (``layout.PARTIAL_FIELDS``): per warp, on every lane
+    of the warp (W > 0 warps), or of all lanes into scalars (W = 0). The "sum" and "max" fields
+    by their rule (maxima propagate NaN), the "own" ones by name: counts and Σ count·mean first,
+    then every summary re-centred on the common mean (Chan) and re-based on the common max, and
+    summed; an empty summary is neutral. FRAMED: the moments of ℓ are power sums in one frame (sums)."""
+    out = ()
+    for k in tl.static_range(PARTIAL_WIDTH):
+        if _filled(k, P_MAXIMA):
+            out = out + (_max(r, k, SLOTS, W),)
+        elif _filled(k, P_SUMS):
+            out = out + (_sum(r, k, SLOTS, W),)
+        else:  # an own field, merged below
+            out = out + (r[k],)
     c_a = _sum(r, P_N_ALL, SLOTS, W)
     c_p = _sum(r, P_N_POS, SLOTS, W)
     c_n = _sum(r, P_N_NEG, SLOTS, W)
@@ -113,34 +128,32 @@ def merge_record(r, SLOTS: tl.constexpr, W: tl.constexpr, FRAMED: tl.constexpr):
         m4 = _sum_of(m4, P_M2 + 2, SLOTS, W)
     mu_p = _mean(r, P_N_POS, c_p, SLOTS, W)
     mu_n = _mean(r, P_N_NEG, c_n, SLOTS, W)
-    z_a = _max(r, P_Z_ALL, SLOTS, W)
-    z_p = _max(r, P_Z_POS, SLOTS, W)
-    z_n = _max(r, P_Z_NEG, SLOTS, W)
-    f_a = expsum_scale(r[P_Z_ALL], z_a)
-    f_p = expsum_scale(r[P_Z_POS], z_p)
-    f_n = expsum_scale(r[P_Z_NEG], z_n)
+    f_a = expsum_scale(r[P_Z_ALL], out[P_Z_ALL])
+    f_p = expsum_scale(r[P_Z_POS], out[P_Z_POS])
+    f_n = expsum_scale(r[P_Z_NEG], out[P_Z_NEG])
     m2_p = shift_moments(r[P_N_POS], r[P_N_POS + 1], r[P_M2_POS], mu_p)
     m2_n = shift_moments(r[P_N_NEG], r[P_N_NEG + 1], r[P_M2_NEG], mu_n)
-    extras = ()
-    for k in tl.static_range(5):
-        extras = extras + (_sum(r, P_EXTRAS + k, SLOTS, W),)
-    return ((c_a, mu_a, c_p, mu_p, c_n, mu_n, _sum(r, P_SEQ_LOSS, SLOTS, W), _sum(r, P_SEQ_KL, SLOTS, W),
-             _max(r, P_W_MAX, SLOTS, W), _max(r, P_PHI_MAX, SLOTS, W), _max(r, P_G_MAX, SLOTS, W),
-             _max(r, P_NEG_G_MIN, SLOTS, W), z_a, z_p, z_n,
-             m2, m3, m4,
-             _sum_of(m2_p, P_M2_POS, SLOTS, W), _sum_of(m2_n, P_M2_NEG, SLOTS, W),
-             _sum_of(r[P_ESS] * f_a, P_ESS, SLOTS, W), _sum_of(r[P_ESS + 1] * (f_a * f_a), P_ESS + 1, SLOTS, W),
-             _sum_of(r[P_ESS + 2] * f_p, P_ESS + 2, SLOTS, W), _sum_of(r[P_ESS + 3] * (f_p * f_p), P_ESS + 3, SLOTS, W),
-             _sum_of(r[P_ESS + 4] * f_n, P_ESS + 4, SLOTS, W), _sum_of(r[P_ESS + 5] * (f_n * f_n), P_ESS + 5, SLOTS, W),
-             _sum(r, P_LOSS, SLOTS, W), _sum(r, P_KL, SLOTS, W), _sum(r, P_W, SLOTS, W), _sum(r, P_PHI, SLOTS, W),
-             _sum(r, P_GAMMA, SLOTS, W))
-            + extras + (_sum(r, P_NONFINITE, SLOTS, W), _sum(r, P_ROWS, SLOTS, W)))
+    out = put(out, P_N_ALL, (c_a, mu_a))
+    out = put(out, P_N_POS, (c_p, mu_p))
+    out = put(out, P_N_NEG, (c_n, mu_n))
+    out = put(out, P_M2, (m2, m3, m4))
+    out = put(out, P_M2_POS, (_sum_of(m2_p, P_M2_POS, SLOTS, W),))
+    out = put(out, P_M2_NEG, (_sum_of(m2_n, P_M2_NEG, SLOTS, W),))
+    out = put(out, P_ESS, _expsums(r, P_ESS, f_a, SLOTS, W))
+    out = put(out, P_ESS_POS, _expsums(r, P_ESS_POS, f_p, SLOTS, W))
+    return put(out, P_ESS_NEG, _expsums(r, P_ESS_NEG, f_n, SLOTS, W))
+
+
+@triton.jit
+def _expsums(r, slot: tl.constexpr, f, SLOTS: tl.constexpr, W: tl.constexpr):
+    """The shifted exp sums (Σe^{z−max}, Σe^{2(z−max)}) at ``slot``, re-based by f = e^{max − common max}."""
+    return _sum_of(r[slot] * f, slot, SLOTS, W), _sum_of(r[slot + 1] * (f * f), slot + 1, SLOTS, W)
 
 
 @triton.jit
 def _neutral(slot: tl.constexpr):
     """What an absent record holds in ``slot``: −inf for the maxima, 0 elsewhere."""
-    if (slot >= P_W_MAX) & (slot <= P_Z_NEG):
+    if _filled(slot, P_MAXIMA):
         return float("-inf")
     else:
         return 0.0
@@ -270,8 +283,8 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
     x0, x1, x2, x3, x4 = rec[P_EXTRAS:P_EXTRAS + 5]
     nonfinite = rec[P_NONFINITE]
     ess_all = (rec[P_Z_ALL], rec[P_ESS], rec[P_ESS + 1])
-    ess_pos = (rec[P_Z_POS], rec[P_ESS + 2], rec[P_ESS + 3])
-    ess_neg = (rec[P_Z_NEG], rec[P_ESS + 4], rec[P_ESS + 5])
+    ess_pos = (rec[P_Z_POS], rec[P_ESS_POS], rec[P_ESS_POS + 1])
+    ess_neg = (rec[P_Z_NEG], rec[P_ESS_NEG], rec[P_ESS_NEG + 1])
 
     # aggregation (SPEC §5); an empty denominator gives 0
     one = tl.full([], 1.0, dt)
@@ -326,16 +339,37 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
         m2z = (m2_all * r) * r
     c2 = safe_div(m2z, n_all)
     spread = ~(c2 <= (1e-15 * mean_all * r) * (1e-15 * mean_all * r))
-    metrics = (
-        n_all, -tl.where(n_all > 0.0, mean_all, 0.0), safe_div(s_w, n_all), w_max,
-        safe_div(s_phi, n_all), phi_max, unbiased_var(n_all, m2_all), ess,
-        safe_div(ess, n_all), safe_div(s_g, n_all), tl.where(n_all > 0.0, g_min, 0.0), g_max,
-        gamma, gamma_pos, gamma_neg, unbiased_var(n_pos, m2_pos),
-        unbiased_var(n_neg, m2_neg), gamma_base, safe_div(x0, n_all), safe_div(x1, n_all),
-        safe_div(x2, n_all), safe_div(x3, n_all), safe_div(x0, n_all), safe_div(x1, n_all),  # clipfrac(_lower): x0, x1
-        tl.where(spread, safe_div(safe_div(m3_all, n_all), c2 * tl.sqrt(c2)), 0.0),
-        tl.where(spread, safe_div(safe_div(m4_all, n_all), c2 * c2) - 3.0, 0.0),
-        safe_div(w_max, s_w), ess_p, safe_div(ess_p, n_pos), ess_n, safe_div(ess_n, n_neg), nonfinite,
-        kl_loss * dp_size)
-    for k in tl.static_range(METRIC_WIDTH):
-        tl.store(metrics_ptr + k, metrics[k])
+    m = metrics_ptr  # the metric vector, by name (``layout.METRIC_SLOTS``)
+    tl.store(m + M_TOKEN_COUNT, n_all)
+    tl.store(m + M_PPO_KL, -tl.where(n_all > 0.0, mean_all, 0.0))
+    tl.store(m + M_W_MEAN, safe_div(s_w, n_all))
+    tl.store(m + M_W_MAX, w_max)
+    tl.store(m + M_PHI_MEAN, safe_div(s_phi, n_all))
+    tl.store(m + M_PHI_ABS_MAX, phi_max)
+    tl.store(m + M_SIGMA_SQ, unbiased_var(n_all, m2_all))
+    tl.store(m + M_ESS, ess)
+    tl.store(m + M_ESS_RATIO, safe_div(ess, n_all))
+    tl.store(m + M_GAMMA_MEAN, safe_div(s_g, n_all))
+    tl.store(m + M_GAMMA_MIN, tl.where(n_all > 0.0, g_min, 0.0))
+    tl.store(m + M_GAMMA_MAX, g_max)
+    tl.store(m + M_GAMMA, gamma)
+    tl.store(m + M_GAMMA_POS, gamma_pos)
+    tl.store(m + M_GAMMA_NEG, gamma_neg)
+    tl.store(m + M_SIGMA_SQ_POS, unbiased_var(n_pos, m2_pos))
+    tl.store(m + M_SIGMA_SQ_NEG, unbiased_var(n_neg, m2_neg))
+    tl.store(m + M_GAMMA_BASE, gamma_base)
+    tl.store(m + M_P_CASE1, safe_div(x0, n_all))  # is_reshape_var's extras: p1..p4
+    tl.store(m + M_P_CASE2, safe_div(x1, n_all))
+    tl.store(m + M_P_CASE3, safe_div(x2, n_all))
+    tl.store(m + M_P_CASE4, safe_div(x3, n_all))
+    tl.store(m + M_CLIPFRAC, safe_div(x0, n_all))  # ppo_clip's extras: clipped, dual-clipped
+    tl.store(m + M_CLIPFRAC_LOWER, safe_div(x1, n_all))
+    tl.store(m + M_SKEWNESS, tl.where(spread, safe_div(safe_div(m3_all, n_all), c2 * tl.sqrt(c2)), 0.0))
+    tl.store(m + M_KURTOSIS, tl.where(spread, safe_div(safe_div(m4_all, n_all), c2 * c2) - 3.0, 0.0))
+    tl.store(m + M_MAX_WEIGHT_RATIO, safe_div(w_max, s_w))
+    tl.store(m + M_ESS_POS, ess_p)
+    tl.store(m + M_ESS_RATIO_POS, safe_div(ess_p, n_pos))
+    tl.store(m + M_ESS_NEG, ess_n)
+    tl.store(m + M_ESS_RATIO_NEG, safe_div(ess_n, n_neg))
+    tl.store(m + M_NONFINITE_TOKENS, nonfinite)
+    tl.store(m + M_KL_LOSS, kl_loss * dp_size)

@@ -27,12 +27,14 @@ import triton
 import triton.language as tl
 
 from .common import (expsum_add, expsum_init, max_nan, min_nan, moments_add, moments_init, power_sums_add,
-                     power_sums_init, power_sums_moments, safe_div)
+                     power_sums_init, power_sums_moments, put, safe_div)
 from .finalize import finalize, reduce_record, store_record
 from .gamma import GAMMA_GIVEN, family_context, merge_sequence_sums
 from .kl import KL_NONE, kl_penalty
-from .layout import (E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, PARTIAL_SCRATCH,
-                     PARTIAL_WIDTH, ROW_ENDS, ROW_STARTS)
+from .layout import (E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, P_ESS, P_ESS_NEG, P_ESS_POS, P_EXTRAS,
+                     P_G_MAX, P_GAMMA, P_KL, P_LOSS, P_M2, P_M2_NEG, P_M2_POS, P_N_ALL, P_N_NEG, P_N_POS,
+                     P_NEG_G_MIN, P_NONFINITE, P_PHI, P_PHI_MAX, P_ROWS, P_SEQ_KL, P_SEQ_LOSS, P_W, P_W_MAX,
+                     P_Z_ALL, P_Z_NEG, P_Z_POS, PARTIAL_SCRATCH, PARTIAL_WIDTH, ROW_ENDS, ROW_STARTS)
 from .rows import load_raw, locate_row, piece_end, prologue_stop, row_elements, streams, token_values
 
 
@@ -178,18 +180,43 @@ def _finish_piece(row_sums, seq, head, tail, s, start, end, a, b, row_count_ptr)
 
 @triton.jit
 def _partial_record(acc, seq, lanes, FRAMED: tl.constexpr):
-    """The program's partial record of its lane accumulators, in the slot order of
-    ``layout.P_*`` (the row sums of the seq-* modes on lane 0)."""
+    """The program's partial record (``layout.PARTIAL_FIELDS``) of its lane accumulators, by
+    field (the row sums of the seq-* modes on lane 0)."""
     loss_acc, kl_acc, moments, pos, neg, w_sum, w_max, phi_sum, phi_max, ess_all, ess_pos, ess_neg, \
         g_sum, g_min, g_max, extras, nonfinite = acc
     seq_loss, seq_kl, seq_rows = seq
     n, mean, m2, m3, m4 = power_sums_moments(moments, FRAMED)
     first = lanes == 0
-    e0, e1, e2, e3, e4 = extras
-    return (n, mean, pos[0], pos[1], neg[0], neg[1], tl.where(first, seq_loss, 0.0), tl.where(first, seq_kl, 0.0),
-            w_max, phi_max, g_max, -g_min, ess_all[0], ess_pos[0], ess_neg[0],
-            m2, m3, m4, pos[2], neg[2], ess_all[1], ess_all[2], ess_pos[1], ess_pos[2], ess_neg[1], ess_neg[2],
-            loss_acc, kl_acc, w_sum, phi_sum, g_sum, e0, e1, e2, e3, e4, nonfinite, tl.where(first, seq_rows, 0.0))
+    unset = tl.full(loss_acc.shape, float("nan"), loss_acc.dtype)  # a slot no field writes: loud
+    r = ()
+    for k in tl.static_range(PARTIAL_WIDTH):
+        r = r + (unset,)
+    r = put(r, P_N_ALL, (n, mean))
+    r = put(r, P_N_POS, (pos[0], pos[1]))
+    r = put(r, P_N_NEG, (neg[0], neg[1]))
+    r = put(r, P_SEQ_LOSS, (tl.where(first, seq_loss, 0.0),))
+    r = put(r, P_SEQ_KL, (tl.where(first, seq_kl, 0.0),))
+    r = put(r, P_W_MAX, (w_max,))
+    r = put(r, P_PHI_MAX, (phi_max,))
+    r = put(r, P_G_MAX, (g_max,))
+    r = put(r, P_NEG_G_MIN, (-g_min,))
+    r = put(r, P_Z_ALL, (ess_all[0],))
+    r = put(r, P_Z_POS, (ess_pos[0],))
+    r = put(r, P_Z_NEG, (ess_neg[0],))
+    r = put(r, P_M2, (m2, m3, m4))
+    r = put(r, P_M2_POS, (pos[2],))
+    r = put(r, P_M2_NEG, (neg[2],))
+    r = put(r, P_ESS, (ess_all[1], ess_all[2]))
+    r = put(r, P_ESS_POS, (ess_pos[1], ess_pos[2]))
+    r = put(r, P_ESS_NEG, (ess_neg[1], ess_neg[2]))
+    r = put(r, P_LOSS, (loss_acc,))
+    r = put(r, P_KL, (kl_acc,))
+    r = put(r, P_W, (w_sum,))
+    r = put(r, P_PHI, (phi_sum,))
+    r = put(r, P_GAMMA, (g_sum,))
+    r = put(r, P_EXTRAS, extras)
+    r = put(r, P_NONFINITE, (nonfinite,))
+    return put(r, P_ROWS, (tl.where(first, seq_rows, 0.0),))
 
 
 @triton.jit
@@ -313,7 +340,7 @@ def token_loss_kernel(
             _store_element(element_ptr + tl.cast(2 * c, tl.int64) * ELEMENT_WIDTH, head)
             _store_element(element_ptr + tl.cast(2 * c + 1, tl.int64) * ELEMENT_WIDTH, tail)
 
-    # the program's partial record (slot order of layout.P_*; its scalars on lane 0)
+    # the program's partial record, merged over its lanes
     record = _partial_record(acc, seq, lanes, FRAMED)
     store_record(partial_row, reduce_record(record, record_scratch, SLOTS, WARPS, FRAMED), SLOTS)
 
