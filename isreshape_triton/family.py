@@ -52,7 +52,8 @@ class KernelFamily:
     per_row: bool = False  # one context per row (gamma_granularity="sequence", a row weight): row statistics
     # when the rule needs them (a fixed γ has none), γ metrics as token means (metrics.py)
     sign_groups: bool = False  # the γ rule and metrics use the A>0 / A<0 groups
-    extra_terms: int = 0  # how many of the device function's five extra terms the metrics read
+    extra_terms: int = 0  # how many of the device function's five extra terms the γ rule reads (at least
+    # its ``extra_metrics``, set by ``families.kernel_family``)
     name: str = ""  # the family (its device module); set by ``families.kernel_family``
     gamma_stats: bool = False  # the family's ``Family.gamma_stats``
     row_weight: bool = False  # the family's ``Family.row_weight``
@@ -83,9 +84,11 @@ class Family:
     ``reference(ell, adv, *, params, **stats) -> reference.shared.TokenTerms``: φ and F in
     plain PyTorch. ``stats(ell, adv, mask, params, log_ratio_clamp, log_rollout)``: the
     statistics the reference needs from the whole batch (γ, ...), detached; None: none.
-    ``metrics``: the family's metric names beyond ``metrics.COMMON`` (and the γ_t statistics),
-    computed by ``reference_metrics(ell, adv, mask, terms, stats, params)`` (float64) and by the
-    kernels' metric vector. ``gamma_stats``: it reports ``gamma_mean``/``_min``/``_max`` of γ_t.
+    ``metrics``: the family's metric names beyond ``metrics.COMMON`` (and the γ_t statistics)
+    that its γ rule gives, computed by ``reference_metrics(ell, adv, mask, terms, stats, params)``
+    (float64) and by the kernels' metric vector; then ``extra_metrics``: the token means of its
+    first extra terms (the device function's ``extras``, the reference's ``TokenTerms.extras`` by
+    these names). ``gamma_stats``: it reports ``gamma_mean``/``_min``/``_max`` of γ_t.
     ``row_weight``: its context is a per-row weight of Σℓ and the row's first advantage (device
     ``row_weight``); rollout IS weights enter it, not each token.
     """
@@ -96,6 +99,7 @@ class Family:
     kernel: Callable
     stats: Optional[Callable] = None
     metrics: tuple = ()
+    extra_metrics: tuple = ()
     reference_metrics: Optional[Callable] = None
     gamma_stats: bool = False
     row_weight: bool = False

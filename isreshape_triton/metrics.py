@@ -63,7 +63,8 @@ from .families import FAMILIES
 COMMON = ("token_count", "nonfinite_tokens", "ppo_kl", "w_mean", "w_max", "phi_mean", "phi_abs_max",
           "sigma_sq", "ess", "ess_ratio", "skewness", "kurtosis", "max_weight_ratio")
 GAMMA_STATS = ("gamma_mean", "gamma_min", "gamma_max")
-EXTRAS = {name: (GAMMA_STATS if family.gamma_stats else ()) + family.metrics for name, family in FAMILIES.items()}
+EXTRAS = {name: (GAMMA_STATS if family.gamma_stats else ()) + family.metrics + family.extra_metrics
+          for name, family in FAMILIES.items()}
 PSIS = ("psis_k", "psis_unreliable")
 KL = ("kl_loss",)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .custom_op import run_fused
-from .families import kernel_family
+from .families import FAMILIES, kernel_family
 from .inputs import prepare_inputs
 from .kernels import layout
 from .metrics import metric_names
@@ -25,7 +25,6 @@ from .options import as_number
 from .params import AggConfig, check_log_ratio_clamp, check_process_group, kl_config, make_params
 from .psis_context import psis_context
 
-_METRIC_INDEX = {name: i for i, name in enumerate(layout.METRIC_SLOTS)}
 
 
 def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
@@ -57,6 +56,8 @@ def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=Non
     write_grad = torch.is_grad_enabled() and x.log_prob.requires_grad
     loss, metric_vec = run_fused(x, mask, gamma, fam, agg, kl, as_number(log_ratio_clamp), write_grad,
                                   process_group)
-    metrics = {name: extra[name] if name in extra else metric_vec[_METRIC_INDEX[name]]
+    slots = {**layout.METRIC_SLOTS, **{name: layout.M_EXTRAS.value + k  # the family's extra metrics
+                                       for k, name in enumerate(FAMILIES[loss_type].extra_metrics)}}
+    metrics = {name: extra[name] if name in extra else metric_vec[slots[name]]
                for name in metric_names(loss_type, params, kl=x.ref_log_prob is not None)}
     return loss, metrics

@@ -17,15 +17,14 @@ import triton.language as tl
 
 from .common import (central_sums, ess_of, exchange_warps, expsum_scale, group_max, group_sum, moment_unit, put,
                      pooled_mean, pow2, safe_div, shift_moments, shift_moments34, unbiased_var)
-from .layout import (E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, M_CLIPFRAC, M_CLIPFRAC_LOWER, M_ESS,
-                     M_ESS_NEG, M_ESS_POS, M_ESS_RATIO, M_ESS_RATIO_NEG, M_ESS_RATIO_POS, M_GAMMA, M_GAMMA_BASE,
-                     M_GAMMA_MAX, M_GAMMA_MEAN, M_GAMMA_MIN, M_GAMMA_NEG, M_GAMMA_POS, M_KL_LOSS, M_KURTOSIS,
-                     M_MAX_WEIGHT_RATIO, M_NONFINITE_TOKENS, M_P_CASE1, M_P_CASE2, M_P_CASE3, M_P_CASE4, M_PHI_ABS_MAX,
-                     M_PHI_MEAN, M_PPO_KL, M_SIGMA_SQ, M_SIGMA_SQ_NEG, M_SIGMA_SQ_POS, M_SKEWNESS, M_TOKEN_COUNT,
-                     M_W_MAX, M_W_MEAN, P_ESS, P_ESS_NEG, P_ESS_POS, P_EXTRAS, P_G_MAX, P_GAMMA, P_KL, P_LOSS, P_M2,
-                     P_M2_NEG, P_M2_POS, P_MAXIMA, P_N_ALL, P_N_NEG, P_N_POS, P_NEG_G_MIN, P_NONFINITE, P_PHI,
-                     P_PHI_MAX, P_ROWS, P_SEQ_KL, P_SEQ_LOSS, P_SUMS, P_W, P_W_MAX, P_Z_ALL, P_Z_NEG, P_Z_POS,
-                     PARTIAL_WIDTH, ROW_ENDS, ROW_STARTS)
+from .layout import (ELEMENT_WIDTH, E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, M_ESS, M_ESS_NEG, M_ESS_POS, M_ESS_RATIO,
+                     M_ESS_RATIO_NEG, M_ESS_RATIO_POS, M_EXTRAS, M_GAMMA, M_GAMMA_BASE, M_GAMMA_MAX, M_GAMMA_MEAN,
+                     M_GAMMA_MIN, M_GAMMA_NEG, M_GAMMA_POS, M_KL_LOSS, M_KURTOSIS, M_MAX_WEIGHT_RATIO,
+                     M_NONFINITE_TOKENS, M_PHI_ABS_MAX, M_PHI_MEAN, M_PPO_KL, M_SIGMA_SQ, M_SIGMA_SQ_NEG,
+                     M_SIGMA_SQ_POS, M_SKEWNESS, M_TOKEN_COUNT, M_W_MAX, M_W_MEAN, PARTIAL_WIDTH, P_ESS, P_ESS_NEG,
+                     P_ESS_POS, P_EXTRAS, P_GAMMA, P_G_MAX, P_KL, P_LOSS, P_M2, P_M2_NEG, P_M2_POS, P_MAXIMA,
+                     P_NEG_G_MIN, P_NONFINITE, P_N_ALL, P_N_NEG, P_N_POS, P_PHI, P_PHI_MAX, P_ROWS, P_SEQ_KL,
+                     P_SEQ_LOSS, P_SUMS, P_W, P_W_MAX, P_Z_ALL, P_Z_NEG, P_Z_POS, ROW_ENDS, ROW_STARTS)
 
 TOKEN_MEAN = tl.constexpr(0)
 TOKEN_SUM = tl.constexpr(1)
@@ -255,7 +254,7 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
              COUNTS_ON_DEVICE: tl.constexpr, GROUPS_GIVEN: tl.constexpr, FRAMED: tl.constexpr, SLOTS: tl.constexpr,
              WARPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
     """All n_part (≤ BLOCK_P) partial records (``partial_stride`` apart) merged in program
-    order (``reduce_record``); the loss, metrics (slot order = layout.METRIC_SLOTS) and the
+    order (``reduce_record``); the loss, metrics (``layout.METRIC_FIELDS``) and the
     gradient scale s of SPEC §2 (for seq-mean-token-mean the backward divides it by the
     row's n_b). COUNTS_ON_DEVICE: bit 0 global_token_count, bit 1 global_batch_size are 0-dim
     device tensors (a bad value gives NaN: ``_count``). Only the slots in SLOTS are read (``layout.partial_slots``); GROUPS_GIVEN:
@@ -280,7 +279,7 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
     if GROUPS_GIVEN:
         n_pos, m2_pos, n_neg, m2_neg = groups
     s_loss, s_kl, s_w, s_phi, s_g = rec[P_LOSS], rec[P_KL], rec[P_W], rec[P_PHI], rec[P_GAMMA]
-    x0, x1, x2, x3, x4 = rec[P_EXTRAS:P_EXTRAS + 5]
+    x0, x1, x4 = rec[P_EXTRAS], rec[P_EXTRAS + 1], rec[P_EXTRAS + 4]  # the extras a per-row γ rule reads
     nonfinite = rec[P_NONFINITE]
     ess_all = (rec[P_Z_ALL], rec[P_ESS], rec[P_ESS + 1])
     ess_pos = (rec[P_Z_POS], rec[P_ESS_POS], rec[P_ESS_POS + 1])
@@ -339,7 +338,7 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
         m2z = (m2_all * r) * r
     c2 = safe_div(m2z, n_all)
     spread = ~(c2 <= (1e-15 * mean_all * r) * (1e-15 * mean_all * r))
-    m = metrics_ptr  # the metric vector, by name (``layout.METRIC_SLOTS``)
+    m = metrics_ptr  # the metric vector, by name (``layout.METRIC_FIELDS``)
     tl.store(m + M_TOKEN_COUNT, n_all)
     tl.store(m + M_PPO_KL, -tl.where(n_all > 0.0, mean_all, 0.0))
     tl.store(m + M_W_MEAN, safe_div(s_w, n_all))
@@ -358,12 +357,6 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
     tl.store(m + M_SIGMA_SQ_POS, unbiased_var(n_pos, m2_pos))
     tl.store(m + M_SIGMA_SQ_NEG, unbiased_var(n_neg, m2_neg))
     tl.store(m + M_GAMMA_BASE, gamma_base)
-    tl.store(m + M_P_CASE1, safe_div(x0, n_all))  # is_reshape_var's extras: p1..p4
-    tl.store(m + M_P_CASE2, safe_div(x1, n_all))
-    tl.store(m + M_P_CASE3, safe_div(x2, n_all))
-    tl.store(m + M_P_CASE4, safe_div(x3, n_all))
-    tl.store(m + M_CLIPFRAC, safe_div(x0, n_all))  # ppo_clip's extras: clipped, dual-clipped
-    tl.store(m + M_CLIPFRAC_LOWER, safe_div(x1, n_all))
     tl.store(m + M_SKEWNESS, tl.where(spread, safe_div(safe_div(m3_all, n_all), c2 * tl.sqrt(c2)), 0.0))
     tl.store(m + M_KURTOSIS, tl.where(spread, safe_div(safe_div(m4_all, n_all), c2 * c2) - 3.0, 0.0))
     tl.store(m + M_MAX_WEIGHT_RATIO, safe_div(w_max, s_w))
@@ -373,3 +366,5 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
     tl.store(m + M_ESS_RATIO_NEG, safe_div(ess_n, n_neg))
     tl.store(m + M_NONFINITE_TOKENS, nonfinite)
     tl.store(m + M_KL_LOSS, kl_loss * dp_size)
+    for k in tl.static_range(5):  # the family's extra metrics: token means of its extra terms
+        tl.store(m + M_EXTRAS + k, safe_div(rec[P_EXTRAS + k], n_all))

@@ -17,7 +17,9 @@ each field says how records merge (``finalize.merge_record``): "sum", "max" (an 
 record holds −inf), or "own" (moments and exponential sums, merged about their summary's
 own mean and max by name), and when a specialization fills it (``partial_slots``).
 
-Metric vector (``M_``; the op's output): ``METRIC_SLOTS``, the metric names (SPEC §6).
+Metric vector (``M_``; the op's output, SPEC §6): the metrics every family shares or its γ rule
+gives, by name, then ``extras``: the token means of the family's five extra terms, which its
+declared ``extra_metrics`` name (``Family``). ``METRIC_SLOTS``: name → slot.
 """
 from dataclasses import dataclass
 
@@ -123,12 +125,11 @@ def partial_slots(sign_groups: bool, group_moments: bool, has_kl: bool, gamma_st
     return _mask(PARTIAL_FIELDS, lambda f: holds[f.when] and f.when != "extras") | extras
 
 
-METRIC_SLOTS = (
+METRIC_FIELDS = tuple(Field(name) for name in (
     "token_count", "ppo_kl", "w_mean", "w_max", "phi_mean", "phi_abs_max", "sigma_sq",
     "ess", "ess_ratio", "gamma_mean", "gamma_min", "gamma_max", "gamma", "gamma_pos",
-    "gamma_neg", "sigma_sq_pos", "sigma_sq_neg", "gamma_base", "p_case1", "p_case2",
-    "p_case3", "p_case4", "clipfrac", "clipfrac_lower", "skewness", "kurtosis",
+    "gamma_neg", "sigma_sq_pos", "sigma_sq_neg", "gamma_base", "skewness", "kurtosis",
     "max_weight_ratio", "ess_pos", "ess_ratio_pos", "ess_neg", "ess_ratio_neg",
-    "nonfinite_tokens", "kl_loss",
-)
-METRIC_WIDTH = tl.constexpr(_declare("M_", [Field(name) for name in METRIC_SLOTS]))
+    "nonfinite_tokens", "kl_loss")) + (Field("extras", 5),)
+METRIC_WIDTH = tl.constexpr(_declare("M_", METRIC_FIELDS))
+METRIC_SLOTS = {f.name: globals()[f"M_{f.name.upper()}"].value for f in METRIC_FIELDS if f.width == 1}

@@ -9,7 +9,7 @@ from isreshape_triton.kernels import finalize, layout, loss
 
 RECORDS = [("S_", layout.STATS_FIELDS, layout.S_BASE_WIDTH), ("E_", layout.ELEMENT_FIELDS, layout.ELEMENT_WIDTH),
            ("P_", layout.PARTIAL_FIELDS, layout.PARTIAL_WIDTH),
-           ("M_", [layout.Field(name) for name in layout.METRIC_SLOTS], layout.METRIC_WIDTH)]
+           ("M_", layout.METRIC_FIELDS, layout.METRIC_WIDTH)]
 
 
 @pytest.mark.parametrize("prefix,fields,width", RECORDS, ids=[r[0] for r in RECORDS])
@@ -32,6 +32,7 @@ def test_the_partial_record_is_written_and_merged_by_field():
 def test_every_metric_is_stored_by_name():
     stored = inspect.getsource(finalize.finalize.fn)
     assert [name for name in layout.METRIC_SLOTS if f"tl.store(m + M_{name.upper()}," not in stored] == []
+    assert "tl.store(m + M_EXTRAS + k," in stored  # the family's extra metrics
 
 
 def test_partial_slots_follow_the_capabilities():

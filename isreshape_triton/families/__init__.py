@@ -32,6 +32,7 @@ def kernel_family(loss_type: str, params) -> KernelFamily:
 
 
 def bind(kernel: KernelFamily, loss_type: str) -> KernelFamily:
-    """``kernel`` with what the family declares: its name and capabilities."""
+    """``kernel`` with what the family declares: its name, capabilities and extra metrics."""
     family = FAMILIES[loss_type]
-    return replace(kernel, name=family.name, gamma_stats=family.gamma_stats, row_weight=family.row_weight)
+    return replace(kernel, name=family.name, gamma_stats=family.gamma_stats, row_weight=family.row_weight,
+                   extra_terms=max(kernel.extra_terms, len(family.extra_metrics)))

@@ -51,7 +51,7 @@ def stats(ell, adv, mask, p, log_ratio_clamp, log_rollout=None):
 
 def kernel(p) -> KernelFamily:
     fam = is_reshape.kernel(p, floats(p.temperature))
-    return replace(fam, extra_terms=5 if fam.per_row else 4)  # p_case1..4 (and γ_base per sequence)
+    return replace(fam, extra_terms=5 if fam.per_row else 0)  # per sequence, γ_base (extra 4) too
 
 
 def metrics(ell, adv, mask, terms, stats, p) -> dict:
@@ -59,5 +59,6 @@ def metrics(ell, adv, mask, terms, stats, p) -> dict:
 
 
 FAMILY = Family("is_reshape_var", IsReshapeVarParams, is_reshape_var, kernel, stats=stats,
-                metrics=("gamma_base", "p_case1", "p_case2", "p_case3", "p_case4"), reference_metrics=metrics,
+                metrics=("gamma_base",), extra_metrics=("p_case1", "p_case2", "p_case3", "p_case4"),
+                reference_metrics=metrics,
                 gamma_stats=True)

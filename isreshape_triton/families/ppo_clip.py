@@ -54,7 +54,7 @@ def kernel(p) -> KernelFamily:
     """OPT = 1: the dual clip."""
     dual = p.clip_ratio_c is not None
     return KernelFamily(floats(p.clip_ratio_low, p.clip_ratio_high, p.clip_ratio_c if dual else 0.0),
-                        opt=int(dual), extra_terms=2)
+                        opt=int(dual))
 
 
-FAMILY = Family("ppo_clip", PPOClipParams, ppo_clip, kernel, metrics=("clipfrac", "clipfrac_lower"))
+FAMILY = Family("ppo_clip", PPOClipParams, ppo_clip, kernel, extra_metrics=("clipfrac", "clipfrac_lower"))
