@@ -213,7 +213,7 @@ class _FusedPolicyLoss(torch.autograd.Function):
 
 
 def run_fused(x: Inputs, mask, gamma, fam: KernelFamily, agg: AggConfig, kl: KLConfig, clamp: float,
-               write_grad: bool, process_group=None) -> tuple:
+              write_grad: bool, process_group=None) -> tuple:
     """(loss, metric vector) from the custom op; old_log_prob, advantages, the mask, the
     rollout weights and ref_log_prob enter detached, so the loss requires grad exactly when
     log_prob does."""

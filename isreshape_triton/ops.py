@@ -26,7 +26,6 @@ from .params import AggConfig, check_log_ratio_clamp, check_process_group, kl_co
 from .psis_context import psis_context
 
 
-
 def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                       loss_type="is_reshape", loss_agg_mode="token-mean", *, dp_size=1,
                       global_token_count=None, global_batch_size=None, loss_scale_factor=None,
@@ -55,7 +54,7 @@ def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=Non
         gamma, extra = psis_context(x, params, fam, as_number(log_ratio_clamp), process_group)
     write_grad = torch.is_grad_enabled() and x.log_prob.requires_grad
     loss, metric_vec = run_fused(x, mask, gamma, fam, agg, kl, as_number(log_ratio_clamp), write_grad,
-                                  process_group)
+                                 process_group)
     slots = {**layout.METRIC_SLOTS, **{name: layout.M_EXTRAS.value + k  # the family's extra metrics
                                        for k, name in enumerate(FAMILIES[loss_type].extra_metrics)}}
     metrics = {name: extra[name] if name in extra else metric_vec[slots[name]]

@@ -57,8 +57,7 @@ def _per_token_advantages(x: Inputs) -> torch.Tensor:
     return adv[row.clamp(0, adv.shape[0] - 1)]
 
 
-def psis_context(x: Inputs, params, fam: KernelFamily, clamp: float,
-                  process_group=None):
+def psis_context(x: Inputs, params, fam: KernelFamily, clamp: float, process_group=None):
     """(c0, c1) per batch ([2]) or per row ([R, 2]) from Pareto-smoothed IS, and the
     psis_k / psis_unreliable metrics: torch ops on the device (sorting and the
     generalized-Pareto fit are not kernel work), no host sync on one process. A group

@@ -120,11 +120,11 @@ def test_every_output_is_written_with_empty_rows(agg, monkeypatch):
     lp, olp, adv, mask, _, cu = _packed_batch((7, 0, 12, 0, 3))
     outs = []
     for fill in (float("nan"), 7.0):
-        monkeypatch.setattr(launch, "empty_buffer", lambda shape, dtype, device, fill=fill: torch.full(shape, fill, dtype=dtype,
-                                                                                                device=device))
+        monkeypatch.setattr(launch, "empty_buffer",
+                            lambda shape, dtype, device, fill=fill: torch.full(shape, fill, dtype=dtype, device=device))
         x = prepare_inputs(lp, olp, adv, mask, cu_seqlens=cu)
         plan = launch.plan_launches(x, irt.families.kernel_family("vespo", irt.make_params("vespo")),
-                                 irt.params.AggConfig(agg), 20.0, True)
+                                    irt.params.AggConfig(agg), 20.0, True)
         for step in plan.steps:
             step()
         outs.append((plan.loss, plan.metrics, plan.neg_phi, plan.grad_scale, plan.row_count))

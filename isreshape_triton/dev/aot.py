@@ -172,8 +172,8 @@ def specs_from_plan(log_prob, old_log_prob, advantages, response_mask, loss_type
     launches = [step for step in plan.steps if isinstance(step, launch.Launch)]
     if log_prob.requires_grad:
         launches.append(launch.backward_launch(plan.neg_phi, torch.empty_like(log_prob), plan.grad_scale,
-                                            plan.loss, plan.row_count, x.cu_seqlens, plan.geometry,
-                                            agg.loss_agg_mode == "seq-mean-token-mean"))
+                                               plan.loss, plan.row_count, x.cu_seqlens, plan.geometry,
+                                               agg.loss_agg_mode == "seq-mean-token-mean"))
     return [launch_spec(step) for step in launches]
 
 
