@@ -232,9 +232,11 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
     steps = []
     if fam.needs_stats:
         block, options = _tile(STATS_TILE_ESS_EXACT if fam.ess_exact else STATS_TILE, fp64)
+        # pass 1 reads the rollout weights only where they enter a row weight (W), not a γ rule
+        pass1 = {**flags, "HAS_ROLLOUT": x.rollout is not None and fam.row_weight}
         steps.append(Launch(batch_stats_kernel, (programs,),
                             dict(**tokens, rec_ptr=stats, scratch_ptr=partial, scratch_stride=partial.stride(0)),
-                            dict(**flags, HAS_REF=False, SIGN_GROUPS=fam.sign_groups, ESS_EXACT=fam.ess_exact,
+                            dict(**pass1, HAS_REF=False, SIGN_GROUPS=fam.sign_groups, ESS_EXACT=fam.ess_exact,
                                  ROW_STATS=row_stats, WARPS=_lane_warps(block, options), BLOCK_T=block),
                             options))
     records = stats

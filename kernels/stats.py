@@ -112,7 +112,8 @@ def batch_stats_kernel(
     ROW_STATS: tl.constexpr, WARPS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Statistics records of ℓ per piece (ROW_STATS) or per program (see module docstring).
-    With rollout IS weights a row's Σℓ (VESPO's log W) also sums log max(r, 1e-8). scratch_ptr:
+    HAS_ROLLOUT (a family with a row weight, given rollout IS weights): a row's Σℓ (the row
+    weight's log W) also sums log max(r, 1e-8). scratch_ptr:
     a free row of ``scratch_stride`` ≥ 9·WARPS values per program (the loss pass's partials);
     WARPS: the launch's warps if BLOCK_T is a multiple of 32·WARPS, else 0."""
     lp, olp, adv, mask, rollout, ref = streams(lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr,

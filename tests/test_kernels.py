@@ -92,7 +92,7 @@ def pinned_gamma(loss_type, opts, metrics):
 
 def check_against_reference(lp, olp, adv, mask, loss_type, agg, opts, rtol=None, syncs=0):
     loss, metrics, grad, work = fused_with_counts(lp, olp, adv, mask, loss_type, agg, syncs, **opts)
-    family_opts = {k: v for k, v in opts.items() if k not in ("log_ratio_clamp", "cu_seqlens")}
+    family_opts = {k: v for k, v in opts.items() if k not in irt.params.CALL_OPTIONS}
     fam_params = irt.make_params(loss_type, **family_opts)
     fam = kernel_family(loss_type, fam_params)
     # the kernel path ran, within budget, without syncs (PSIS smooths with torch ops first)
@@ -279,6 +279,18 @@ def test_skew_kurtosis_moments_of_tiny_log_ratios(spread, center, tiling, loss_t
     for m in (metrics, ref_metrics):
         assert m["skewness"].item() == pytest.approx(skew, rel=1e-3, abs=1e-4)
         assert m["kurtosis"].item() == pytest.approx(kurt, rel=1e-3, abs=1e-4)
+
+
+ROLLOUT_FAMILIES = [c for c in FAMILY_CONFIGS if c[1].get("gamma_granularity") == "sequence" or c[1] == {}]
+
+
+@pytest.mark.parametrize("loss_type,opts", ROLLOUT_FAMILIES)
+def test_rollout_weights_on_every_family(loss_type, opts):
+    """Rollout IS weights r: L_t = −F_t·r_t, or folded into a row weight (VESPO's W); the kernels
+    match the reference, per-row γ rules included (their pass 1 never reads r)."""
+    lp, olp, adv, mask = make_batch(4, 45, torch.float64, seed=zlib.crc32(f"{loss_type}{opts}".encode()))
+    r = 0.5 + torch.rand(lp.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    check_against_reference(lp, olp, adv, mask, loss_type, "seq-mean-token-mean", {**opts, "rollout_is_weights": r})
 
 
 @pytest.mark.parametrize("n_tokens", [1, 50])
