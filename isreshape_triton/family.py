@@ -6,9 +6,11 @@ the parameter classes, the metric names, the reference and the kernel specializa
 
 Device contract (``kernels/families/<name>.py``)::
 
-    token(ell, w, A, ctx, params, OPT) -> (phi, F, gamma_t, extras)
+    token(ell, w, A, lp, olp, ctx, params, OPT) -> (phi, F, gamma_t, extras)
 
-ell = clamped log-ratio, w = exp(ell), A = advantage; ``ctx`` = (c0, c1) is the family's context
+ell = clamped log-ratio, w = exp(ell), A = advantage, lp / olp = the token's log-probs (unclamped;
+for a family whose F is written in log π, such as CISPO's sg(c)·A·log π, or whose φ reads the
+probabilities); ``ctx`` = (c0, c1) is the family's context
 resolved by the kernel (γ values from its γ rule, or the row weight); ``params`` the family's
 runtime floats in the order of ``KernelFamily.params``; OPT its structural option. The loss is
 −F, dF/dlog_prob = φ; gamma_t the token's effective IS exponent (ω = w^gamma_t); ``extras`` five
@@ -82,7 +84,8 @@ class Family:
     """One loss family (``loss_type`` = ``name``), declared once in its module.
 
     ``reference(ell, adv, *, params, **stats) -> reference.shared.TokenTerms``: φ and F in
-    plain PyTorch. ``stats(ell, adv, mask, params, log_ratio_clamp, log_rollout)``: the
+    plain PyTorch; with ``log_probs`` also the keywords ``lp`` (log π, carrying the gradient, as
+    ``ell`` does) and ``olp`` (log π_old, detached). ``stats(ell, adv, mask, params, log_ratio_clamp, log_rollout)``: the
     statistics the reference needs from the whole batch (γ, ...), detached; None: none.
     ``metrics``: the family's metric names beyond ``metrics.COMMON`` (and the γ_t statistics)
     that its γ rule gives, computed by ``reference_metrics(ell, adv, mask, terms, stats, params)``
@@ -90,7 +93,8 @@ class Family:
     first extra terms (the device function's ``extras``, the reference's ``TokenTerms.extras`` by
     these names). ``gamma_stats``: it reports ``gamma_mean``/``_min``/``_max`` of γ_t.
     ``row_weight``: its context is a per-row weight of Σℓ and the row's first advantage (device
-    ``row_weight``); rollout IS weights enter it, not each token.
+    ``row_weight``); rollout IS weights enter it, not each token. ``log_probs``: its reference
+    reads the log-probs (the device function always gets them).
     """
 
     name: str
@@ -103,3 +107,4 @@ class Family:
     reference_metrics: Optional[Callable] = None
     gamma_stats: bool = False
     row_weight: bool = False
+    log_probs: bool = False

@@ -35,7 +35,8 @@ from .layout import (E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, P_ESS
                      P_G_MAX, P_GAMMA, P_KL, P_LOSS, P_M2, P_M2_NEG, P_M2_POS, P_N_ALL, P_N_NEG, P_N_POS,
                      P_NEG_G_MIN, P_NONFINITE, P_PHI, P_PHI_MAX, P_ROWS, P_SEQ_KL, P_SEQ_LOSS, P_W, P_W_MAX,
                      P_Z_ALL, P_Z_NEG, P_Z_POS, PARTIAL_SCRATCH, PARTIAL_WIDTH, ROW_ENDS, ROW_STARTS)
-from .rows import load_raw, locate_row, piece_end, prologue_stop, row_elements, streams, token_values
+from .rows import (load_raw, locate_row, log_probs, piece_end, prologue_stop, row_elements, streams,
+                   token_values)
 
 
 @triton.jit
@@ -82,12 +83,12 @@ def _lanes_init(like, FRAMED: tl.constexpr):
 
 
 @triton.jit
-def _token_loss(ell, w, A, m, bad, r, kl_x, ctx, params, kl_coef, TOKEN: tl.constexpr, OPT: tl.constexpr,
-                ROLLOUT_PER_TOKEN: tl.constexpr, KL_TYPE: tl.constexpr):
+def _token_loss(ell, w, A, lp, olp, m, bad, r, kl_x, ctx, params, kl_coef, TOKEN: tl.constexpr,
+                OPT: tl.constexpr, ROLLOUT_PER_TOKEN: tl.constexpr, KL_TYPE: tl.constexpr):
     """The family's φ, γ_t and extras (``TOKEN``), and per counted token L_t = −F_t·r_t + β·k_t,
     ∂L_t/∂lp_t = −φ_t·r_t + β·k'_t and k_t (0 elsewhere); a non-finite input poisons its
     token's φ, L and extras, whatever the formula."""
-    phi, F, g, x = TOKEN(ell, w, A, ctx, params, OPT)
+    phi, F, g, x = TOKEN(ell, w, A, lp, olp, ctx, params, OPT)
     phi = tl.where(bad, float("nan"), tl.where(m, phi, 0.0))
     L = tl.where(bad, float("nan"), tl.where(m, -F, 0.0))
     dL = -phi
@@ -323,10 +324,11 @@ def token_loss_kernel(
                                  HAS_ADV, HAS_MASK, HAS_ROLLOUT, KL_TYPE != KL_NONE)  # the next tile
                 ell, A, m, bad, r, kl_x = token_values(raw, offs, e, start, end, clamp, ACC, HAS_ADV, HAS_MASK,
                                                        HAS_ROLLOUT, KL_TYPE != KL_NONE, PACKED)
+                lp_t, olp_t = log_probs(raw, m, ACC)
                 raw = ahead
                 w = tl.exp(ell)
-                phi, g, x, L, dL, k = _token_loss(ell, w, A, m, bad, r, kl_x, ctx, params, kl_coef, TOKEN, OPT,
-                                                  HAS_ROLLOUT and ROW_WEIGHT is None, KL_TYPE)
+                phi, g, x, L, dL, k = _token_loss(ell, w, A, lp_t, olp_t, m, bad, r, kl_x, ctx, params, kl_coef,
+                                                  TOKEN, OPT, HAS_ROLLOUT and ROW_WEIGHT is None, KL_TYPE)
                 if WRITE_GRAD:
                     tl.store(neg_phi_ptr + offs, dL, mask=offs < e)
                 if SEQ_AGG:

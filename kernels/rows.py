@@ -179,3 +179,10 @@ def token_values(raw, offs, piece_stop, start, end, clamp,
         x = tl.where(m, x, 0.0)
     return ell, a, m, bad, r, x
 
+
+
+@triton.jit
+def log_probs(raw, m, ACC: tl.constexpr):
+    """The log-probs (lp, olp) of a tile's raw loads at counted tokens, 0 elsewhere (upcast to ACC)."""
+    lp_v, olp_v, _, _, _, _ = raw
+    return tl.where(m, lp_v.to(ACC), 0.0), tl.where(m, olp_v.to(ACC), 0.0)

@@ -121,7 +121,7 @@ from ..common import expm1
 
 
 @triton.jit
-def token(ell, w, A, ctx, params, OPT: tl.constexpr):
+def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
     (scale,) = params
     zero = tl.zeros_like(ell)
     return scale * A * w, scale * A * expm1(ell), 1.0 + zero, (tl.where(w > 1.0, 1.0, 0.0), zero, zero, zero, zero)

@@ -25,10 +25,11 @@ def split_psis(stats: dict):
             {k: v for k, v in stats.items() if k.startswith("psis_")})
 
 
-def phi_F(loss_type, ell, adv=None, params=None, **stats) -> TokenTerms:
+def phi_F(loss_type, ell, adv=None, params=None, lp=None, **stats) -> TokenTerms:
     """φ, F (and γ_t, extras) of ``loss_type`` for tokens with log-ratio ``ell``.
 
-    ``ell``/``adv`` may be tensors or numbers (``adv=None`` → A ≡ 1); ``params``
+    ``ell``/``adv`` may be tensors or numbers (``adv=None`` → A ≡ 1); ``lp``: log π for a
+    family that reads the log-probs (default ``ell``, i.e. log π_old = 0); ``params``
     a family dataclass (default: SPEC defaults); ``stats`` the family's batch
     statistics as keywords: ``gamma`` (is_reshape), ``gamma_pos``/``gamma_neg``
     (is_reshape_sign), ``gamma_base`` (is_reshape_var), ``log_W``/``first_adv``
@@ -37,6 +38,9 @@ def phi_F(loss_type, ell, adv=None, params=None, **stats) -> TokenTerms:
     params = make_params(loss_type, params)
     ell = ell if isinstance(ell, torch.Tensor) else torch.tensor(ell, dtype=torch.float64)
     adv = torch.ones_like(ell) if adv is None else torch.as_tensor(adv, dtype=ell.dtype, device=ell.device)
+    if _DECLARED[loss_type].log_probs:
+        lp = ell if lp is None else torch.as_tensor(lp, dtype=ell.dtype, device=ell.device)
+        stats = {**stats, "lp": lp, "olp": (lp - ell).detach()}
     return FAMILIES[loss_type](ell, adv, params=params, **split_psis(stats)[0])
 
 

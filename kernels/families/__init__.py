@@ -1,6 +1,6 @@
 """The families' device functions, one module per family (the contract: ``isreshape_triton/family.py``):
 
-    token(ell, w, A, ctx, params, OPT) -> (phi, F, gamma_t, extras)
+    token(ell, w, A, lp, olp, ctx, params, OPT) -> (phi, F, gamma_t, extras)
 
 and, for a family whose context is a per-row weight, ``row_weight(log_w_sum, a_first, clamp,
 params)``. The kernels take them as constexprs (``TOKEN``, ``ROW_WEIGHT``), so the shared

@@ -7,7 +7,7 @@ from . import no_extras
 
 
 @triton.jit
-def token(ell, w, A, ctx, params, OPT: tl.constexpr):
+def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
     """φ = w^γ·A, F = A·expm1(γℓ)/γ; ctx = (γ, ·)."""
     gamma, _ = ctx
     g = gamma + tl.zeros_like(ell)

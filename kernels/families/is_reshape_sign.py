@@ -18,7 +18,7 @@ def _mm_weight_and_integral(w, tau):
 
 
 @triton.jit
-def token(ell, w, A, ctx, params, OPT: tl.constexpr):
+def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
     """A>0: w^{γ+}·A (or Michaelis-Menten); A<0: b(w)·A; A=0: 0; ctx = (γ+, γ−).
 
     F = A·∫₁^w φ/(A·u) du in closed form; the soft saturation is a surrogate φ·ℓ.

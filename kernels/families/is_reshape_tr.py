@@ -7,7 +7,7 @@ from . import no_extras
 
 
 @triton.jit
-def token(ell, w, A, ctx, params, OPT: tl.constexpr):
+def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
     """γ_t = γ_base + (γ_max−γ_base)·σ(−A·ℓ/τ_c);
     φ = [(1−γ_t) + γ_t·w·sech²(τ_h(w−1)/2)]·A, F = A·[(1−γ_t)ℓ + γ_t·(2/τ_h)·tanh(τ_h(w−1)/2)]
     with w − 1 = expm1(ℓ) (accurate near ℓ = 0)."""

@@ -6,7 +6,7 @@ from ..common import clamp_nan, expm1_over, sigmoid
 
 
 @triton.jit
-def token(ell, w, A, ctx, params, OPT: tl.constexpr):
+def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
     """Soft four-case γ*(w, A): γ_t = clip(γ_base·(p2+p3) + p4, 0, 1) with p_hi = σ(Tℓ),
     p_pos = σ(T·A); φ = w^{γ_t}·A, F = A·expm1(γ_tℓ)/γ_t; ctx = (γ_base, ·).
     Extras: the case probabilities p1..p4 and γ_base."""

@@ -6,7 +6,7 @@ from ..common import clamp_nan, max_nan
 
 
 @triton.jit
-def token(ell, w, A, ctx, params, OPT: tl.constexpr):
+def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
     """loss = max(−A·w, −A·clip(w, 1−ε_low, 1+ε_high)); for A<0 with the dual clip
     (OPT = 1) min(that, −A·c). φ = A·w where the unclipped branch is active.
     Extras: clipped, clipped by the dual clip."""

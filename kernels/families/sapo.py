@@ -7,7 +7,7 @@ from . import no_extras
 
 
 @triton.jit
-def token(ell, w, A, ctx, params, OPT: tl.constexpr):
+def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
     """τ = τ_pos if A > 0 else τ_neg; φ = A·w·sech²(τ(w−1)/2), F = A·(4/τ)·σ(τ(w−1))
     with w − 1 = expm1(ℓ)."""
     tau_pos, tau_neg = params

@@ -7,7 +7,7 @@ from . import no_extras
 
 
 @triton.jit
-def token(ell, w, A, ctx, params, OPT: tl.constexpr):
+def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
     """φ = φ(W_b)·A with the row's sequence weight ctx = (φ(W_b), ·); surrogate F = φ·ℓ."""
     seq_weight, _ = ctx
     phi = seq_weight * A
