@@ -90,6 +90,11 @@ def grouped(ell, sel, granularity, fn):
     return np.array([[fn(ell[b][sel[b]])] for b in range(ell.shape[0])])
 
 
+# The families whose SPEC §4 formulas ``oracle`` restates. A family beyond SPEC §4 is a peer's
+# loss, checked against the peer's own code (tests/test_integrations.py).
+SPEC_FAMILIES = ("is_reshape", "is_reshape_sign", "is_reshape_tr", "is_reshape_var", "ppo_clip", "sapo", "vespo")
+
+
 def oracle(loss_type, lp, olp, A, mask, opts, C=20.0):
     """(ℓ, m, A, φ, F, γ_t) in float64 NumPy from the SPEC formulas."""
     m = np.ones(lp.shape, bool) if mask is None else mask.numpy() != 0
@@ -223,7 +228,7 @@ def oracle_scale(m, mode, dp=1, gtc=None, gbs=None, lsf=None):
 
 # ============================================================================ gradient == −s·m·φ
 @pytest.mark.parametrize("agg", AGG_MODES)
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", SPEC_FAMILIES)
 @HYP
 @given(seed=st.integers(0, 10_000), adv=st.sampled_from(["full", "row", "none"]),
        gran=st.sampled_from(["batch", "sequence"]), sat=st.sampled_from(NEG_SATURATIONS),
@@ -279,6 +284,7 @@ def test_grad_and_value_match_spec(loss_type, agg, seed, adv, gran, sat, pos_wei
 GRADCHECK_OPTS = {
     # detached statistics must be locally constant for a finite-difference check:
     # fixed γ, or a rule sitting on its clip bound, or saturated soft indicators
+    # (a family not named here: its default options)
     "is_reshape": [{"gamma": 0.6}, {"gamma": 0.0, "gamma_min": 0.0},
                    {"gamma": "ess", "gamma_max": 0.7}, {"gamma": 0.3, "gamma_granularity": "sequence"}],
     "is_reshape_sign": [{"gamma_pos": 0.7, "gamma_neg": 1.5, "neg_saturation": "truncate",
@@ -304,7 +310,7 @@ def _gradcheck(loss_type, agg, opts, seed, zero_ell_neg=False):
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_gradcheck_family_x_agg(loss_type, agg):
-    opts_list = GRADCHECK_OPTS[loss_type]
+    opts_list = GRADCHECK_OPTS.get(loss_type, [{}])
     i = AGG_MODES.index(agg)
     _gradcheck(loss_type, agg, opts_list[i % len(opts_list)], seed=i)
 
