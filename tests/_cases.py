@@ -41,6 +41,7 @@ FAMILY_CONFIGS = [
     ("sapo", {}),
     ("sapo", {"tau_pos": 2.0, "tau_neg": 0.5}),
     ("vespo", {}),
+    ("gpg", {}),
 ]
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
              "seq-mean-token-sum-norm")
