@@ -42,6 +42,7 @@ FAMILY_CONFIGS = [
     ("sapo", {"tau_pos": 2.0, "tau_neg": 0.5}),
     ("vespo", {}),
     ("gpg", {}),
+    ("cispo", {"clip_ratio_low": None, "clip_ratio_high": 0.5}),
 ]
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
              "seq-mean-token-sum-norm")

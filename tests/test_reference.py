@@ -295,6 +295,7 @@ GRADCHECK_OPTS = {
     "ppo_clip": [{}, {"clip_ratio_c": None}, {"clip_ratio_low": 0.3, "clip_ratio_high": 0.28}],
     "sapo": [{}, {"tau_pos": 2.0, "tau_neg": 0.5}],
     "vespo": [{}, {"k_pos": 1.0, "lambda_pos": 0.5, "k_neg": 0.5, "lambda_neg": 1.5}],
+    "cispo": [{"clip_ratio_low": 0.0, "clip_ratio_high": 0.0}],  # sg(clip(w)) ≡ 1
 }
 AGG_KW = {"token-mean": {"global_token_count": 40.0}, "seq-mean-token-sum": {"dp_size": 2},
           "seq-mean-token-sum-norm": {"loss_scale_factor": 7.0, "global_batch_size": 5.0}}
