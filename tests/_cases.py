@@ -43,6 +43,7 @@ FAMILY_CONFIGS = [
     ("vespo", {}),
     ("gpg", {}),
     ("cispo", {"clip_ratio_low": None, "clip_ratio_high": 0.5}),
+    ("dro", {"beta": 0.3}),
 ]
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
              "seq-mean-token-sum-norm")
