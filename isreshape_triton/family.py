@@ -85,8 +85,9 @@ class Family:
 
     ``reference(ell, adv, *, params, **stats) -> reference.shared.TokenTerms``: φ and F in
     plain PyTorch; with ``log_probs`` also the keywords ``lp`` (log π, carrying the gradient, as
-    ``ell`` does) and ``olp`` (log π_old, detached). ``stats(ell, adv, mask, params, log_ratio_clamp, log_rollout)``: the
-    statistics the reference needs from the whole batch (γ, ...), detached; None: none.
+    ``ell`` does) and ``olp`` (log π_old, detached). ``stats(ell, adv, mask, params,
+    log_ratio_clamp, log_rollout)``: the statistics the reference needs from the whole batch
+    (γ, ...), detached; None: none.
     ``metrics``: the family's metric names beyond ``metrics.COMMON`` (and the γ_t statistics)
     that its γ rule gives, computed by ``reference_metrics(ell, adv, mask, terms, stats, params)``
     (float64) and by the kernels' metric vector; then ``extra_metrics``: the token means of its
