@@ -45,6 +45,7 @@ FAMILY_CONFIGS = [
     ("cispo", {"clip_ratio_low": None, "clip_ratio_high": 0.5}),
     ("dro", {"beta": 0.3}),
     ("dppo", {"divergence": "kl", "clip_divergence_low": 0.05, "clip_divergence_high": 0.1, "clip_ratio_c": 1.5}),
+    ("ppo_clip", {"delta": 1.3, "clip_ratio_high": 0.28}),
 ]
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
              "seq-mean-token-sum-norm")

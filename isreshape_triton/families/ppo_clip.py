@@ -1,5 +1,6 @@
-"""ppo_clip: PPO's clipped surrogate with verl's dual clip (SPEC §4).
-loss = max(−A·w, −A·clip(w, 1−ε_low, 1+ε_high)); for A<0 with the dual clip, min(that, −A·c).
+"""ppo_clip: PPO's clipped surrogate with verl's dual clip (SPEC §4) and TRL's ``delta``.
+loss = max(−A·w', −A·clip(w, 1−ε_low, 1+ε_high)) with w' = min(w, δ) (``delta``, the two-sided
+clip of INTELLECT-2; w' = w without it); for A<0 with the dual clip, min(that, −A·c).
 """
 from __future__ import annotations
 
@@ -10,31 +11,34 @@ import torch
 
 from ..family import Family, KernelFamily, floats
 from ..options import Options, set_real
-from ..reference.shared import TokenTerms, ones_like
+from ..reference.shared import TokenTerms, const, ones_like
 
 
 @dataclass(frozen=True)
 class PPOClipParams(Options):
-    """max(−A·w, −A·clip(w, 1−ε_low, 1+ε_high)); dual clip −A·c for A<0."""
+    """max(−A·min(w, δ), −A·clip(w, 1−ε_low, 1+ε_high)); dual clip −A·c for A<0."""
 
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
     clip_ratio_c: Optional[float] = 3.0  # None disables the dual clip
+    delta: Optional[float] = None  # TRL's delta: the unclipped ratio capped at δ (None: no cap)
 
     def __post_init__(self):
         set_real(self, "clip_ratio_low", lo=0.0, hi=1.0, hi_open=True)
         set_real(self, "clip_ratio_high", lo=0.0)
         set_real(self, "clip_ratio_c", optional=True, lo=1.0, lo_open=True)
+        set_real(self, "delta", optional=True, lo=0.0, lo_open=True)
 
 
 def ppo_clip(ell, adv, *, params):
-    """φ = A·w where the unclipped branch is the active one, else 0. Branches are picked with
-    torch.where on detached values (ties go to the unclipped branch), so autograd gives
-    exactly that φ. Extras: clipfrac, clipfrac_lower (the dual clip active)."""
+    """φ = A·w where the unclipped branch is the active one and w ≤ δ, else 0. Branches are
+    picked with torch.where on detached values (ties go to the unclipped branch), so autograd
+    gives exactly that φ. Extras: clipfrac, clipfrac_lower (the dual clip active)."""
     p = params
     w = torch.exp(ell)
     wd = w.detach()
-    unclipped = -adv * w
+    capped = w if p.delta is None else torch.where(wd <= p.delta, w, const(p.delta, ell))
+    unclipped = -adv * capped
     clipped = -adv * torch.clamp(w, 1.0 - p.clip_ratio_low, 1.0 + p.clip_ratio_high)
     take_unclipped = unclipped.detach() >= clipped.detach()
     loss = torch.where(take_unclipped, unclipped, clipped)
@@ -44,17 +48,17 @@ def ppo_clip(ell, adv, *, params):
         loss = torch.where(dual, dual_bound, loss)
     else:
         dual = torch.zeros_like(take_unclipped)
-    phi = torch.where(take_unclipped & ~dual, adv * wd, 0.0)
+    phi = torch.where(take_unclipped & ~dual & (wd == capped.detach()), adv * wd, 0.0)
     extras = {"clipfrac": (clipped.detach() > unclipped.detach()).to(ell.dtype),
               "clipfrac_lower": dual.to(ell.dtype)}
     return TokenTerms(phi, -loss, ones_like(ell), extras)
 
 
 def kernel(p) -> KernelFamily:
-    """OPT = 1: the dual clip."""
-    dual = p.clip_ratio_c is not None
-    return KernelFamily(floats(p.clip_ratio_low, p.clip_ratio_high, p.clip_ratio_c if dual else 0.0),
-                        opt=int(dual))
+    """OPT = dual clip + 2·delta."""
+    dual, delta = p.clip_ratio_c is not None, p.delta is not None
+    return KernelFamily(floats(p.clip_ratio_low, p.clip_ratio_high, p.clip_ratio_c if dual else 0.0,
+                               p.delta if delta else 0.0), opt=int(dual) + 2 * int(delta))
 
 
 FAMILY = Family("ppo_clip", PPOClipParams, ppo_clip, kernel, extra_metrics=("clipfrac", "clipfrac_lower"))

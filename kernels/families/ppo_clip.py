@@ -7,17 +7,24 @@ from ..common import clamp_nan, max_nan
 
 @triton.jit
 def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
-    """loss = max(−A·w, −A·clip(w, 1−ε_low, 1+ε_high)); for A<0 with the dual clip
-    (OPT = 1) min(that, −A·c). φ = A·w where the unclipped branch is active.
-    Extras: clipped, clipped by the dual clip."""
-    eps_low, eps_high, dual_c = params
+    """loss = max(−A·w', −A·clip(w, 1−ε_low, 1+ε_high)) with w' = min(w, δ) (DELTA, else w' = w);
+    for A<0 with the dual clip (DUAL_CLIP) min(that, −A·c). φ = A·w where the unclipped branch
+    is active and w' = w. Extras: clipped, clipped by the dual clip. OPT = DUAL_CLIP + 2·DELTA."""
+    DUAL_CLIP: tl.constexpr = OPT % 2 == 1
+    DELTA: tl.constexpr = OPT // 2 == 1
+    eps_low, eps_high, dual_c, delta = params
     zero = tl.zeros_like(ell)
-    l1 = -A * w
+    capped = w
+    if DELTA:
+        capped = tl.where(w > delta, delta, w)
+    l1 = -A * capped
     l2 = -A * clamp_nan(w, 1.0 - eps_low, 1.0 + eps_high)
     loss = max_nan(l1, l2)
     active = (l1 >= l2) | (loss != loss)  # a NaN token keeps its (NaN) gradient
+    if DELTA:
+        active = active & (capped == w)
     dual = zero
-    if OPT == 1:
+    if DUAL_CLIP:
         l3 = -A * dual_c
         dual_on = (A < 0.0) & (loss > l3)
         loss = tl.where(dual_on, l3, loss)
