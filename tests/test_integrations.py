@@ -54,8 +54,9 @@ def verl():
     return types.SimpleNamespace(core=core_algos, ActorConfig=ActorConfig, adapter=adapter)
 
 
-def actor_config(verl, loss_mode="ppo_clip_irt", irt_params=None, batch_info=None, **kwargs):
-    policy_loss = verl.adapter.IRTPolicyLossConfig(loss_mode=loss_mode, irt=dict(irt_params or {}))
+def actor_config(verl, loss_mode="ppo_clip_irt", irt_params=None, batch_info=None, policy_loss=None, **kwargs):
+    policy_loss = verl.adapter.IRTPolicyLossConfig(loss_mode=loss_mode, irt=dict(irt_params or {}),
+                                                   **(policy_loss or {}))
     cfg = verl.ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
                            policy_loss=policy_loss, **kwargs)
     cfg.global_batch_info.update(batch_info or {})
@@ -67,11 +68,14 @@ GLOBAL_INFO = {"dp_size": 2, "batch_num_tokens": torch.tensor(40.0), "global_bat
 
 
 def test_verl_registry_returns_ours(verl):
-    """verl's own get_policy_loss_fn finds every family; the entry point made `import verl` load us."""
-    names = {"is_reshape", "is_reshape_sign", "is_reshape_tr", "is_reshape_var", "ppo_clip_irt", "sapo_irt",
-             "vespo_irt"}
+    """verl's own get_policy_loss_fn finds every mode and family; the entry point made `import verl`
+    load us."""
+    names = {"is_reshape", "is_reshape_sign", "is_reshape_tr", "is_reshape_var", "ppo_clip_irt", "vespo_irt"}
     assert set(verl.adapter.VERL_NAMES.values()) == names
-    assert not names & {"vanilla", "sapo", "gspo", "cispo"}
+    names |= {f"{mode}_irt" for mode in verl.adapter.VERL_MODES}
+    assert set(verl.adapter.REGISTERED) == names
+    assert not names & set(verl.core.POLICY_LOSS_REGISTRY) - set(verl.adapter.POLICY_LOSS_FNS)
+    assert set(verl.adapter.VERL_MODES) <= set(verl.core.POLICY_LOSS_REGISTRY)
     for name in names:
         assert verl.core.get_policy_loss_fn(name) is verl.adapter.POLICY_LOSS_FNS[name]
     plugins = importlib.metadata.entry_points(group="verl.plugins")
@@ -101,18 +105,42 @@ def test_verl_ppo_clip_irt_equals_vanilla(verl, mode, with_weights):
     assert "actor/irt/w_max" in got[2][1]
 
 
-def test_verl_sapo_irt_equals_verl_sapo(verl):
-    """sapo_irt with verl's tau_pos/tau_neg == verl's sapo (seq-mean-token-mean)."""
-    lp, old, adv, mask, _, _ = batch(seed=3)
-    cfg = actor_config(verl, loss_mode="sapo_irt", batch_info=GLOBAL_INFO, tau_pos=1.3, tau_neg=2.0)
-    mode = "seq-mean-token-mean"
-    want = loss_and_grad(lambda x: verl.core.get_policy_loss_fn("sapo")(old, x, adv, mask, mode, cfg), lp)
+# the options each verl mode reads, set so that every branch acts on the test batch
+VERL_MODE_OPTIONS = {
+    "vanilla": {"clip_ratio_high": 0.28},
+    "sapo": {"tau_pos": 1.3, "tau_neg": 2.0},
+    "gpg": {},
+    "cispo": {"clip_ratio_low": 0.1, "clip_ratio_high": 0.15},
+    "dro": {"policy_loss": {"dro_beta": 0.4}},
+    "dppo_tv": {"clip_ratio_low": 0.03, "clip_ratio_high": 0.05},
+    "dppo_kl": {"clip_ratio_low": 0.01, "clip_ratio_high": 0.02},
+}
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("verl_mode", list(VERL_MODE_OPTIONS))
+def test_verl_mode_irt_equals_verl_mode(verl, verl_mode, mode):
+    """<mode>_irt == verl's own <mode>: loss, gradient and every metric verl returns, for every
+    aggregation mode with global batch info (0-dim tensor counts, dp_size 2) and rollout IS
+    weights; a few tokens with w = e^1.5 beyond clip_ratio_c = 3 (dual clip, DPPO's truncation)."""
+    assert set(VERL_MODE_OPTIONS) == set(verl.adapter.VERL_MODES)
+    seed = AGG_MODES.index(mode) + 7 * list(VERL_MODE_OPTIONS).index(verl_mode)
+    lp, old, adv, mask, weights, _ = batch(seed=seed)
+    adv[2, :3] = -2.0
+    old[2, :3] = lp[2, :3].detach() - 1.5
+    adv[3, 4:] = 1.5
+    old[3, 4:] = lp[3, 4:].detach() - 1.5
+    cfg = actor_config(verl, loss_mode=f"{verl_mode}_irt", batch_info=GLOBAL_INFO, **VERL_MODE_OPTIONS[verl_mode])
+    want = loss_and_grad(lambda x: verl.core.get_policy_loss_fn(verl_mode)(old, x, adv, mask, mode, cfg, weights), lp)
+    fn = verl.core.get_policy_loss_fn(f"{verl_mode}_irt")
     with LaunchCounter() as launches:
-        got = loss_and_grad(lambda x: verl.core.get_policy_loss_fn("sapo_irt")(old, x, adv, mask, mode, cfg), lp)
+        got = loss_and_grad(lambda x: fn(old, x, adv, mask, mode, cfg, weights), lp)
     assert launches.launches > 0
     close(got[0], want[0])
     close(got[1], want[1])
-    assert got[2][1]["actor/ppo_kl"] == pytest.approx(want[2][1]["actor/ppo_kl"], rel=1e-5)
+    for key, value in want[2][1].items():
+        assert got[2][1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert "actor/irt/w_max" in got[2][1]
 
 
 @pytest.mark.parametrize("loss_type, irt_params, mode", [
@@ -163,7 +191,7 @@ def test_verl_config_from_yaml_override(verl):
     assert isinstance(cfg, verl.ActorConfig)
     assert cfg.policy_loss.loss_mode == "is_reshape"
     assert verl.adapter.family_params("is_reshape", cfg) == {"gamma": "ess", "rho_min": 0.4}
-    assert verl.adapter.family_params("ppo_clip", cfg) == {
+    assert verl.adapter.family_params("ppo_clip_irt", cfg) == {
         "clip_ratio_low": 0.2, "clip_ratio_high": 0.28, "clip_ratio_c": 3.0, "gamma": "ess", "rho_min": 0.4}
     with pytest.raises(TypeError, match="rho_mn"):
         bad = actor_config(verl, loss_mode="is_reshape", irt_params={"rho_mn": 0.4})

@@ -1,37 +1,40 @@
-"""verl adapter (verl 0.9): every family as a verl policy loss.
+"""verl adapter (verl 0.9): every verl loss mode the op computes, and every family, as a verl
+policy loss.
 
-Importing this module registers, with verl's ``register_policy_loss``, one loss
-function per family under the names of :data:`VERL_NAMES` (none collides with
-verl's own: vanilla, dppo_tv, dppo_kl, gspo, sapo, gpg, clip_cov, kl_cov,
-geo_mean, dro, cispo, bypass_mode). An installed isreshape-triton declares this
-module as a ``verl.plugins`` entry point, so ``import verl`` registers them in
-every worker (verl's default ``VERL_USE_EXTERNAL_PLUGINS=auto``); the switch is
-then one line of the actor config::
+Importing this module registers, with verl's ``register_policy_loss``:
 
-    actor_rollout_ref.actor.policy_loss.loss_mode=is_reshape
+- ``<mode>_irt`` for each of verl's modes in :data:`VERL_MODES` (``vanilla_irt``, ``sapo_irt``,
+  ``gpg_irt``, ``cispo_irt``, ``dro_irt``, ``dppo_tv_irt``, ``dppo_kl_irt``): verl's loss, gradient and
+  metrics from the op, reading the options verl's own mode reads (``clip_ratio``,
+  ``clip_ratio_low`` / ``clip_ratio_high`` with ``clip_ratio`` as their default, ``clip_ratio_c``,
+  ``tau_pos`` / ``tau_neg``, ``policy_loss.dro_beta``);
+- our families under the names of :data:`VERL_NAMES` (``is_reshape``, ..., ``ppo_clip_irt``
+  = ``vanilla_irt``, ``vespo_irt``).
 
-Options come from the actor config verl passes as ``config``:
+None collides with verl's own names. An installed isreshape-triton declares this module as a
+``verl.plugins`` entry point, so ``import verl`` registers them in every worker (verl's default
+``VERL_USE_EXTERNAL_PLUGINS=auto``); the switch is then one line of the actor config::
 
-- ``policy_loss.irt``: a mapping of family parameters (``{gamma: ess, rho_min: 0.3}``),
-  validated by :func:`isreshape_triton.make_params`. verl builds ``policy_loss`` from
-  its ``_target_`` dataclass, which has no such field: point ``_target_`` at
-  :class:`IRTPolicyLossConfig` (the same dataclass plus ``irt``) to set it.
-- ``ppo_clip_irt``: ``clip_ratio``, ``clip_ratio_low`` / ``clip_ratio_high`` (``None``:
-  ``clip_ratio``) and ``clip_ratio_c`` (dual clip), as verl's ``vanilla``.
-- ``sapo_irt``: ``tau_pos`` / ``tau_neg``.
-- ``global_batch_info``: ``dp_size``, ``batch_num_tokens`` (our ``global_token_count``),
-  ``global_batch_size``, ``loss_scale_factor``, as verl's ``agg_loss``; counts may be
-  0-dim tensors.
+    actor_rollout_ref.actor.policy_loss.loss_mode=cispo_irt
 
-The ``loss_agg_mode`` argument selects the aggregation for every family (verl's own
-``sapo`` always uses seq-mean-token-mean; set ``loss_agg_mode`` for ``sapo_irt``).
-``rollout_is_weights`` is passed through (token-level families scale φ and F by it,
-VESPO folds it into W). The KL-to-reference term stays verl's (``use_kl_loss``).
+Options come from the actor config verl passes as ``config``; ``policy_loss.irt``, a mapping
+of family parameters (``{gamma: ess, rho_min: 0.3}``) validated by
+:func:`isreshape_triton.make_params`, sets or overrides them. verl builds ``policy_loss`` from
+its ``_target_`` dataclass, which has no such field: point ``_target_`` at
+:class:`IRTPolicyLossConfig` (the same dataclass plus ``irt``) to set it.
+``global_batch_info`` gives ``dp_size``, ``batch_num_tokens`` (our ``global_token_count``),
+``global_batch_size`` and ``loss_scale_factor``, as verl's ``agg_loss``; counts may be 0-dim
+tensors.
+
+The ``loss_agg_mode`` argument selects the aggregation, except where verl's own mode ignores it:
+``sapo_irt`` always uses seq-mean-token-mean, as verl's ``sapo``.
+``rollout_is_weights`` is passed through (token-level families scale φ and F by it, VESPO
+folds it into W). The KL-to-reference term stays verl's (``use_kl_loss``).
 
 Returns ``(loss, metrics)`` like verl's loss functions: ``actor/pg_clipfrac``,
-``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` (0 for families without clipping) and
-every metric of the op under ``actor/irt/<name>``, as Python floats read with a
-single device-to-host copy (verl's own functions call ``.item()`` per metric).
+``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` (0 for families without them) and every metric
+of the op under ``actor/irt/<name>``, as Python floats read with a single device-to-host copy
+(verl's own functions call ``.item()`` per metric).
 """
 from __future__ import annotations
 
@@ -43,16 +46,72 @@ from verl.workers.config import PolicyLossConfig
 
 from .. import api
 
-#: our loss_type → the name registered with verl
+
+def _clip_ratios(config) -> tuple:
+    """verl's (clip_ratio_low, clip_ratio_high), each defaulting to ``clip_ratio``."""
+    eps = config.get("clip_ratio", 0.2)
+    low, high = config.get("clip_ratio_low", None), config.get("clip_ratio_high", None)
+    return (eps if low is None else low), (eps if high is None else high)
+
+
+def _no_options(config) -> dict:
+    return {}
+
+
+def _vanilla(config) -> dict:
+    low, high = _clip_ratios(config)
+    return {"clip_ratio_low": low, "clip_ratio_high": high, "clip_ratio_c": config.get("clip_ratio_c", 3.0)}
+
+
+def _sapo(config) -> dict:
+    return {"tau_pos": config.get("tau_pos", 1.0), "tau_neg": config.get("tau_neg", 1.05)}
+
+
+def _cispo(config) -> dict:
+    low, high = _clip_ratios(config)
+    return {"clip_ratio_low": low, "clip_ratio_high": high}
+
+
+def _dro(config) -> dict:
+    beta = _section(config, "policy_loss").get("dro_beta", None)
+    if beta is None or beta <= 0:
+        raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
+    return {"beta": beta}
+
+
+def _dppo(divergence):
+    def options(config) -> dict:
+        low, high = _clip_ratios(config)
+        return {"divergence": divergence, "clip_divergence_low": low, "clip_divergence_high": high,
+                "clip_ratio_c": config.get("clip_ratio_c", 20.0)}
+    return options
+
+
+#: verl's loss mode → (our loss_type, the family parameters verl's mode reads from the actor
+#: config, the aggregation it always uses or None for the ``loss_agg_mode`` argument); each is
+#: registered as ``<mode>_irt``
+VERL_MODES = {
+    "vanilla": ("ppo_clip", _vanilla, None),
+    "sapo": ("sapo", _sapo, "seq-mean-token-mean"),
+    "gpg": ("gpg", _no_options, None),
+    "cispo": ("cispo", _cispo, None),
+    "dro": ("dro", _dro, None),
+    "dppo_tv": ("dppo", _dppo("tv"), None),
+    "dppo_kl": ("dppo", _dppo("kl"), None),
+}
+#: our families that verl lacks, by the name registered with verl (and ppo_clip_irt = vanilla_irt)
 VERL_NAMES = {
     "is_reshape": "is_reshape",
     "is_reshape_sign": "is_reshape_sign",
     "is_reshape_tr": "is_reshape_tr",
     "is_reshape_var": "is_reshape_var",
     "ppo_clip": "ppo_clip_irt",
-    "sapo": "sapo_irt",
     "vespo": "vespo_irt",
 }
+_OPTIONS = {"ppo_clip": _vanilla, "sapo": _sapo}  # the options of our families verl also configures
+#: every registered name → (loss_type, config reader, fixed aggregation or None)
+REGISTERED = {**{f"{mode}_irt": entry for mode, entry in VERL_MODES.items()},
+              **{name: (lt, _OPTIONS.get(lt, _no_options), None) for lt, name in VERL_NAMES.items()}}
 #: verl's metric name for our metric (0 where the family has none)
 VERL_METRICS = {"actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "ppo_kl",
                 "actor/pg_clipfrac_lower": "clipfrac_lower"}
@@ -70,17 +129,10 @@ def _section(config, key):
     return {} if value is None else value
 
 
-def family_params(loss_type: str, config) -> dict:
-    """Family parameters of ``loss_type`` read from verl's actor ``config``."""
-    params = {}
-    if loss_type == "ppo_clip":
-        eps = config.get("clip_ratio", 0.2)
-        low, high = config.get("clip_ratio_low", None), config.get("clip_ratio_high", None)
-        params = {"clip_ratio_low": eps if low is None else low,
-                  "clip_ratio_high": eps if high is None else high,
-                  "clip_ratio_c": config.get("clip_ratio_c", 3.0)}
-    elif loss_type == "sapo":
-        params = {"tau_pos": config.get("tau_pos", 1.0), "tau_neg": config.get("tau_neg", 1.05)}
+def family_params(name: str, config) -> dict:
+    """Family parameters of the registered loss ``name`` read from verl's actor ``config``:
+    the options its verl mode reads, then ``policy_loss.irt``."""
+    params = REGISTERED[name][1](config)
     irt = _section(_section(config, "policy_loss"), "irt")
     params.update({str(k): v for k, v in dict(irt).items()})
     return params
@@ -116,9 +168,10 @@ def verl_metrics(metrics: dict) -> dict:
     return dict(zip(names, torch.stack([v.detach().to(ref.dtype) for v in values]).tolist()))
 
 
-def make_policy_loss_fn(loss_type: str):
-    """verl's policy-loss signature around :func:`isreshape_triton.policy_loss`."""
-    name = VERL_NAMES[loss_type]
+def make_policy_loss_fn(name: str):
+    """verl's policy-loss signature around :func:`isreshape_triton.policy_loss` for the
+    registered loss ``name``."""
+    loss_type, _, fixed_agg = REGISTERED[name]
 
     def policy_loss_fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
                        config=None, rollout_is_weights=None):
@@ -126,8 +179,8 @@ def make_policy_loss_fn(loss_type: str):
             raise ValueError(f"policy loss {name!r} needs verl's actor config (config=None)")
         extra = {} if rollout_is_weights is None else {"rollout_is_weights": rollout_is_weights}
         loss, metrics = api.policy_loss(log_prob, old_log_prob, advantages, response_mask, loss_type,
-                                        loss_agg_mode, **aggregation_options(config, log_prob.device),
-                                        **family_params(loss_type, config), **extra)
+                                        fixed_agg or loss_agg_mode, **aggregation_options(config, log_prob.device),
+                                        **family_params(name, config), **extra)
         return loss, verl_metrics(metrics)
 
     policy_loss_fn.__name__ = policy_loss_fn.__qualname__ = f"compute_policy_loss_{name}"
@@ -136,5 +189,4 @@ def make_policy_loss_fn(loss_type: str):
     return policy_loss_fn
 
 
-POLICY_LOSS_FNS = {name: register_policy_loss(name)(make_policy_loss_fn(loss_type))
-                   for loss_type, name in VERL_NAMES.items()}
+POLICY_LOSS_FNS = {name: register_policy_loss(name)(make_policy_loss_fn(name)) for name in REGISTERED}
