@@ -35,7 +35,9 @@ from __future__ import annotations
 import functools
 import math
 import re
+import sysconfig
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional
 
 # ----------------------------------------------------------------------------- parsing
@@ -311,13 +313,24 @@ def _source_line(path: str, line: int) -> str:
     return lines[line - 1].strip() if 0 < line <= len(lines) else ""
 
 
+# where a source file named by the line info is looked up when its path is gone (a cubin from
+# Triton's cache, compiled in another checkout of the same sources): this checkout, site-packages
+_SOURCE_ROOTS = (Path(__file__).resolve().parents[1], Path(sysconfig.get_paths()["purelib"]))
+
+
 @functools.lru_cache(maxsize=64)
 def _source_file(path: str) -> tuple:
-    try:
-        with open(path) as fh:
-            return tuple(fh)
-    except OSError:
-        return ()
+    """The lines of ``path``, or of the file with the longest matching path tail under
+    ``_SOURCE_ROOTS`` (empty if none)."""
+    parts = Path(path).parts
+    for candidate in [Path(path)] + [root.joinpath(*parts[i:]) for i in range(1, len(parts))
+                                     for root in _SOURCE_ROOTS]:
+        try:
+            with open(candidate) as fh:
+                return tuple(fh)
+        except OSError:
+            continue
+    return ()
 
 
 # ----------------------------------------------------------------------------- per-region statistics

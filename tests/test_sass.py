@@ -393,3 +393,12 @@ def test_model_within_spec13_bar(compiled):
     results = h100.model(configs, measure=False, log=None, cache_dir=cache)
     misses = {label: h100.acceptance(rs)[1] for label, rs in results.items() if h100.acceptance(rs)[0] != "PASS"}
     assert not misses, h100.acceptance_text(results)
+
+
+def test_source_lines_found_from_another_checkout():
+    """A cubin from Triton's cache may carry the line info of another checkout of the same sources:
+    the model reads the line from this checkout (or site-packages) by the path's tail."""
+    moved = "/elsewhere/checkout/kernels/stats.py"
+    with open(os.path.join(ROOT, "kernels", "stats.py")) as fh:
+        assert sm._source_line(moved, 3) == fh.readlines()[2].strip() != ""
+    assert sm._source_line("/nowhere/at/all.py", 1) == ""
