@@ -226,5 +226,53 @@ def vespo(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode="toke
     return pg_loss, metrics
 
 
+def gpg(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode="token-mean"):
+    """verl's compute_policy_loss_gpg."""
+    pg_losses = -log_prob.float() * advantages
+    return agg_loss(pg_losses, response_mask.float(), loss_agg_mode), {}
+
+
+def cispo(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+          clip_ratio_low=0.2, clip_ratio_high=0.2):
+    """verl's compute_policy_loss_cispo."""
+    mask = response_mask.float()
+    negative_approx_kl, ratio = _log_ratio(log_prob, old_log_prob)
+    ppo_kl = masked_mean(-negative_approx_kl, mask)
+    clipped_ratio = torch.clamp(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high)
+    pg_losses = -clipped_ratio.detach() * advantages * log_prob.float()
+    pg_clipfrac = masked_mean((ratio != clipped_ratio).float(), mask)
+    pg_loss = agg_loss(pg_losses, mask, loss_agg_mode)
+    return pg_loss, {"pg_clipfrac": pg_clipfrac.item(), "ppo_kl": ppo_kl.item(), "pg_clipfrac_lower": 0.0}
+
+
+def dro(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode="token-mean", beta=0.1):
+    """verl's compute_policy_loss_dro."""
+    mask = response_mask.float()
+    log_ratio = log_prob.float() - old_log_prob.float()
+    pg_losses = -(log_prob.float() * advantages - 0.5 * beta * log_ratio.square())
+    pg_loss = agg_loss(pg_losses, mask, loss_agg_mode)
+    return pg_loss, {"ppo_kl": masked_mean(-log_ratio, mask).item()}
+
+
+def dppo(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+         clip_divergence_low=0.2, clip_divergence_high=0.2, clip_ratio_c=20.0):
+    """verl's compute_policy_loss_dppo_tv."""
+    mask = response_mask.float()
+    negative_approx_kl, ratio = _log_ratio(log_prob, old_log_prob)
+    ppo_kl = masked_mean(-negative_approx_kl, mask)
+    truncated_ratio = torch.clamp(ratio, max=clip_ratio_c).detach()
+    prob, old_prob = torch.exp(log_prob.float()), torch.exp(old_log_prob.float())
+    valid_positive_mask = (prob - old_prob) <= clip_divergence_high
+    valid_negative_mask = (prob - old_prob) >= -clip_divergence_low
+    valid_mask = torch.where(advantages > 0, valid_positive_mask, valid_negative_mask).detach().float()
+    pg_losses = -advantages * truncated_ratio * log_prob.float() * valid_mask
+    pg_loss = agg_loss(pg_losses, mask, loss_agg_mode)
+    pg_clipfrac = masked_mean((1.0 - valid_mask).float(), mask)
+    pg_clipfrac_lower = masked_mean((ratio > clip_ratio_c).float() * valid_mask, mask)
+    return pg_loss, {"pg_clipfrac": pg_clipfrac.item(), "ppo_kl": ppo_kl.item(),
+                     "pg_clipfrac_lower": pg_clipfrac_lower.item()}
+
+
 EAGER = {fn.__name__: _fp32_advantages(fn)
-         for fn in (is_reshape, is_reshape_sign, is_reshape_tr, is_reshape_var, ppo_clip, sapo, vespo)}
+         for fn in (is_reshape, is_reshape_sign, is_reshape_tr, is_reshape_var, ppo_clip, sapo, vespo, gpg, cispo,
+                    dro, dppo)}

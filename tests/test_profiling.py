@@ -232,7 +232,9 @@ def test_bench_quick_writes_table_json_and_png(tmp_path):
     runs = data["runs"]
     for family in irt.LOSS_TYPES:
         eager = [r for r in runs if r["family"] == family and r["impl"] == "eager"]
-        assert eager and all(r["status"] == "ok" and r["syncs"] > 0 for r in eager)
+        assert eager and all(r["status"] == "ok" for r in eager)
+        # the trainers' metrics are read with .item(); verl's gpg returns none
+        assert all(r["syncs"] > 0 for r in eager) or family == "gpg"
         fused = [r for r in runs if r["family"] == family and r["impl"] == "fused"]
         assert fused and all(r["status"] == "ok" or "unavailable" in r["status"] for r in fused)
         for r in fused:
