@@ -320,7 +320,14 @@ TRL_CASES = [
     pytest.param("grpo", {"beta": 0.05}, id="grpo-kl"),
     pytest.param("dapo", {"is_ratio": "token", "vllm": True}, id="dapo-is-token"),
     pytest.param("vespo", {"is_ratio": "sequence", "beta": 0.05}, id="vespo-is-seq-kl"),
+    pytest.param("cispo", {"config": {"epsilon_high": 1.1}}, id="cispo"),
+    pytest.param("cispo", {"is_ratio": "token", "vllm": True, "config": {"epsilon_high": 1.05}}, id="cispo-is-token"),
+    pytest.param("grpo", {"config": {"delta": 1.1}}, id="grpo-delta"),
+    pytest.param("dapo", {"config": {"delta": 1.05, "epsilon_high": 0.02}}, id="dapo-delta"),
 ]
+
+
+TRL_METRICS = {"cispo": {"cispo_clip_ratio": "irt/clipfrac_upper"}}  # TRL's metric → ours
 
 
 @pytest.mark.parametrize("loss_type, case", TRL_CASES)
@@ -333,7 +340,8 @@ def test_trl_grpo_trainer_same_loss_and_grads(trl_env, loss_type, case):
     from isreshape_triton.integrations.trl import IRTGRPOTrainer
 
     beta = case.get("beta", 0.0)
-    trainers = [make_trainer(trl_env, cls, loss_type, beta) for cls in (GRPOTrainer, IRTGRPOTrainer)]
+    trainers = [make_trainer(trl_env, cls, loss_type, beta, config=case.get("config"))
+                for cls in (GRPOTrainer, IRTGRPOTrainer)]
     for t in trainers:  # TRL applies a token/sequence IS ratio only with vLLM's correction on
         t.use_vllm = t.vllm_importance_sampling_correction = case.get("vllm", False)
     inputs = trl_inputs(trainers[0], with_ref=beta != 0.0, is_ratio=case.get("is_ratio"))
@@ -351,7 +359,10 @@ def test_trl_grpo_trainer_same_loss_and_grads(trl_env, loss_type, case):
     close(got, want)
     for a, b in zip(got_grads, want_grads):
         close(a, b, tol=2e-5)
-    assert trainers[1]._metrics["train"]["entropy"] and trainers[1]._metrics["train"]["irt/ppo_kl"]
+    logged = [t._metrics["train"] for t in trainers]
+    assert logged[1]["entropy"] and logged[1]["irt/ppo_kl"]
+    for theirs, ours in TRL_METRICS.get(loss_type, {}).items():
+        assert logged[1][ours] == pytest.approx(logged[0][theirs], rel=1e-6) and logged[0][theirs][0] > 0, theirs
 
 
 def test_trl_readme_snippet_and_refusals(trl_env):
@@ -371,11 +382,11 @@ def test_trl_readme_snippet_and_refusals(trl_env):
     want = irt.reference.policy_loss(lp, old, torch.tensor([1.0, -1.0]), mask, "is_reshape", "token-mean")[0]
     close(got, want)
     with pytest.raises(ValueError, match="loss_type"):
-        grpo_policy_loss(lp, old, torch.ones(2), mask, loss_type="cispo")
+        grpo_policy_loss(lp, old, torch.ones(2), mask, loss_type="luspo")
     with pytest.raises(ValueError, match="use_bias_correction_kl"):
         make_trainer(trl_env, IRTGRPOTrainer, "grpo", beta=0.1, config={"use_bias_correction_kl": True})
-    with pytest.raises(ValueError, match="delta"):
-        make_trainer(trl_env, IRTGRPOTrainer, "grpo", config={"delta": 1.5})
+    with pytest.raises(ValueError, match="top_entropy_quantile"):
+        make_trainer(trl_env, IRTGRPOTrainer, "grpo", config={"top_entropy_quantile": 0.5})
 
 
 # ----------------------------------------------------------------------------- OpenRLHF

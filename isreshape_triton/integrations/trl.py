@@ -1,7 +1,7 @@
 """TRL adapter (TRL 1.16): ``GRPOTrainer``'s policy loss through the op.
 
 :func:`grpo_policy_loss` computes what ``GRPOTrainer._compute_loss`` computes from
-the per-token log-probs, for ``loss_type`` grpo / bnpo / dr_grpo / dapo / sapo /
+the per-token log-probs, for ``loss_type`` grpo / bnpo / dr_grpo / dapo / cispo / sapo /
 vespo, with TRL's normalizers written as aggregation modes (SPEC §5):
 
 =================  ==========================  =====================================================
@@ -11,13 +11,15 @@ grpo, sapo         ppo_clip, sapo              seq-mean-token-mean, global_batch
 bnpo               ppo_clip                    token-mean, global_token_count = max(Σm, 1)·acc
 dr_grpo            ppo_clip                    seq-mean-token-sum-norm, global_batch_size = B·acc,
                                                loss_scale_factor = max_completion_length
-dapo, vespo        ppo_clip, vespo             token-mean, global_token_count =
-                                               max(num_items_in_batch, 1)/processes·acc/steps_per_gen
+dapo, cispo,       ppo_clip, cispo, vespo      token-mean, global_token_count =
+vespo                                          max(num_items_in_batch, 1)/processes·acc/steps_per_gen
 =================  ==========================  =====================================================
 
 (acc: gradient-accumulation steps in training, 1 in evaluation; ``num_items_in_batch``
 stays a tensor: no sync.) ``epsilon_low`` / ``epsilon_high`` are the clip ratios with
-the dual clip off (TRL has none); ``sapo_temperature_pos/neg`` are τ_pos/τ_neg;
+the dual clip off (TRL has none) and ``delta`` caps the unclipped ratio; for cispo
+``epsilon_high`` is the ratio's upper bound (clipped above only, ``clip_ratio_low=None``,
+``clip_ratio_high = epsilon_high − 1``); ``sapo_temperature_pos/neg`` are τ_pos/τ_neg;
 ``vespo_k_*`` / ``vespo_lambda_*`` VESPO's (k, λ); ``importance_sampling_ratio`` is
 ``rollout_is_weights`` (a per-sequence ``[B, 1]`` ratio r is spread as r^(1/n_b) over
 the row's n_b tokens for VESPO, whose log W sums it); ``beta`` is ``kl_coef`` of the
@@ -32,10 +34,10 @@ log-probs as TRL does and the loss with :func:`grpo_policy_loss`::
 
 Differences from TRL: VESPO's loss *value* is our surrogate −φ·A·(log π − log π_old)
 (zero on-policy) where TRL logs −φ·A·log π; gradients are identical. TRL options the
-op does not express are refused when the trainer is built (``delta``,
-``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
+op does not express yet are refused when the trainer is built
+(``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
 ``importance_sampling_level="sequence"``, ``use_bias_correction_kl``, the entropy
-bonus, MoE aux loss, loss types cispo / luspo). The from-logits op is not used:
+bonus, MoE aux loss, loss type luspo). The from-logits op is not used:
 TRL's own fused LM head already computes the log-probs from the hidden states
 without materializing logits, which our from-logits op would need.
 """
@@ -52,6 +54,7 @@ TRL_LOSS_TYPES = {
     "bnpo": ("ppo_clip", "token-mean"),
     "dr_grpo": ("ppo_clip", "seq-mean-token-sum-norm"),
     "dapo": ("ppo_clip", "token-mean"),
+    "cispo": ("cispo", "token-mean"),
     "sapo": ("sapo", "seq-mean-token-mean"),
     "vespo": ("vespo", "token-mean"),
 }
@@ -77,7 +80,7 @@ def _rollout_weights(ratio, mask, family, shape):
 
 def grpo_policy_loss(per_token_logps, old_per_token_logps, advantages, mask, *, loss_type="dapo",
                      family=None, params=None, epsilon_low=0.2, epsilon_high=0.2,
-                     sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
+                     delta=None, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
                      vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, beta=0.0,
                      ref_per_token_logps=None, importance_sampling_ratio=None, num_items_in_batch=None,
                      num_processes=1, accumulation_steps=1, steps_per_generation=1,
@@ -99,14 +102,17 @@ def grpo_policy_loss(per_token_logps, old_per_token_logps, advantages, mask, *, 
         agg["loss_scale_factor"] = max_completion_length
     elif loss_type == "bnpo":
         agg["global_token_count"] = mask.sum().clamp(min=1.0) * accumulation_steps
-    elif loss_type in ("dapo", "vespo"):
+    elif loss_type in ("dapo", "cispo", "vespo"):
         if num_items_in_batch is None:
             raise ValueError(f"num_items_in_batch is required for loss_type={loss_type!r}")
         n = torch.as_tensor(num_items_in_batch, device=per_token_logps.device)
         agg["global_token_count"] = n.clamp(min=1.0) / num_processes * (accumulation_steps / steps_per_generation)
     kwargs = dict(params or {})
     if family == "ppo_clip":
-        kwargs = {"clip_ratio_low": epsilon_low, "clip_ratio_high": epsilon_high, "clip_ratio_c": None, **kwargs}
+        kwargs = {"clip_ratio_low": epsilon_low, "clip_ratio_high": epsilon_high, "clip_ratio_c": None,
+                  "delta": delta, **kwargs}
+    elif family == "cispo":
+        kwargs = {"clip_ratio_low": None, "clip_ratio_high": epsilon_high - 1.0, **kwargs}
     elif family == "sapo":
         kwargs = {"tau_pos": sapo_temperature_pos, "tau_neg": sapo_temperature_neg, **kwargs}
     elif family == "vespo":
@@ -136,7 +142,6 @@ class IRTGRPOTrainer(GRPOTrainer):
         _check_loss_type(self.loss_type)
         a = self.args
         refused = {
-            "delta": a.delta is not None,
             "top_entropy_quantile": self.top_entropy_quantile < 1.0,
             "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
             "importance_sampling_level": self.importance_sampling_level != "token",
@@ -169,7 +174,7 @@ class IRTGRPOTrainer(GRPOTrainer):
         loss, metrics = grpo_policy_loss(
             per_token_logps, old, inputs["advantages"], mask, loss_type=self.loss_type,
             family=self.irt_loss_type, params=self.irt_params, epsilon_low=self.epsilon_low,
-            epsilon_high=self.epsilon_high, sapo_temperature_pos=a.sapo_temperature_pos,
+            epsilon_high=self.epsilon_high, delta=a.delta, sapo_temperature_pos=a.sapo_temperature_pos,
             sapo_temperature_neg=a.sapo_temperature_neg, vespo_k_pos=a.vespo_k_pos,
             vespo_lambda_pos=a.vespo_lambda_pos, vespo_k_neg=a.vespo_k_neg, vespo_lambda_neg=a.vespo_lambda_neg,
             beta=self.beta, ref_per_token_logps=inputs.get("ref_per_token_logps"),
