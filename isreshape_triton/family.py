@@ -1,7 +1,7 @@
 """The loss-family contract. A family is one module, ``isreshape_triton/families/<name>.py``,
 declaring ``FAMILY = Family(...)``, beside its device functions in
 ``kernels/families/<name>.py`` (``token``, and ``row_weight`` for a family whose context is a
-per-row weight). Every table of the package is derived from the declarations: the loss types,
+per-row weight: ``row_weight(log_w_sum, n, a_first, clamp, params) -> ctx``). Every table of the package is derived from the declarations: the loss types,
 the parameter classes, the metric names, the reference and the kernel specialization.
 
 Device contract (``kernels/families/<name>.py``)::
@@ -59,6 +59,7 @@ class KernelFamily:
     name: str = ""  # the family (its device module); set by ``families.kernel_family``
     gamma_stats: bool = False  # the family's ``Family.gamma_stats``
     row_weight: bool = False  # the family's ``Family.row_weight``
+    rollout_in_row: bool = False  # the family's ``Family.rollout_in_row``
 
     @property
     def ess_exact(self) -> bool:
@@ -93,9 +94,10 @@ class Family:
     (float64) and by the kernels' metric vector; then ``extra_metrics``: the token means of its
     first extra terms (the device function's ``extras``, the reference's ``TokenTerms.extras`` by
     these names). ``gamma_stats``: it reports ``gamma_mean``/``_min``/``_max`` of γ_t.
-    ``row_weight``: its context is a per-row weight of Σℓ and the row's first advantage (device
-    ``row_weight``); rollout IS weights enter it, not each token. ``log_probs``: its reference
-    reads the log-probs (the device function always gets them).
+    ``row_weight``: its context is a per-row weight of the row's Σℓ, token count and first
+    advantage (device ``row_weight``); ``rollout_in_row``: rollout IS weights enter that weight
+    (Σ log r with Σℓ), not each token. ``log_probs``: its reference reads the log-probs (the device
+    function always gets them).
     """
 
     name: str
@@ -108,4 +110,5 @@ class Family:
     reference_metrics: Optional[Callable] = None
     gamma_stats: bool = False
     row_weight: bool = False
+    rollout_in_row: bool = False
     log_probs: bool = False

@@ -233,7 +233,7 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
     if fam.needs_stats:
         block, options = _tile(STATS_TILE_ESS_EXACT if fam.ess_exact else STATS_TILE, fp64)
         # pass 1 reads the rollout weights only where they enter a row weight (W), not a γ rule
-        pass1 = {**flags, "HAS_ROLLOUT": x.rollout is not None and fam.row_weight}
+        pass1 = {**flags, "HAS_ROLLOUT": x.rollout is not None and fam.rollout_in_row}
         steps.append(Launch(batch_stats_kernel, (programs,),
                             dict(**tokens, rec_ptr=stats, scratch_ptr=partial, scratch_stride=partial.stride(0)),
                             dict(**pass1, HAS_REF=False, SIGN_GROUPS=fam.sign_groups, ESS_EXACT=fam.ess_exact,
@@ -289,7 +289,7 @@ def _family_constexprs(fam: KernelFamily) -> dict:
     device = importlib.import_module(f"{__package__}.kernels.families.{fam.name}")
     groups = kg.GROUPS_NONE if fam.gamma_rule is None else kg.GROUPS_SIGN if fam.sign_groups else kg.GROUPS_ALL
     return dict(TOKEN=device.token, OPT=fam.opt, ROW_WEIGHT=device.row_weight if fam.row_weight else None,
-                GROUPS=groups.value, GAMMA_STATS=fam.gamma_stats, GAMMA_MODE=_GAMMA_MODE_CODE[fam.gamma_mode])
+                ROLLOUT_IN_ROW=fam.rollout_in_row, GROUPS=groups.value, GAMMA_STATS=fam.gamma_stats, GAMMA_MODE=_GAMMA_MODE_CODE[fam.gamma_mode])
 
 
 def _lane_warps(block: int, options: dict) -> int:

@@ -142,23 +142,26 @@ def _merge_grid(rec_ptr, count, first, base, stride, slot, G: tl.constexpr,
 
 @triton.jit
 def merge_sequence_sums(rec_ptr, count, first, base, stride, KS: tl.constexpr, BLOCK: tl.constexpr):
-    """(Σ m·ℓ, A of the first counted token) of a row from its piece records (in order):
+    """(Σ m·ℓ, Σ m, A of the first counted token) of a row from its piece records (in order):
     each lane keeps its first non-empty record, the earliest over the lanes wins."""
     jj = tl.arange(0, BLOCK)
     dt = rec_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK], dt)
+    acc_n = tl.zeros([BLOCK], dt)
     lane_first = tl.zeros([BLOCK], tl.int32) + count
     lane_a = tl.zeros([BLOCK], dt) + 1.0
     for j0 in range(0, count, BLOCK):
         j = j0 + jj
         rec = rec_ptr + record_index(j, first, base, stride).to(tl.int64) * KS
         acc += tl.load(rec + S_LSUM, mask=j < count, other=0.0)
-        take = (tl.load(rec + S_N_ALL, mask=j < count, other=0.0) > 0.0) & (lane_first == count)
+        n = tl.load(rec + S_N_ALL, mask=j < count, other=0.0)
+        acc_n += n
+        take = (n > 0.0) & (lane_first == count)
         lane_a = tl.where(take, tl.load(rec + S_AFIRST, mask=j < count, other=1.0), lane_a)
         lane_first = tl.where(take, j, lane_first)
     j_first = tl.min(lane_first)
     a_first = tl.sum(tl.where(lane_first == j_first, lane_a, 0.0))
-    return tl.sum(acc), tl.where(j_first < count, a_first, 1.0)
+    return tl.sum(acc), tl.sum(acc_n), tl.where(j_first < count, a_first, 1.0)
 
 
 @triton.jit

@@ -227,8 +227,8 @@ def _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, ch
                  ACC: tl.constexpr, KS: tl.constexpr, G: tl.constexpr, BLOCK_REC: tl.constexpr):
     """The family context of row s: the batch context, the given γ of the row (PSIS),
     or merged from the row's piece records (one for a complete row, else the tail of its
-    first chunk and the heads of the others): the family's ``ROW_WEIGHT`` of the row's Σℓ and
-    first advantage, or its γ rule on the row's groups."""
+    first chunk and the heads of the others): the family's ``ROW_WEIGHT`` of the row's Σℓ, token
+    count and first advantage, or its γ rule on the row's groups."""
     ctx = batch_ctx
     if GAMMA_MODE == GAMMA_GIVEN:
         row = gamma_ptr + s.to(tl.int64) * gamma_row_stride
@@ -240,8 +240,8 @@ def _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, ch
         count = tl.where(complete, 1, count)
         base = 2 * (start // chunk)
         if ROW_WEIGHT is not None:
-            lsum, a_first = merge_sequence_sums(stats_ptr, count, first, base, 2, KS, BLOCK_REC)
-            ctx = (ROW_WEIGHT(lsum, a_first, clamp, params), tl.zeros([], ACC))
+            lsum, n, a_first = merge_sequence_sums(stats_ptr, count, first, base, 2, KS, BLOCK_REC)
+            ctx = ROW_WEIGHT(lsum, n, a_first, clamp, params)
         else:
             ctx, _, _ = family_context(stats_ptr, count, first, base, 2, gamma_rule, stats_ptr,
                                        GROUPS, GAMMA_MODE, True, False, KS, G, BLOCK_REC, 0)
@@ -261,7 +261,8 @@ def token_loss_kernel(
     s_rollout_r, s_rollout_t, s_ref_r, s_ref_t,
     clamp, gamma_rule, params, kl_coef, agg_mode,
     dp_size, global_token_count, global_batch_size, loss_scale_factor,
-    TOKEN: tl.constexpr, OPT: tl.constexpr, ROW_WEIGHT: tl.constexpr, GROUPS: tl.constexpr,
+    TOKEN: tl.constexpr, OPT: tl.constexpr, ROW_WEIGHT: tl.constexpr, ROLLOUT_IN_ROW: tl.constexpr,
+    GROUPS: tl.constexpr,
     GAMMA_STATS: tl.constexpr, GAMMA_MODE: tl.constexpr, KL_TYPE: tl.constexpr,
     BATCH_STATS: tl.constexpr, ROW_STATS: tl.constexpr, SIGN_GROUPS: tl.constexpr,
     ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
@@ -273,8 +274,8 @@ def token_loss_kernel(
     """Loss, metrics and ∂L/∂lp per token (see module docstring); ``agg_mode`` is the
     aggregation's index in ``AGG_MODES`` (SEQ_AGG: one of the seq-* modes). With rollout IS weights r
     and the KL term, L_t = −F_t·r_t + β·k(x_t) and ∂L_t/∂lp_t = −φ_t·r_t + β·k'(x_t)
-    (a family with a ``ROW_WEIGHT``: r is in it, not per token); ``kl_coef`` = β. The family:
-    its device function ``TOKEN`` with its option OPT and float tuple ``params``, its
+    (ROLLOUT_IN_ROW, a family whose row weight takes r: r is in it, not per token); ``kl_coef`` = β.
+    The family: its device function ``TOKEN`` with its option OPT and float tuple ``params``, its
     ``ROW_WEIGHT`` (or None), the groups of its γ rule ``gamma_rule`` (``gamma.py``: GROUPS,
     GAMMA_MODE) and whether it reports γ_t statistics (GAMMA_STATS); global_* < 0 means "not given" (or device
     tensors, see ``finalize``); SLOTS: the partial slots filled (``layout.partial_slots``);
@@ -328,7 +329,7 @@ def token_loss_kernel(
                 raw = ahead
                 w = tl.exp(ell)
                 phi, g, x, L, dL, k = _token_loss(ell, w, A, lp_t, olp_t, m, bad, r, kl_x, ctx, params, kl_coef,
-                                                  TOKEN, OPT, HAS_ROLLOUT and ROW_WEIGHT is None, KL_TYPE)
+                                                  TOKEN, OPT, HAS_ROLLOUT and not ROLLOUT_IN_ROW, KL_TYPE)
                 if WRITE_GRAD:
                     tl.store(neg_phi_ptr + offs, dL, mask=offs < e)
                 if SEQ_AGG:

@@ -180,7 +180,6 @@ def token_values(raw, offs, piece_stop, start, end, clamp,
     return ell, a, m, bad, r, x
 
 
-
 @triton.jit
 def log_probs(raw, m, ACC: tl.constexpr):
     """The log-probs (lp, olp) of a tile's raw loads at counted tokens, 0 elsewhere (upcast to ACC)."""

@@ -43,7 +43,9 @@ def test_a_family_declares_everything_the_package_derives(name):
     assert len(family.extra_metrics) <= next(f.width for f in layout.PARTIAL_FIELDS if f.name == "extras")
     kernel = kernel_family(name, params)
     assert kernel.name == name and kernel.gamma_mode in GAMMA_MODES
-    assert (kernel.gamma_stats, kernel.row_weight) == (family.gamma_stats, family.row_weight)
+    assert ((kernel.gamma_stats, kernel.row_weight, kernel.rollout_in_row)
+            == (family.gamma_stats, family.row_weight, family.rollout_in_row))
+    assert family.row_weight or not family.rollout_in_row
     assert kernel.extra_terms >= len(family.extra_metrics)
     device = importlib.import_module(f"isreshape_triton.kernels.families.{name}")
     assert callable(device.token) and hasattr(device, "row_weight") == family.row_weight

@@ -57,4 +57,4 @@ def kernel(p) -> KernelFamily:
     return KernelFamily(floats(p.k_pos, p.lambda_pos, p.k_neg, p.lambda_neg), needs_stats=True, per_row=True)
 
 
-FAMILY = Family("vespo", VESPOParams, vespo, kernel, stats=stats, row_weight=True)
+FAMILY = Family("vespo", VESPOParams, vespo, kernel, stats=stats, row_weight=True, rollout_in_row=True)

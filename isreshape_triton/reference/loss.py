@@ -115,13 +115,13 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
     ell = torch.clamp(d.detach(), -C, C) + (d - d.detach()) + torch.where(bad_d, math.nan, 0.0).to(dt)
 
     family = FAMILIES[loss_type]
-    row_weight = family.row_weight  # rollout IS weights enter the row weight, not each token
-    log_rollout = torch.log(r.clamp_min(1e-8)) if row_weight and r is not None else None
+    in_row = family.rollout_in_row  # rollout IS weights enter the row weight, not each token
+    log_rollout = torch.log(r.clamp_min(1e-8)) if in_row and r is not None else None
     stats, diag = split_psis(family_stats(loss_type, ell, adv, mask, p, C, log_rollout))
     log_probs = {"lp": lp, "olp": olp} if family.log_probs else {}
     terms = poison(family.reference(ell, adv, params=p, **log_probs, **stats), nan, ell)
 
-    L = -terms.F if r is None or row_weight else -terms.F * r
+    L = -terms.F if r is None or in_row else -terms.F * r
     extra = {}
     if k is not None:
         L = L + kl.kl_coef * k
