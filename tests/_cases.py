@@ -47,6 +47,19 @@ FAMILY_CONFIGS = [
     ("dppo", {"divergence": "kl", "clip_divergence_low": 0.05, "clip_divergence_high": 0.1, "clip_ratio_c": 1.5}),
     ("ppo_clip", {"delta": 1.3, "clip_ratio_high": 0.28}),
 ]
+
+
+def sampled(step: int) -> list:
+    """Every ``step``-th configuration, and the first one of every family."""
+    seen = set()
+    out = []
+    for i, (loss_type, opts) in enumerate(FAMILY_CONFIGS):
+        if i % step == 0 or loss_type not in seen:
+            out.append((loss_type, opts))
+        seen.add(loss_type)
+    return out
+
+
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
              "seq-mean-token-sum-norm")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

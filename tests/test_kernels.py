@@ -28,7 +28,7 @@ from isreshape_triton.ops import fused_policy_loss
 from isreshape_triton.dev.profiling import count_work
 
 from _cases import (ADVANTAGES, AGG_MODES, DTYPES, FAMILY_CONFIGS, LAYOUTS, MASKS, SPECIALS,
-                    make_batch, pairwise)
+                    make_batch, pairwise, sampled)
 from _rounding import assert_rounded_once
 
 TILINGS = ("default", "small")
@@ -281,12 +281,15 @@ def test_skew_kurtosis_moments_of_tiny_log_ratios(spread, center, tiling, loss_t
         assert m["kurtosis"].item() == pytest.approx(kurt, rel=1e-3, abs=1e-4)
 
 
-ROLLOUT_FAMILIES = [c for c in FAMILY_CONFIGS if c[1].get("gamma_granularity") == "sequence" or c[1] == {}]
+# every family (its first configuration) and every per-row γ rule
+ROLLOUT_FAMILIES = (sampled(len(FAMILY_CONFIGS))
+                    + [c for c in FAMILY_CONFIGS if c[1].get("gamma_granularity") == "sequence"])
 
 
 @pytest.mark.parametrize("loss_type,opts", ROLLOUT_FAMILIES)
 def test_rollout_weights_on_every_family(loss_type, opts):
-    """Rollout IS weights r: L_t = −F_t·r_t, or folded into a row weight (VESPO's W); the kernels
+    """Rollout IS weights r: L_t = −F_t·r_t (GSPO's row ratio included), or folded into a row weight
+    (VESPO's W, ``rollout_in_row``); the kernels
     match the reference, per-row γ rules included (their pass 1 never reads r)."""
     lp, olp, adv, mask = make_batch(4, 45, torch.float64, seed=zlib.crc32(f"{loss_type}{opts}".encode()))
     r = 0.5 + torch.rand(lp.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
