@@ -297,6 +297,7 @@ GRADCHECK_OPTS = {
     "vespo": [{}, {"k_pos": 1.0, "lambda_pos": 0.5, "k_neg": 0.5, "lambda_neg": 1.5}],
     "cispo": [{"clip_ratio_low": 0.0, "clip_ratio_high": 0.0}],  # sg(clip(w)) ≡ 1
     "dppo": [{"clip_ratio_c": 1e-3}, {"divergence": "kl", "clip_ratio_c": 1e-3}],  # sg(min(w, c)) ≡ c
+    "gspo": [{"log_ratio_max": -5.0}],  # sg(s) clamped: s ≡ e⁻⁵
 }
 AGG_KW = {"token-mean": {"global_token_count": 40.0}, "seq-mean-token-sum": {"dp_size": 2},
           "seq-mean-token-sum-norm": {"loss_scale_factor": 7.0, "global_batch_size": 5.0}}

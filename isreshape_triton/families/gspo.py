@@ -1,0 +1,69 @@
+"""gspo: Group Sequence Policy Optimization in its token form (verl ``gspo``; TRL
+``importance_sampling_level="sequence"``, OpenRLHF ``gspo``). One ratio per sequence,
+s = exp(min(Σ_t m·ℓ_t / n, log_ratio_max)), the geometric mean of the token ratios with its log
+clamped as verl does; every token of the row is clipped PPO-style on it with its own advantage,
+loss = max(−A·s', −A·clip(s, 1−ε_low, 1+ε_high)) with s' = min(s, δ) (TRL's ``delta``; s' = s
+without it). The gradient of a token is that of verl's s_t = sg(s)·π_t/sg(π_t):
+φ = A·s where the unclipped branch is active, s' = s and log s ≤ log_ratio_max, else 0. With one
+advantage per sequence this is GSPO's sequence objective (TRL, OpenRLHF) under every
+aggregation. Rollout IS weights scale each token.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..family import Family, KernelFamily, floats
+from ..options import Options, set_real
+from ..reference.shared import TokenTerms, const, ones_like
+
+
+@dataclass(frozen=True)
+class GSPOParams(Options):
+    """PPO's clip on the sequence ratio s = exp(mean_t ℓ_t) (GSPO's ε: 3e-4 / 4e-4)."""
+
+    clip_ratio_low: float = 3e-4
+    clip_ratio_high: float = 4e-4
+    log_ratio_max: float = 10.0  # verl's clamp of log s
+    delta: Optional[float] = None  # TRL's delta: the unclipped ratio capped at δ
+
+    def __post_init__(self):
+        set_real(self, "clip_ratio_low", lo=0.0, hi=1.0, hi_open=True)
+        set_real(self, "clip_ratio_high", lo=0.0)
+        set_real(self, "log_ratio_max", lo=-87.0, hi=88.0)  # exp stays a finite, nonzero fp32
+        set_real(self, "delta", optional=True, lo=0.0, lo_open=True)
+
+
+def stats(ell, adv, mask, p, log_ratio_clamp, log_rollout=None):
+    """log s before the clamp: Σ_t m_t·ℓ_t / max(n, 1) per row."""
+    mf = mask.to(ell.dtype)
+    return {"log_s": (mf * ell).sum(dim=-1, keepdim=True) / mf.sum(dim=-1, keepdim=True).clamp_min(1.0)}
+
+
+def gspo(ell, adv, *, log_s, params):
+    """verl's construction: s_t = exp(min(sg(log s) + ℓ − sg(ℓ), log_ratio_max)). Extras:
+    clipfrac (the clipped branch is the larger loss, verl's ``pg_clipfrac``)."""
+    p = params
+    s = torch.exp(torch.clamp(const(log_s, ell) + ell - ell.detach(), max=p.log_ratio_max))
+    sd = s.detach()
+    capped = s if p.delta is None else torch.where(sd <= p.delta, s, const(p.delta, ell))
+    unclipped = -adv * capped
+    clipped = -adv * torch.clamp(s, 1.0 - p.clip_ratio_low, 1.0 + p.clip_ratio_high)
+    take_unclipped = (unclipped.detach() >= clipped.detach()) | torch.isnan(sd)
+    loss = torch.where(take_unclipped, unclipped, clipped)
+    passes = (const(log_s, ell) <= p.log_ratio_max) & (sd == capped.detach())
+    phi = torch.where(torch.isnan(sd), math.nan, torch.where(take_unclipped & passes, adv * sd, 0.0))
+    return TokenTerms(phi, -loss, ones_like(ell), {"clipfrac": (clipped.detach() > unclipped.detach()).to(ell.dtype)})
+
+
+def kernel(p) -> KernelFamily:
+    """OPT = 1: delta."""
+    return KernelFamily(floats(p.clip_ratio_low, p.clip_ratio_high, p.log_ratio_max,
+                               0.0 if p.delta is None else p.delta),
+                        opt=int(p.delta is not None), needs_stats=True, per_row=True)
+
+
+FAMILY = Family("gspo", GSPOParams, gspo, kernel, stats=stats, extra_metrics=("clipfrac",), row_weight=True)

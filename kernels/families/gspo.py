@@ -1,0 +1,34 @@
+"""gspo's row ratio, φ and F (``isreshape_triton/families/gspo.py``)."""
+import triton
+import triton.language as tl
+
+from ..common import clamp_nan, max_nan, min_nan
+
+
+@triton.jit
+def row_weight(log_w_sum, n, a_first, clamp, params):
+    """ctx = (s, g): log s = Σ m·ℓ / max(n, 1), s = exp(min(log s, log_ratio_max)); g = 0 where
+    the clamp cuts the gradient (log s > log_ratio_max), else 1."""
+    eps_low, eps_high, log_max, delta = params
+    log_s = log_w_sum / tl.maximum(n, 1.0)
+    return tl.exp(min_nan(log_s, log_max)), tl.where(log_s > log_max, 0.0, 1.0)
+
+
+@triton.jit
+def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
+    """loss = max(−A·s', −A·clip(s, 1−ε_low, 1+ε_high)), s' = min(s, δ) (OPT = 1) or s;
+    φ = A·s·g where the unclipped branch is active and s' = s. Extra: the clipped branch is larger."""
+    eps_low, eps_high, log_max, delta = params
+    s, g = ctx
+    zero = tl.zeros_like(ell)
+    s = s + zero
+    capped = s
+    if OPT == 1:
+        capped = tl.where(s > delta, delta, s)
+    l1 = -A * capped
+    l2 = -A * clamp_nan(s, 1.0 - eps_low, 1.0 + eps_high)
+    loss = max_nan(l1, l2)
+    active = ((l1 >= l2) & (capped == s)) | (s != s)  # a NaN ratio keeps its (NaN) gradient
+    phi = tl.where(active, A * s * g, 0.0)
+    clipped = tl.where(l2 > l1, 1.0, 0.0).to(ell.dtype)
+    return phi, -loss, 1.0 + zero, (clipped, zero, zero, zero, zero)
