@@ -4,7 +4,7 @@ policy loss.
 Importing this module registers, with verl's ``register_policy_loss``:
 
 - ``<mode>_irt`` for each of verl's modes in :data:`VERL_MODES` (``vanilla_irt``, ``sapo_irt``,
-  ``gpg_irt``, ``cispo_irt``, ``dro_irt``, ``dppo_tv_irt``, ``dppo_kl_irt``): verl's loss, gradient and
+  ``gpg_irt``, ``cispo_irt``, ``gspo_irt``, ``dro_irt``, ``dppo_tv_irt``, ``dppo_kl_irt``): verl's loss, gradient and
   metrics from the op, reading the options verl's own mode reads (``clip_ratio``,
   ``clip_ratio_low`` / ``clip_ratio_high`` with ``clip_ratio`` as their default, ``clip_ratio_c``,
   ``tau_pos`` / ``tau_neg``, ``policy_loss.dro_beta``);
@@ -95,6 +95,7 @@ VERL_MODES = {
     "sapo": ("sapo", _sapo, "seq-mean-token-mean"),
     "gpg": ("gpg", _no_options, None),
     "cispo": ("cispo", _cispo, None),
+    "gspo": ("gspo", _cispo, None),
     "dro": ("dro", _dro, None),
     "dppo_tv": ("dppo", _dppo("tv"), None),
     "dppo_kl": ("dppo", _dppo("kl"), None),
