@@ -325,6 +325,13 @@ TRL_CASES = [
     pytest.param("cispo", {"is_ratio": "token", "vllm": True, "config": {"epsilon_high": 1.05}}, id="cispo-is-token"),
     pytest.param("grpo", {"config": {"delta": 1.1}}, id="grpo-delta"),
     pytest.param("dapo", {"config": {"delta": 1.05, "epsilon_high": 0.02}}, id="dapo-delta"),
+    pytest.param("luspo", {"config": {"importance_sampling_level": "sequence", "epsilon": 0.02,
+                                      "epsilon_high": 0.03}}, id="luspo-seq"),
+    pytest.param("luspo", {}, id="luspo-token"),
+    pytest.param("grpo", {"config": {"importance_sampling_level": "sequence", "epsilon": 0.02, "epsilon_high": 0.03,
+                                     "delta": 1.02}}, id="grpo-seq-delta"),
+    pytest.param("dapo", {"is_ratio": "sequence", "vllm": True, "beta": 0.05,
+                          "config": {"importance_sampling_level": "sequence", "epsilon": 0.02}}, id="dapo-seq-is-kl"),
 ]
 
 
@@ -383,7 +390,9 @@ def test_trl_readme_snippet_and_refusals(trl_env):
     want = irt.reference.policy_loss(lp, old, torch.tensor([1.0, -1.0]), mask, "is_reshape", "token-mean")[0]
     close(got, want)
     with pytest.raises(ValueError, match="loss_type"):
-        grpo_policy_loss(lp, old, torch.ones(2), mask, loss_type="luspo")
+        grpo_policy_loss(lp, old, torch.ones(2), mask, loss_type="vespo", importance_sampling_level="sequence")
+    with pytest.raises(ValueError, match="one advantage per sequence"):
+        grpo_policy_loss(lp, old, torch.ones(2, 3), mask, loss_type="grpo", importance_sampling_level="sequence")
     with pytest.raises(ValueError, match="use_bias_correction_kl"):
         make_trainer(trl_env, IRTGRPOTrainer, "grpo", beta=0.1, config={"use_bias_correction_kl": True})
     with pytest.raises(ValueError, match="top_entropy_quantile"):

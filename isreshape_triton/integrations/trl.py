@@ -1,8 +1,8 @@
 """TRL adapter (TRL 1.16): ``GRPOTrainer``'s policy loss through the op.
 
 :func:`grpo_policy_loss` computes what ``GRPOTrainer._compute_loss`` computes from
-the per-token log-probs, for ``loss_type`` grpo / bnpo / dr_grpo / dapo / cispo / sapo /
-vespo, with TRL's normalizers written as aggregation modes (SPEC §5):
+the per-token log-probs, for ``loss_type`` grpo / bnpo / dr_grpo / dapo / luspo / cispo / sapo
+/ vespo, with TRL's normalizers written as aggregation modes (SPEC §5):
 
 =================  ==========================  =====================================================
 TRL ``loss_type``  family (default)            aggregation
@@ -13,7 +13,14 @@ dr_grpo            ppo_clip                    seq-mean-token-sum-norm, global_b
                                                loss_scale_factor = max_completion_length
 dapo, cispo,       ppo_clip, cispo, vespo      token-mean, global_token_count =
 vespo                                          max(num_items_in_batch, 1)/processes·acc/steps_per_gen
+luspo              ppo_clip                    seq-mean-token-sum, global_batch_size = B·acc
 =================  ==========================  =====================================================
+
+``importance_sampling_level="sequence"`` (grpo, bnpo, dr_grpo, dapo, luspo) uses the family
+gspo: TRL's sequence ratio exp(mean_t log-ratio) with its clip and ``delta``, the same loss and
+gradient when the advantages are one per sequence (TRL's ``[B]``; per-token advantages are
+refused there, TRL mixes them across the sequence), its log clamped at 10 as verl's (TRL does
+not clamp).
 
 (acc: gradient-accumulation steps in training, 1 in evaluation; ``num_items_in_batch``
 stays a tensor: no sync.) ``epsilon_low`` / ``epsilon_high`` are the clip ratios with
@@ -36,8 +43,8 @@ Differences from TRL: VESPO's loss *value* is our surrogate −φ·A·(log π �
 (zero on-policy) where TRL logs −φ·A·log π; gradients are identical. TRL options the
 op does not express yet are refused when the trainer is built
 (``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
-``importance_sampling_level="sequence"``, ``use_bias_correction_kl``, the entropy
-bonus, MoE aux loss, loss type luspo). The from-logits op is not used:
+``use_bias_correction_kl``, the entropy
+bonus, MoE aux loss). The from-logits op is not used:
 TRL's own fused LM head already computes the log-probs from the hidden states
 without materializing logits, which our from-logits op would need.
 """
@@ -55,9 +62,11 @@ TRL_LOSS_TYPES = {
     "dr_grpo": ("ppo_clip", "seq-mean-token-sum-norm"),
     "dapo": ("ppo_clip", "token-mean"),
     "cispo": ("cispo", "token-mean"),
+    "luspo": ("ppo_clip", "seq-mean-token-sum"),
     "sapo": ("sapo", "seq-mean-token-mean"),
     "vespo": ("vespo", "token-mean"),
 }
+SEQUENCE_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # TRL's sequence ratio: gspo
 _MM_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
             "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
@@ -65,6 +74,19 @@ _MM_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mas
 def _check_loss_type(loss_type):
     if loss_type not in TRL_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {tuple(TRL_LOSS_TYPES)} for the op, got {loss_type!r}")
+
+
+def default_family(loss_type: str, importance_sampling_level: str = "token") -> str:
+    """Our family for TRL's ``loss_type`` at its ``importance_sampling_level``."""
+    _check_loss_type(loss_type)
+    if importance_sampling_level == "token":
+        return TRL_LOSS_TYPES[loss_type][0]
+    if importance_sampling_level != "sequence":
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    if loss_type not in SEQUENCE_LOSS_TYPES:
+        raise ValueError(f"importance_sampling_level='sequence' takes loss_type in {SEQUENCE_LOSS_TYPES} for the "
+                         f"op, got {loss_type!r}")
+    return "gspo"
 
 
 def _rollout_weights(ratio, mask, family, shape):
@@ -84,17 +106,19 @@ def grpo_policy_loss(per_token_logps, old_per_token_logps, advantages, mask, *, 
                      vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, beta=0.0,
                      ref_per_token_logps=None, importance_sampling_ratio=None, num_items_in_batch=None,
                      num_processes=1, accumulation_steps=1, steps_per_generation=1,
-                     max_completion_length=None):
+                     max_completion_length=None, importance_sampling_level="token"):
     """(loss, metrics) of ``GRPOTrainer._compute_loss`` for ``loss_type`` (see the module
     docstring), the per-token loss computed by ``family`` (default: TRL's own)."""
-    _check_loss_type(loss_type)
-    default, mode = TRL_LOSS_TYPES[loss_type]
-    family = family or default
+    family = family or default_family(loss_type, importance_sampling_level)
+    mode = TRL_LOSS_TYPES[loss_type][1]
     rows = per_token_logps.shape[0]
     if advantages.dim() == 2 and advantages.shape[1] == 1:
         advantages = advantages.reshape(rows)  # per sequence: [B]
+    if importance_sampling_level == "sequence" and advantages.dim() != 1:
+        raise ValueError("importance_sampling_level='sequence' needs one advantage per sequence ([B] or "
+                         f"[B, 1]), got advantages of shape {tuple(advantages.shape)}")
     agg = {}
-    if loss_type in ("grpo", "sapo", "dr_grpo"):
+    if loss_type in ("grpo", "sapo", "dr_grpo", "luspo"):
         agg["global_batch_size"] = rows * accumulation_steps
     if loss_type == "dr_grpo":
         if max_completion_length is None:
@@ -111,6 +135,8 @@ def grpo_policy_loss(per_token_logps, old_per_token_logps, advantages, mask, *, 
     if family == "ppo_clip":
         kwargs = {"clip_ratio_low": epsilon_low, "clip_ratio_high": epsilon_high, "clip_ratio_c": None,
                   "delta": delta, **kwargs}
+    elif family == "gspo":
+        kwargs = {"clip_ratio_low": epsilon_low, "clip_ratio_high": epsilon_high, "delta": delta, **kwargs}
     elif family == "cispo":
         kwargs = {"clip_ratio_low": None, "clip_ratio_high": epsilon_high - 1.0, **kwargs}
     elif family == "sapo":
@@ -144,7 +170,6 @@ class IRTGRPOTrainer(GRPOTrainer):
         refused = {
             "top_entropy_quantile": self.top_entropy_quantile < 1.0,
             "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
-            "importance_sampling_level": self.importance_sampling_level != "token",
             "use_bias_correction_kl": bool(getattr(a, "use_bias_correction_kl", False)) and self.beta != 0.0,
             "entropy bonus": bool(getattr(self, "_entropy_bonus_enabled", False)),
             "router aux loss": bool(getattr(self, "aux_loss_enabled", False)),
@@ -152,7 +177,7 @@ class IRTGRPOTrainer(GRPOTrainer):
         bad = [k for k, v in refused.items() if v]
         if bad:
             raise ValueError(f"IRTGRPOTrainer cannot express these GRPOConfig options: {bad}")
-        self.irt_loss_type = irt_loss_type or TRL_LOSS_TYPES[self.loss_type][0]
+        self.irt_loss_type = irt_loss_type or default_family(self.loss_type, self.importance_sampling_level)
         api.PolicyLoss(self.irt_loss_type, **(irt_params or {}))  # validate now, not at the first step
         self.irt_params = dict(irt_params or {})
 
@@ -181,7 +206,8 @@ class IRTGRPOTrainer(GRPOTrainer):
             importance_sampling_ratio=ratio, num_items_in_batch=inputs.get("num_items_in_batch"),
             num_processes=self.accelerator.num_processes, accumulation_steps=acc,
             steps_per_generation=a.steps_per_generation if mode == "train" else 1,
-            max_completion_length=self.max_completion_length)
+            max_completion_length=self.max_completion_length,
+            importance_sampling_level=self.importance_sampling_level)
         self._log_irt_metrics(mode, entropies, mask, metrics)
         return loss
 
