@@ -434,6 +434,7 @@ def openrlhf_loss():
 
 OPENRLHF_CASES = [
     ({"token_level_loss": True}, {}),
+    ({"token_level_loss": False}, {"dp_size": 2}),  # no global count: OpenRLHF ignores dp_size
     ({"token_level_loss": True, "dual_clip": 3.0, "clip_eps_high": 0.28}, {"dp_size": 2, "batch_num_tokens": 30.0}),
     ({"token_level_loss": False}, {}),
     ({"token_level_loss": False, "dual_clip": 2.5}, {"dp_size": 4, "global_batch_size": torch.tensor(7.0)}),
@@ -445,16 +446,26 @@ OPENRLHF_IS = [
 ]
 
 
+OPENRLHF_GSPO = [
+    ({"policy_loss_type": "gspo", "clip_eps_low": 0.02, "clip_eps_high": 0.03}, {"dp_size": 2}),
+    ({"policy_loss_type": "gspo", "clip_eps_low": 0.02, "clip_eps_high": 0.03, "is_correction_level": "token"},
+     {"global_batch_size": torch.tensor(7.0)}),
+]
+
+
 @pytest.mark.parametrize("init, call", OPENRLHF_CASES + [
-    ({"token_level_loss": i % 2 == 0, **c}, {}) for i, c in enumerate(OPENRLHF_IS)])
+    ({"token_level_loss": i % 2 == 0, **c}, {}) for i, c in enumerate(OPENRLHF_IS)] + OPENRLHF_GSPO)
 def test_openrlhf_policy_loss_contract(openrlhf_loss, init, call):
     """Our PolicyLoss == OpenRLHF's PolicyLoss: same constructor, same forward arguments, same
-    5-tuple (loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio), same gradient."""
+    5-tuple (loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio), same gradient (GSPO: with
+    GRPO's one advantage per sequence)."""
     from isreshape_triton.integrations.openrlhf import PolicyLoss
 
     lp, old, adv, mask, _, _ = batch(seed=21)
     adv[2, :3] = -2.0
     old[2, :3] = lp[2, :3].detach() - 1.5
+    if init.get("policy_loss_type") == "gspo":
+        adv = adv[:, :1].expand_as(adv).clone()
     mask[1, 0] = True  # OpenRLHF's seq-level correction divides by the row's count
     rollout = old + 0.1 * torch.randn(old.shape, generator=torch.Generator().manual_seed(2))
     args = (old, adv, mask.float(), rollout)
@@ -484,4 +495,6 @@ def test_openrlhf_readme_snippet():
     assert clip_ratio.item() == 0.0 and vllm_kl is None and is_filter_ratio is None
     assert "gamma" in actor_loss_fn.metrics
     with pytest.raises(ValueError, match="policy_loss_type"):
-        PolicyLoss(policy_loss_type="gspo")
+        PolicyLoss(policy_loss_type="cispo")
+    with pytest.raises(ValueError, match="dual_clip"):
+        PolicyLoss(policy_loss_type="gspo", dual_clip=3.0)

@@ -14,13 +14,20 @@ is OpenRLHF's ``policy_loss_type="ppo"``) and that family's parameters::
 
 Mapping: ``clip_eps_low/high`` and ``dual_clip`` are ppo_clip's clip ratios and
 ``clip_ratio_c``; ``token_level_loss`` selects token-mean (``batch_num_tokens`` is the
-global token count) or seq-mean-token-mean (``global_batch_size``); ``dp_size`` as
-given. The train/rollout correction (``is_correction_*``) gives the per-token weight
+global token count) or seq-mean-token-mean (``global_batch_size``); ``dp_size`` scales
+the loss where that global count is given, as OpenRLHF's ``aggregate_loss``. The train/rollout correction (``is_correction_*``) gives the per-token weight
 OpenRLHF multiplies the loss with (kept ratio exp(old − rollout), its clamp, or 0 for
 rejected units), passed to the op as ``rollout_is_weights`` (VESPO folds it into W).
 ``clip_ratio`` is the op's ``clipfrac`` (0 for families without clipping); every
-metric of the op is kept in ``self.metrics`` after a call. ``policy_loss_type="gspo"``
-is not a family of the op (ValueError).
+metric of the op is kept in ``self.metrics`` after a call.
+
+``policy_loss_type="gspo"`` is the family gspo with OpenRLHF's sequence ratio
+exp(mean log(π/π_old)), or against ``rollout_log_probs`` when a correction level is set (and
+no correction weight, as OpenRLHF), at the sequence level (seq-mean-token-mean), clipped by
+``clip_eps_low/high``; OpenRLHF's GRPO advantages are one per sequence, where the token form is
+OpenRLHF's loss and gradient (with per-token advantages OpenRLHF mixes them across the
+sequence). Its log s is clamped at 10 as verl's (OpenRLHF does not clamp); ``dual_clip`` is
+refused with it.
 """
 from __future__ import annotations
 
@@ -46,8 +53,14 @@ class PolicyLoss(torch.nn.Module):
                  is_correction_gating="ratio", is_correction_threshold=(0.5, 5.0), *, loss_type="ppo_clip",
                  **params):
         super().__init__()
-        if policy_loss_type != "ppo":
-            raise ValueError(f"policy_loss_type must be 'ppo' (the family is loss_type=), got {policy_loss_type!r}")
+        if policy_loss_type not in ("ppo", "gspo"):
+            raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo' (other families: loss_type=), "
+                             f"got {policy_loss_type!r}")
+        if policy_loss_type == "gspo":
+            if dual_clip is not None:
+                raise ValueError("dual_clip is not an option of policy_loss_type='gspo' for the op")
+            loss_type, token_level_loss = "gspo", False
+            params = {"clip_ratio_low": clip_eps_low, "clip_ratio_high": clip_eps_high, **params}
         if is_correction_level not in ("off", "token", "seq"):
             raise ValueError(f"is_correction_level must be off/token/seq, got {is_correction_level!r}")
         if is_correction_mode not in ("mask", "clip"):
@@ -61,6 +74,7 @@ class PolicyLoss(torch.nn.Module):
             params = {"clip_ratio_low": clip_eps_low, "clip_ratio_high": clip_eps_high,
                       "clip_ratio_c": dual_clip, **params}
         self.token_level_loss = token_level_loss
+        self.sequence_ratio = policy_loss_type == "gspo"
         self.is_correction = (is_correction_level, is_correction_mode, is_correction_gating,
                               tuple(is_correction_threshold))
         self.loss_type = loss_type
@@ -91,13 +105,20 @@ class PolicyLoss(torch.nn.Module):
                 dp_size=1, batch_num_tokens=None, global_batch_size=None):
         if action_mask is None:
             action_mask = torch.ones_like(log_probs, dtype=torch.bool)
-        options = {"dp_size": dp_size}
+        options = {}  # OpenRLHF scales by dp_size only a loss over a given global count
         if self.token_level_loss and batch_num_tokens is not None:
-            options["global_token_count"] = batch_num_tokens
+            options.update(global_token_count=batch_num_tokens, dp_size=dp_size)
         if not self.token_level_loss and global_batch_size is not None:
-            options["global_batch_size"] = global_batch_size
+            options.update(global_batch_size=global_batch_size, dp_size=dp_size)
         vllm_kl = filtered = None
-        if self.is_correction[0] != "off":
+        ppo_kl = None
+        if self.sequence_ratio and self.is_correction[0] != "off":  # the ratio against the rollout policy
+            if rollout_log_probs is None:
+                raise ValueError("rollout_log_probs is required when is_correction_level != 'off'")
+            mask = action_mask.to(log_probs.dtype)
+            ppo_kl = _masked_mean((old_log_probs - log_probs).detach(), mask)
+            old_log_probs = rollout_log_probs
+        elif self.is_correction[0] != "off":
             if rollout_log_probs is None:
                 raise ValueError("rollout_log_probs is required when is_correction_level != 'off'")
             options["rollout_is_weights"], filtered, vllm_kl = self.correction(
@@ -106,4 +127,4 @@ class PolicyLoss(torch.nn.Module):
         loss, self.metrics = api.policy_loss(log_probs, old_log_probs, advantages, action_mask, self.loss_type,
                                              mode, params=self.params, **options)
         clip_ratio = self.metrics.get("clipfrac", torch.zeros_like(self.metrics["ppo_kl"]))
-        return loss, clip_ratio, self.metrics["ppo_kl"], vllm_kl, filtered
+        return loss, clip_ratio, self.metrics["ppo_kl"] if ppo_kl is None else ppo_kl, vllm_kl, filtered
