@@ -47,6 +47,7 @@ family extras
   ppo_clip         clipfrac: mean of [−A·clip(w) > −A·w];
                    clipfrac_lower: mean of [A < 0 and max(−A·w, −A·clip(w)) > −A·c]
                    (0 when clip_ratio_c is None)
+  other families   their ``extra_metrics``, each defined in its module (families/<name>.py)
 
 gamma="psis" (is_reshape, is_reshape_var; is_reshape_sign per group)
   psis_k           Pareto k̂ of the log-weights ℓ (sign: the max over both groups;

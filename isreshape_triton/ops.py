@@ -30,8 +30,8 @@ def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=Non
                       loss_type="is_reshape", loss_agg_mode="token-mean", *, dp_size=1,
                       global_token_count=None, global_batch_size=None, loss_scale_factor=None,
                       log_ratio_clamp=20.0, cu_seqlens=None, validate=False, rollout_is_weights=None,
-                      ref_log_prob=None, kl_coef=None, kl_type="low_var_kl", process_group=None,
-                      params=None, **family_params):
+                      ref_log_prob=None, kl_coef=None, kl_type="low_var_kl", kl_correction=None,
+                      process_group=None, params=None, **family_params):
     """``irt.policy_loss`` on the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
 
     With ``process_group`` every rank merges the statistics records of all ranks, so γ
@@ -41,7 +41,7 @@ def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=Non
     log_ratio_clamp = check_log_ratio_clamp(log_ratio_clamp)
     params = make_params(loss_type, params, **family_params)
     agg = AggConfig(loss_agg_mode, dp_size, global_token_count, global_batch_size, loss_scale_factor)
-    kl = kl_config(kl_coef, kl_type, ref_log_prob)
+    kl = kl_config(kl_coef, kl_type, ref_log_prob, kl_correction)
     x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, log_ratio_clamp,
                        cu_seqlens, validate, rollout_is_weights, ref_log_prob)
     agg.check_device(x.log_prob.device)

@@ -27,9 +27,14 @@ AGG_MODES = (
 # keyword options of policy_loss that are not family parameters
 CALL_OPTIONS = ("loss_agg_mode", "dp_size", "global_token_count", "global_batch_size",
                 "loss_scale_factor", "log_ratio_clamp", "process_group", "cu_seqlens", "validate",
-                "rollout_is_weights", "ref_log_prob", "kl_coef", "kl_type")
-# verl's kl_penalty names (SPEC §4.1) → the kernels' KL_TYPE (kernels/kl.py)
-KL_TYPES = {"kl": 1, "k1": 1, "abs": 2, "mse": 3, "k2": 3, "low_var_kl": 4, "k3": 4}
+                "rollout_is_weights", "ref_log_prob", "kl_coef", "kl_type", "kl_correction")
+# verl's kl_penalty names (SPEC §4.1) → the kernels' KL_TYPE (kernels/kl.py); "+": verl's
+# straight-through k2 gradient (KL_STRAIGHT_THROUGH; "k2+" is k2 itself)
+KL_TYPES = {"kl": 1, "k1": 1, "abs": 2, "mse": 3, "k2": 3, "low_var_kl": 4, "k3": 4,
+            "kl+": 9, "k1+": 9, "abs+": 10, "mse+": 3, "k2+": 3, "low_var_kl+": 12, "k3+": 12}
+# how the KL term is corrected for off-policy tokens (kernels/kl.py: KL_RATIO, KL_UNBIASED):
+# "ratio", TRL's use_bias_correction_kl (k·w); "unbiased", OpenRLHF's unbiased_gradient
+KL_CORRECTIONS = (None, "ratio", "unbiased")
 
 PARAMS_BY_LOSS_TYPE = {name: family.params for name, family in FAMILIES.items()}
 
@@ -99,26 +104,35 @@ def check_log_ratio_clamp(value) -> float:
 
 @dataclass(frozen=True)
 class KLConfig:
-    """β·agg(k_t) added to the loss (SPEC §4.1): ``kl_coef`` β and verl's ``kl_type`` name."""
+    """β·agg(k_t) added to the loss (SPEC §4.1): ``kl_coef`` β, verl's ``kl_type`` name and
+    the off-policy ``kl_correction`` (None, ``"ratio"``: k·w as TRL's use_bias_correction_kl,
+    ``"unbiased"``: the value k with the gradient min(w, 10)·x, OpenRLHF's unbiased_gradient)."""
 
     kl_coef: float = 0.0
     kl_type: str = "low_var_kl"
+    kl_correction: Optional[str] = None
 
     def __post_init__(self):
         set_real(self, "kl_coef", lo=0.0)
         check_choice("kl_type", self.kl_type, KL_TYPES)
+        if self.kl_correction not in KL_CORRECTIONS:
+            raise ValueError(f"kl_correction must be one of {KL_CORRECTIONS}, got {self.kl_correction!r}")
+        if self.kl_correction is not None and self.kl_type.endswith("+"):
+            raise ValueError(f"kl_type={self.kl_type!r} sets the KL gradient itself: it takes no "
+                             f"kl_correction, got {self.kl_correction!r}")
 
     @property
     def code(self) -> int:
-        return KL_TYPES[self.kl_type]
+        """The kernels' KL_TYPE: the type (bits 0-3), then 16·(the correction's index)."""
+        return KL_TYPES[self.kl_type] + 16 * KL_CORRECTIONS.index(self.kl_correction)
 
 
-def kl_config(kl_coef, kl_type, ref_log_prob) -> KLConfig:
+def kl_config(kl_coef, kl_type, ref_log_prob, kl_correction=None) -> KLConfig:
     """The KL term's options (SPEC §4.1) checked against ``ref_log_prob``: a nonzero ``kl_coef``
     needs ``ref_log_prob`` and ``ref_log_prob`` needs ``kl_coef`` (neither is ignored silently).
     ``kl_coef=None`` means not given; an explicit ``kl_coef=0.0`` with ``ref_log_prob`` is
     allowed (the ``kl_loss`` metric without a penalty, e.g. a β schedule that reaches 0)."""
-    kl = KLConfig(0.0 if kl_coef is None else kl_coef, kl_type)
+    kl = KLConfig(0.0 if kl_coef is None else kl_coef, kl_type, kl_correction)
     if ref_log_prob is None and kl.kl_coef != 0:
         raise ValueError(f"kl_coef={shown(kl_coef)!r} is given without ref_log_prob: pass ref_log_prob "
                          f"(the reference policy's log-probs of the KL term) or leave kl_coef out")

@@ -97,7 +97,7 @@ def _token_loss(ell, w, A, lp, olp, m, bad, r, kl_x, ctx, params, kl_coef, TOKEN
         dL = dL * r
     k = tl.zeros_like(ell)
     if KL_TYPE != KL_NONE:
-        k, dk = kl_penalty(kl_x, KL_TYPE)
+        k, dk = kl_penalty(kl_x, w, KL_TYPE)
         k = tl.where(m, k, 0.0)
         L += kl_coef * k
         dL += tl.where(m, kl_coef * dk, 0.0)

@@ -142,7 +142,10 @@ def test_config_encoding_round_trips(loss_type, opts):
     fam = kernel_family(loss_type, irt.make_params(loss_type, **opts))
     for agg, kl in ((AggConfig("token-mean"), KLConfig()),
                     (AggConfig("seq-mean-token-sum-norm", 4, 1e-44, 7.0, 3.5), KLConfig(0.25, "kl")),
-                    (AggConfig("token-sum", 2, torch.tensor(9.0), None, 0.0), KLConfig(1e-3, "mse"))):
+                    (AggConfig("token-sum", 2, torch.tensor(9.0), None, 0.0), KLConfig(1e-3, "mse")),
+                    (AggConfig("token-mean"), KLConfig(0.5, "low_var_kl+")),
+                    (AggConfig("seq-mean-token-mean"), KLConfig(0.5, "low_var_kl", "ratio")),
+                    (AggConfig("token-mean"), KLConfig(0.5, "kl", "unbiased"))):
         mode, ints, floats = custom_op.encode_config(fam, agg, kl, 17.5, False)
         assert all(type(i) is int for i in ints) and all(type(f) is float for f in floats)
         tensors = [v if isinstance(v, torch.Tensor) else None for v in (agg.global_token_count,

@@ -315,6 +315,19 @@ def test_kl_coef_and_ref_log_prob_need_each_other(path):
     torch.testing.assert_close(loss, plain[0] + 0.5 * metrics["kl_loss"])
 
 
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_kl_correction_is_checked_by_name(path):
+    """An unknown kl_correction, or one with a "+" kl_type (which sets the gradient itself):
+    a ValueError naming kl_correction on both paths."""
+    fn = irt.policy_loss if path == "kernel" else ref.policy_loss
+    lp, olp, A, mask = inputs()
+    kl = dict(ref_log_prob=olp - 0.1, kl_coef=0.1)
+    with pytest.raises(ValueError, match="kl_correction must be one of"):
+        fn(lp, olp, A, mask, kl_correction="ratios", **kl)
+    with pytest.raises(ValueError, match="kl_type='k3\\+' .* kl_correction"):
+        fn(lp, olp, A, mask, kl_type="k3+", kl_correction="ratio", **kl)
+
+
 def test_kl_coef_checks_its_type_before_the_pairing():
     with pytest.raises(TypeError, match="kl_coef"):
         call(kl_coef=True)

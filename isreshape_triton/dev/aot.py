@@ -163,7 +163,7 @@ def specs_from_plan(log_prob, old_log_prob, advantages, response_mask, loss_type
 
     agg = AggConfig(options.pop("loss_agg_mode", "token-mean"))
     clamp = options.pop("log_ratio_clamp", 20.0)
-    kl = KLConfig(options.pop("kl_coef", 0.0), options.pop("kl_type", "low_var_kl"))
+    kl = KLConfig(options.pop("kl_coef", 0.0), options.pop("kl_type", "low_var_kl"), options.pop("kl_correction", None))
     x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, clamp, options.pop("cu_seqlens", None),
                        False, options.pop("rollout_is_weights", None), options.pop("ref_log_prob", None))
     fam = kernel_family(loss_type, make_params(loss_type, **options))

@@ -55,8 +55,8 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                 loss_type="is_reshape", loss_agg_mode="token-mean", *,
                 dp_size=1, global_token_count=None, global_batch_size=None, loss_scale_factor=None,
                 log_ratio_clamp=20.0, cu_seqlens=None, validate=False, rollout_is_weights=None,
-                ref_log_prob=None, kl_coef=None, kl_type="low_var_kl", process_group=None, params=None,
-                **family_params):
+                ref_log_prob=None, kl_coef=None, kl_type="low_var_kl", kl_correction=None, process_group=None,
+                params=None, **family_params):
     """Aggregated loss (0-dim, fp32 / fp64) and the metrics dict of ``loss_type``.
 
     ∂loss/∂log_prob_t = −s_t·m_t·φ_t; ``old_log_prob`` and ``advantages`` are
@@ -72,6 +72,7 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                            global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
                            log_ratio_clamp=log_ratio_clamp, rollout_is_weights=x.rollout,
                            ref_log_prob=x.ref_log_prob, kl_coef=kl_coef, kl_type=kl_type,
+                           kl_correction=kl_correction,
                            process_group=process_group, params=params, **family_params)
     check_process_group(process_group)
     if process_group is not None:
@@ -79,7 +80,7 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
     C = check_log_ratio_clamp(log_ratio_clamp)
     p = make_params(loss_type, params, **family_params)
     agg = AggConfig(loss_agg_mode, dp_size, global_token_count, global_batch_size, loss_scale_factor)
-    kl = kl_config(kl_coef, kl_type, ref_log_prob)
+    kl = kl_config(kl_coef, kl_type, ref_log_prob, kl_correction)
     x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, C, None, False,
                        rollout_is_weights, ref_log_prob)
     agg.check_device(x.log_prob.device)
@@ -105,14 +106,14 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
         r = torch.where(mask, x.rollout.detach().to(dt), 1.0)
         r = torch.where(torch.isfinite(r), r, math.nan)
         bad = bad | (mask & torch.isnan(r))
+    ell = torch.clamp(d.detach(), -C, C) + (d - d.detach()) + torch.where(bad_d, math.nan, 0.0).to(dt)
     k = None
     if x.ref_log_prob is not None:  # verl's kl_penalty of x = log π − log π_ref
         kx = lp - torch.where(mask, x.ref_log_prob.detach().to(dt), 0.0)  # non-finite: NaN (not clamped)
         kx = kx + torch.where(torch.isfinite(kx.detach()), 0.0, math.nan).to(dt)
-        k = kl_penalty(kx, kl.kl_type)
+        k = kl_term(kx, ell, kl)
         bad = bad | (mask & torch.isnan(k.detach()))
     nan = torch.where(bad, math.nan, 0.0).to(dt)
-    ell = torch.clamp(d.detach(), -C, C) + (d - d.detach()) + torch.where(bad_d, math.nan, 0.0).to(dt)
 
     family = FAMILIES[loss_type]
     in_row = family.rollout_in_row  # rollout IS weights enter the row weight, not each token
@@ -132,8 +133,26 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
     return loss, {**metrics, **extra}
 
 
+def kl_term(x: torch.Tensor, ell: torch.Tensor, kl) -> torch.Tensor:
+    """The KL term k_t of x = log π − log π_ref (``KLConfig``): verl's ``kl_penalty``, with
+    ``kl_correction="ratio"`` times w = exp(ℓ) (TRL's use_bias_correction_kl: the gradient
+    flows through w too), ``"unbiased"`` with the value k and the gradient min(w, 10)·x
+    (OpenRLHF's unbiased_gradient, w detached)."""
+    k = kl_penalty(x, kl.kl_type)
+    if kl.kl_correction == "ratio":
+        return k * torch.exp(ell)
+    if kl.kl_correction == "unbiased":
+        surrogate = torch.exp(ell.detach()).clamp(max=10.0) * 0.5 * x.square()
+        return k.detach() + surrogate - surrogate.detach()
+    return k
+
+
 def kl_penalty(x: torch.Tensor, kl_type: str) -> torch.Tensor:
-    """verl's ``kl_penalty`` of x = log π − log π_ref (SPEC §4.1), differentiable in x."""
+    """verl's ``kl_penalty`` of x = log π − log π_ref (SPEC §4.1), differentiable in x; a name
+    ending in "+": the value of the name without it, the gradient of k2 (verl's straight-through)."""
+    if kl_type.endswith("+"):
+        k2 = 0.5 * x.square()
+        return kl_penalty(x, kl_type[:-1]).detach() + k2 - k2.detach()
     if kl_type in ("kl", "k1"):
         return x
     if kl_type == "abs":
