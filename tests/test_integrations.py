@@ -244,6 +244,18 @@ def test_verl_ppo_loss_call_site(verl, full):
     assert got[2]["actor/ppo_kl"].aggregate() == pytest.approx(want[2]["actor/ppo_kl"].aggregate(), rel=1e-5)
 
 
+@pytest.mark.parametrize("kl_type", ["k1+", "abs+", "k2+", "k3+", "low_var_kl+", "low_var_kl"])
+def test_verl_kl_penalty_types(verl, kl_type):
+    """The op's KL term == verl's kl_penalty (value and gradient), "+" straight-through types included."""
+    lp, old, adv, mask, _, ref = batch(seed=17)
+    x = lp.detach().clone().requires_grad_()
+    want = verl.core.agg_loss(verl.core.kl_penalty(x, ref, kl_type), mask, "token-mean")
+    want.backward()
+    got = kl_part({"kl_coef": 1.0, "kl_type": kl_type}, lp, old, adv, mask, ref)
+    close(got[0], want.detach())
+    close(got[1], x.grad)
+
+
 # ----------------------------------------------------------------------------- TRL
 VOCAB = ["<pad>", "<eos>", "<unk>"] + [str(d) for d in range(10)] + ["+", "="]
 
@@ -319,6 +331,9 @@ def trl_step(trainer, inputs):
 TRL_CASES = [
     ("grpo", {}), ("bnpo", {}), ("dr_grpo", {}), ("dapo", {}), ("sapo", {}), ("vespo", {}),
     pytest.param("grpo", {"beta": 0.05}, id="grpo-kl"),
+    pytest.param("grpo", {"beta": 0.05, "config": {"use_bias_correction_kl": True}}, id="grpo-kl-bias-corrected"),
+    pytest.param("dapo", {"beta": 0.1, "is_ratio": "token", "vllm": True, "config": {"use_bias_correction_kl": True}},
+                 id="dapo-is-kl-bias-corrected"),
     pytest.param("dapo", {"is_ratio": "token", "vllm": True}, id="dapo-is-token"),
     pytest.param("vespo", {"is_ratio": "sequence", "beta": 0.05}, id="vespo-is-seq-kl"),
     pytest.param("cispo", {"config": {"epsilon_high": 1.1}}, id="cispo"),
@@ -393,15 +408,17 @@ def test_trl_readme_snippet_and_refusals(trl_env):
         grpo_policy_loss(lp, old, torch.ones(2), mask, loss_type="vespo", importance_sampling_level="sequence")
     with pytest.raises(ValueError, match="one advantage per sequence"):
         grpo_policy_loss(lp, old, torch.ones(2, 3), mask, loss_type="grpo", importance_sampling_level="sequence")
-    with pytest.raises(ValueError, match="use_bias_correction_kl"):
-        make_trainer(trl_env, IRTGRPOTrainer, "grpo", beta=0.1, config={"use_bias_correction_kl": True})
+    with pytest.raises(ValueError, match="use_bias_correction_kl"):  # TRL weighs the KL by the sequence ratio
+        make_trainer(trl_env, IRTGRPOTrainer, "grpo", beta=0.1,
+                     config={"use_bias_correction_kl": True, "importance_sampling_level": "sequence"})
     with pytest.raises(ValueError, match="top_entropy_quantile"):
         make_trainer(trl_env, IRTGRPOTrainer, "grpo", config={"top_entropy_quantile": 0.5})
 
 
 # ----------------------------------------------------------------------------- OpenRLHF
 def load_openrlhf_loss():
-    """The installed OpenRLHF's real ``openrlhf/models/loss.py`` (and its ``utils.py``), without
+    """The installed OpenRLHF's real ``openrlhf/models/loss.py`` (and its ``utils.py``, as the
+    attribute ``utils``), without
     running ``openrlhf/models/__init__.py``: that imports the actor (peft, flash-attn,
     DeepSpeed), which has no CPU install. ``utils.py`` imports ``deepspeed`` at the top for a
     ZeRO-3 helper the loss never calls: a placeholder module stands in when it is absent."""
@@ -416,7 +433,8 @@ def load_openrlhf_loss():
             sys.modules[name] = pkg
         if importlib.util.find_spec("deepspeed") is None:
             sys.modules["deepspeed"] = types.ModuleType("deepspeed")
-        return importlib.import_module("openrlhf.models.loss")
+        module = importlib.import_module("openrlhf.models.loss")
+        return types.SimpleNamespace(**vars(module), utils=importlib.import_module("openrlhf.models.utils"))
     finally:
         for name, module in saved.items():
             if module is None:
@@ -480,6 +498,30 @@ def test_openrlhf_policy_loss_contract(openrlhf_loss, init, call):
         assert (a is None) == (b is None)
         if a is not None:
             close(a, b)
+
+
+def kl_part(kl_kwargs, lp, old, adv, mask, ref, loss_type="gpg"):
+    """(value, gradient) of the op's KL term alone: the op with it minus the op without it."""
+    with_kl = loss_and_grad(irt.policy_loss, lp, old, adv, mask, loss_type, "token-mean", ref_log_prob=ref,
+                            **kl_kwargs)
+    without = loss_and_grad(irt.policy_loss, lp, old, adv, mask, loss_type, "token-mean")
+    return with_kl[0] - without[0], with_kl[1] - without[1]
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_openrlhf_unbiased_gradient_kl(openrlhf_loss, estimator):
+    """kl_correction="unbiased" == OpenRLHF's compute_approx_kl(unbiased_gradient=True): the
+    estimator's value, the gradient min(w, 10)·x with w = π/π_old (w = e³ > 10 on some tokens)."""
+    lp, old, adv, mask, _, ref = batch(seed=31)
+    old[0, :3] = lp[0, :3].detach() - 3.0
+    x = lp.detach().clone().requires_grad_()
+    kl = openrlhf_loss.utils.compute_approx_kl(x, ref, log_probs_old=old, kl_estimator=estimator,
+                                               unbiased_gradient=True)
+    want = (kl * mask).sum() / mask.sum()
+    want.backward()
+    got = kl_part({"kl_coef": 1.0, "kl_type": estimator, "kl_correction": "unbiased"}, lp, old, adv, mask, ref)
+    close(got[0], want.detach())
+    close(got[1], x.grad)
 
 
 def test_openrlhf_readme_snippet():

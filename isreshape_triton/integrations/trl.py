@@ -30,7 +30,8 @@ the dual clip off (TRL has none) and ``delta`` caps the unclipped ratio; for cis
 ``vespo_k_*`` / ``vespo_lambda_*`` VESPO's (k, λ); ``importance_sampling_ratio`` is
 ``rollout_is_weights`` (a per-sequence ``[B, 1]`` ratio r is spread as r^(1/n_b) over
 the row's n_b tokens for VESPO, whose log W sums it); ``beta`` is ``kl_coef`` of the
-k3 (``low_var_kl``) term against ``ref_per_token_logps``. ``family=`` swaps the
+k3 (``low_var_kl``) term against ``ref_per_token_logps``, weighted by the token ratio w with
+``use_bias_correction_kl`` (``kl_correction="ratio"``). ``family=`` swaps the
 per-token loss for any of ours (``"is_reshape"``, ...) under the same normalizer.
 
 :class:`IRTGRPOTrainer` is ``GRPOTrainer`` with ``_compute_loss`` computing the
@@ -42,9 +43,8 @@ log-probs as TRL does and the loss with :func:`grpo_policy_loss`::
 Differences from TRL: VESPO's loss *value* is our surrogate −φ·A·(log π − log π_old)
 (zero on-policy) where TRL logs −φ·A·log π; gradients are identical. TRL options the
 op does not express yet are refused when the trainer is built
-(``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
-``use_bias_correction_kl``, the entropy
-bonus, MoE aux loss). The from-logits op is not used:
+(``top_entropy_quantile < 1``, ``off_policy_mask_threshold``, ``use_bias_correction_kl``
+with a KL term at the sequence level, the entropy bonus, MoE aux loss). The from-logits op is not used:
 TRL's own fused LM head already computes the log-probs from the hidden states
 without materializing logits, which our from-logits op would need.
 """
@@ -106,7 +106,7 @@ def grpo_policy_loss(per_token_logps, old_per_token_logps, advantages, mask, *, 
                      vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, beta=0.0,
                      ref_per_token_logps=None, importance_sampling_ratio=None, num_items_in_batch=None,
                      num_processes=1, accumulation_steps=1, steps_per_generation=1,
-                     max_completion_length=None, importance_sampling_level="token"):
+                     max_completion_length=None, importance_sampling_level="token", use_bias_correction_kl=False):
     """(loss, metrics) of ``GRPOTrainer._compute_loss`` for ``loss_type`` (see the module
     docstring), the per-token loss computed by ``family`` (default: TRL's own)."""
     family = family or default_family(loss_type, importance_sampling_level)
@@ -150,7 +150,11 @@ def grpo_policy_loss(per_token_logps, old_per_token_logps, advantages, mask, *, 
     if beta != 0.0:
         if ref_per_token_logps is None:
             raise ValueError("ref_per_token_logps is required when beta != 0")
-        kwargs.update(ref_log_prob=ref_per_token_logps, kl_coef=beta, kl_type="low_var_kl")
+        if use_bias_correction_kl and importance_sampling_level == "sequence":
+            raise ValueError("use_bias_correction_kl weighs the KL by the sequence ratio at "
+                             "importance_sampling_level='sequence', which the op does not express")
+        kwargs.update(ref_log_prob=ref_per_token_logps, kl_coef=beta, kl_type="low_var_kl",
+                      kl_correction="ratio" if use_bias_correction_kl else None)
     return api.policy_loss(per_token_logps, old_per_token_logps, advantages, mask, family, mode,
                            **agg, **kwargs)
 
@@ -170,7 +174,10 @@ class IRTGRPOTrainer(GRPOTrainer):
         refused = {
             "top_entropy_quantile": self.top_entropy_quantile < 1.0,
             "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
-            "use_bias_correction_kl": bool(getattr(a, "use_bias_correction_kl", False)) and self.beta != 0.0,
+            # TRL weighs the KL by the sequence ratio there, mixing the tokens of a sequence
+            "use_bias_correction_kl at the sequence level": (bool(getattr(a, "use_bias_correction_kl", False))
+                                                             and self.beta != 0.0
+                                                             and self.importance_sampling_level == "sequence"),
             "entropy bonus": bool(getattr(self, "_entropy_bonus_enabled", False)),
             "router aux loss": bool(getattr(self, "aux_loss_enabled", False)),
         }
@@ -207,7 +214,8 @@ class IRTGRPOTrainer(GRPOTrainer):
             num_processes=self.accelerator.num_processes, accumulation_steps=acc,
             steps_per_generation=a.steps_per_generation if mode == "train" else 1,
             max_completion_length=self.max_completion_length,
-            importance_sampling_level=self.importance_sampling_level)
+            importance_sampling_level=self.importance_sampling_level,
+            use_bias_correction_kl=bool(getattr(a, "use_bias_correction_kl", False)))
         self._log_irt_metrics(mode, entropies, mask, metrics)
         return loss
 
