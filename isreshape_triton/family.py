@@ -1,7 +1,8 @@
 """The loss-family contract. A family is one module, ``isreshape_triton/families/<name>.py``,
 declaring ``FAMILY = Family(...)``, beside its device functions in
 ``kernels/families/<name>.py`` (``token``, and ``row_weight`` for a family whose context is a
-per-row weight: ``row_weight(log_w_sum, n, a_first, clamp, params) -> ctx``). Every table of the package is derived from the declarations: the loss types,
+per-row weight: ``row_weight(row, clamp, params) -> ctx`` of the row's sums, see
+``kernels/families/__init__.py``, with an optional ``row_term``). Every table of the package is derived from the declarations: the loss types,
 the parameter classes, the metric names, the reference and the kernel specialization.
 
 Device contract (``kernels/families/<name>.py``)::
@@ -94,8 +95,8 @@ class Family:
     (float64) and by the kernels' metric vector; then ``extra_metrics``: the token means of its
     first extra terms (the device function's ``extras``, the reference's ``TokenTerms.extras`` by
     these names). ``gamma_stats``: it reports ``gamma_mean``/``_min``/``_max`` of γ_t.
-    ``row_weight``: its context is a per-row weight of the row's Σℓ, token count and first
-    advantage (device ``row_weight``); ``rollout_in_row``: rollout IS weights enter that weight
+    ``row_weight``: its context is a per-row weight of the row's sums (Σ of ℓ or of its device
+    ``row_term``, token count, first advantage; device ``row_weight``); ``rollout_in_row``: rollout IS weights enter that weight
     (Σ log r with Σℓ), not each token. ``log_probs``: its reference reads the log-probs (the device
     function always gets them).
     """

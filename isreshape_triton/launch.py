@@ -235,9 +235,11 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
         # pass 1 reads the rollout weights only where they enter a row weight (W), not a γ rule
         pass1 = {**flags, "HAS_ROLLOUT": x.rollout is not None and fam.rollout_in_row}
         steps.append(Launch(batch_stats_kernel, (programs,),
-                            dict(**tokens, rec_ptr=stats, scratch_ptr=partial, scratch_stride=partial.stride(0)),
+                            dict(**tokens, rec_ptr=stats, scratch_ptr=partial, scratch_stride=partial.stride(0),
+                                 params=fam.params),
                             dict(**pass1, HAS_REF=False, SIGN_GROUPS=fam.sign_groups, ESS_EXACT=fam.ess_exact,
-                                 ROW_STATS=row_stats, WARPS=_lane_warps(block, options), BLOCK_T=block),
+                                 ROW_STATS=row_stats, ROW_TERM=getattr(device_functions(fam), "row_term", None),
+                                 WARPS=_lane_warps(block, options), BLOCK_T=block),
                             options))
     records = stats
     if batch_stats and process_group is not None:
@@ -283,13 +285,19 @@ _GAMMA_MODE_CODE = {"fixed": kg.GAMMA_FIXED.value, "ess": kg.GAMMA_ESS.value, "e
                     "psis": kg.GAMMA_GIVEN.value}
 
 
+def device_functions(fam: KernelFamily):
+    """The family's device module (``kernels/families/<name>.py``)."""
+    return importlib.import_module(f"{__package__}.kernels.families.{fam.name}")
+
+
 def _family_constexprs(fam: KernelFamily) -> dict:
     """The loss kernel's family constexprs: its device functions (``kernels/families/<name>.py``:
     ``token``, ``row_weight`` where it has one), OPT, the groups of its γ rule and its mode."""
-    device = importlib.import_module(f"{__package__}.kernels.families.{fam.name}")
+    device = device_functions(fam)
     groups = kg.GROUPS_NONE if fam.gamma_rule is None else kg.GROUPS_SIGN if fam.sign_groups else kg.GROUPS_ALL
     return dict(TOKEN=device.token, OPT=fam.opt, ROW_WEIGHT=device.row_weight if fam.row_weight else None,
-                ROLLOUT_IN_ROW=fam.rollout_in_row, GROUPS=groups.value, GAMMA_STATS=fam.gamma_stats, GAMMA_MODE=_GAMMA_MODE_CODE[fam.gamma_mode])
+                ROLLOUT_IN_ROW=fam.rollout_in_row, GROUPS=groups.value, GAMMA_STATS=fam.gamma_stats,
+                GAMMA_MODE=_GAMMA_MODE_CODE[fam.gamma_mode])
 
 
 def _lane_warps(block: int, options: dict) -> int:

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .common import batch_frame, clamp_nan, lane_summaries, max_nan, moments_init, moments_merge, unbiased_var
-from .layout import S_AFIRST, S_FRAME, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
+from .layout import S_AFIRST, S_ASUM, S_FRAME, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
 
 GAMMA_FIXED = tl.constexpr(0)
 GAMMA_ESS = tl.constexpr(1)
@@ -142,11 +142,13 @@ def _merge_grid(rec_ptr, count, first, base, stride, slot, G: tl.constexpr,
 
 @triton.jit
 def merge_sequence_sums(rec_ptr, count, first, base, stride, KS: tl.constexpr, BLOCK: tl.constexpr):
-    """(Σ m·ℓ, Σ m, A of the first counted token) of a row from its piece records (in order):
-    each lane keeps its first non-empty record, the earliest over the lanes wins."""
+    """The row's sums (Σ m·z, Σ m·a, Σ m, A of the first counted token) from its piece records (in
+    order; ``stats.py``): each lane keeps its first non-empty record, the earliest over the lanes
+    wins."""
     jj = tl.arange(0, BLOCK)
     dt = rec_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK], dt)
+    acc_a = tl.zeros([BLOCK], dt)
     acc_n = tl.zeros([BLOCK], dt)
     lane_first = tl.zeros([BLOCK], tl.int32) + count
     lane_a = tl.zeros([BLOCK], dt) + 1.0
@@ -154,6 +156,7 @@ def merge_sequence_sums(rec_ptr, count, first, base, stride, KS: tl.constexpr, B
         j = j0 + jj
         rec = rec_ptr + record_index(j, first, base, stride).to(tl.int64) * KS
         acc += tl.load(rec + S_LSUM, mask=j < count, other=0.0)
+        acc_a += tl.load(rec + S_ASUM, mask=j < count, other=0.0)
         n = tl.load(rec + S_N_ALL, mask=j < count, other=0.0)
         acc_n += n
         take = (n > 0.0) & (lane_first == count)
@@ -161,7 +164,7 @@ def merge_sequence_sums(rec_ptr, count, first, base, stride, KS: tl.constexpr, B
         lane_first = tl.where(take, j, lane_first)
     j_first = tl.min(lane_first)
     a_first = tl.sum(tl.where(lane_first == j_first, lane_a, 0.0))
-    return tl.sum(acc), tl.sum(acc_n), tl.where(j_first < count, a_first, 1.0)
+    return tl.sum(acc), tl.sum(acc_a), tl.sum(acc_n), tl.where(j_first < count, a_first, 1.0)
 
 
 @triton.jit

@@ -57,7 +57,8 @@ STATS_FIELDS = (
     Field("n_all", 3),  # (count, mean, M2) of ℓ: all tokens, A>0, A<0
     Field("n_pos", 3),
     Field("n_neg", 3),
-    Field("lsum", 1),  # the piece's Σ m·ℓ (a row weight's log W)
+    Field("lsum", 1),  # the piece's Σ m·z, z = ℓ or the family's row term (a row weight's log W)
+    Field("asum", 1),  # the piece's Σ m·a of the family's row term (0 without one)
     Field("afirst", 1),  # the piece's first counted advantage
     Field("frame", 3),  # (count, Σ m·ℓ, max m·|ℓ|) of all tokens, batch records (``common.batch_frame``)
 )

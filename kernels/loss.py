@@ -227,8 +227,8 @@ def _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, ch
                  ACC: tl.constexpr, KS: tl.constexpr, G: tl.constexpr, BLOCK_REC: tl.constexpr):
     """The family context of row s: the batch context, the given γ of the row (PSIS),
     or merged from the row's piece records (one for a complete row, else the tail of its
-    first chunk and the heads of the others): the family's ``ROW_WEIGHT`` of the row's Σℓ, token
-    count and first advantage, or its γ rule on the row's groups."""
+    first chunk and the heads of the others): the family's ``ROW_WEIGHT`` of the row's sums
+    (``gamma.merge_sequence_sums``), or its γ rule on the row's groups."""
     ctx = batch_ctx
     if GAMMA_MODE == GAMMA_GIVEN:
         row = gamma_ptr + s.to(tl.int64) * gamma_row_stride
@@ -240,8 +240,7 @@ def _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, ch
         count = tl.where(complete, 1, count)
         base = 2 * (start // chunk)
         if ROW_WEIGHT is not None:
-            lsum, n, a_first = merge_sequence_sums(stats_ptr, count, first, base, 2, KS, BLOCK_REC)
-            ctx = ROW_WEIGHT(lsum, n, a_first, clamp, params)
+            ctx = ROW_WEIGHT(merge_sequence_sums(stats_ptr, count, first, base, 2, KS, BLOCK_REC), clamp, params)
         else:
             ctx, _, _ = family_context(stats_ptr, count, first, base, 2, gamma_rule, stats_ptr,
                                        GROUPS, GAMMA_MODE, True, False, KS, G, BLOCK_REC, 0)

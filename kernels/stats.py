@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .common import lane_summaries, max_nan, moments_add, moments_init
 from .gamma import ess_grid_terms
-from .layout import S_AFIRST, S_FRAME, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
+from .layout import S_AFIRST, S_ASUM, S_FRAME, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
 from .rows import load_raw, locate_row, piece_end, prologue_stop, streams, token_values
 
 
@@ -58,14 +58,15 @@ def _store_grid(ptr, acc, G: tl.constexpr):
 
 
 @triton.jit
-def _store_record(ptr, all_, pos, neg, lsum, a_first, frame, grid_a, grid_b,
+def _store_record(ptr, all_, pos, neg, lsum, asum, a_first, frame, grid_a, grid_b,
                   SIGN_GROUPS: tl.constexpr, ESS_EXACT: tl.constexpr, G: tl.constexpr):
-    """A record from the (count, mean, M2) summaries of the groups, Σℓ, the first counted A,
-    the frame sums and the lanes' ESS grid sums."""
+    """A record from the (count, mean, M2) summaries of the groups, the row-term sums Σz and Σa,
+    the first counted A, the frame sums and the lanes' ESS grid sums."""
     _store_moments(ptr + S_N_ALL, all_)
     _store_moments(ptr + S_N_POS, pos)
     _store_moments(ptr + S_N_NEG, neg)
     tl.store(ptr + S_LSUM, lsum)
+    tl.store(ptr + S_ASUM, asum)
     tl.store(ptr + S_AFIRST, a_first)
     _store_moments(ptr + S_FRAME, frame)
     if ESS_EXACT:
@@ -105,15 +106,16 @@ def batch_stats_kernel(
     N, T, S, chunk, n_chunks,
     s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r, s_mask_t,
     s_rollout_r, s_rollout_t, s_ref_r, s_ref_t,
-    clamp, gamma_rule,
+    clamp, gamma_rule, params,
     ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
     HAS_REF: tl.constexpr, PACKED: tl.constexpr, UNIT_STRIDE: tl.constexpr,
     SIGN_GROUPS: tl.constexpr, ESS_EXACT: tl.constexpr, G: tl.constexpr, KS: tl.constexpr,
-    ROW_STATS: tl.constexpr, WARPS: tl.constexpr, BLOCK_T: tl.constexpr,
+    ROW_STATS: tl.constexpr, ROW_TERM: tl.constexpr, WARPS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Statistics records of ℓ per piece (ROW_STATS) or per program (see module docstring).
-    HAS_ROLLOUT (a family with a row weight, given rollout IS weights): a row's Σℓ (the row
-    weight's log W) also sums log max(r, 1e-8). scratch_ptr:
+    A row's sums: Σ m·ℓ, or with the family's ``ROW_TERM`` (z, a) = ROW_TERM(ℓ, A, params)
+    Σ m·z and Σ m·a; HAS_ROLLOUT (rollout IS weights that enter the row weight): Σ m·z also
+    sums log max(r, 1e-8). scratch_ptr:
     a free row of ``scratch_stride`` ≥ 9·WARPS values per program (the loss pass's partials);
     WARPS: the launch's warps if BLOCK_T is a multiple of 32·WARPS, else 0."""
     lp, olp, adv, mask, rollout, ref = streams(lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr,
@@ -121,6 +123,7 @@ def batch_stats_kernel(
                                                s_mask_t, s_rollout_r, s_rollout_t, s_ref_r, s_ref_t, UNIT_STRIDE,
                                                PACKED)
     rho, fixed_a, fixed_b, a_lo, a_hi, b_lo, b_hi = gamma_rule
+    READ_ADV: tl.constexpr = HAS_ADV and (SIGN_GROUPS or ROW_TERM is not None)
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_T)
     all_, pos, neg, lsum, grid_a, grid_b = _lanes_init(BLOCK_T, G, ACC)
@@ -135,16 +138,17 @@ def batch_stats_kernel(
             origin = 0 if PACKED else start
             if ROW_STATS:  # one record per piece
                 all_, pos, neg, lsum, grid_a, grid_b = _lanes_init(BLOCK_T, G, ACC)
+                asum = lsum
                 first = tl.zeros([BLOCK_T], tl.int32) + e
-            # advantages are read only for the A>0 / A<0 groups (VESPO reads one per piece)
+            # advantages are read only for the A>0 / A<0 groups and a row term (VESPO reads one per piece)
             raw = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, p + lanes, prologue_stop(e, b, PACKED),
-                           HAS_ADV and SIGN_GROUPS, HAS_MASK, HAS_ROLLOUT and ROW_STATS, False)
+                           READ_ADV, HAS_MASK, HAS_ROLLOUT and ROW_STATS, False)
             for t0 in range(p, e, BLOCK_T):
                 offs = t0 + lanes
                 ahead = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, offs + BLOCK_T, e,
-                                 HAS_ADV and SIGN_GROUPS, HAS_MASK, HAS_ROLLOUT and ROW_STATS, False)
+                                 READ_ADV, HAS_MASK, HAS_ROLLOUT and ROW_STATS, False)
                 ell, A, m, bad, r, x = token_values(raw, offs, e, start, end, clamp, ACC,
-                                                    HAS_ADV and SIGN_GROUPS, HAS_MASK,
+                                                    READ_ADV, HAS_MASK,
                                                     HAS_ROLLOUT and ROW_STATS, False, PACKED)
                 raw = ahead
                 if not SIGN_GROUPS:  # the sign family's γ± read only its groups
@@ -161,7 +165,12 @@ def batch_stats_kernel(
                     f_n, f_total, f_largest = frame
                     frame = (f_n + tl.where(m, 1.0, 0.0), f_total + ell, max_nan(f_largest, tl.abs(ell)))
                 if ROW_STATS:
-                    lsum += ell
+                    if ROW_TERM is not None:
+                        z, a_term = ROW_TERM(ell, A, params)
+                        lsum += tl.where(m, z, 0.0)
+                        asum += tl.where(m, a_term, 0.0)
+                    else:
+                        lsum += ell
                     if HAS_ROLLOUT:
                         lsum += tl.where(m, tl.log(max_nan(r, 1e-8)), 0.0)  # a NaN r (bad) keeps W NaN
                     first = tl.minimum(first, tl.where(m, offs, e))
@@ -174,12 +183,12 @@ def batch_stats_kernel(
                 element = tl.where(start < a, 2 * c, 2 * c + 1)  # head / tail of the chunk
                 element = tl.where((start >= a) & (end <= b), 2 * n_chunks + s, element)  # complete row
                 s_all, s_pos, s_neg, s_frame = _summaries(all_, pos, neg, frame, scratch_ptr, SIGN_GROUPS, False, 0)
-                _store_record(rec_ptr + element.to(tl.int64) * KS, s_all, s_pos, s_neg, tl.sum(lsum), a_first,
-                              s_frame, grid_a, grid_b, SIGN_GROUPS, ESS_EXACT, G)
+                _store_record(rec_ptr + element.to(tl.int64) * KS, s_all, s_pos, s_neg, tl.sum(lsum), tl.sum(asum),
+                              a_first, s_frame, grid_a, grid_b, SIGN_GROUPS, ESS_EXACT, G)
             p = e
     if not ROW_STATS:
         all_, pos, neg, frame = _summaries(all_, pos, neg, frame, scratch_ptr + pid.to(tl.int64) * scratch_stride,
                                            SIGN_GROUPS, True, WARPS)
         zero = tl.zeros([], ACC)
-        _store_record(rec_ptr + pid.to(tl.int64) * KS, all_, pos, neg, zero, zero + 1.0, frame, grid_a, grid_b,
-                      SIGN_GROUPS, ESS_EXACT, G)
+        _store_record(rec_ptr + pid.to(tl.int64) * KS, all_, pos, neg, zero, zero, zero + 1.0, frame, grid_a,
+                      grid_b, SIGN_GROUPS, ESS_EXACT, G)

@@ -6,10 +6,11 @@ from ..common import clamp_nan, max_nan, min_nan
 
 
 @triton.jit
-def row_weight(log_w_sum, n, a_first, clamp, params):
+def row_weight(row, clamp, params):
     """ctx = (s, g): log s = Σ m·ℓ / max(n, 1), s = exp(min(log s, log_ratio_max)); g = 0 where
     the clamp cuts the gradient (log s > log_ratio_max), else 1."""
     eps_low, eps_high, log_max, delta = params
+    log_w_sum, _, n, _ = row
     log_s = log_w_sum / tl.maximum(n, 1.0)
     return tl.exp(min_nan(log_s, log_max)), tl.where(log_s > log_max, 0.0, 1.0)
 

@@ -15,11 +15,12 @@ def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
 
 
 @triton.jit
-def row_weight(log_w_sum, n, a_first, clamp, params):
+def row_weight(row, clamp, params):
     """ctx = (φ(W), 0): φ(W) = W^k·exp(λ(1−W)), log W = clamp(Σ m·ℓ, ±clamp); (k, λ) = (k_pos,
     λ_pos) if the row's first counted advantage is ≥ 0 else (k_neg, λ_neg); NaN if that advantage
     is not finite (its sign is unknown: SPEC §11)."""
     k_pos, lambda_pos, k_neg, lambda_neg = params
+    log_w_sum, _, _, a_first = row
     log_w = clamp_nan(log_w_sum, -clamp, clamp)
     k = tl.where(a_first >= 0.0, k_pos, k_neg)
     lam = tl.where(a_first >= 0.0, lambda_pos, lambda_neg)
