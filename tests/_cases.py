@@ -47,6 +47,7 @@ FAMILY_CONFIGS = [
     ("dppo", {"divergence": "kl", "clip_divergence_low": 0.05, "clip_divergence_high": 0.1, "clip_ratio_c": 1.5}),
     ("ppo_clip", {"delta": 1.3, "clip_ratio_high": 0.28}),
     ("gspo", {"clip_ratio_low": 0.05, "clip_ratio_high": 0.08, "log_ratio_max": 0.3}),
+    ("gmpo", {"clip_ratio_low": 0.1, "clip_ratio_high": 0.15}),
 ]
 
 
