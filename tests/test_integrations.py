@@ -112,6 +112,7 @@ VERL_MODE_OPTIONS = {
     "gpg": {},
     "cispo": {"clip_ratio_low": 0.1, "clip_ratio_high": 0.15},
     "gspo": {"clip_ratio_low": 0.02, "clip_ratio_high": 0.03},
+    "geo_mean": {"clip_ratio_low": 0.1, "clip_ratio_high": 0.15},
     "dro": {"policy_loss": {"dro_beta": 0.4}},
     "dppo_tv": {"clip_ratio_low": 0.03, "clip_ratio_high": 0.05},
     "dppo_kl": {"clip_ratio_low": 0.01, "clip_ratio_high": 0.02},

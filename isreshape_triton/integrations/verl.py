@@ -4,7 +4,8 @@ policy loss.
 Importing this module registers, with verl's ``register_policy_loss``:
 
 - ``<mode>_irt`` for each of verl's modes in :data:`VERL_MODES` (``vanilla_irt``, ``sapo_irt``,
-  ``gpg_irt``, ``cispo_irt``, ``gspo_irt``, ``dro_irt``, ``dppo_tv_irt``, ``dppo_kl_irt``): verl's loss, gradient and
+  ``gpg_irt``, ``cispo_irt``, ``gspo_irt``, ``geo_mean_irt``, ``dro_irt``, ``dppo_tv_irt``,
+  ``dppo_kl_irt``): verl's loss, gradient and
   metrics from the op, reading the options verl's own mode reads (``clip_ratio``,
   ``clip_ratio_low`` / ``clip_ratio_high`` with ``clip_ratio`` as their default, ``clip_ratio_c``,
   ``tau_pos`` / ``tau_neg``, ``policy_loss.dro_beta``);
@@ -27,7 +28,8 @@ its ``_target_`` dataclass, which has no such field: point ``_target_`` at
 tensors.
 
 The ``loss_agg_mode`` argument selects the aggregation, except where verl's own mode ignores it:
-``sapo_irt`` always uses seq-mean-token-mean, as verl's ``sapo``.
+``sapo_irt`` always uses seq-mean-token-mean, as verl's ``sapo``, and ``geo_mean_irt`` the mean of
+the rows' losses over the micro-batch (``global_batch_info`` aside), as verl's ``geo_mean``.
 ``rollout_is_weights`` is passed through (token-level families scale φ and F by it, VESPO
 folds it into W). The KL-to-reference term stays verl's (``use_kl_loss``).
 
@@ -39,6 +41,7 @@ of the op under ``actor/irt/<name>``, as Python floats read with a single device
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from verl.trainer.ppo.core_algos import register_policy_loss
@@ -87,18 +90,28 @@ def _dppo(divergence):
     return options
 
 
-#: verl's loss mode → (our loss_type, the family parameters verl's mode reads from the actor
-#: config, the aggregation it always uses or None for the ``loss_agg_mode`` argument); each is
-#: registered as ``<mode>_irt``
+class Mode(NamedTuple):
+    """A registered loss: our ``loss_type``, the family parameters it reads from verl's actor
+    config, the aggregation verl's mode always uses (None: the ``loss_agg_mode`` argument) and
+    whether that is a mean over the micro-batch's rows whatever ``global_batch_info`` says."""
+
+    loss_type: str
+    options: Callable = _no_options
+    loss_agg_mode: Optional[str] = None
+    local_rows: bool = False
+
+
+#: verl's loss mode → how the op computes it; each is registered as ``<mode>_irt``
 VERL_MODES = {
-    "vanilla": ("ppo_clip", _vanilla, None),
-    "sapo": ("sapo", _sapo, "seq-mean-token-mean"),
-    "gpg": ("gpg", _no_options, None),
-    "cispo": ("cispo", _cispo, None),
-    "gspo": ("gspo", _cispo, None),
-    "dro": ("dro", _dro, None),
-    "dppo_tv": ("dppo", _dppo("tv"), None),
-    "dppo_kl": ("dppo", _dppo("kl"), None),
+    "vanilla": Mode("ppo_clip", _vanilla),
+    "sapo": Mode("sapo", _sapo, "seq-mean-token-mean"),
+    "gpg": Mode("gpg"),
+    "cispo": Mode("cispo", _cispo),
+    "gspo": Mode("gspo", _cispo),
+    "geo_mean": Mode("gmpo", _cispo, "seq-mean-token-mean", local_rows=True),  # verl: torch.mean over rows
+    "dro": Mode("dro", _dro),
+    "dppo_tv": Mode("dppo", _dppo("tv")),
+    "dppo_kl": Mode("dppo", _dppo("kl")),
 }
 #: our families that verl lacks, by the name registered with verl (and ppo_clip_irt = vanilla_irt)
 VERL_NAMES = {
@@ -110,9 +123,9 @@ VERL_NAMES = {
     "vespo": "vespo_irt",
 }
 _OPTIONS = {"ppo_clip": _vanilla, "sapo": _sapo}  # the options of our families verl also configures
-#: every registered name → (loss_type, config reader, fixed aggregation or None)
+#: every registered name → its Mode
 REGISTERED = {**{f"{mode}_irt": entry for mode, entry in VERL_MODES.items()},
-              **{name: (lt, _OPTIONS.get(lt, _no_options), None) for lt, name in VERL_NAMES.items()}}
+              **{name: Mode(lt, _OPTIONS.get(lt, _no_options)) for lt, name in VERL_NAMES.items()}}
 #: verl's metric name for our metric (0 where the family has none)
 VERL_METRICS = {"actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "ppo_kl",
                 "actor/pg_clipfrac_lower": "clipfrac_lower"}
@@ -133,7 +146,7 @@ def _section(config, key):
 def family_params(name: str, config) -> dict:
     """Family parameters of the registered loss ``name`` read from verl's actor ``config``:
     the options its verl mode reads, then ``policy_loss.irt``."""
-    params = REGISTERED[name][1](config)
+    params = REGISTERED[name].options(config)
     irt = _section(_section(config, "policy_loss"), "irt")
     params.update({str(k): v for k, v in dict(irt).items()})
     return params
@@ -172,21 +185,23 @@ def verl_metrics(metrics: dict) -> dict:
 def make_policy_loss_fn(name: str):
     """verl's policy-loss signature around :func:`isreshape_triton.policy_loss` for the
     registered loss ``name``."""
-    loss_type, _, fixed_agg = REGISTERED[name]
+    mode = REGISTERED[name]
 
     def policy_loss_fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
                        config=None, rollout_is_weights=None):
         if config is None:
             raise ValueError(f"policy loss {name!r} needs verl's actor config (config=None)")
         extra = {} if rollout_is_weights is None else {"rollout_is_weights": rollout_is_weights}
-        loss, metrics = api.policy_loss(log_prob, old_log_prob, advantages, response_mask, loss_type,
-                                        fixed_agg or loss_agg_mode, **aggregation_options(config, log_prob.device),
+        agg = ({"global_batch_size": log_prob.shape[0]} if mode.local_rows
+               else aggregation_options(config, log_prob.device))
+        loss, metrics = api.policy_loss(log_prob, old_log_prob, advantages, response_mask, mode.loss_type,
+                                        mode.loss_agg_mode or loss_agg_mode, **agg,
                                         **family_params(name, config), **extra)
         return loss, verl_metrics(metrics)
 
     policy_loss_fn.__name__ = policy_loss_fn.__qualname__ = f"compute_policy_loss_{name}"
     policy_loss_fn.__doc__ = (f"verl policy loss {name!r}: isreshape_triton.policy_loss(loss_type="
-                              f"{loss_type!r}) with the options of verl's actor config.")
+                              f"{mode.loss_type!r}) with the options of verl's actor config.")
     return policy_loss_fn
 
 
