@@ -46,7 +46,9 @@ family extras
                    row values); p_case1..p_case4: means of p1..p4
   ppo_clip         clipfrac: mean of [−A·clip(w) > −A·w];
                    clipfrac_lower: mean of [A < 0 and max(−A·w, −A·clip(w)) > −A·c]
-                   (0 when clip_ratio_c is None)
+                   (0 when clip_ratio_c is None);
+                   low_clipped, high_clipped: means of [w' < 1−ε_low and A < 0] and
+                   [w' > 1+ε_high and A > 0] (w' = min(w, δ)), TRL's clip ratios
   other families   their ``extra_metrics``, each defined in its module (families/<name>.py)
 
 gamma="psis" (is_reshape, is_reshape_var; is_reshape_sign per group)

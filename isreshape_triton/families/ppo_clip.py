@@ -33,7 +33,8 @@ class PPOClipParams(Options):
 def ppo_clip(ell, adv, *, params):
     """φ = A·w where the unclipped branch is the active one and w ≤ δ, else 0. Branches are
     picked with torch.where on detached values (ties go to the unclipped branch), so autograd
-    gives exactly that φ. Extras: clipfrac, clipfrac_lower (the dual clip active)."""
+    gives exactly that φ. Extras: clipfrac, clipfrac_lower (the dual clip active), low_clipped
+    (w' < 1−ε_low with A < 0) and high_clipped (w' > 1+ε_high with A > 0), TRL's clip ratios."""
     p = params
     w = torch.exp(ell)
     wd = w.detach()
@@ -49,8 +50,11 @@ def ppo_clip(ell, adv, *, params):
     else:
         dual = torch.zeros_like(take_unclipped)
     phi = torch.where(take_unclipped & ~dual & (wd == capped.detach()), adv * wd, 0.0)
+    cd = capped.detach()
     extras = {"clipfrac": (clipped.detach() > unclipped.detach()).to(ell.dtype),
-              "clipfrac_lower": dual.to(ell.dtype)}
+              "clipfrac_lower": dual.to(ell.dtype),
+              "low_clipped": ((cd < 1.0 - p.clip_ratio_low) & (adv < 0)).to(ell.dtype),
+              "high_clipped": ((cd > 1.0 + p.clip_ratio_high) & (adv > 0)).to(ell.dtype)}
     return TokenTerms(phi, -loss, ones_like(ell), extras)
 
 
@@ -61,4 +65,5 @@ def kernel(p) -> KernelFamily:
                                p.delta if delta else 0.0), opt=int(dual) + 2 * int(delta))
 
 
-FAMILY = Family("ppo_clip", PPOClipParams, ppo_clip, kernel, extra_metrics=("clipfrac", "clipfrac_lower"))
+FAMILY = Family("ppo_clip", PPOClipParams, ppo_clip, kernel,
+                extra_metrics=("clipfrac", "clipfrac_lower", "low_clipped", "high_clipped"))

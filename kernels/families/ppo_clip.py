@@ -9,7 +9,8 @@ from ..common import clamp_nan, max_nan
 def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
     """loss = max(−A·w', −A·clip(w, 1−ε_low, 1+ε_high)) with w' = min(w, δ) (DELTA, else w' = w);
     for A<0 with the dual clip (DUAL_CLIP) min(that, −A·c). φ = A·w where the unclipped branch
-    is active and w' = w. Extras: clipped, clipped by the dual clip. OPT = DUAL_CLIP + 2·DELTA."""
+    is active and w' = w. Extras: clipped, clipped by the dual clip, w' below 1−ε_low with A < 0,
+    w' above 1+ε_high with A > 0. OPT = DUAL_CLIP + 2·DELTA."""
     DUAL_CLIP: tl.constexpr = OPT % 2 == 1
     DELTA: tl.constexpr = OPT // 2 == 1
     eps_low, eps_high, dual_c, delta = params
@@ -32,4 +33,6 @@ def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
         dual = tl.where(dual_on, 1.0, 0.0).to(ell.dtype)
     phi = tl.where(active, A * w, 0.0)
     clipped = tl.where(l2 > l1, 1.0, 0.0).to(ell.dtype)
-    return phi, -loss, 1.0 + zero, (clipped, dual, zero, zero, zero)
+    low = tl.where((capped < 1.0 - eps_low) & (A < 0.0), 1.0, 0.0).to(ell.dtype)
+    high = tl.where((capped > 1.0 + eps_high) & (A > 0.0), 1.0, 0.0).to(ell.dtype)
+    return phi, -loss, 1.0 + zero, (clipped, dual, low, high, zero)
