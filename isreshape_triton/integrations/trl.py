@@ -67,6 +67,10 @@ TRL_LOSS_TYPES = {
     "vespo": ("vespo", "token-mean"),
 }
 SEQUENCE_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # TRL's sequence ratio: gspo
+#: TRL's token-level metric → the sum of our family's metrics it is (token means over all processes)
+TRL_METRICS = {"ppo_clip": {"clip_ratio/low_mean": ("low_clipped",), "clip_ratio/high_mean": ("high_clipped",),
+                            "clip_ratio/region_mean": ("low_clipped", "high_clipped")},
+               "cispo": {"cispo_clip_ratio": ("clipfrac_upper",)}}
 _MM_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
             "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
@@ -163,8 +167,10 @@ class IRTGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` whose policy loss is :func:`grpo_policy_loss`.
 
     ``irt_loss_type``: our family for the per-token loss (default: the one of TRL's
-    ``loss_type``); ``irt_params``: its parameters. Metrics: TRL's ``entropy`` and the
-    op's metrics as ``irt/<name>`` (means over processes), one host read per step.
+    ``loss_type``); ``irt_params``: its parameters. Metrics: TRL's ``entropy``, TRL's token-level
+    clip ratios (:data:`TRL_METRICS`; not TRL's per-sequence ``clip_ratio/low_min`` and
+    ``high_max``) and the op's metrics as ``irt/<name>`` (means over processes), one host read
+    per step.
     """
 
     def __init__(self, *args, irt_loss_type=None, irt_params=None, **kwargs):
@@ -221,9 +227,15 @@ class IRTGRPOTrainer(GRPOTrainer):
 
     def _log_irt_metrics(self, mode, entropies, mask, metrics):
         m = mask.to(entropies.dtype)
+        trl = {} if self.importance_sampling_level != "token" else TRL_METRICS.get(self.irt_loss_type, {})
+        n = metrics["token_count"].detach().to(entropies.dtype)
         local = torch.stack([(entropies.detach() * m).sum(), m.sum()]
-                            + [v.detach().to(entropies.dtype) for v in metrics.values()])
+                            + [v.detach().to(entropies.dtype) for v in metrics.values()]
+                            + [n * sum(metrics[k] for k in ours) for ours in trl.values()])
         total = self.accelerator.reduce(local, reduction="sum").tolist()
         self._metrics[mode]["entropy"].append(total[0] / max(total[1], 1.0))
         for name, value in zip(metrics, total[2:]):
             self._metrics[mode][f"irt/{name}"].append(value / self.accelerator.num_processes)
+        count = total[2 + list(metrics).index("token_count")]  # TRL's means are over all processes' tokens
+        for name, value in zip(trl, total[2 + len(metrics):]):
+            self._metrics[mode][name].append(value / max(count, 1.0))
