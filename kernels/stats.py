@@ -183,7 +183,10 @@ def batch_stats_kernel(
                 element = tl.where(start < a, 2 * c, 2 * c + 1)  # head / tail of the chunk
                 element = tl.where((start >= a) & (end <= b), 2 * n_chunks + s, element)  # complete row
                 s_all, s_pos, s_neg, s_frame = _summaries(all_, pos, neg, frame, scratch_ptr, SIGN_GROUPS, False, 0)
-                _store_record(rec_ptr + element.to(tl.int64) * KS, s_all, s_pos, s_neg, tl.sum(lsum), tl.sum(asum),
+                a_total = tl.zeros([], ACC)
+                if ROW_TERM is not None:  # no reduction of an empty Σa (one barrier less per piece)
+                    a_total = tl.sum(asum)
+                _store_record(rec_ptr + element.to(tl.int64) * KS, s_all, s_pos, s_neg, tl.sum(lsum), a_total,
                               a_first, s_frame, grid_a, grid_b, SIGN_GROUPS, ESS_EXACT, G)
             p = e
     if not ROW_STATS:
