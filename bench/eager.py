@@ -273,6 +273,46 @@ def dppo(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode="token
                      "pg_clipfrac_lower": pg_clipfrac_lower.item()}
 
 
+def gspo(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+         clip_ratio_low=3e-4, clip_ratio_high=4e-4):
+    """verl's compute_policy_loss_gspo."""
+    mask = response_mask.float()
+    negative_approx_kl = log_prob.float() - old_log_prob.float()
+    seq_lengths = torch.sum(mask, dim=-1).clamp(min=1)
+    negative_approx_kl_seq = torch.sum(negative_approx_kl * mask, dim=-1) / seq_lengths
+    lp = log_prob.float()
+    log_seq_importance_ratio = lp - lp.detach() + negative_approx_kl_seq.detach().unsqueeze(-1)
+    seq_importance_ratio = torch.exp(torch.clamp(log_seq_importance_ratio, max=10.0))
+    pg_losses1 = -advantages * seq_importance_ratio
+    pg_losses2 = -advantages * torch.clamp(seq_importance_ratio, 1 - clip_ratio_low, 1 + clip_ratio_high)
+    pg_losses = torch.maximum(pg_losses1, pg_losses2)
+    pg_loss = agg_loss(pg_losses, mask, loss_agg_mode)
+    pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses1).float(), mask)
+    ppo_kl = masked_mean(-negative_approx_kl, mask)
+    return pg_loss, {"pg_clipfrac": pg_clipfrac.item(), "ppo_kl": ppo_kl.item(), "pg_clipfrac_lower": 0.0}
+
+
+def gmpo(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+         clip_ratio_low=0.4, clip_ratio_high=0.4):
+    """verl's compute_policy_loss_geo_mean."""
+    mask = response_mask.float()
+    negative_approx_kl = log_prob.float() - old_log_prob.float()
+    ppo_kl = masked_mean(-negative_approx_kl, mask)
+    sgn_advantage = torch.sign(advantages)
+    negative_approx_kl_clamp = torch.clamp(negative_approx_kl, -clip_ratio_low, clip_ratio_high)
+    negative_approx_kl_min = torch.min(sgn_advantage * negative_approx_kl, sgn_advantage * negative_approx_kl_clamp)
+    negative_approx_kl_min = sgn_advantage * negative_approx_kl_min
+    response_mask_sum = mask.sum(dim=-1)
+    ratio = torch.exp((negative_approx_kl_min * mask).sum(dim=-1) / (response_mask_sum + 1e-8))
+    advantage = (advantages * mask).sum(dim=-1) / (response_mask_sum + 1e-8)
+    pg_loss = torch.mean(-advantage * ratio)
+    clipped = torch.ne(negative_approx_kl, negative_approx_kl_clamp)
+    pg_clipfrac = masked_mean((clipped * (advantages > 0)).float(), mask)
+    pg_clipfrac_lower = masked_mean((clipped * (advantages < 0)).float(), mask)
+    return pg_loss, {"pg_clipfrac": pg_clipfrac.item(), "ppo_kl": ppo_kl.item(),
+                     "pg_clipfrac_lower": pg_clipfrac_lower.item()}
+
+
 EAGER = {fn.__name__: _fp32_advantages(fn)
          for fn in (is_reshape, is_reshape_sign, is_reshape_tr, is_reshape_var, ppo_clip, sapo, vespo, gpg, cispo,
-                    dro, dppo)}
+                    dro, dppo, gspo, gmpo)}
