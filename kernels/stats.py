@@ -183,10 +183,11 @@ def batch_stats_kernel(
                 element = tl.where(start < a, 2 * c, 2 * c + 1)  # head / tail of the chunk
                 element = tl.where((start >= a) & (end <= b), 2 * n_chunks + s, element)  # complete row
                 s_all, s_pos, s_neg, s_frame = _summaries(all_, pos, neg, frame, scratch_ptr, SIGN_GROUPS, False, 0)
-                a_total = tl.zeros([], ACC)
-                if ROW_TERM is not None:  # no reduction of an empty Σa (one barrier less per piece)
-                    a_total = tl.sum(asum)
-                _store_record(rec_ptr + element.to(tl.int64) * KS, s_all, s_pos, s_neg, tl.sum(lsum), a_total,
+                if ROW_TERM is not None:  # Σz and Σa in one reduction
+                    z_total, a_total = tl.split(tl.sum(tl.join(lsum, asum), axis=0))
+                else:  # no reduction of an empty Σa
+                    z_total, a_total = tl.sum(lsum), tl.zeros([], ACC)
+                _store_record(rec_ptr + element.to(tl.int64) * KS, s_all, s_pos, s_neg, z_total, a_total,
                               a_first, s_frame, grid_a, grid_b, SIGN_GROUPS, ESS_EXACT, G)
             p = e
     if not ROW_STATS:
