@@ -16,6 +16,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import isreshape_triton as irt
+from isreshape_triton.families import kernel_family
 from isreshape_triton.params import AGG_MODES, LOSS_TYPES, AggConfig, make_params
 
 from _cases import FAMILY_CONFIGS
@@ -403,22 +404,16 @@ def test_fp8_mask_counts_nonzero(fp8):
 
 # ============================================================================ fuzz
 MASK_KINDS = ("bool", "int", "float", "fp8", "none")
-STAT_FREE = ("is_reshape_tr", "ppo_clip", "sapo")
-
-
-SIGN_KEYED = ("is_reshape_sign", "vespo")
+SIGN_KEYED = ("is_reshape_sign", "vespo", "gmpo")  # A enters their statistics (groups, a row's first A or ΣA)
 
 
 def _locality(loss_type, opts):
-    """'token': a token's φ depends on that token only; 'row': on its row; 'batch'."""
-    rule = opts.get("gamma", "ess")
-    if loss_type in STAT_FREE or (loss_type in ("is_reshape", "is_reshape_var") and not isinstance(rule, str)):
+    """'token': a token's φ depends on that token only (no statistics); 'row': on its row (per-row
+    statistics); 'batch'."""
+    fam = kernel_family(loss_type, irt.make_params(loss_type, **opts))
+    if not (fam.needs_stats or fam.psis):
         return "token"
-    if loss_type == "is_reshape_sign" and "gamma_pos" in opts and "gamma_neg" in opts:
-        return "token"
-    if loss_type == "vespo" or opts.get("gamma_granularity") == "sequence":
-        return "row"
-    return "batch"
+    return "row" if fam.per_row else "batch"
 
 
 @settings(max_examples=150)
