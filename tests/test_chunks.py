@@ -12,6 +12,7 @@ import torch
 
 import isreshape_triton as irt
 from isreshape_triton import launch
+from isreshape_triton.families import kernel_family
 from isreshape_triton.inputs import prepare_inputs
 from isreshape_triton.inputs import Inputs
 
@@ -73,6 +74,15 @@ def test_packed_matches_padded_reference(case, poisoned_outputs, monkeypatch):
                             rtol=2e-3 if seq_exact else None, syncs=int(psis_rows))
 
 
+def _merges_statistics(loss_type, opts) -> bool:
+    fam = kernel_family(loss_type, irt.make_params(loss_type, **opts))
+    return fam.needs_stats or fam.psis
+
+
+# the configurations whose context merges records across chunks and programs, and one without
+LONG_ROW_FAMILIES = [c for c in sampled(2) if _merges_statistics(*c)] + [("ppo_clip", {})]
+
+
 def test_one_long_row_spans_many_chunks_and_programs(monkeypatch):
     """R = 1: 19 chunks of 16 tokens on 3 programs; the same bits on every repeat."""
     monkeypatch.setattr(launch, "TILING", SMALL_TILING)
@@ -81,7 +91,7 @@ def test_one_long_row_spans_many_chunks_and_programs(monkeypatch):
     olp = lp + 0.5 * torch.randn(1, 300, generator=g)
     adv = torch.randn(1, 300, generator=g)
     mask = torch.rand(1, 300, generator=g) > 0.1
-    for loss_type, opts in sampled(2):
+    for loss_type, opts in LONG_ROW_FAMILIES:
         for agg in ("token-mean", "seq-mean-token-mean"):
             first = check_against_reference(lp, olp, adv, mask, loss_type, agg, opts,
                                             rtol=2e-3 if opts.get("gamma") == "ess_exact" else None)
