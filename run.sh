@@ -5,23 +5,37 @@
 #   ./run.sh test [pytest options]    the test suite on the newest Triton; with no options it then
 #                                     runs the oldest-Triton suite too (./run.sh test-oldest)
 #   ./run.sh test-oldest [options]    kernel parity, from-logits, sampling and the sm_90 compile
-#                                     on the oldest declared Triton, in its own virtualenv
+#                                     on the oldest declared Triton (installed in $OLDEST_DIR and put
+#                                     first on PYTHONPATH over the test virtualenv: one torch on disk)
 #   ./run.sh gpu-check [options]      python -m bench.gpu_check: correctness and timings on CUDA
 #   ./run.sh rl-demo [options]        the end-to-end off-policy RL demo (python -m bench.demo_rl)
-# Virtualenvs: $VENV (default .venv) and $VENV_OLDEST (default .venv-oldest-triton), created or
-# reused. PYTHON=python3 ./run.sh ... runs with that interpreter as it is and installs nothing
+# The virtualenv $VENV (default .venv) is created or reused; pip keeps no cache
+# (PIP_NO_CACHE_DIR=1 unless set): CI machines can be short of disk. PYTHON=python3 ./run.sh ... runs with that interpreter as it is and installs nothing
 # (a CUDA machine with torch and Triton preinstalled and no network).
 # `pip install torch==2.13.0` takes a local CPU build of torch where the machine has one.
 set -euo pipefail
+shopt -s inherit_errexit   # a failure inside $(...) stops the script too
 cd "$(dirname "$0")"
 VENV="${VENV:-.venv}"
-VENV_OLDEST="${VENV_OLDEST:-.venv-oldest-triton}"
+OLDEST_DIR="${OLDEST_DIR:-.triton-oldest}"
 OLDEST_TRITON=3.5.0        # the lower bound of setup.py's triton window (kernels/compat.py)
 OLDEST_NUMPY="numpy<2.4"   # Triton <= 3.6's interpreter fails under numpy 2.4
+export PIP_NO_CACHE_DIR="${PIP_NO_CACHE_DIR:-1}"
 say() { printf '[run.sh] %s\n' "$*" >&2; }
+die() { say "error: $*"; say "free disk here: $(df -h . | tail -1)"; exit 1; }
+
+new_venv() {  # new_venv DIR: a virtualenv whose pip imports (a half-written one is removed, tried again once)
+  local try
+  for try in 1 2; do
+    say "creating the virtualenv $1"
+    python3 -m venv "$1" && "$1/bin/python" -m pip --version >/dev/null 2>&1 && return 0
+    rm -rf "$1"
+  done
+  die "could not create a virtualenv with a working pip in $1"
+}
 
 venv() {  # venv DIR: create DIR (if needed) with torch in it; prints its python
-  [ -x "$1/bin/python" ] || { say "creating the virtualenv $1"; python3 -m venv "$1"; }
+  [ -x "$1/bin/python" ] || new_venv "$1"
   "$1/bin/python" -c "import torch" 2>/dev/null || {
     say "$1: installing torch==2.13.0 (a CPU build where the machine has one)"
     "$1/bin/python" -m pip install -q torch==2.13.0 >&2; }
@@ -57,19 +71,23 @@ sys.exit(any(have.get(norm(n)) != v for n, v in (p.split("==") for p in pins if 
 PYCHECK
 }
 
+# The oldest Triton (and a numpy its interpreter runs under) in $OLDEST_DIR, first on
+# PYTHONPATH: the test virtualenv's torch, packages and this checkout, with Triton $OLDEST_TRITON.
 oldest_env() {
-  PY=$(venv "$VENV_OLDEST")
-  "$PY" -c "import triton, sys; sys.exit(triton.__version__ != '$OLDEST_TRITON')" 2>/dev/null \
-    || pip_install "$PY" "triton==$OLDEST_TRITON" "$OLDEST_NUMPY" pytest hypothesis scipy
-  "$PY" -c "import liger_kernel" 2>/dev/null || pip_install "$PY" --no-deps liger-kernel==0.8.5
-  "$PY" -m pip show -q isreshape-triton >/dev/null 2>&1 || pip_install "$PY" --no-deps -e .
+  [ -n "${PY:-}" ] || test_env
+  export PYTHONPATH="$PWD/$OLDEST_DIR${PYTHONPATH:+:$PYTHONPATH}"
+  "$PY" -c "import triton, sys; sys.exit(triton.__version__ != '$OLDEST_TRITON')" 2>/dev/null || {
+    rm -rf "$OLDEST_DIR"
+    pip_install "$PY" --no-deps --target "$OLDEST_DIR" "triton==$OLDEST_TRITON" "$OLDEST_NUMPY"; }
+  "$PY" -c "import triton, sys; sys.exit(triton.__version__ != '$OLDEST_TRITON')" \
+    || die "$OLDEST_DIR does not give triton $OLDEST_TRITON"
 }
 
 # What CI runs on the oldest Triton (tests/oldest_triton.txt): pairwise kernel parity,
 # from-logits, optimal sampling and the sm_90 compile of the representative specializations.
 run_oldest() {
   oldest_env
-  say "the oldest-Triton suite (triton $OLDEST_TRITON) in $VENV_OLDEST"
+  say "the oldest-Triton suite (triton $OLDEST_TRITON from $OLDEST_DIR)"
   mapfile -t selection < <(grep -v '^\s*#' tests/oldest_triton.txt | grep -v '^\s*$')
   "$PY" -m pytest "${selection[@]}" "$@"
 }
