@@ -19,6 +19,7 @@ import torch
 from ..family import Family, KernelFamily, floats
 from ..options import Options, set_real
 from ..reference.shared import TokenTerms, const, ones_like
+from .ppo_clip import clipped_branches
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,7 @@ def gspo(ell, adv, *, log_s, params):
     p = params
     s = torch.exp(torch.clamp(const(log_s, ell) + ell - ell.detach(), max=p.log_ratio_max))
     sd = s.detach()
-    capped = s if p.delta is None else torch.where(sd <= p.delta, s, const(p.delta, ell))
-    unclipped = -adv * capped
-    clipped = -adv * torch.clamp(s, 1.0 - p.clip_ratio_low, 1.0 + p.clip_ratio_high)
+    capped, unclipped, clipped = clipped_branches(s, adv, p)
     take_unclipped = (unclipped.detach() >= clipped.detach()) | torch.isnan(sd)
     loss = torch.where(take_unclipped, unclipped, clipped)
     passes = (const(log_s, ell) <= p.log_ratio_max) & (sd == capped.detach())

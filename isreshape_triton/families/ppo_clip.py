@@ -30,6 +30,14 @@ class PPOClipParams(Options):
         set_real(self, "delta", optional=True, lo=0.0, lo_open=True)
 
 
+def clipped_branches(ratio, adv, p):
+    """(w', −A·w', −A·clip(w, 1−ε_low, 1+ε_high)) for the ratio w, w' = min(w, δ) with ``p.delta``
+    (δ a constant, so w' has no gradient above δ), else w' = w."""
+    rd = ratio.detach()
+    capped = ratio if p.delta is None else torch.where(rd <= p.delta, ratio, const(p.delta, ratio))
+    return capped, -adv * capped, -adv * torch.clamp(ratio, 1.0 - p.clip_ratio_low, 1.0 + p.clip_ratio_high)
+
+
 def ppo_clip(ell, adv, *, params):
     """φ = A·w where the unclipped branch is the active one and w ≤ δ, else 0. Branches are
     picked with torch.where on detached values (ties go to the unclipped branch), so autograd
@@ -38,9 +46,7 @@ def ppo_clip(ell, adv, *, params):
     p = params
     w = torch.exp(ell)
     wd = w.detach()
-    capped = w if p.delta is None else torch.where(wd <= p.delta, w, const(p.delta, ell))
-    unclipped = -adv * capped
-    clipped = -adv * torch.clamp(w, 1.0 - p.clip_ratio_low, 1.0 + p.clip_ratio_high)
+    capped, unclipped, clipped = clipped_branches(w, adv, p)
     take_unclipped = unclipped.detach() >= clipped.detach()
     loss = torch.where(take_unclipped, unclipped, clipped)
     if p.clip_ratio_c is not None:

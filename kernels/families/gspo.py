@@ -2,7 +2,8 @@
 import triton
 import triton.language as tl
 
-from ..common import clamp_nan, max_nan, min_nan
+from ..common import min_nan
+from .ppo_clip import clipped_surrogate
 
 
 @triton.jit
@@ -19,16 +20,12 @@ def row_weight(row, clamp, params):
 def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
     """loss = max(−A·s', −A·clip(s, 1−ε_low, 1+ε_high)), s' = min(s, δ) (OPT = 1) or s;
     φ = A·s·g where the unclipped branch is active and s' = s. Extra: the clipped branch is larger."""
+    DELTA: tl.constexpr = OPT == 1
     eps_low, eps_high, log_max, delta = params
     s, g = ctx
     zero = tl.zeros_like(ell)
     s = s + zero
-    capped = s
-    if OPT == 1:
-        capped = tl.where(s > delta, delta, s)
-    l1 = -A * capped
-    l2 = -A * clamp_nan(s, 1.0 - eps_low, 1.0 + eps_high)
-    loss = max_nan(l1, l2)
+    loss, l1, l2, capped = clipped_surrogate(A, s, eps_low, eps_high, delta, DELTA)
     active = ((l1 >= l2) & (capped == s)) | (s != s)  # a NaN ratio keeps its (NaN) gradient
     phi = tl.where(active, A * s * g, 0.0)
     clipped = tl.where(l2 > l1, 1.0, 0.0).to(ell.dtype)

@@ -6,6 +6,18 @@ from ..common import clamp_nan, max_nan
 
 
 @triton.jit
+def clipped_surrogate(A, w, eps_low, eps_high, delta, DELTA: tl.constexpr):
+    """PPO's clipped surrogate on the ratio w: (loss, l1, l2, w') with w' = min(w, δ) (DELTA, else
+    w), l1 = −A·w', l2 = −A·clip(w, 1−ε_low, 1+ε_high) and loss = max(l1, l2) (NaN if either is)."""
+    capped = w
+    if DELTA:
+        capped = tl.where(w > delta, delta, w)
+    l1 = -A * capped
+    l2 = -A * clamp_nan(w, 1.0 - eps_low, 1.0 + eps_high)
+    return max_nan(l1, l2), l1, l2, capped
+
+
+@triton.jit
 def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
     """loss = max(−A·w', −A·clip(w, 1−ε_low, 1+ε_high)) with w' = min(w, δ) (DELTA, else w' = w);
     for A<0 with the dual clip (DUAL_CLIP) min(that, −A·c). φ = A·w where the unclipped branch
@@ -15,12 +27,7 @@ def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
     DELTA: tl.constexpr = OPT // 2 == 1
     eps_low, eps_high, dual_c, delta = params
     zero = tl.zeros_like(ell)
-    capped = w
-    if DELTA:
-        capped = tl.where(w > delta, delta, w)
-    l1 = -A * capped
-    l2 = -A * clamp_nan(w, 1.0 - eps_low, 1.0 + eps_high)
-    loss = max_nan(l1, l2)
+    loss, l1, l2, capped = clipped_surrogate(A, w, eps_low, eps_high, delta, DELTA)
     active = (l1 >= l2) | (loss != loss)  # a NaN token keeps its (NaN) gradient
     if DELTA:
         active = active & (capped == w)
