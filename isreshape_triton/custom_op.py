@@ -23,7 +23,7 @@ from .inputs import Inputs
 from .kernels import layout
 from .launch import SEQ_AGG_MODES, acc_dtype, backward_launch, geometry, plan_launches
 from .options import as_number
-from .params import KL_CORRECTIONS, KL_TYPES, AggConfig, KLConfig
+from .params import AggConfig, KLConfig
 
 # The fused op as two PyTorch custom ops (torch.library), so that torch.compile (no graph
 # break), torch.func and CUDA graphs see one opaque op with a fake implementation (output
@@ -39,7 +39,6 @@ _CONFIG_INTS = ("family", "opt", "gamma_mode", "gamma_rule", "needs_stats", "per
 _CONFIG_FLOATS = ("clamp", "rho_min", "fixed_a", "fixed_b", "range_a_lo", "range_a_hi", "range_b_lo",
                   "range_b_hi", "global_token_count", "global_batch_size", "loss_scale_factor",
                   "kl_coef")  # + params
-_KL_NAMES = {code: name for name, code in reversed(KL_TYPES.items())}  # a code's first name (bits 0-3)
 
 
 def encode_config(fam: KernelFamily, agg: AggConfig, kl: KLConfig, clamp: float, write_grad: bool) -> tuple:
@@ -84,7 +83,7 @@ def decode_config(loss_agg_mode: str, ints, floats, global_token_count=None, glo
                                                           "loss_scale_factor"))
     agg = AggConfig(loss_agg_mode, i["dp_size"], global_token_count if global_token_count is not None else gtc,
                     global_batch_size if global_batch_size is not None else gbs, lsf)
-    kl = KLConfig(f["kl_coef"], _KL_NAMES[i["kl_type"] % 16], KL_CORRECTIONS[i["kl_type"] // 16])
+    kl = KLConfig.from_code(f["kl_coef"], i["kl_type"])
     return fam, agg, kl, f["clamp"], bool(i["write_grad"])
 
 

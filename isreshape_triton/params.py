@@ -35,6 +35,7 @@ KL_TYPES = {"kl": 1, "k1": 1, "abs": 2, "mse": 3, "k2": 3, "low_var_kl": 4, "k3"
 # how the KL term is corrected for off-policy tokens (kernels/kl.py: KL_RATIO, KL_UNBIASED):
 # "ratio", TRL's use_bias_correction_kl (k·w); "unbiased", OpenRLHF's unbiased_gradient
 KL_CORRECTIONS = (None, "ratio", "unbiased")
+_KL_NAMES = {code: name for name, code in reversed(KL_TYPES.items())}  # a type code's first name
 
 PARAMS_BY_LOSS_TYPE = {name: family.params for name, family in FAMILIES.items()}
 
@@ -125,6 +126,11 @@ class KLConfig:
     def code(self) -> int:
         """The kernels' KL_TYPE: the type (bits 0-3), then 16·(the correction's index)."""
         return KL_TYPES[self.kl_type] + 16 * KL_CORRECTIONS.index(self.kl_correction)
+
+    @classmethod
+    def from_code(cls, kl_coef: float, code: int) -> "KLConfig":
+        """The config whose :attr:`code` is ``code`` (the type by its first name)."""
+        return cls(kl_coef, _KL_NAMES[code % 16], KL_CORRECTIONS[code // 16])
 
 
 def kl_config(kl_coef, kl_type, ref_log_prob, kl_correction=None) -> KLConfig:
