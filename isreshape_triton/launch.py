@@ -229,6 +229,7 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
                  HAS_ADV=x.advantages is not None,
                  HAS_MASK=x.response_mask is not None, HAS_ROLLOUT=x.rollout is not None,
                  PACKED=x.packed, KS=KS, G=G)
+    device = device_functions(fam.name)
     steps = []
     if fam.needs_stats:
         block, options = _tile(STATS_TILE_ESS_EXACT if fam.ess_exact else STATS_TILE, fp64)
@@ -238,7 +239,7 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
                             dict(**tokens, rec_ptr=stats, scratch_ptr=partial, scratch_stride=partial.stride(0),
                                  params=fam.params),
                             dict(**pass1, HAS_REF=False, SIGN_GROUPS=fam.sign_groups, ESS_EXACT=fam.ess_exact,
-                                 ROW_STATS=row_stats, ROW_TERM=getattr(device_functions(fam), "row_term", None),
+                                 ROW_STATS=row_stats, ROW_TERM=getattr(device, "row_term", None),
                                  WARPS=_lane_warps(block, options), BLOCK_T=block),
                             options))
     records = stats
@@ -266,7 +267,7 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
              dp_size=float(agg.dp_size), global_token_count=given(agg.global_token_count),
              global_batch_size=given(agg.global_batch_size),
              loss_scale_factor=given(agg.loss_scale_factor)),
-        dict(**flags, **_family_constexprs(fam), KL_TYPE=kl_type,
+        dict(**flags, **_family_constexprs(fam, device), KL_TYPE=kl_type,
              BATCH_STATS=batch_stats, ROW_STATS=row_stats, SIGN_GROUPS=fam.sign_groups,
              WRITE_GRAD=write_grad, SEQ_AGG=seq_agg,
              COUNTS_ON_DEVICE=(isinstance(agg.global_token_count, torch.Tensor)
@@ -285,15 +286,15 @@ _GAMMA_MODE_CODE = {"fixed": kg.GAMMA_FIXED.value, "ess": kg.GAMMA_ESS.value, "e
                     "psis": kg.GAMMA_GIVEN.value}
 
 
-def device_functions(fam: KernelFamily):
-    """The family's device module (``kernels/families/<name>.py``)."""
-    return importlib.import_module(f"{__package__}.kernels.families.{fam.name}")
+@functools.cache
+def device_functions(name: str):
+    """Family ``name``'s device module (``kernels/families/<name>.py``)."""
+    return importlib.import_module(f"{__package__}.kernels.families.{name}")
 
 
-def _family_constexprs(fam: KernelFamily) -> dict:
-    """The loss kernel's family constexprs: its device functions (``kernels/families/<name>.py``:
+def _family_constexprs(fam: KernelFamily, device) -> dict:
+    """The loss kernel's family constexprs: its device functions (``device``:
     ``token``, ``row_weight`` where it has one), OPT, the groups of its γ rule and its mode."""
-    device = device_functions(fam)
     groups = kg.GROUPS_NONE if fam.gamma_rule is None else kg.GROUPS_SIGN if fam.sign_groups else kg.GROUPS_ALL
     return dict(TOKEN=device.token, OPT=fam.opt, ROW_WEIGHT=device.row_weight if fam.row_weight else None,
                 ROLLOUT_IN_ROW=fam.rollout_in_row, GROUPS=groups.value, GAMMA_STATS=fam.gamma_stats,

@@ -25,6 +25,11 @@ from .options import as_number
 from .params import AggConfig, check_log_ratio_clamp, check_process_group, kl_config, make_params
 from .psis_context import psis_context
 
+#: a family's metric → its slot in the metric vector (the common ones, then its extras in order)
+_METRIC_SLOTS = {loss_type: {**layout.METRIC_SLOTS, **{name: layout.M_EXTRAS.value + k
+                                                       for k, name in enumerate(family.extra_metrics)}}
+                 for loss_type, family in FAMILIES.items()}
+
 
 def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                       loss_type="is_reshape", loss_agg_mode="token-mean", *, dp_size=1,
@@ -55,8 +60,7 @@ def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=Non
     write_grad = torch.is_grad_enabled() and x.log_prob.requires_grad
     loss, metric_vec = run_fused(x, mask, gamma, fam, agg, kl, as_number(log_ratio_clamp), write_grad,
                                  process_group)
-    slots = {**layout.METRIC_SLOTS, **{name: layout.M_EXTRAS.value + k  # the family's extra metrics
-                                       for k, name in enumerate(FAMILIES[loss_type].extra_metrics)}}
+    slots = _METRIC_SLOTS[loss_type]
     metrics = {name: extra[name] if name in extra else metric_vec[slots[name]]
                for name in metric_names(loss_type, params, kl=x.ref_log_prob is not None)}
     return loss, metrics
