@@ -70,7 +70,8 @@ def _sapo(config) -> dict:
     return {"tau_pos": config.get("tau_pos", 1.0), "tau_neg": config.get("tau_neg", 1.05)}
 
 
-def _cispo(config) -> dict:
+def _clip_pair(config) -> dict:
+    """clip_ratio_low / clip_ratio_high (each defaulting to clip_ratio), for every mode that reads only these."""
     low, high = _clip_ratios(config)
     return {"clip_ratio_low": low, "clip_ratio_high": high}
 
@@ -106,9 +107,9 @@ VERL_MODES = {
     "vanilla": Mode("ppo_clip", _vanilla),
     "sapo": Mode("sapo", _sapo, "seq-mean-token-mean"),
     "gpg": Mode("gpg"),
-    "cispo": Mode("cispo", _cispo),
-    "gspo": Mode("gspo", _cispo),
-    "geo_mean": Mode("gmpo", _cispo, "seq-mean-token-mean", local_rows=True),  # verl: torch.mean over rows
+    "cispo": Mode("cispo", _clip_pair),
+    "gspo": Mode("gspo", _clip_pair),
+    "geo_mean": Mode("gmpo", _clip_pair, "seq-mean-token-mean", local_rows=True),  # verl: torch.mean over rows
     "dro": Mode("dro", _dro),
     "dppo_tv": Mode("dppo", _dppo("tv")),
     "dppo_kl": Mode("dppo", _dppo("kl")),
