@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 NO_CUDA = "no CUDA device is visible to torch (torch.cuda.is_available() is False); use --device cpu"
 # folders that the README's commands create (ignored by git): named so that users find their output
-GENERATED = ("bench/out", "bench/results/gpu")
+GENERATED = ("bench/out", "bench/results/gpu", ".triton-oldest")  # made by run.sh or the bench
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a CUDA device")
 
