@@ -457,14 +457,15 @@ def test_fuzz_nonfinite_policy(data):
     event(f"{len(hit)} counted / {len(masked_hit)} masked injections")
 
     def injected(cells_):
+        """The injected copies and the rows that got a bad log-prob (a NaN ℓ)."""
         lp2, olp2, A2 = lp.clone(), olp.clone(), None if A_in is None else A_in.clone()
-        in_log_probs = False
+        bad_ell_rows = torch.zeros(B, 1, dtype=torch.bool)
         for c in cells_:
             where = draw(st.sampled_from(targets))
             value = draw(st.sampled_from([NAN, INF, -INF]))
             {"log_prob": lp2, "old_log_prob": olp2, "advantages": A2}[where][c] = value
-            in_log_probs |= where != "advantages"
-        return lp2, olp2, A2, in_log_probs
+            bad_ell_rows[c[0]] |= where != "advantages"
+        return lp2, olp2, A2, bad_ell_rows
 
     kw = dict(log_ratio_clamp=clamp, **opts)
     loss0, met0, g0 = run(lp, olp, A_in, mask, loss_type, agg, **kw)
@@ -484,7 +485,8 @@ def test_fuzz_nonfinite_policy(data):
         assert met3["nonfinite_tokens"].item() == 0
     if not hit:
         return
-    lp2, olp2, A2, in_log_probs = injected(hit)
+    lp2, olp2, A2, bad_ell_rows = injected(hit)
+    in_log_probs = bool(bad_ell_rows.any())
     for c in masked_hit:  # masked garbage on top
         lp2[c], olp2[c] = NAN, INF
     loss2, met2, g2 = run(lp2, olp2, A2, mask, loss_type, agg, **kw)
@@ -502,6 +504,8 @@ def test_fuzz_nonfinite_policy(data):
         keep = counted & ~bad
     elif locality == "row":
         keep = counted & ~bad.any(dim=1, keepdim=True)
+        if loss_type != "is_reshape_sign":  # a NaN ℓ reaches its row's statistic: every token of the row
+            assert torch.all(g2[counted & bad_ell_rows].isnan())
     else:
         keep = torch.zeros_like(counted)
         if loss_type != "is_reshape_sign":

@@ -45,15 +45,20 @@ def stats(ell, adv, mask, p, log_ratio_clamp, log_rollout=None):
 
 
 def gspo(ell, adv, *, log_s, params):
-    """verl's construction: s_t = exp(min(sg(log s) + ℓ − sg(ℓ), log_ratio_max)). Extras:
-    clipfrac (the clipped branch is the larger loss, verl's ``pg_clipfrac``)."""
+    """verl's construction s_t = exp(min(sg(log s) + ℓ − sg(ℓ), log_ratio_max)), written as
+    exp(min(log s, log_ratio_max))·exp(g·(ℓ − sg(ℓ))) with g = 0 above log_ratio_max, else 1: the
+    same value and gradient, and a NaN log s gives a NaN gradient on its whole row (SPEC §11;
+    a clamp's backward would give 0). Extras: clipfrac (the clipped branch is the larger loss,
+    verl's ``pg_clipfrac``)."""
     p = params
-    s = torch.exp(torch.clamp(const(log_s, ell) + ell - ell.detach(), max=p.log_ratio_max))
+    log_s = const(log_s, ell)
+    g = torch.where(log_s > p.log_ratio_max, 0.0, 1.0).to(ell.dtype)
+    s = torch.exp(torch.clamp(log_s, max=p.log_ratio_max)) * torch.exp(g * (ell - ell.detach()))
     sd = s.detach()
     capped, unclipped, clipped = clipped_branches(s, adv, p)
     take_unclipped = (unclipped.detach() >= clipped.detach()) | torch.isnan(sd)
     loss = torch.where(take_unclipped, unclipped, clipped)
-    passes = (const(log_s, ell) <= p.log_ratio_max) & (sd == capped.detach())
+    passes = (log_s <= p.log_ratio_max) & (sd == capped.detach())
     phi = torch.where(torch.isnan(sd), math.nan, torch.where(take_unclipped & passes, adv * sd, 0.0))
     return TokenTerms(phi, -loss, ones_like(ell), {"clipfrac": (clipped.detach() > unclipped.detach()).to(ell.dtype)})
 
