@@ -48,6 +48,7 @@ FAMILY_CONFIGS = [
     ("ppo_clip", {"delta": 1.3, "clip_ratio_high": 0.28}),
     ("gspo", {"clip_ratio_low": 0.05, "clip_ratio_high": 0.08, "log_ratio_max": 0.3}),
     ("gmpo", {"clip_ratio_low": 0.1, "clip_ratio_high": 0.15}),
+    ("gspo", {"clip_ratio_low": 0.1, "clip_ratio_high": 0.1, "delta": 1.05, "clip_ratio_c": 1.02}),
 ]
 
 

@@ -38,6 +38,15 @@ def clipped_branches(ratio, adv, p):
     return capped, -adv * capped, -adv * torch.clamp(ratio, 1.0 - p.clip_ratio_low, 1.0 + p.clip_ratio_high)
 
 
+def dual_clipped(loss, adv, p):
+    """The dual clip (``p.clip_ratio_c`` = c) for A < 0: (min(loss, −A·c), where it is active)."""
+    if p.clip_ratio_c is None:
+        return loss, torch.zeros_like(loss, dtype=torch.bool)
+    bound = -adv * p.clip_ratio_c
+    on = (adv < 0) & (loss.detach() > bound)
+    return torch.where(on, bound, loss), on
+
+
 def ppo_clip(ell, adv, *, params):
     """φ = A·w where the unclipped branch is the active one and w ≤ δ, else 0. Branches are
     picked with torch.where on detached values (ties go to the unclipped branch), so autograd
@@ -49,12 +58,7 @@ def ppo_clip(ell, adv, *, params):
     capped, unclipped, clipped = clipped_branches(w, adv, p)
     take_unclipped = unclipped.detach() >= clipped.detach()
     loss = torch.where(take_unclipped, unclipped, clipped)
-    if p.clip_ratio_c is not None:
-        dual_bound = -adv * p.clip_ratio_c
-        dual = (adv < 0) & (loss.detach() > dual_bound)
-        loss = torch.where(dual, dual_bound, loss)
-    else:
-        dual = torch.zeros_like(take_unclipped)
+    loss, dual = dual_clipped(loss, adv, p)
     phi = torch.where(take_unclipped & ~dual & (wd == capped.detach()), adv * wd, 0.0)
     cd = capped.detach()
     extras = {"clipfrac": (clipped.detach() > unclipped.detach()).to(ell.dtype),

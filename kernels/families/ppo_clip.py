@@ -18,6 +18,14 @@ def clipped_surrogate(A, w, eps_low, eps_high, delta, DELTA: tl.constexpr):
 
 
 @triton.jit
+def dual_clipped(loss, A, dual_c):
+    """The dual clip for A < 0: (min(loss, −A·c), where it is active)."""
+    l3 = -A * dual_c
+    on = (A < 0.0) & (loss > l3)
+    return tl.where(on, l3, loss), on
+
+
+@triton.jit
 def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
     """loss = max(−A·w', −A·clip(w, 1−ε_low, 1+ε_high)) with w' = min(w, δ) (DELTA, else w' = w);
     for A<0 with the dual clip (DUAL_CLIP) min(that, −A·c). φ = A·w where the unclipped branch
@@ -33,9 +41,7 @@ def token(ell, w, A, lp, olp, ctx, params, OPT: tl.constexpr):
         active = active & (capped == w)
     dual = zero
     if DUAL_CLIP:
-        l3 = -A * dual_c
-        dual_on = (A < 0.0) & (loss > l3)
-        loss = tl.where(dual_on, l3, loss)
+        loss, dual_on = dual_clipped(loss, A, dual_c)
         active = active & (~dual_on)
         dual = tl.where(dual_on, 1.0, 0.0).to(ell.dtype)
     phi = tl.where(active, A * w, 0.0)
