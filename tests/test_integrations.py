@@ -473,6 +473,7 @@ OPENRLHF_GSPO = [
     ({"policy_loss_type": "gspo", "clip_eps_low": 0.02, "clip_eps_high": 0.03}, {"dp_size": 2}),
     ({"policy_loss_type": "gspo", "clip_eps_low": 0.02, "clip_eps_high": 0.03, "is_correction_level": "token"},
      {"global_batch_size": torch.tensor(7.0)}),
+    ({"policy_loss_type": "gspo", "clip_eps_low": 0.02, "clip_eps_high": 0.03, "dual_clip": 1.5}, {}),
 ]
 
 
@@ -543,5 +544,5 @@ def test_openrlhf_readme_snippet():
     assert "gamma" in actor_loss_fn.metrics
     with pytest.raises(ValueError, match="policy_loss_type"):
         PolicyLoss(policy_loss_type="cispo")
-    with pytest.raises(ValueError, match="dual_clip"):
-        PolicyLoss(policy_loss_type="gspo", dual_clip=3.0)
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        PolicyLoss(policy_loss_type="gspo", dual_clip=1.0)  # OpenRLHF: dual_clip > 1

@@ -27,7 +27,7 @@ no correction weight, as OpenRLHF), at the sequence level (seq-mean-token-mean),
 ``clip_eps_low/high``; OpenRLHF's GRPO advantages are one per sequence, where the token form is
 OpenRLHF's loss and gradient (with per-token advantages OpenRLHF mixes them across the
 sequence). Its log s is clamped at 10 as verl's (OpenRLHF does not clamp); ``dual_clip`` is
-refused with it.
+gspo's ``clip_ratio_c``, as for ppo.
 """
 from __future__ import annotations
 
@@ -57,10 +57,7 @@ class PolicyLoss(torch.nn.Module):
             raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo' (other families: loss_type=), "
                              f"got {policy_loss_type!r}")
         if policy_loss_type == "gspo":
-            if dual_clip is not None:
-                raise ValueError("dual_clip is not an option of policy_loss_type='gspo' for the op")
             loss_type, token_level_loss = "gspo", False
-            params = {"clip_ratio_low": clip_eps_low, "clip_ratio_high": clip_eps_high, **params}
         if is_correction_level not in ("off", "token", "seq"):
             raise ValueError(f"is_correction_level must be off/token/seq, got {is_correction_level!r}")
         if is_correction_mode not in ("mask", "clip"):
@@ -70,7 +67,7 @@ class PolicyLoss(torch.nn.Module):
         if is_correction_mode == "clip" and (is_correction_level == "seq" or is_correction_gating != "ratio"):
             raise ValueError("is_correction_mode='clip' requires is_correction_level='token' and "
                              "is_correction_gating='ratio'")
-        if loss_type == "ppo_clip":
+        if loss_type in ("ppo_clip", "gspo"):
             params = {"clip_ratio_low": clip_eps_low, "clip_ratio_high": clip_eps_high,
                       "clip_ratio_c": dual_clip, **params}
         self.token_level_loss = token_level_loss
