@@ -9,14 +9,23 @@ from .rows import locate_row, piece_end
 
 
 @triton.jit
+def _masked(x):
+    """x is +0.0 (all bits 0): the forward's mark of a masked token (a counted token's 0 is −0.0)."""
+    if x.dtype.primitive_bitwidth == 64:
+        return x.to(tl.int64, bitcast=True) == 0
+    return x.to(tl.int32, bitcast=True) == 0
+
+
+@triton.jit
 def _scaled_tiles(neg_phi_ptr, grad_ptr, lanes, start, stop, factor, BLOCK_T: tl.constexpr):
-    """grad = ∂L/∂lp · factor over [start, stop); exactly 0 where ∂L/∂lp is 0 (masked tokens),
-    whatever factor is. Each tile's load is issued one tile ahead."""
+    """grad = ∂L/∂lp · factor over [start, stop); exactly 0 at masked tokens whatever factor
+    is, ∂L/∂lp · factor at counted ones (NaN where factor is not finite). Each tile's load is
+    issued one tile ahead."""
     x = tl.load(neg_phi_ptr + start + lanes, mask=start + lanes < stop, other=0.0)
     for t0 in range(start, stop, BLOCK_T):
         offs = t0 + lanes
         ahead = tl.load(neg_phi_ptr + offs + BLOCK_T, mask=offs + BLOCK_T < stop, other=0.0)
-        g = tl.where(x == 0.0, 0.0, x * factor)
+        g = tl.where(_masked(x), 0.0, x * factor)
         tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < stop)
         x = ahead
 

@@ -87,7 +87,9 @@ def _token_loss(ell, w, A, lp, olp, m, bad, r, kl_x, ctx, params, kl_coef, TOKEN
                 OPT: tl.constexpr, ROLLOUT_PER_TOKEN: tl.constexpr, KL_TYPE: tl.constexpr):
     """The family's φ, γ_t and extras (``TOKEN``), and per counted token L_t = −F_t·r_t + β·k_t,
     ∂L_t/∂lp_t = −φ_t·r_t + β·k'_t and k_t (0 elsewhere); a non-finite input poisons its
-    token's φ, L and extras, whatever the formula."""
+    token's φ, L and extras, whatever the formula. ∂L_t/∂lp_t is +0.0 exactly at masked tokens
+    and −0.0 where a counted token's is 0: the backward keeps the first 0 whatever the scale
+    and gives the second the scale's NaN (a bad count reaches every counted token, SPEC §11)."""
     phi, F, g, x = TOKEN(ell, w, A, lp, olp, ctx, params, OPT)
     phi = tl.where(bad, float("nan"), tl.where(m, phi, 0.0))
     L = tl.where(bad, float("nan"), tl.where(m, -F, 0.0))
@@ -101,6 +103,7 @@ def _token_loss(ell, w, A, lp, olp, m, bad, r, kl_x, ctx, params, kl_coef, TOKEN
         k = tl.where(m, k, 0.0)
         L += kl_coef * k
         dL += tl.where(m, kl_coef * dk, 0.0)
+    dL = tl.where(m, tl.where(dL == 0.0, -0.0, dL), 0.0)
     return phi, g, x, L, dL, k
 
 

@@ -124,16 +124,21 @@ COUNT_MODES = [("global_token_count", "token-mean"), ("global_batch_size", "seq-
 
 @pytest.mark.parametrize("name,agg", COUNT_MODES)
 @pytest.mark.parametrize("value", [NAN, -1.0, -INF, INF, -3, 0.0, 0, 5.0])
-def test_bad_count_tensor_is_loud_on_both_paths(name, agg, value):
+@pytest.mark.parametrize("loss_type,family", [("is_reshape", {}),
+                                              ("ppo_clip", {"clip_ratio_low": 0.0, "clip_ratio_high": 0.0})])
+def test_bad_count_tensor_is_loud_on_both_paths(name, agg, value, loss_type, family):
     """A 0-dim count tensor whose value is NaN, negative or ±inf: NaN loss, NaN kl_loss and a
     NaN gradient at every counted token on both paths (the kernels took such a value for
-    "not given" and used the local count: a plausible wrong loss). 0: loss 0, zero gradient
-    (an empty denominator); a good value: as the number. token-sum reads no count."""
+    "not given" and used the local count: a plausible wrong loss), clipped tokens (∂L/∂lp = 0)
+    included (the backward had kept their 0). 0: loss 0, zero gradient (an empty
+    denominator); a good value: as the number. token-sum reads no count."""
     lp, olp, adv, mask = _batch(seed=4)
     ref_lp = olp + 0.1
     count = torch.tensor(value)  # float or int64
-    opts = {name: count, "ref_log_prob": ref_lp, "kl_coef": 0.1}
-    loss, metrics, grad = both(lp, olp, adv, mask, "is_reshape", agg, **opts)
+    opts = {name: count, "ref_log_prob": ref_lp, "kl_coef": 0.1 if loss_type == "is_reshape" else 0.0, **family}
+    if loss_type == "ppo_clip":  # some counted tokens are clipped: their ∂L/∂lp is 0
+        assert torch.any(both(lp, olp, adv, mask, loss_type, agg, **{**opts, name: 5.0})[2][mask] == 0)
+    loss, metrics, grad = both(lp, olp, adv, mask, loss_type, agg, **opts)
     if isinstance(value, float) and not value > -INF or value < 0 or value == INF:
         assert loss.isnan() and metrics["kl_loss"].isnan()
         assert torch.all(grad[mask].isnan())
@@ -141,11 +146,11 @@ def test_bad_count_tensor_is_loud_on_both_paths(name, agg, value):
     elif value == 0:
         assert loss.item() == 0.0 and metrics["kl_loss"].item() == 0.0 and torch.all(grad == 0)
     else:
-        expect = both(lp, olp, adv, mask, "is_reshape", agg, **{**opts, name: float(value)})
+        expect = both(lp, olp, adv, mask, loss_type, agg, **{**opts, name: float(value)})
         assert torch.equal(loss, expect[0]) and torch.equal(grad, expect[2])
     # token-sum ignores a count, bad or not, on both paths
-    plain = both(lp, olp, adv, mask, "is_reshape", "token-sum", ref_log_prob=ref_lp, kl_coef=0.1)
-    got = both(lp, olp, adv, mask, "is_reshape", "token-sum", **opts)
+    plain = both(lp, olp, adv, mask, loss_type, "token-sum", **{k: v for k, v in opts.items() if k != name})
+    got = both(lp, olp, adv, mask, loss_type, "token-sum", **opts)
     assert torch.equal(got[0], plain[0]) and torch.equal(got[2], plain[2])
 
 
@@ -441,8 +446,8 @@ def test_fuzz_both_paths_agree(data):
         opts["rho_min"] = draw(st.floats(0.05, 0.95))
     for name, lo, hi in (("tau_pos", 0.2, 4.0), ("clip_ratio_high", 0.0, 0.5), ("k_neg", 0.0, 4.0),
                          ("tau_c", 0.1, 3.0), ("temperature", 0.5, 8.0)):
-        if name in fields and draw(st.booleans()):
-            opts[name] = draw(st.floats(lo, hi))
+        if name in fields and draw(st.booleans()):  # rounded to fp32: a parameter must be representable there
+            opts[name] = float(torch.tensor(draw(st.floats(lo, hi)), dtype=F32))
     dtype = draw(st.sampled_from([F32, F64, torch.bfloat16, torch.float16]))
     lp, olp, adv, mask, cu, counted = _draw_batch(draw, dtype)
     n_bad = _inject(draw, lp, olp, adv, counted)
