@@ -351,8 +351,6 @@ TRL_CASES = [
 ]
 
 
-
-
 @pytest.mark.parametrize("loss_type, case", TRL_CASES)
 def test_trl_grpo_trainer_same_loss_and_grads(trl_env, loss_type, case):
     """GRPOTrainer._compute_loss (TRL's code) and IRTGRPOTrainer._compute_loss (the op) on the
@@ -391,6 +389,80 @@ def test_trl_grpo_trainer_same_loss_and_grads(trl_env, loss_type, case):
     for name in compared:
         assert logged[1][name] == pytest.approx(logged[0][name], rel=1e-6, abs=1e-9), name
     assert not compared or any(logged[0][name][0] > 0 for name in compared)
+
+
+TRL_BONUS_CASES = [
+    pytest.param("dapo", {"entropy_coef": 0.3}, id="dapo-static"),
+    pytest.param("grpo", {"entropy_coef": -0.2, "beta": 0.05}, id="grpo-static-kl"),
+    pytest.param("bnpo", {"use_adaptive_entropy": True, "entropy_coef": 0.1, "entropy_target": 100.0,
+                          "entropy_coef_delta": 0.05}, id="bnpo-adaptive-up"),
+    pytest.param("dapo", {"use_adaptive_entropy": True, "entropy_coef": 0.1, "entropy_target": 0.0,
+                          "entropy_coef_min": 0.02, "entropy_coef_delta": 0.05}, id="dapo-adaptive-down"),
+]
+
+
+@pytest.mark.parametrize("loss_type, config", TRL_BONUS_CASES)
+def test_trl_entropy_bonus(trl_env, loss_type, config):
+    """TRL's entropy bonus, static and adaptive, over two optimizer steps on two batches: the
+    same loss and gradients as GRPOTrainer's, the same coefficient and cached world entropy
+    after each step, and the same logged entropy_coef, policy_loss and entropy (the adaptive
+    cases apply no bonus at the first step, then the moved coefficient, or none)."""
+    from trl import GRPOTrainer
+
+    from isreshape_triton.integrations.trl import IRTGRPOTrainer
+
+    config = dict(config)
+    beta = config.pop("beta", 0.0)
+    trainers = [make_trainer(trl_env, cls, loss_type, beta, config=config) for cls in (GRPOTrainer, IRTGRPOTrainer)]
+    for seed in (1, 2):
+        inputs = trl_inputs(trainers[0], seed=seed, with_ref=beta != 0.0)
+        (want, want_grads, _), (got, got_grads, launches) = (trl_step(t, inputs) for t in trainers)
+        assert launches > 0
+        close(got, want)
+        for a, b in zip(got_grads, want_grads):
+            close(a, b, tol=2e-5)
+        assert trainers[1].entropy_coef == pytest.approx(trainers[0].entropy_coef, abs=1e-12)
+        assert trainers[1]._last_world_entropy == pytest.approx(trainers[0]._last_world_entropy, rel=1e-6)
+    logged = [t._metrics["train"] for t in trainers]
+    for name in ("entropy_coef", "policy_loss", "entropy"):
+        assert logged[1][name] == pytest.approx(logged[0][name], rel=1e-5, abs=1e-9), name
+
+
+@pytest.fixture(scope="module")
+def trl_moe_env(trl_env, tmp_path_factory):
+    """``trl_env`` with a tiny randomly initialised Mixtral (2 experts, top-1): a model with a router aux loss."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, num_local_experts=2, num_experts_per_tok=1,
+        router_aux_loss_coef=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=1))
+    path = tmp_path_factory.mktemp("tiny-mixtral")
+    model.save_pretrained(path)
+    return types.SimpleNamespace(tokenizer=trl_env.tokenizer, model_path=str(path))
+
+
+def test_trl_router_aux_loss(trl_moe_env):
+    """A MoE model's router aux loss (coefficient from its config) is added as GRPOTrainer adds
+    it: the same loss, gradients and logged aux_loss, with the entropy bonus on too."""
+    from trl import GRPOTrainer
+
+    from isreshape_triton.integrations.trl import IRTGRPOTrainer
+
+    trainers = [make_trainer(trl_moe_env, cls, "grpo", config={"entropy_coef": 0.1})
+                for cls in (GRPOTrainer, IRTGRPOTrainer)]
+    assert all(t.aux_loss_enabled for t in trainers)
+    inputs = trl_inputs(trainers[0])
+    (want, want_grads, _), (got, got_grads, launches) = (trl_step(t, inputs) for t in trainers)
+    assert launches > 0
+    close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        close(a, b, tol=2e-5)
+    logged = [t._metrics["train"] for t in trainers]
+    assert logged[0]["aux_loss"][0] > 0
+    for name in ("aux_loss", "policy_loss"):
+        assert logged[1][name] == pytest.approx(logged[0][name], rel=1e-5), name
 
 
 def test_trl_readme_snippet_and_refusals(trl_env):

@@ -41,10 +41,12 @@ log-probs as TRL does and the loss with :func:`grpo_policy_loss`::
                              train_dataset=..., irt_loss_type="is_reshape", irt_params={"rho_min": 0.3})
 
 Differences from TRL: VESPO's loss *value* is our surrogate −φ·A·(log π − log π_old)
-(zero on-policy) where TRL logs −φ·A·log π; gradients are identical. TRL options the
-op does not express yet are refused when the trainer is built
+(zero on-policy) where TRL logs −φ·A·log π; gradients are identical. TRL's entropy
+bonus (``entropy_coef``, ``use_adaptive_entropy``) and a MoE model's router aux loss are added
+to the op's loss as TRL adds them, from the entropies and aux loss of TRL's own forward. TRL
+options the op does not express yet are refused when the trainer is built
 (``top_entropy_quantile < 1``, ``off_policy_mask_threshold``, ``use_bias_correction_kl``
-with a KL term at the sequence level, the entropy bonus, MoE aux loss). The from-logits op is not used:
+with a KL term at the sequence level). The from-logits op is not used:
 TRL's own fused LM head already computes the log-probs from the hidden states
 without materializing logits, which our from-logits op would need.
 """
@@ -184,8 +186,6 @@ class IRTGRPOTrainer(GRPOTrainer):
             "use_bias_correction_kl at the sequence level": (bool(getattr(a, "use_bias_correction_kl", False))
                                                              and self.beta != 0.0
                                                              and self.importance_sampling_level == "sequence"),
-            "entropy bonus": bool(getattr(self, "_entropy_bonus_enabled", False)),
-            "router aux loss": bool(getattr(self, "aux_loss_enabled", False)),
         }
         bad = [k for k, v in refused.items() if v]
         if bad:
@@ -198,10 +198,10 @@ class IRTGRPOTrainer(GRPOTrainer):
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         completion_mask = inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model, torch.cat([prompt_ids, completion_ids], dim=1),
             torch.cat([inputs["prompt_mask"], completion_mask], dim=1), completion_ids.size(1),
-            compute_entropy=True, **{k: inputs.get(k) for k in _MM_KEYS})
+            compute_entropy=True, compute_aux_loss=self.aux_loss_enabled, **{k: inputs.get(k) for k in _MM_KEYS})
         old = inputs.get("old_per_token_logps")
         old = per_token_logps.detach() if old is None else old
         vllm_is = self.use_vllm and self.vllm_importance_sampling_correction
@@ -222,20 +222,57 @@ class IRTGRPOTrainer(GRPOTrainer):
             max_completion_length=self.max_completion_length,
             importance_sampling_level=self.importance_sampling_level,
             use_bias_correction_kl=bool(getattr(a, "use_bias_correction_kl", False)))
-        self._log_irt_metrics(mode, entropies, mask, metrics)
+        per_process = {}  # TRL's metrics that are means over processes
+        if self._entropy_bonus_enabled:  # TRL's policy_loss: before TRL divides it by the accumulation steps
+            per_process["policy_loss"] = loss.detach() * (1 if self.loss_type in ("dapo", "cispo", "vespo") else acc)
+            loss = loss - self._entropy_bonus(entropies, mask, mode, acc)
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / acc
+            per_process["aux_loss"] = aux_loss.detach()
+        self._log_irt_metrics(mode, entropies, mask, metrics, per_process)
         return loss
 
-    def _log_irt_metrics(self, mode, entropies, mask, metrics):
+    def _entropy_bonus(self, entropies, mask, mode, acc):
+        """TRL's entropy bonus c·H̄/acc, H̄ = Σ m·H / max(Σ m, 1) the micro-batch's mean token entropy,
+        with TRL's coefficient c: ``entropy_coef``, or with ``use_adaptive_entropy`` the coefficient
+        of the last optimizer step, applied while the world's entropy was at most ``entropy_target``
+        and moved by ``entropy_coef_delta`` at each optimizer step (one host read there, as TRL)."""
+        m = mask.to(entropies.dtype)
+        stats = torch.stack([(entropies * m).sum(), m.sum()])
+        a = self.args
+        coef = self.entropy_coef
+        if self.use_adaptive_entropy:
+            coef = coef if self._last_world_entropy <= a.entropy_target else 0.0
+            if mode == "train":
+                window = self._entropy_window_stats
+                self._entropy_window_stats = stats.detach() if window is None else window + stats.detach()
+                if self.accelerator.sync_gradients:
+                    total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                    world = (total[0] / total[1].clamp(min=1.0)).item()
+                    if world <= a.entropy_target:
+                        self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+                    else:
+                        self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+                    self._last_world_entropy = world
+                    self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        return coef * (stats[0] / stats[1].clamp(min=1.0) / acc)
+
+    def _log_irt_metrics(self, mode, entropies, mask, metrics, per_process):
+        """TRL's metrics (``entropy``, the clip ratios of :data:`TRL_METRICS`, the means over
+        processes of ``per_process``) and ours as ``irt/<name>``, in one reduce and one host read."""
         m = mask.to(entropies.dtype)
         trl = {} if self.importance_sampling_level != "token" else TRL_METRICS.get(self.irt_loss_type, {})
         n = metrics["token_count"].detach().to(entropies.dtype)
+        values = {**{f"irt/{k}": v for k, v in metrics.items()}, **per_process}
         local = torch.stack([(entropies.detach() * m).sum(), m.sum()]
-                            + [v.detach().to(entropies.dtype) for v in metrics.values()]
+                            + [v.detach().to(entropies.dtype) for v in values.values()]
                             + [n * sum(metrics[k] for k in ours) for ours in trl.values()])
         total = self.accelerator.reduce(local, reduction="sum").tolist()
         self._metrics[mode]["entropy"].append(total[0] / max(total[1], 1.0))
-        for name, value in zip(metrics, total[2:]):
-            self._metrics[mode][f"irt/{name}"].append(value / self.accelerator.num_processes)
-        count = total[2 + list(metrics).index("token_count")]  # TRL's means are over all processes' tokens
-        for name, value in zip(trl, total[2 + len(metrics):]):
+        for name, value in zip(values, total[2:]):
+            self._metrics[mode][name].append(value / self.accelerator.num_processes)
+        count = total[2 + list(values).index("irt/token_count")]  # TRL's means are over all processes' tokens
+        for name, value in zip(trl, total[2 + len(values):]):
             self._metrics[mode][name].append(value / max(count, 1.0))
