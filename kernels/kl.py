@@ -24,7 +24,8 @@ def kl_penalty(x, w, KL_TYPE: tl.constexpr):
     torch autograd gives it, k1 = x; abs = |x|; k2 = x²/2; k3 = e^{κ} − κ − 1 with κ = clamp(−x,
     ±20), then clamped to [−10, 10] (zero derivative where a clamp is active); then the
     straight-through gradient x of "+" types, or a correction: k·w with the gradient (k' + k)·w,
-    or the gradient min(w, 10)·x."""
+    or the gradient min(w, 10)·x (with k NaN where w is, as the straight-through k + s − sg(s) of
+    OpenRLHF and the reference)."""
     BASE: tl.constexpr = KL_TYPE % 8
     CORRECTION: tl.constexpr = KL_TYPE // 16
     k, dk = _kl_penalty(x, BASE)
@@ -35,6 +36,7 @@ def kl_penalty(x, w, KL_TYPE: tl.constexpr):
         k = k * w
     elif CORRECTION == KL_UNBIASED:
         dk = tl.where(w > KL_IS_WEIGHT_MAX, KL_IS_WEIGHT_MAX, w) * x
+        k = tl.where(w == w, k, w)
     return k, dk
 
 

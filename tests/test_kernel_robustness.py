@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import isreshape_triton as irt
 from isreshape_triton import launch
 from isreshape_triton.dev.profiling import count_work
+from isreshape_triton.params import KL_CORRECTIONS, KL_TYPES
 
 from _cases import FAMILY_CONFIGS
 from test_kernels import GRAD_RTOL, SMALL_TILING
@@ -405,9 +406,11 @@ def _draw_batch(draw, dtype):
     return lp.to(dtype), olp.to(dtype), adv, mask, cu, counted
 
 
-def _inject(draw, lp, olp, adv, counted):
-    """NaN/±inf at 0-2 counted and 0-3 masked positions; the number of bad counted tokens."""
-    flat = [t.view(-1) for t in (lp, olp)] + ([adv.view(-1)] if adv is not None and adv.shape == lp.shape else [])
+def _inject(draw, lp, olp, adv, counted, extra=()):
+    """NaN/±inf at 0-2 counted and 0-3 masked positions of the token streams (lp, olp, per-token
+    advantages and the ``extra`` ones); the number of bad counted tokens."""
+    flat = [t.view(-1) for t in (lp, olp, *extra)]
+    flat += [adv.view(-1)] if adv is not None and adv.shape == lp.shape else []
     on = counted.view(-1).nonzero().flatten().tolist()
     off = (~counted).view(-1).nonzero().flatten().tolist()
     bad = set()
@@ -436,8 +439,9 @@ def _pin_gammas(loss_type, opts, metrics):
 @given(data=st.data())
 def test_fuzz_both_paths_agree(data):
     """Random family and parameters, shapes (padded, packed), dtypes, masks, advantages,
-    aggregation, tiling and non-finite injections at counted and masked positions: the two
-    paths give the same loss, metrics and gradient (NaN where the other has NaN)."""
+    rollout IS weights, a KL term of any type and correction, aggregation, tiling and
+    non-finite injections at counted and masked positions of every stream: the two paths give
+    the same loss, metrics and gradient (NaN where the other has NaN)."""
     draw = data.draw
     loss_type, opts = draw(st.sampled_from(FAMILY_CONFIGS))
     opts = dict(opts)
@@ -450,9 +454,18 @@ def test_fuzz_both_paths_agree(data):
             opts[name] = float(torch.tensor(draw(st.floats(lo, hi)), dtype=F32))
     dtype = draw(st.sampled_from([F32, F64, torch.bfloat16, torch.float16]))
     lp, olp, adv, mask, cu, counted = _draw_batch(draw, dtype)
-    n_bad = _inject(draw, lp, olp, adv, counted)
-    agg = draw(st.sampled_from(irt.AGG_MODES))
     kw = dict(opts, log_ratio_clamp=draw(st.sampled_from([20.0, 3.0])), cu_seqlens=cu)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    if draw(st.booleans()):
+        kw["rollout_is_weights"] = torch.exp(0.4 * torch.randn(lp.shape, generator=g, dtype=F64)).to(dtype)
+    if draw(st.booleans()):
+        kl_type = draw(st.sampled_from(sorted(KL_TYPES)))
+        correction = None if kl_type.endswith("+") else draw(st.sampled_from(KL_CORRECTIONS))
+        ref = (olp.to(F64) + 0.3 * torch.randn(lp.shape, generator=g, dtype=F64)).to(dtype)
+        kw.update(ref_log_prob=ref, kl_coef=draw(st.sampled_from([0.05, 1.0])), kl_type=kl_type,
+                  kl_correction=correction)
+    n_bad = _inject(draw, lp, olp, adv, counted, [kw[k] for k in ("rollout_is_weights", "ref_log_prob") if k in kw])
+    agg = draw(st.sampled_from(irt.AGG_MODES))
     # sometimes a count as a 0-dim tensor, good, 0 or bad (NaN / negative / ±inf: a NaN loss
     # where the mode divides by it)
     count_bad = False

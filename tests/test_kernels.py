@@ -320,6 +320,24 @@ def test_kl_variants_match_the_reference(kl_type, kl_correction):
     torch.testing.assert_close(grad, r_grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("kl_correction", irt.params.KL_CORRECTIONS)
+def test_kl_term_at_a_nonfinite_old_log_prob(kl_correction):
+    """A NaN old log-prob at a counted token: k (and kl_loss) is NaN where the correction reads
+    w = exp(ℓ) (the ratio's k·w; the unbiased straight-through k + s − sg(s)), finite without
+    one, on both paths; the loss is NaN."""
+    lp, olp, adv, mask = make_batch(2, 9, torch.float64, seed=3)
+    olp = olp.clone()
+    olp[1, 2], mask[1, 2] = float("nan"), True
+    opts = dict(ref_log_prob=lp.detach() - 0.3, kl_coef=0.3, kl_type="k3", kl_correction=kl_correction)
+    loss, metrics, grad, work = fused_with_counts(lp, olp, adv, mask, "ppo_clip", "token-mean", **opts)
+    assert work.forward.triton_launches == 1
+    r_loss, r_metrics, r_grad = reference(lp, olp, adv, mask, "ppo_clip", "token-mean", **opts)
+    assert loss.isnan() and r_loss.isnan()
+    assert metrics["kl_loss"].isnan() == (kl_correction is not None)
+    torch.testing.assert_close(metrics["kl_loss"], r_metrics["kl_loss"], rtol=1e-9, atol=1e-9, equal_nan=True)
+    torch.testing.assert_close(grad, r_grad, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
 @pytest.mark.parametrize("n_tokens", [1, 50])
 def test_constant_log_ratio_gives_gamma_max(n_tokens):
     lp = torch.zeros(1, n_tokens)
