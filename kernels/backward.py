@@ -12,8 +12,10 @@ from .rows import locate_row, piece_end
 def _masked(x):
     """x is +0.0 (all bits 0): the forward's mark of a masked token (a counted token's 0 is −0.0)."""
     if x.dtype.primitive_bitwidth == 64:
-        return x.to(tl.int64, bitcast=True) == 0
-    return x.to(tl.int32, bitcast=True) == 0
+        bits = x.to(tl.int64, bitcast=True)
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+    return bits == 0
 
 
 @triton.jit
