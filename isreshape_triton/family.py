@@ -61,6 +61,8 @@ class KernelFamily:
     gamma_stats: bool = False  # the family's ``Family.gamma_stats``
     row_weight: bool = False  # the family's ``Family.row_weight``
     rollout_in_row: bool = False  # the family's ``Family.rollout_in_row``
+    token_extras: int = 0  # the first extras are per-token terms (its ``extra_metrics``: NaN at a non-finite
+    # token), the others row values of its γ rule (NaN only through their row's statistics)
 
     @property
     def ess_exact(self) -> bool:

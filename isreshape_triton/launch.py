@@ -294,11 +294,12 @@ def device_functions(name: str):
 
 def _family_constexprs(fam: KernelFamily, device) -> dict:
     """The loss kernel's family constexprs: its device functions (``device``:
-    ``token``, ``row_weight`` where it has one), OPT, the groups of its γ rule and its mode."""
+    ``token``, ``row_weight`` where it has one), OPT, its per-token extras, the groups of its γ rule
+    and its mode."""
     groups = kg.GROUPS_NONE if fam.gamma_rule is None else kg.GROUPS_SIGN if fam.sign_groups else kg.GROUPS_ALL
     return dict(TOKEN=device.token, OPT=fam.opt, ROW_WEIGHT=device.row_weight if fam.row_weight else None,
                 ROLLOUT_IN_ROW=fam.rollout_in_row, GROUPS=groups.value, GAMMA_STATS=fam.gamma_stats,
-                GAMMA_MODE=_GAMMA_MODE_CODE[fam.gamma_mode])
+                TOKEN_EXTRAS=fam.token_extras, GAMMA_MODE=_GAMMA_MODE_CODE[fam.gamma_mode])
 
 
 def _lane_warps(block: int, options: dict) -> int:

@@ -46,6 +46,18 @@ def _counted(x, m, bad):
 
 
 @triton.jit
+def _add_extra(e, x, m, bad, TOKEN_TERM: tl.constexpr):
+    """e plus a tile's counted x: a per-token term (TOKEN_TERM) is NaN at non-finite tokens, a
+    row value of the γ rule (γ± of the sign family, is_reshape_var's γ_base) is NaN only through
+    its row's statistics (metrics.py)."""
+    if TOKEN_TERM:
+        t = _counted(x, m, bad)
+    else:
+        t = tl.where(m, x, 0.0)
+    return e + t
+
+
+@triton.jit
 def _store_element(ptr, element):
     """A row-sum element (count, Σ m·L, Σ m·k, row, flags) at ptr (``layout.E_*``)."""
     n, loss, kl, row, flags = element
@@ -118,11 +130,13 @@ def _row_add(row_sums, L, k, m, HAS_KL: tl.constexpr):
 
 @triton.jit
 def _accumulate(acc, ell, w, A, m, bad, phi, g, x, L, k, frame, FRAMED: tl.constexpr, OWN_GROUPS: tl.constexpr,
-                SIGN_GROUPS: tl.constexpr, GAMMA_STATS: tl.constexpr, HAS_KL: tl.constexpr):
+                SIGN_GROUPS: tl.constexpr, GAMMA_STATS: tl.constexpr, HAS_KL: tl.constexpr,
+                TOKEN_EXTRAS: tl.constexpr):
     """The lane accumulators plus a tile's counted tokens: Σ m·L, Σ m·k, the moments of ℓ (in the
     batch frame if FRAMED; of the A>0 / A<0 groups if OWN_GROUPS), Σ and max of w and |φ|, the
     shifted exp sums of γ_t·ℓ (per sign group if SIGN_GROUPS), Σ, min, max of γ_t (GAMMA_STATS),
-    the family's extras and the non-finite tokens."""
+    the family's extras (the first TOKEN_EXTRAS per-token terms, then row values) and the
+    non-finite tokens."""
     loss_acc, kl_acc, moments, pos, neg, w_sum, w_max, phi_sum, phi_max, ess_all, ess_pos, ess_neg, \
         g_sum, g_min, g_max, extras, nonfinite = acc
     if HAS_KL:
@@ -146,11 +160,9 @@ def _accumulate(acc, ell, w, A, m, bad, phi, g, x, L, k, frame, FRAMED: tl.const
         g_max = tl.where(m, max_nan(g_max, g), g_max)
     x0, x1, x2, x3, x4 = x
     e0, e1, e2, e3, e4 = extras
-    x_bad = bad
-    if SIGN_GROUPS:  # γ± of the token's own group: NaN only through that group's γ (metrics.py)
-        x_bad = tl.zeros_like(bad)
-    extras = (e0 + _counted(x0, m, x_bad), e1 + _counted(x1, m, x_bad), e2 + _counted(x2, m, x_bad),
-              e3 + _counted(x3, m, x_bad), e4 + _counted(x4, m, x_bad))
+    extras = (_add_extra(e0, x0, m, bad, TOKEN_EXTRAS > 0), _add_extra(e1, x1, m, bad, TOKEN_EXTRAS > 1),
+              _add_extra(e2, x2, m, bad, TOKEN_EXTRAS > 2), _add_extra(e3, x3, m, bad, TOKEN_EXTRAS > 3),
+              _add_extra(e4, x4, m, bad, TOKEN_EXTRAS > 4))
     nonfinite += tl.where(bad, 1.0, 0.0)
     return (loss_acc, kl_acc, moments, pos, neg, w_sum, w_max, phi_sum, phi_max, ess_all, ess_pos, ess_neg,
             g_sum, g_min, g_max, extras, nonfinite)
@@ -265,7 +277,7 @@ def token_loss_kernel(
     dp_size, global_token_count, global_batch_size, loss_scale_factor,
     TOKEN: tl.constexpr, OPT: tl.constexpr, ROW_WEIGHT: tl.constexpr, ROLLOUT_IN_ROW: tl.constexpr,
     GROUPS: tl.constexpr,
-    GAMMA_STATS: tl.constexpr, GAMMA_MODE: tl.constexpr, KL_TYPE: tl.constexpr,
+    GAMMA_STATS: tl.constexpr, TOKEN_EXTRAS: tl.constexpr, GAMMA_MODE: tl.constexpr, KL_TYPE: tl.constexpr,
     BATCH_STATS: tl.constexpr, ROW_STATS: tl.constexpr, SIGN_GROUPS: tl.constexpr,
     ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
     PACKED: tl.constexpr, UNIT_STRIDE: tl.constexpr, WRITE_GRAD: tl.constexpr, SEQ_AGG: tl.constexpr,
@@ -279,7 +291,8 @@ def token_loss_kernel(
     (ROLLOUT_IN_ROW, a family whose row weight takes r: r is in it, not per token); ``kl_coef`` = β.
     The family: its device function ``TOKEN`` with its option OPT and float tuple ``params``, its
     ``ROW_WEIGHT`` (or None), the groups of its γ rule ``gamma_rule`` (``gamma.py``: GROUPS,
-    GAMMA_MODE) and whether it reports γ_t statistics (GAMMA_STATS); global_* < 0 means "not given" (or device
+    GAMMA_MODE), whether it reports γ_t statistics (GAMMA_STATS) and how many of its extras are
+    per-token terms (TOKEN_EXTRAS, ``_accumulate``); global_* < 0 means "not given" (or device
     tensors, see ``finalize``); SLOTS: the partial slots filled (``layout.partial_slots``);
     WARPS: the launch's num_warps."""
     lp, olp, adv, mask, rollout, ref = streams(lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr,
@@ -337,7 +350,7 @@ def token_loss_kernel(
                 if SEQ_AGG:
                     row_sums = _row_add(row_sums, L, k, m, KL_TYPE != KL_NONE)
                 acc = _accumulate(acc, ell, w, A, m, bad, phi, g, x, L, k, frame, FRAMED, OWN_GROUPS, SIGN_GROUPS,
-                                  GAMMA_STATS, KL_TYPE != KL_NONE)
+                                  GAMMA_STATS, KL_TYPE != KL_NONE, TOKEN_EXTRAS)
             if SEQ_AGG:  # the piece's row sums: a complete row now, else a head / tail element
                 seq, head, tail = _finish_piece(row_sums, seq, head, tail, s, start, end, a, b, row_count_ptr)
             p = e

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import isreshape_triton as irt
 from isreshape_triton import launch
+from isreshape_triton.families import FAMILIES
 from isreshape_triton.dev.profiling import count_work
 from isreshape_triton.params import KL_CORRECTIONS, KL_TYPES
 
@@ -489,6 +490,24 @@ def test_fuzz_both_paths_agree(data):
     assert k[1]["nonfinite_tokens"].item() == n_bad
     assert k[0].isnan() == (n_bad > 0 or count_bad)
     assert torch.all(k[2][~counted.view(k[2].shape)] == 0)
+
+
+@pytest.mark.parametrize("stream", ["advantages", "rollout_is_weights"])
+@pytest.mark.parametrize("loss_type", ["is_reshape", "is_reshape_sign", "is_reshape_var"])
+def test_row_gamma_of_a_token_bad_outside_its_log_ratio(loss_type, stream):
+    """gamma_granularity="sequence": a token made non-finite by its advantage or rollout weight
+    (its ℓ finite) leaves its row's γ finite, so the token means of the rows' γ (is_reshape_var's
+    gamma_base included) are finite and equal on both paths, while the token's own terms (φ,
+    is_reshape_var's p_case*) are NaN."""
+    lp, olp, adv, mask = _batch(dtype=F64)
+    r = torch.full_like(lp, 1.25)
+    {"advantages": adv, "rollout_is_weights": r}[stream][1, 2] = NAN
+    mask[1, 2] = True
+    loss, metrics, grad = both(lp, olp, adv, mask, loss_type, gamma_granularity="sequence", rollout_is_weights=r)
+    assert loss.isnan() and metrics["nonfinite_tokens"].item() == 1.0 and metrics["phi_mean"].isnan()
+    rows = [k for k in FAMILIES[loss_type].metrics if k.startswith("gamma")]  # its row values
+    assert rows and all(torch.isfinite(metrics[k]) for k in rows), metrics
+    assert loss_type != "is_reshape_var" or metrics["p_case1"].isnan()
 
 
 @pytest.mark.parametrize("loss_type,opts,names", [

@@ -353,7 +353,7 @@ def test_float_parameters_are_runtime_arguments():
     floats are not constexpr and integer sizes are not specialised."""
     structural = {"ACC", "HAS_ADV", "HAS_MASK", "PACKED", "SIGN_GROUPS", "ESS_EXACT", "G", "KS",
                   "ROW_STATS", "ROW_TERM", "BLOCK_T", "TOKEN", "ROW_WEIGHT", "ROLLOUT_IN_ROW", "GROUPS",
-                  "GAMMA_STATS", "OPT", "GAMMA_MODE",
+                  "GAMMA_STATS", "TOKEN_EXTRAS", "OPT", "GAMMA_MODE",
                   "BATCH_STATS", "WRITE_GRAD",
                   "BLOCK_REC", "SEQ_GAMMA", "AGG", "SEQ_AGG", "BLOCK_P", "BLOCK_E", "PER_ROW",
                   "COUNTS_ON_DEVICE", "HAS_ROLLOUT", "HAS_REF", "KL_TYPE", "UNIT_STRIDE", "SLOTS", "WARPS"}

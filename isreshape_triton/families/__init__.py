@@ -35,5 +35,5 @@ def bind(kernel: KernelFamily, loss_type: str) -> KernelFamily:
     """``kernel`` with what the family declares: its name, capabilities and extra metrics."""
     family = FAMILIES[loss_type]
     return replace(kernel, name=family.name, gamma_stats=family.gamma_stats, row_weight=family.row_weight,
-                   rollout_in_row=family.rollout_in_row,
+                   rollout_in_row=family.rollout_in_row, token_extras=len(family.extra_metrics),
                    extra_terms=max(kernel.extra_terms, len(family.extra_metrics)))
