@@ -7,16 +7,19 @@ batch values, which follow their rule with σ² = 0. Per-row γ values
 (``gamma_granularity="sequence"``) are reported as token means over the counted
 tokens, 0 when there are none (also for an all-masked batch).
 
-Non-finite tokens (SPEC §11): a non-finite token's ℓ, φ and per-token extras
-are NaN, so every metric that reduces over a set of counted tokens holding one
-is NaN (the sign family's ``*_pos``/``*_neg`` only for its own group: a NaN A
-belongs to neither), as are the γ values computed from such a set (a fixed γ
-stays). ``token_count`` and ``nonfinite_tokens`` are always finite.
+Non-finite tokens (SPEC §11): a non-finite token's φ and per-token extras are
+NaN, and so is its ℓ where d is not finite, so every metric that reduces over
+a set of counted tokens holding one is NaN (the sign family's
+``*_pos``/``*_neg`` only for its own group: a NaN A belongs to neither), as are
+the γ values computed from such a set (a fixed γ stays; a row's γ, a statistic
+of ℓ, stays finite when only the token's A or rollout weight is bad, and so does
+its token mean). ``token_count`` and ``nonfinite_tokens`` are always finite.
 
 common to every family
   token_count     n
   nonfinite_tokens  number of non-finite tokens: counted tokens whose
-                  d = log_prob − old_log_prob (compute dtype) or A is NaN/±inf
+                  d = log_prob − old_log_prob (compute dtype), A, rollout IS
+                  weight or log_prob − ref_log_prob is NaN/±inf
   ppo_kl          Σ(−ℓ)/n
   w_mean, w_max   Σw/n, max w                          (w = exp(ℓ), ℓ clamped)
   phi_mean        Σφ/n                                  (φ includes A)
