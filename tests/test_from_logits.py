@@ -27,8 +27,13 @@ from isreshape_triton.dev import aot
 from isreshape_triton.dev.profiling import count_work
 from isreshape_triton.reference.from_logits import policy_loss_from_logits as reference_from_logits
 
-from _cases import pairwise, sampled
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from _cases import AGG_MODES as ALL_AGG_MODES
+from _cases import FAMILY_CONFIGS, pairwise, sampled
 from _rounding import assert_rounded_once
+from test_kernel_robustness import _MOMENT_OFFSETS, _close
 
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 FAMILIES = sampled(3)  # every family (its first configuration) and every third row of the shared table
@@ -333,6 +338,89 @@ def test_masked_rows_are_isolated_and_bad_counted_labels_are_loud(poisoned):
     for loss, metrics in (run_kernel(logits, bad, old, adv, mask, "is_reshape", "token-mean")[:2],
                           reference_from_logits(logits, bad, old, adv, mask, "is_reshape")):
         assert torch.isnan(loss) and metrics["nonfinite_tokens"] == 1
+
+
+def _fuzz_batch(draw):
+    """A random from-logits batch: (logits, labels, old, advantages, mask, cu_seqlens, counted)."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    V = draw(st.sampled_from([5, 300, 2049, 16500]))
+    B, T = (1, draw(st.integers(1, 3))) if V > 9000 else (draw(st.integers(1, 3)), draw(st.integers(1, 6)))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    full = torch.randn(B, T + 1, V, generator=g, dtype=torch.float64) * draw(st.sampled_from([0.5, 3.0]))
+    labels = torch.randint(0, V, (B, T), generator=g)
+    counted = torch.rand(B, T, generator=g) > draw(st.floats(0.0, 0.8))
+    labels = torch.where(counted, labels, torch.where(torch.rand(B, T, generator=g) < 0.5, -100, V + 7))
+    true_lp = torch.log_softmax(full[:, :T], -1).gather(-1, labels.clamp(0, V - 1).unsqueeze(-1)).squeeze(-1)
+    old = (true_lp + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    adv = draw(st.sampled_from(["BT", "none"]))
+    adv = torch.randn(B, T, generator=g) if adv == "BT" else None
+    mask = draw(st.sampled_from(["bool", "float", "none"]))
+    if mask == "none":
+        counted[:] = True
+        labels = labels.clamp(0, V - 1)
+    mask = {"bool": counted, "float": counted * 0.5, "none": None}[mask]
+    layout = draw(st.sampled_from(["padded", "strided", "packed"]))
+    logits = full.to(dtype)[:, :T] if layout == "strided" else full[:, :T].to(dtype).contiguous()
+    cu = None
+    if layout == "packed":  # rows of random lengths over the B·T tokens
+        N = B * T
+        cuts = sorted(draw(st.lists(st.integers(0, N), max_size=3)))
+        cu = torch.tensor([0, *cuts, N], dtype=torch.int32)
+        logits, labels, old, counted = logits.reshape(N, V), labels.reshape(N), old.reshape(N), counted.reshape(N)
+        adv = None if adv is None else adv.reshape(N)
+        mask = None if mask is None else mask.reshape(N)
+    return logits, labels, old, adv, mask, cu, counted
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_fuzz_from_logits_both_paths_agree(data):
+    """Random family (the shared table), V (one to several vocabulary chunks), temperature,
+    dtype, layout (padded, strided, packed with cu_seqlens), masks and labels (−100 or out of
+    range at masked tokens), NaN/±inf logits at masked rows and sometimes at one counted
+    token (or a counted label out of range), entropy returned or in the loss: the kernels and
+    the reference give the same loss, metrics, entropy and grad_logits (NaN where the other
+    has NaN; masked rows exact zeros)."""
+    draw = data.draw
+    loss_type, opts = draw(st.sampled_from(FAMILY_CONFIGS))
+    logits, labels, old, adv, mask, cu, counted = _fuzz_batch(draw)
+    V = logits.shape[-1]
+    cells = [tuple(c) for c in torch.ones_like(counted).nonzero().tolist()]  # token index tuples
+    off = [c for c in cells if not counted[c]]
+    bad_values = st.sampled_from([float("nan"), float("inf"), -float("inf")])
+    for c in draw(st.lists(st.sampled_from(off), max_size=2, unique=True)) if off else []:
+        logits[c + (draw(st.integers(0, V - 1)),)] = draw(bad_values)
+    on = [c for c in cells if counted[c]]
+    if on and draw(st.booleans()):
+        c = draw(st.sampled_from(on))
+        if draw(st.booleans()):
+            logits[c + (draw(st.integers(0, V - 1)),)] = draw(st.sampled_from([float("nan"), float("inf")]))
+        else:
+            labels[c] = V
+    entropy = draw(st.sampled_from(["returned", "loss"]))
+    kw = dict(temperature=float(torch.tensor(draw(st.floats(0.3, 3.0))).float()), cu_seqlens=cu,
+              params=irt.make_params(loss_type, **opts))
+    agg = draw(st.sampled_from(ALL_AGG_MODES))
+    out = []
+    for fn in (irt.policy_loss_from_logits, reference_from_logits):
+        x = logits.detach().clone().requires_grad_()
+        with count_work(strict=False, track_memory=False) as work:  # packed PSIS per row: its one sync
+            loss, metrics, ent = fn(x, labels, old, adv, mask, loss_type, agg, return_entropy=True, **kw)
+            total = loss - (_entropy_bonus(ent, mask) if entropy == "loss" else 0.0)
+            total.backward()
+        out.append((loss.detach(), metrics, ent.detach(), x.grad, work.kernels))
+    (loss, metrics, ent, grad, kernels), (r_loss, r_metrics, r_ent, r_grad, r_kernels) = out
+    assert kernels[0] == "logits_forward_kernel" and not r_kernels
+    # the paths' log-probs differ by the rounding of the log-sum-exp (~1e-6 of |z|), which φ and
+    # the moments amplify: 1e-4 of each value's scale, the moments with their offsets
+    _close(loss, r_loss, 1e-4, "loss")
+    assert set(metrics) == set(r_metrics)
+    for name, value in metrics.items():
+        _close(value, r_metrics[name], 1e-4, name, offset=_MOMENT_OFFSETS.get(name, 0.0))
+    _close(ent, r_ent, 1e-5, "entropy")
+    _close(grad, r_grad, max(1e-4, GRAD_RTOL[logits.dtype]), "grad_logits")
+    if entropy == "returned":
+        assert (grad[~counted] == 0).all()
 
 
 def _paths(monkeypatch=None):
