@@ -428,6 +428,50 @@ def test_trl_entropy_bonus(trl_env, loss_type, config):
         assert logged[1][name] == pytest.approx(logged[0][name], rel=1e-5, abs=1e-9), name
 
 
+TRL_MASK_CASES = [
+    pytest.param("dapo", {"off_policy_mask_threshold": 0.02}, {}, id="dapo-opsm"),
+    pytest.param("grpo", {"top_entropy_quantile": 0.5, "entropy_coef": 0.1}, {"beta": 0.05},
+                 id="grpo-entropy-quantile-bonus-kl"),
+    pytest.param("dapo", {"off_policy_mask_threshold": 0.0, "top_entropy_quantile": 0.3},
+                 {"is_ratio": "token", "vllm": True, "sampling": True}, id="dapo-opsm-sampling-quantile-is"),
+    pytest.param("grpo", {"off_policy_mask_threshold": 0.01, "importance_sampling_level": "sequence",
+                          "epsilon": 0.02, "epsilon_high": 0.03}, {}, id="grpo-seq-opsm"),
+]
+
+
+@pytest.mark.parametrize("loss_type, config, case", TRL_MASK_CASES)
+def test_trl_policy_masks(trl_env, loss_type, config, case):
+    """TRL's masks of the per-token policy loss, OPSM (``off_policy_mask_threshold``, against
+    vLLM's sampling log-probs when given) and ``top_entropy_quantile`` (with the entropy bonus on
+    the same tokens), with a KL term and token IS ratios: the same loss and gradients as
+    GRPOTrainer's, each mask dropping some tokens and keeping others."""
+    from trl import GRPOTrainer
+
+    from isreshape_triton.integrations.trl import IRTGRPOTrainer
+
+    beta = case.get("beta", 0.0)
+    trainers = [make_trainer(trl_env, cls, loss_type, beta, config=config) for cls in (GRPOTrainer, IRTGRPOTrainer)]
+    for t in trainers:
+        t.use_vllm = t.vllm_importance_sampling_correction = case.get("vllm", False)
+    inputs = trl_inputs(trainers[0], with_ref=beta != 0.0, is_ratio=case.get("is_ratio"))
+    if case.get("sampling"):
+        inputs["sampling_per_token_logps"] = inputs["old_per_token_logps"] + 0.3 * torch.randn(
+            inputs["old_per_token_logps"].shape, generator=torch.Generator().manual_seed(5))
+    (want, want_grads, _), (got, got_grads, launches) = (trl_step(t, inputs) for t in trainers)
+    assert launches > 0
+    close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        close(a, b, tol=2e-5)
+    with torch.no_grad():  # the masks are active: some counted tokens dropped, some kept
+        lp, ent, _ = trainers[1]._get_per_token_logps_and_entropies(
+            trainers[1].model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), 6, compute_entropy=True)
+        _, policy_mask = trainers[1]._policy_masks(lp, inputs["old_per_token_logps"], ent,
+                                                   inputs["completion_mask"], inputs)
+    kept = policy_mask.expand(lp.shape)[inputs["completion_mask"].bool()]
+    assert 0 < kept.sum() < kept.numel()
+
+
 @pytest.fixture(scope="module")
 def trl_moe_env(trl_env, tmp_path_factory):
     """``trl_env`` with a tiny randomly initialised Mixtral (2 experts, top-1): a model with a router aux loss."""
@@ -488,8 +532,13 @@ def test_trl_readme_snippet_and_refusals(trl_env):
     with pytest.raises(ValueError, match="use_bias_correction_kl"):  # TRL weighs the KL by the sequence ratio
         make_trainer(trl_env, IRTGRPOTrainer, "grpo", beta=0.1,
                      config={"use_bias_correction_kl": True, "importance_sampling_level": "sequence"})
-    with pytest.raises(ValueError, match="top_entropy_quantile"):
-        make_trainer(trl_env, IRTGRPOTrainer, "grpo", config={"top_entropy_quantile": 0.5})
+    with pytest.raises(ValueError, match="top_entropy_quantile"):  # VESPO: rollout weights enter its row weight
+        make_trainer(trl_env, IRTGRPOTrainer, "vespo", config={"top_entropy_quantile": 0.5})
+    with pytest.raises(ValueError, match="off_policy_mask_threshold"):
+        make_trainer(trl_env, IRTGRPOTrainer, "dapo", irt_loss_type="vespo", config={"off_policy_mask_threshold": 0.1})
+    with pytest.raises(ValueError, match="policy_mask"):
+        grpo_policy_loss(lp, old, torch.ones(2), mask, loss_type="vespo", num_items_in_batch=torch.tensor(6.0),
+                         policy_mask=torch.ones(2, 1))
 
 
 # ----------------------------------------------------------------------------- OpenRLHF

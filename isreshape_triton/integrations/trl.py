@@ -43,10 +43,13 @@ log-probs as TRL does and the loss with :func:`grpo_policy_loss`::
 Differences from TRL: VESPO's loss *value* is our surrogate −φ·A·(log π − log π_old)
 (zero on-policy) where TRL logs −φ·A·log π; gradients are identical. TRL's entropy
 bonus (``entropy_coef``, ``use_adaptive_entropy``) and a MoE model's router aux loss are added
-to the op's loss as TRL adds them, from the entropies and aux loss of TRL's own forward. TRL
-options the op does not express yet are refused when the trainer is built
-(``top_entropy_quantile < 1``, ``off_policy_mask_threshold``, ``use_bias_correction_kl``
-with a KL term at the sequence level). The from-logits op is not used:
+to the op's loss as TRL adds them, from the entropies and aux loss of TRL's own forward.
+``top_entropy_quantile`` and ``off_policy_mask_threshold`` (OPSM) give TRL's masks of the
+per-token policy loss, computed by TRL's own methods (eager, in the trainer: the entropy
+quantile gathers across processes as TRL does) and passed to the op as factors of its rollout
+weights (``policy_mask``); not with VESPO, whose rollout weights enter its row weight.
+Refused when the trainer is built: those two with VESPO, ``use_bias_correction_kl`` with a KL
+term at the sequence level. The from-logits op is not used:
 TRL's own fused LM head already computes the log-probs from the hidden states
 without materializing logits, which our from-logits op would need.
 """
@@ -56,6 +59,7 @@ import torch
 from trl import GRPOTrainer
 
 from .. import api
+from ..families import FAMILIES
 
 #: TRL loss_type → (our default family, aggregation mode)
 TRL_LOSS_TYPES = {
@@ -112,9 +116,12 @@ def grpo_policy_loss(per_token_logps, old_per_token_logps, advantages, mask, *, 
                      vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, beta=0.0,
                      ref_per_token_logps=None, importance_sampling_ratio=None, num_items_in_batch=None,
                      num_processes=1, accumulation_steps=1, steps_per_generation=1,
-                     max_completion_length=None, importance_sampling_level="token", use_bias_correction_kl=False):
+                     max_completion_length=None, importance_sampling_level="token", use_bias_correction_kl=False,
+                     policy_mask=None):
     """(loss, metrics) of ``GRPOTrainer._compute_loss`` for ``loss_type`` (see the module
-    docstring), the per-token loss computed by ``family`` (default: TRL's own)."""
+    docstring), the per-token loss computed by ``family`` (default: TRL's own). ``policy_mask``:
+    the 0/1 weight ([B, T] or per sequence [B, 1]) TRL multiplies the per-token policy loss with
+    (its off-policy sequence mask and high-entropy mask), not the KL term nor the normalizer."""
     family = family or default_family(loss_type, importance_sampling_level)
     mode = TRL_LOSS_TYPES[loss_type][1]
     rows = per_token_logps.shape[0]
@@ -150,9 +157,18 @@ def grpo_policy_loss(per_token_logps, old_per_token_logps, advantages, mask, *, 
     elif family == "vespo":
         kwargs = {"k_pos": vespo_k_pos, "lambda_pos": vespo_lambda_pos, "k_neg": vespo_k_neg,
                   "lambda_neg": vespo_lambda_neg, **kwargs}
+    weights = None
     if importance_sampling_ratio is not None:
-        kwargs["rollout_is_weights"] = _rollout_weights(importance_sampling_ratio, mask, family,
-                                                        per_token_logps.shape)
+        weights = _rollout_weights(importance_sampling_ratio, mask, family, per_token_logps.shape)
+    if policy_mask is not None:  # a factor of the policy term per token: the op's rollout weights
+        if FAMILIES[family].rollout_in_row:
+            raise ValueError(f"policy_mask (TRL's off_policy_mask_threshold, top_entropy_quantile) weighs each "
+                             f"token's policy loss, which {family}'s row weight of the rollout weights does not "
+                             f"express")
+        policy_mask = policy_mask.to(per_token_logps.dtype).expand(per_token_logps.shape)
+        weights = policy_mask if weights is None else weights * policy_mask
+    if weights is not None:
+        kwargs["rollout_is_weights"] = weights
     if beta != 0.0:
         if ref_per_token_logps is None:
             raise ValueError("ref_per_token_logps is required when beta != 0")
@@ -179,9 +195,11 @@ class IRTGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         _check_loss_type(self.loss_type)
         a = self.args
+        self.irt_loss_type = irt_loss_type or default_family(self.loss_type, self.importance_sampling_level)
+        in_row = FAMILIES[self.irt_loss_type].rollout_in_row  # no per-token factor of the policy loss
         refused = {
-            "top_entropy_quantile": self.top_entropy_quantile < 1.0,
-            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
+            "top_entropy_quantile with a row-weight family": in_row and self.top_entropy_quantile < 1.0,
+            "off_policy_mask_threshold with a row-weight family": in_row and self.off_policy_mask_threshold is not None,
             # TRL weighs the KL by the sequence ratio there, mixing the tokens of a sequence
             "use_bias_correction_kl at the sequence level": (bool(getattr(a, "use_bias_correction_kl", False))
                                                              and self.beta != 0.0
@@ -189,8 +207,8 @@ class IRTGRPOTrainer(GRPOTrainer):
         }
         bad = [k for k, v in refused.items() if v]
         if bad:
-            raise ValueError(f"IRTGRPOTrainer cannot express these GRPOConfig options: {bad}")
-        self.irt_loss_type = irt_loss_type or default_family(self.loss_type, self.importance_sampling_level)
+            raise ValueError(f"IRTGRPOTrainer cannot express these GRPOConfig options for {self.irt_loss_type}: "
+                             f"{bad}")
         api.PolicyLoss(self.irt_loss_type, **(irt_params or {}))  # validate now, not at the first step
         self.irt_params = dict(irt_params or {})
 
@@ -209,6 +227,7 @@ class IRTGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         acc = self.current_gradient_accumulation_steps if mode == "train" else 1
         a = self.args
+        entropy_mask, policy_mask = self._policy_masks(per_token_logps, old, entropies, mask, inputs)
         loss, metrics = grpo_policy_loss(
             per_token_logps, old, inputs["advantages"], mask, loss_type=self.loss_type,
             family=self.irt_loss_type, params=self.irt_params, epsilon_low=self.epsilon_low,
@@ -221,16 +240,35 @@ class IRTGRPOTrainer(GRPOTrainer):
             steps_per_generation=a.steps_per_generation if mode == "train" else 1,
             max_completion_length=self.max_completion_length,
             importance_sampling_level=self.importance_sampling_level,
-            use_bias_correction_kl=bool(getattr(a, "use_bias_correction_kl", False)))
+            use_bias_correction_kl=bool(getattr(a, "use_bias_correction_kl", False)), policy_mask=policy_mask)
         per_process = {}  # TRL's metrics that are means over processes
         if self._entropy_bonus_enabled:  # TRL's policy_loss: before TRL divides it by the accumulation steps
             per_process["policy_loss"] = loss.detach() * (1 if self.loss_type in ("dapo", "cispo", "vespo") else acc)
-            loss = loss - self._entropy_bonus(entropies, mask, mode, acc)
+            bonus_mask = mask if entropy_mask is None else mask * entropy_mask  # TRL's effective mask
+            loss = loss - self._entropy_bonus(entropies, bonus_mask, mode, acc)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / acc
             per_process["aux_loss"] = aux_loss.detach()
         self._log_irt_metrics(mode, entropies, mask, metrics, per_process)
         return loss
+
+    def _policy_masks(self, per_token_logps, old, entropies, mask, inputs):
+        """(entropy mask, policy mask): TRL's masks of the per-token policy loss, by TRL's own
+        methods: the high-entropy mask of ``top_entropy_quantile`` (a gather across processes,
+        as TRL) and the off-policy sequence mask of ``off_policy_mask_threshold`` (against the
+        sampling log-probs when vLLM gave them, else the old ones); None where off."""
+        entropy_mask = None
+        if self.top_entropy_quantile < 1.0:
+            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+        policy_mask = entropy_mask
+        if self.off_policy_mask_threshold is not None:
+            advantages = inputs["advantages"]
+            advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+            sampling = inputs.get("sampling_per_token_logps", old)
+            opsm = self.get_off_policy_mask(advantages, per_token_logps, sampling, mask,
+                                            self.off_policy_mask_threshold)
+            policy_mask = opsm if policy_mask is None else policy_mask * opsm
+        return entropy_mask, policy_mask
 
     def _entropy_bonus(self, entropies, mask, mode, acc):
         """TRL's entropy bonus c·H̄/acc, H̄ = Σ m·H / max(Σ m, 1) the micro-batch's mean token entropy,
