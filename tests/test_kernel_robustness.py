@@ -67,7 +67,8 @@ def _close(a, b, rtol, what, offset=0.0):
     """Same NaN pattern (NaN must match NaN); the rest within rtol (atol relative to the
     largest finite magnitude, plus ``offset`` for a value whose rounding scales with more than
     its magnitude: excess kurtosis m4/m2² − 3 carries the rounding of a ratio ≈ 3, skewness
-    m3/m2^1.5 that of its terms z³, E|z|³ ≈ 1 however close to 0 their sum is)."""
+    m3/m2^1.5 that of its terms z³, E|z|³ ≈ 1 however close to 0 their sum is, and a mean of
+    signed terms (the loss, ppo_kl, phi_mean, kl_loss) that of its terms, O(1))."""
     a, b = a.double(), b.double()
     assert torch.equal(a.isnan(), b.isnan()), (what, a, b)
     keep = ~a.isnan()
@@ -77,12 +78,12 @@ def _close(a, b, rtol, what, offset=0.0):
                                msg=lambda m: f"{what}: {m}")
 
 
-_MOMENT_OFFSETS = {"kurtosis": 3.0, "skewness": 1.0}
+_MOMENT_OFFSETS = {"kurtosis": 3.0, "skewness": 1.0, "ppo_kl": 1.0, "phi_mean": 1.0, "kl_loss": 1.0}
 
 
 def assert_paths_agree(k, r, rtol=1e-5, grad_rtol=1e-5, skip=()):
     """Loss, every metric (but ``skip``) and the gradient of the two paths agree, NaN for NaN."""
-    _close(k[0], r[0], rtol, "loss")
+    _close(k[0], r[0], rtol, "loss", offset=1.0)
     assert k[1].keys() == r[1].keys()
     for name in set(r[1]) - set(skip):
         _close(k[1][name], r[1][name], rtol, name, offset=_MOMENT_OFFSETS.get(name, 0.0))
