@@ -196,6 +196,8 @@ class IRTGRPOTrainer(GRPOTrainer):
         _check_loss_type(self.loss_type)
         a = self.args
         self.irt_loss_type = irt_loss_type or default_family(self.loss_type, self.importance_sampling_level)
+        api.PolicyLoss(self.irt_loss_type, **(irt_params or {}))  # validate now, not at the first step
+        self.irt_params = dict(irt_params or {})
         in_row = FAMILIES[self.irt_loss_type].rollout_in_row  # no per-token factor of the policy loss
         refused = {
             "top_entropy_quantile with a row-weight family": in_row and self.top_entropy_quantile < 1.0,
@@ -209,8 +211,6 @@ class IRTGRPOTrainer(GRPOTrainer):
         if bad:
             raise ValueError(f"IRTGRPOTrainer cannot express these GRPOConfig options for {self.irt_loss_type}: "
                              f"{bad}")
-        api.PolicyLoss(self.irt_loss_type, **(irt_params or {}))  # validate now, not at the first step
-        self.irt_params = dict(irt_params or {})
 
     def _compute_loss(self, model, inputs):
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
