@@ -78,6 +78,7 @@ def psis_context(x: Inputs, params, fam: KernelFamily, clamp: float, process_gro
     sign = fam.sign_groups
     if sign:
         adv = x.advantages.to(acc) if x.advantages is not None else torch.ones_like(ell)
+        adv = torch.where(torch.isfinite(adv), adv, math.nan)  # a non-finite A is in neither group (SPEC §11)
         groups = [counted & (adv > 0), counted & (adv < 0)]
     else:
         groups = [counted]

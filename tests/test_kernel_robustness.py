@@ -493,6 +493,19 @@ def test_fuzz_both_paths_agree(data):
     assert torch.all(k[2][~counted.view(k[2].shape)] == 0)
 
 
+@pytest.mark.parametrize("value", [INF, -INF, NAN])
+@pytest.mark.parametrize("granularity", ["batch", "sequence"])
+def test_psis_sign_groups_leave_out_a_nonfinite_advantage(granularity, value):
+    """is_reshape_sign with gamma="psis": a counted token whose A is ±inf or NaN belongs to
+    neither sign group of the Pareto fit, as in the kernels' own statistics and the reference
+    (the PSIS context had put A = +inf among the A > 0 tokens: γ+ 0.363 against 0.394)."""
+    lp, olp, adv, mask = _batch(B=3, T=40, dtype=F64, spread=1.5)
+    adv[1, 2], mask[1, 2] = value, True
+    lp[1, 2] = olp[1, 2] + 4.0  # in the tail of either group's fit
+    loss, metrics, grad = both(lp, olp, adv, mask, "is_reshape_sign", gamma="psis", gamma_granularity=granularity)
+    assert loss.isnan() and torch.isfinite(metrics["gamma_pos"]) and torch.isfinite(metrics["gamma_neg"])
+
+
 @pytest.mark.parametrize("stream", ["advantages", "rollout_is_weights"])
 @pytest.mark.parametrize("loss_type", ["is_reshape", "is_reshape_sign", "is_reshape_var"])
 def test_row_gamma_of_a_token_bad_outside_its_log_ratio(loss_type, stream):
