@@ -161,7 +161,7 @@ def plan_forward(logits: torch.Tensor, labels: torch.Tensor, cfg: _Config) -> tu
     return steps, log_prob, lse, entropy
 
 
-def plan_backward(logits, labels, lse, entropy, grad_log_prob, grad_entropy, cfg: _Config) -> tuple:
+def plan_backward(logits, labels, log_prob, lse, entropy, grad_log_prob, grad_entropy, cfg: _Config) -> tuple:
     """(launch, grad_logits) of the backward pass; grad_logits is the logits' own storage
     with ``cfg.inplace``."""
     from .kernels import logits as kl
@@ -181,7 +181,8 @@ def plan_backward(logits, labels, lse, entropy, grad_log_prob, grad_entropy, cfg
     glp = grad_log_prob.reshape(N) if grad_log_prob is not None else lse
     gent = grad_entropy.reshape(N) if grad_entropy is not None else lse
     launch = Launch(kl.logits_backward_kernel, (N * -(-n_chunks // per_program),),
-                    dict(logits_ptr=logits, grad_ptr=grad, labels_ptr=labels, lse_ptr=lse, ent_ptr=entropy,
+                    dict(logits_ptr=logits, grad_ptr=grad, labels_ptr=labels, lp_ptr=log_prob, lse_ptr=lse,
+                         ent_ptr=entropy,
                          glp_ptr=glp, gent_ptr=gent, N=N, V=V, T_in=T_in, s_outer=s_outer,
                          s_inner=s_inner, g_outer=g_outer, g_inner=g_inner, s_lab_outer=s_lab_outer,
                          s_lab_inner=s_lab_inner, s_glp=glp.stride(0), s_gent=gent.stride(0),
@@ -203,7 +204,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
             step()
         shape = labels.shape
         ctx.cfg = cfg
-        ctx.save_for_backward(logits, labels, lse, entropy)
+        ctx.save_for_backward(logits, labels, log_prob, lse, entropy)
         ctx.set_materialize_grads(False)
         if cfg.entropy:
             return log_prob.view(shape), entropy.view(shape)
@@ -213,8 +214,8 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     def backward(ctx, grad_log_prob, grad_entropy=None):
         if grad_log_prob is None and grad_entropy is None:
             return None, None, None
-        logits, labels, lse, entropy = ctx.saved_tensors
-        launch, grad = plan_backward(logits, labels, lse, entropy, grad_log_prob, grad_entropy, ctx.cfg)
+        logits, labels, log_prob, lse, entropy = ctx.saved_tensors
+        launch, grad = plan_backward(logits, labels, log_prob, lse, entropy, grad_log_prob, grad_entropy, ctx.cfg)
         if launch is not None:
             launch()
         if ctx.cfg.inplace:  # the kernel wrote the logits through a raw pointer: tell autograd
@@ -296,8 +297,8 @@ def traffic_model(N: int, V: int, dtype: torch.dtype, entropy_grad: bool = False
     forward: the logits once, labels, the target logit again, log_prob / lse / entropy
     written; more than one chunk or sharded V: the records written and read back (tp ×
     with the all-gather), and the tickets (memset, atomic) when a token's chunks span
-    several programs. backward: the logits once, grad_logits written once, labels, lse,
-    g (with an entropy gradient also H and g_H)."""
+    several programs. backward: the logits once, grad_logits written once, labels, log_prob,
+    lse, g (with an entropy gradient also H and g_H)."""
     item = torch.empty((), dtype=dtype).element_size()
     n_chunks, _ = vocab_chunks(V)
     total = N * V * item + N * (label_bytes + item + 3 * 4)
@@ -308,5 +309,5 @@ def traffic_model(N: int, V: int, dtype: torch.dtype, entropy_grad: bool = False
     elif chunks_per_program(N, n_chunks) < n_chunks:
         total += 2 * N * 4  # tickets
     if backward:
-        total += 2 * N * V * item + N * (label_bytes + 4 + 4 + (8 if entropy_grad else 0))
+        total += 2 * N * V * item + N * (label_bytes + 4 + 4 + 4 + (8 if entropy_grad else 0))
     return total

@@ -17,7 +17,7 @@ They are reduced once per chunk to a *record* (M, S, Q, t): M = max,
 S = Σ e^{z−M}, Q = Σ e^{z−M}(z − M), t = z[label] if the label's column lies in the
 chunk, else 0. Records merge exactly
 (w_r = e^{M_r − M}: S = Σ w_r S_r, Q = Σ w_r (Q_r + S_r (M_r − M)), t = Σ t_r), and
-    lse = M + log S,  H = log S − Q/S  (= lse − Σ p·z),  log_prob = t − lse.
+    lse = M + log S,  H = log S − Q/S  (= lse − Σ p·z),  log_prob = (t − M) − log S.
 
 Forward modes (``MODE``):
   DIRECT   n_chunks = 1: the program writes log_prob, lse, H itself (no record).
@@ -136,11 +136,13 @@ def merge_records(rec, n_ranks, rank_stride, n_chunks, BLOCK_R: tl.constexpr):
 
 @triton.jit
 def store_token(n, M, S, Q, t, label, V_total, lp_ptr, lse_ptr, ent_ptr, ENTROPY: tl.constexpr):
-    """log_prob = t − lse (NaN for a label outside [0, V_total)), lse = M + log S, H = log S − Q/S."""
+    """log_prob = (t − M) − log S (NaN for a label outside [0, V_total)), lse = M + log S,
+    H = log S − Q/S. log_prob as (t − M) − log S rounds at the scale of t − M and log S, as
+    torch's log_softmax does, not at that of lse (t − lse loses ~|lse|·2^-24: 2e-6 at z ≈ 30)."""
     log_s = tl.log(S)
     lse = M + log_s
     valid = (label >= 0) & (label < V_total)
-    tl.store(lp_ptr + n, tl.where(valid, t - lse, float("nan")))
+    tl.store(lp_ptr + n, tl.where(valid, (t - M) - log_s, float("nan")))
     tl.store(lse_ptr + n, lse)
     if ENTROPY:
         tl.store(ent_ptr + n, log_s - Q / S)
@@ -208,22 +210,24 @@ def merge_vocab_records_kernel(
                                "s_lab_outer", "s_lab_inner", "s_glp", "s_gent", "n_chunks", "chunk_tiles",
                                "per_program", "vocab_lo"])
 def logits_backward_kernel(
-    logits_ptr, grad_ptr, labels_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
+    logits_ptr, grad_ptr, labels_ptr, lp_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
     N, V, T_in, s_outer, s_inner, g_outer, g_inner, s_lab_outer, s_lab_inner,
     s_glp, s_gent, n_chunks, chunk_tiles, per_program, vocab_lo, inv_temp,
     LP_GRAD: tl.constexpr, ENT_GRAD: tl.constexpr, ALIGN: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """grad_logits = [g·(onehot − p) − g_H·p·(log p + H)]/temperature on a program's chunks,
-    p = e^{z − lse} (log p + H = z − Σp·z), written in the gradient's dtype (the
-    logits' storage itself for an in-place backward). A token with g = g_H = 0 (masked)
-    gets exact zeros without reading its logits. Elementwise given lse and H: the row's
-    bits do not depend on the launch."""
+    log p = z − lse (log p + H = z − Σp·z), at the label's column the forward's log_prob
+    (rounded at the scale of log p, not of lse: 1 − p of a peaked row keeps its digits),
+    written in the gradient's dtype (the logits' storage itself for an in-place backward).
+    A token with g = g_H = 0 (masked) gets exact zeros without reading its logits.
+    Elementwise given log_prob, lse and H: the row's bits do not depend on the launch."""
     n, c_lo, c_hi = work_item(tl.program_id(0), n_chunks, per_program)
     lo, hi = chunk_columns(c_lo, c_hi, chunk_tiles, V, ALIGN, BLOCK_V)
     row = vocab_row(logits_ptr, n, T_in, s_outer, s_inner, ALIGN)
     out = vocab_row(grad_ptr, n, T_in, g_outer, g_inner, ALIGN)
     loc = tl.load(token_ptr(labels_ptr, n, T_in, s_lab_outer, s_lab_inner)) - vocab_lo
     lse = tl.load(lse_ptr + n)
+    lp = tl.load(lp_ptr + n)
     g = tl.zeros([], tl.float32)
     g_h = tl.zeros([], tl.float32)
     h = tl.zeros([], tl.float32)
@@ -234,13 +238,14 @@ def logits_backward_kernel(
         h = tl.load(ent_ptr + n)
     live = (g != 0.0) | (g_h != 0.0)
     hi_read = tl.where(live, hi, lo)  # a dead token's logits are not read: z = 0, and with
-    lse = tl.where(live, lse, 0.0)  # finite lse and H every term below is exactly 0
+    lse = tl.where(live, lse, 0.0)  # finite lse, log_prob and H every term below is exactly 0
+    lp = tl.where(live, lp, 0.0)
     h = tl.where(live, h, 0.0)
     offs = tl.arange(0, BLOCK_V)
     for v0 in range(lo, hi, BLOCK_V):
         cols = v0 + offs
         z = tl.load(row + cols, mask=cols < hi_read, other=0.0).to(tl.float32) * inv_temp
-        log_p = z - lse
+        log_p = tl.where(cols == loc, lp, z - lse)
         p = tl.exp(log_p)
         dz = g * (tl.where(cols == loc, 1.0, 0.0) - p)
         if ENT_GRAD:  # p·log p → 0 at a −inf logit
