@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from _cases import AGG_MODES as ALL_AGG_MODES
 from _cases import FAMILY_CONFIGS, pairwise, sampled
 from _rounding import assert_rounded_once
-from test_kernel_robustness import _MOMENT_OFFSETS, _close
+from test_kernel_robustness import ROUNDING_OFFSETS, _close
 
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 FAMILIES = sampled(3)  # every family (its first configuration) and every third row of the shared table
@@ -413,10 +413,10 @@ def test_fuzz_from_logits_both_paths_agree(data):
     assert kernels[0] == "logits_forward_kernel" and not r_kernels
     # the paths' log-probs differ by the rounding of the log-sum-exp (~1e-6 of |z|), which φ and
     # the moments amplify: 1e-4 of each value's scale, the moments with their offsets
-    _close(loss, r_loss, 1e-4, "loss", offset=1.0)
+    _close(loss, r_loss, 1e-4, "loss", offset=ROUNDING_OFFSETS["loss"])
     assert set(metrics) == set(r_metrics)
     for name, value in metrics.items():
-        _close(value, r_metrics[name], 1e-4, name, offset=_MOMENT_OFFSETS.get(name, 0.0))
+        _close(value, r_metrics[name], 1e-4, name, offset=ROUNDING_OFFSETS.get(name, 0.0))
     z = logits.float().nan_to_num(posinf=0.0, neginf=0.0).abs().max() / kw["temperature"]
     _close(ent, r_ent, 1e-5, "entropy", offset=float(z))  # H = lse − Σ p·z: rounding of |z|, not of H
     _close(grad, r_grad, max(1e-4, GRAD_RTOL[logits.dtype]), "grad_logits")

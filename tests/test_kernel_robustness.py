@@ -78,15 +78,16 @@ def _close(a, b, rtol, what, offset=0.0):
                                msg=lambda m: f"{what}: {m}")
 
 
-_MOMENT_OFFSETS = {"kurtosis": 3.0, "skewness": 1.0, "ppo_kl": 1.0, "phi_mean": 1.0, "kl_loss": 1.0}
+#: ``_close``'s offset of a value whose rounding scales with more than its magnitude (by name)
+ROUNDING_OFFSETS = {"kurtosis": 3.0, "skewness": 1.0, "loss": 1.0, "ppo_kl": 1.0, "phi_mean": 1.0, "kl_loss": 1.0}
 
 
 def assert_paths_agree(k, r, rtol=1e-5, grad_rtol=1e-5, skip=()):
     """Loss, every metric (but ``skip``) and the gradient of the two paths agree, NaN for NaN."""
-    _close(k[0], r[0], rtol, "loss", offset=1.0)
+    _close(k[0], r[0], rtol, "loss", offset=ROUNDING_OFFSETS["loss"])
     assert k[1].keys() == r[1].keys()
     for name in set(r[1]) - set(skip):
-        _close(k[1][name], r[1][name], rtol, name, offset=_MOMENT_OFFSETS.get(name, 0.0))
+        _close(k[1][name], r[1][name], rtol, name, offset=ROUNDING_OFFSETS.get(name, 0.0))
     assert k[2].dtype == r[2].dtype and k[2].shape == r[2].shape
     _close(k[2], r[2], max(rtol, grad_rtol), "grad")
 
