@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import isreshape_triton as irt
 from isreshape_triton.metrics import metric_names
 from isreshape_triton.families.is_reshape_sign import NEG_SATURATIONS, POS_WEIGHTS
-from isreshape_triton.params import AGG_MODES, LOSS_TYPES, AggConfig
+from isreshape_triton.params import AGG_MODES, LOSS_TYPES, AggConfig, make_params
 
 ref = irt.reference
 F64 = torch.float64
@@ -461,6 +461,25 @@ def test_hand_sapo():
     assert _terms("sapo", LN2, 1.0) == pytest.approx((1.572895465931855, 2.9242343145200196))
     # A=−1, τ_neg=1.05, w=0.5: φ = −0.5·sech²(−0.2625) = −0.467070; F = −(4/1.05)·σ(−0.525) = −1.415938
     assert _terms("sapo", -LN2, -1.0) == pytest.approx((-0.46706991164269634, -1.4159383303033666))
+
+
+@pytest.mark.parametrize("loss_type, params", [
+    ("sapo", {}), ("sapo", {"tau_neg": 2.0}),
+    ("is_reshape_tr", {"gamma_base": 1.0, "gamma_max": 1.0, "tau_h": 0.5}),  # γ_t = 1: the tanh part alone
+])
+def test_saturated_gradient_keeps_its_digits(loss_type, params):
+    """Where σ or tanh saturates (τ(w−1) up to 40), the fp32 reference's gradient keeps the digits
+    that fp32's w − 1 allows (relative error ≈ τ(w−1)·2⁻²⁴) against float64 on the same inputs;
+    autograd's σ·(1 − σ) or 1 − tanh² gives 0 there."""
+    ell64 = torch.tensor([2.0, 3.0, 3.6, 3.7, -1e-3, 0.5]).to(F64)  # fp32 values
+    adv64 = torch.tensor([1.0, 1.0, -1.0, 1.0, -1.0, -1.0], dtype=F64)
+    grads = []
+    for dtype in (torch.float32, F64):
+        ell = ell64.to(dtype).requires_grad_()
+        ref.phi_F(loss_type, ell, adv64.to(dtype), make_params(loss_type, **params)).F.sum().backward()
+        grads.append(ell.grad.to(F64))
+    assert (grads[1].abs() > 0).all() and (grads[1].abs() < 1e-5).sum() >= 2  # saturated, not 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=0)
 
 
 def test_hand_vespo():

@@ -9,7 +9,7 @@ import torch
 
 from ..family import Family, KernelFamily, floats
 from ..options import Options, set_real
-from ..reference.shared import TokenTerms, sech2_half
+from ..reference.shared import TokenTerms, sech2_half, tanh
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def is_reshape_tr(ell, adv, *, params):
     gamma_t = p.gamma_base + (p.gamma_max - p.gamma_base) * torch.sigmoid(-adv * ld / p.tau_c)
     x = p.tau_h * torch.expm1(ld)  # τ_h(w−1)
     phi = ((1.0 - gamma_t) + gamma_t * torch.exp(ld) * sech2_half(x)) * adv
-    F = adv * ((1.0 - gamma_t) * ell + gamma_t * (2.0 / p.tau_h) * torch.tanh(p.tau_h * torch.expm1(ell) / 2.0))
+    F = adv * ((1.0 - gamma_t) * ell + gamma_t * (2.0 / p.tau_h) * tanh(p.tau_h * torch.expm1(ell) / 2.0))
     return TokenTerms(phi, F, gamma_t, {})
 
 

@@ -9,7 +9,7 @@ import torch
 
 from ..family import Family, KernelFamily, floats
 from ..options import Options, set_real
-from ..reference.shared import TokenTerms, const, ones_like, sech2_half
+from ..reference.shared import TokenTerms, const, ones_like, sech2_half, sigmoid
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ def sapo(ell, adv, *, params):
     tau = torch.where(adv > 0, const(p.tau_pos, ell), const(p.tau_neg, ell))
     ld = ell.detach()
     phi = adv * torch.exp(ld) * sech2_half(tau * torch.expm1(ld))
-    F = adv * (4.0 / tau) * torch.sigmoid(tau * torch.expm1(ell))
+    F = adv * (4.0 / tau) * sigmoid(tau * torch.expm1(ell))
     return TokenTerms(phi, F, ones_like(ell), {})
 
 

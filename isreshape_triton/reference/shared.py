@@ -1,5 +1,6 @@
 """What every family's reference shares: the token terms a reference returns, the overflow-free
-expm1(γℓ)/γ, sech², and the masked reductions of the metrics (float64, detached).
+expm1(γℓ)/γ, sech², σ and tanh whose derivatives keep their digits where they saturate, and
+the masked reductions of the metrics (float64, detached).
 
 A family's reference (``isreshape_triton/families/<name>.py``) takes the clamped log-ratio
 ``ell`` (ℓ, carries the gradient), the advantages ``adv`` (A, no gradient), its ``params``
@@ -68,6 +69,56 @@ def expm1_over(gamma, ell):
 def sech2_half(x):
     """sech²(x/2) = 4·σ(x)·σ(−x), accurate for large |x|."""
     return 4.0 * torch.sigmoid(x) * torch.sigmoid(-x)
+
+
+class _Sigmoid(torch.autograd.Function):
+    """σ(x), ∂/∂x = σ(x)·σ(−x): autograd's σ·(1 − σ) loses every digit where σ → 1 (fp32:
+    x ≳ 17), the kernels' derivative does not. Differentiable torch ops (double backward)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.sigmoid(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        return grad * 0.25 * sech2_half(x)
+
+
+class _Tanh(torch.autograd.Function):
+    """tanh(x), ∂/∂x = sech²(x) = 4·σ(2x)·σ(−2x): autograd's 1 − tanh² loses every digit
+    where |tanh| → 1. Differentiable torch ops (double backward)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        return grad * sech2_half(2.0 * x)
+
+
+def sigmoid(x):
+    """σ(x) whose gradient keeps its digits where σ saturates (:class:`_Sigmoid`)."""
+    return _Sigmoid.apply(x)
+
+
+def tanh(x):
+    """tanh(x) whose gradient keeps its digits where tanh saturates (:class:`_Tanh`)."""
+    return _Tanh.apply(x)
 
 
 def ones_like(ell):
