@@ -129,10 +129,13 @@ def trace(loss_type: str, case: Case, dtype=torch.float32, options: Optional[dic
     launch.Launch.__call__ = lambda self: recorded.append(self)
     try:
         lp, old, adv, mask, extra = case_inputs(case, dtype, "meta")
+        options = dict(options or {})
+        if "rollout_correction" in options:  # the rollout log-probs: a stream like old_log_prob
+            options["rollout_log_prob"] = torch.empty_like(old)
         seed = torch.ones((), dtype=dtype, device="meta")
         launch.completion_ticket(lp.device)  # allocated by the first call only: steady state, as in training
         with count_work(track_memory=False) as work:
-            loss, _ = ops.fused_policy_loss(lp, old, adv, mask, loss_type, **extra, **(options or {}))
+            loss, _ = ops.fused_policy_loss(lp, old, adv, mask, loss_type, **extra, **options)
             # the gradient itself: on meta tensors AccumulateGrad copies it into .grad, where a real
             # device steals the op's output buffer (no aten op)
             torch.autograd.grad(loss, lp, seed.to(loss.dtype))

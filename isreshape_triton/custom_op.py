@@ -23,7 +23,7 @@ from .inputs import Inputs
 from .kernels import layout
 from .launch import SEQ_AGG_MODES, acc_dtype, backward_launch, geometry, plan_launches
 from .options import as_number
-from .params import AggConfig, KLConfig
+from .params import NO_CORRECTION, AggConfig, KLConfig
 
 # The fused op as two PyTorch custom ops (torch.library), so that torch.compile (no graph
 # break), torch.func and CUDA graphs see one opaque op with a fake implementation (output
@@ -35,24 +35,26 @@ from .params import AggConfig, KLConfig
 # ``_policy_loss_forward`` (before loss_agg_mode) and of its fake; ``_run_fused`` passes it.
 
 _CONFIG_INTS = ("family", "opt", "gamma_mode", "gamma_rule", "needs_stats", "per_row", "sign_groups", "dp_size",
-                "write_grad", "kl_type", "extra_terms")
+                "write_grad", "kl_type", "extra_terms", "correction")
 _CONFIG_FLOATS = ("clamp", "rho_min", "fixed_a", "fixed_b", "range_a_lo", "range_a_hi", "range_b_lo",
                   "range_b_hi", "global_token_count", "global_batch_size", "loss_scale_factor",
-                  "kl_coef")  # + params
+                  "kl_coef", "w_lo", "w_hi", "w_low_metric", "x_lo", "x_hi")  # + params
 
 
-def encode_config(fam: KernelFamily, agg: AggConfig, kl: KLConfig, clamp: float, write_grad: bool) -> tuple:
+def encode_config(fam: KernelFamily, agg: AggConfig, kl: KLConfig, clamp: float, write_grad: bool,
+                  correction: tuple = NO_CORRECTION) -> tuple:
     """(loss_agg_mode, ints, floats): the op's configuration as custom-op arguments, ints
     and floats in the order of ``_CONFIG_INTS`` and ``_CONFIG_FLOATS`` + the family's
     runtime floats. A count given as a tensor is an op input; it and a missing number are −1.
-    A float may be a ``torch.SymFloat`` (see :func:`split_symbolic`)."""
+    A float may be a ``torch.SymFloat`` (see :func:`split_symbolic`). ``correction``: the
+    rollout correction's (CORRECTION, floats) (``params.correction_args``)."""
     ints = [list(FAMILIES).index(fam.name), fam.opt, GAMMA_MODES.index(fam.gamma_mode), int(fam.gamma_rule is not None),
             int(fam.needs_stats), int(fam.per_row), int(fam.sign_groups), agg.dp_size, int(write_grad), kl.code,
-            fam.extra_terms]
+            fam.extra_terms, correction[0]]
     counts = [-1.0 if v is None or isinstance(v, torch.Tensor) else as_number(v)
               for v in (agg.global_token_count, agg.global_batch_size, agg.loss_scale_factor)]
     floats = [as_number(clamp), *(fam.gamma_rule or GammaRule()).as_tuple(), *counts, as_number(kl.kl_coef),
-              *fam.params]
+              *correction[1], *fam.params]
     return agg.loss_agg_mode, ints, floats
 
 
@@ -71,7 +73,7 @@ def split_symbolic(floats: list) -> tuple:
 
 
 def decode_config(loss_agg_mode: str, ints, floats, global_token_count=None, global_batch_size=None):
-    """(KernelFamily, AggConfig, KLConfig, clamp, write_grad) back from :func:`encode_config`."""
+    """(KernelFamily, AggConfig, KLConfig, clamp, write_grad, correction) back from :func:`encode_config`."""
     i = dict(zip(_CONFIG_INTS, ints, strict=True))
     f = dict(zip(_CONFIG_FLOATS, floats))
     rule = GammaRule(f["rho_min"], f["fixed_a"], f["fixed_b"], (f["range_a_lo"], f["range_a_hi"]),
@@ -84,7 +86,8 @@ def decode_config(loss_agg_mode: str, ints, floats, global_token_count=None, glo
     agg = AggConfig(loss_agg_mode, i["dp_size"], global_token_count if global_token_count is not None else gtc,
                     global_batch_size if global_batch_size is not None else gbs, lsf)
     kl = KLConfig.from_code(f["kl_coef"], i["kl_type"])
-    return fam, agg, kl, f["clamp"], bool(i["write_grad"])
+    correction = (i["correction"], tuple(f[k] for k in ("w_lo", "w_hi", "w_low_metric", "x_lo", "x_hi")))
+    return fam, agg, kl, f["clamp"], bool(i["write_grad"]), correction
 
 
 def _policy_loss_forward(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: Optional[torch.Tensor],
@@ -102,12 +105,12 @@ def _policy_loss_forward(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv
         floats = list(floats)
         for i, v in zip(symbolic_index, symbolic_floats.tolist(), strict=True):
             floats[i] = v
-    fam, agg, kl, clamp, write_grad = decode_config(loss_agg_mode, ints, floats, global_token_count,
-                                                    global_batch_size)
+    fam, agg, kl, clamp, write_grad, correction = decode_config(loss_agg_mode, ints, floats, global_token_count,
+                                                                global_batch_size)
     x = Inputs(log_prob, old_log_prob, advantages, response_mask, log_prob.shape, cu_seqlens, rollout,
                ref_log_prob)
     process_group = torch.distributed.distributed_c10d._resolve_process_group(group) if group else None
-    plan = plan_launches(x, fam, agg, clamp, write_grad, gamma, process_group, kl)
+    plan = plan_launches(x, fam, agg, clamp, write_grad, gamma, process_group, kl, correction)
     for step in plan.steps:
         step()
     neg_phi = plan.neg_phi if write_grad else launch.empty_buffer((0,), plan.loss.dtype, log_prob.device)
@@ -213,11 +216,11 @@ class _FusedPolicyLoss(torch.autograd.Function):
 
 
 def run_fused(x: Inputs, mask, gamma, fam: KernelFamily, agg: AggConfig, kl: KLConfig, clamp: float,
-              write_grad: bool, process_group=None) -> tuple:
+              write_grad: bool, process_group=None, correction: tuple = NO_CORRECTION) -> tuple:
     """(loss, metric vector) from the custom op; old_log_prob, advantages, the mask, the
     rollout weights and ref_log_prob enter detached, so the loss requires grad exactly when
-    log_prob does."""
-    mode, ints, floats = encode_config(fam, agg, kl, clamp, write_grad)
+    log_prob does. ``correction``: the rollout correction's (CORRECTION, floats)."""
+    mode, ints, floats = encode_config(fam, agg, kl, clamp, write_grad, correction)
     floats, symbolic, index = split_symbolic(floats)
     counts = [v if isinstance(v, torch.Tensor) else None for v in (agg.global_token_count, agg.global_batch_size)]
     detached = [None if t is None else t.detach() for t in (x.old_log_prob, x.advantages, mask)]

@@ -25,7 +25,7 @@ class Inputs:
     response_mask: Optional[torch.Tensor]  # like log_prob, or None (all count)
     shape: torch.Size  # the caller's shape of log_prob
     cu_seqlens: Optional[torch.Tensor] = None  # [S + 1] offsets of the packed layout
-    rollout: Optional[torch.Tensor] = None  # rollout IS weights r, like log_prob (SPEC §2)
+    rollout: Optional[torch.Tensor] = None  # rollout IS weights r, or rollout log-probs, like log_prob (SPEC §2)
     ref_log_prob: Optional[torch.Tensor] = None  # log π_ref for the KL term, like log_prob (SPEC §4.1)
 
     @property
@@ -82,7 +82,7 @@ def _token_streams(streams: dict, shape) -> dict:
 
 
 def _prepare_packed(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, validate,
-                    rollout, ref_log_prob) -> Inputs:
+                    rollout, ref_log_prob, rollout_name) -> Inputs:
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor of S + 1 offsets, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -98,7 +98,7 @@ def _prepare_packed(log_prob, old_log_prob, advantages, response_mask, cu_seqlen
     # becomes a contiguous device copy (no sync)
     cu_seqlens = cu_seqlens.contiguous()
     tensors = {"old_log_prob": old_log_prob, "cu_seqlens": cu_seqlens,
-               **_token_streams({"rollout_is_weights": rollout, "ref_log_prob": ref_log_prob}, log_prob.shape)}
+               **_token_streams({rollout_name: rollout, "ref_log_prob": ref_log_prob}, log_prob.shape)}
     if advantages is not None:
         _check_tensor("advantages", advantages)
         if advantages.shape not in ((n,), (S,)):
@@ -143,7 +143,12 @@ def pad_packed(x: Inputs, max_len: int) -> Inputs:
 
 def prepare_inputs(log_prob, old_log_prob, advantages, response_mask,
                    log_ratio_clamp: float = 20.0, cu_seqlens=None, validate: bool = False,
-                   rollout_is_weights=None, ref_log_prob=None) -> Inputs:
+                   rollout_is_weights=None, ref_log_prob=None, rollout_log_prob=None) -> Inputs:
+    """The checked inputs as [R, T] row views (or packed [N]); the rollout stream holds
+    ``rollout_is_weights`` or ``rollout_log_prob`` (``params.rollout_config`` lets one through)."""
+    rollout_name = "rollout_is_weights" if rollout_log_prob is None else "rollout_log_prob"
+    if rollout_log_prob is not None:
+        rollout_is_weights = rollout_log_prob
     _check_tensor("log_prob", log_prob)
     _check_tensor("old_log_prob", old_log_prob)
     if log_prob.dim() < 1:
@@ -155,7 +160,7 @@ def prepare_inputs(log_prob, old_log_prob, advantages, response_mask,
         raise ValueError(f"log_ratio_clamp must be a finite number > 0, got {log_ratio_clamp!r}")
     if cu_seqlens is not None:
         return _prepare_packed(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, validate,
-                               rollout_is_weights, ref_log_prob)
+                               rollout_is_weights, ref_log_prob, rollout_name)
     device = log_prob.device
     shape = log_prob.shape
     if log_prob.dim() == 1:  # a single sequence
@@ -164,7 +169,7 @@ def prepare_inputs(log_prob, old_log_prob, advantages, response_mask,
         lead, T = tuple(shape[:-1]), shape[-1]
     rows = math.prod(lead)
 
-    optional = _token_streams({"rollout_is_weights": rollout_is_weights, "ref_log_prob": ref_log_prob}, shape)
+    optional = _token_streams({rollout_name: rollout_is_weights, "ref_log_prob": ref_log_prob}, shape)
     tensors = {"old_log_prob": old_log_prob, **optional}
     if advantages is not None:
         _check_tensor("advantages", advantages)
@@ -189,5 +194,5 @@ def prepare_inputs(log_prob, old_log_prob, advantages, response_mask,
             adv = advantages.reshape(rows, 1).expand(rows, T)
     mask = None if response_mask is None else _rows_view("response_mask", response_mask, rows, T)
     rollout, ref = (None if t is None else _rows_view(name, t, rows, T)
-                    for name, t in (("rollout_is_weights", rollout_is_weights), ("ref_log_prob", ref_log_prob)))
+                    for name, t in ((rollout_name, rollout_is_weights), ("ref_log_prob", ref_log_prob)))
     return Inputs(lp, olp, adv, mask, shape, None, rollout, ref)

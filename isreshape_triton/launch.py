@@ -31,7 +31,7 @@ from .kernels import layout
 from .kernels.backward import policy_grad_kernel
 from .kernels.loss import token_loss_kernel
 from .kernels.stats import batch_stats_kernel
-from .params import AGG_MODES, AggConfig, KLConfig, make_params
+from .params import AGG_MODES, NO_CORRECTION, AggConfig, KLConfig, make_params
 
 _AGG_CODE = {name: i for i, name in enumerate(AGG_MODES)}
 assert _AGG_CODE["seq-mean-token-mean"] == kfin.SEQ_MEAN_TOKEN_MEAN.value
@@ -188,12 +188,13 @@ def geometry(x: Inputs, tiling: Tiling = None) -> dict:
 
 def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, write_grad: bool,
                   gamma: Optional[torch.Tensor] = None, process_group=None,
-                  kl: KLConfig = KLConfig()) -> Plan:
+                  kl: KLConfig = KLConfig(), correction: tuple = NO_CORRECTION) -> Plan:
     """Allocate the outputs and list the steps of the forward pass: 1-2 kernel launches,
     plus one all-gather of the statistics records with ``process_group``.
 
     ``gamma``: the (c0, c1) context computed on the device beforehand (PSIS), shape
-    [2] for the batch or [rows, 2] per row.
+    [2] for the batch or [rows, 2] per row. ``correction``: the rollout correction's
+    (CORRECTION, floats) (``params.correction_args``); then ``x.rollout`` holds log π_rollout.
     """
     dev = x.log_prob.device
     acc = acc_dtype(x.log_prob.dtype)
@@ -224,17 +225,21 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
 
     streams = _streams(x)
     tokens = dict(**streams, cu_ptr=cu, N=N, T=geo["T"], S=S, chunk=geo["chunk"], n_chunks=n_chunks,
-                  clamp=float(clamp), gamma_rule=(fam.gamma_rule or GammaRule()).as_tuple())
+                  clamp=float(clamp), gamma_rule=(fam.gamma_rule or GammaRule()).as_tuple(),
+                  corr=tuple(float(v) for v in correction[1]))
+    code = correction[0] if x.rollout is not None else 0
     flags = dict(ACC=_tl_dtype(x.log_prob.dtype), UNIT_STRIDE=_unit_token_stride(x, streams),
                  HAS_ADV=x.advantages is not None,
                  HAS_MASK=x.response_mask is not None, HAS_ROLLOUT=x.rollout is not None,
-                 PACKED=x.packed, KS=KS, G=G)
+                 CORRECTION=code, PACKED=x.packed, KS=KS, G=G)
     device = device_functions(fam.name)
     steps = []
     if fam.needs_stats:
         block, options = _tile(STATS_TILE_ESS_EXACT if fam.ess_exact else STATS_TILE, fp64)
-        # pass 1 reads the rollout weights only where they enter a row weight (W), not a γ rule
-        pass1 = {**flags, "HAS_ROLLOUT": x.rollout is not None and fam.rollout_in_row}
+        # pass 1 reads the rollout stream only where the weights enter a row weight (W), not a γ rule,
+        # or where a correction's rejection leaves the count mask
+        in_row = x.rollout is not None and fam.rollout_in_row
+        pass1 = {**flags, "HAS_ROLLOUT": in_row or (code // 4) % 4 != 0, "ROLLOUT_IN_ROW": in_row}
         steps.append(Launch(batch_stats_kernel, (programs,),
                             dict(**tokens, rec_ptr=stats, scratch_ptr=partial, scratch_stride=partial.stride(0),
                                  params=fam.params),
@@ -274,7 +279,7 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
                                + 2 * isinstance(agg.global_batch_size, torch.Tensor)),
              SEQ_GAMMA=fam.per_row and not fam.row_weight,
              SLOTS=layout.partial_slots(fam.sign_groups, not batch_stats, kl_type != 0,
-                                        fam.gamma_stats, seq_agg, fam.extra_terms),
+                                        fam.gamma_stats, seq_agg, fam.extra_terms, code != 0),
              WARPS=LOSS_WARPS, BLOCK_REC=BLOCK_REC, BLOCK_T=block,
              BLOCK_P=max(_pow2(TILING.max_programs), 32 * LOSS_WARPS),  # a lane per thread at least
              BLOCK_E=BLOCK_ELEMENTS),

@@ -61,6 +61,13 @@ gamma="psis" (is_reshape, is_reshape_var; is_reshape_sign per group)
 
 with ref_log_prob (SPEC §4.1)
   kl_loss          agg(k_t) of verl's kl_penalty (without kl_coef), the loss's own aggregation
+
+with rollout_log_prob (``RolloutCorrection``), over the n₀ tokens the mask counts before the
+correction's rejection (the others above count after it), with ρ = π_old/π_rollout (or π/π_rollout)
+  rollout_is_mean             Σ r/n₀, the applied rollout IS weight
+  rollout_is_fraction_high    fraction with ρ > weight_max
+  rollout_is_fraction_low     fraction with ρ < weight_min (1/weight_max when it is None, as verl)
+  rollout_rs_masked_fraction  fraction rejected
 """
 from __future__ import annotations
 
@@ -73,10 +80,12 @@ EXTRAS = {name: (GAMMA_STATS if family.gamma_stats else ()) + family.metrics + f
           for name, family in FAMILIES.items()}
 PSIS = ("psis_k", "psis_unreliable")
 KL = ("kl_loss",)
+ROLLOUT = ("rollout_is_mean", "rollout_is_fraction_high", "rollout_is_fraction_low", "rollout_rs_masked_fraction")
 
 
-def metric_names(loss_type: str, params=None, kl: bool = False) -> tuple:
+def metric_names(loss_type: str, params=None, kl: bool = False, rollout: bool = False) -> tuple:
     """The metric keys every path returns for ``loss_type`` (and its params), in a fixed order;
-    ``kl``: a ``ref_log_prob`` was given (kl_loss = agg(k_t), without β)."""
+    ``kl``: a ``ref_log_prob`` was given (kl_loss = agg(k_t), without β); ``rollout``: a rollout
+    correction (``rollout_log_prob``)."""
     psis = params is not None and getattr(params, "gamma", None) == "psis"
-    return COMMON + EXTRAS[loss_type] + (PSIS if psis else ()) + (KL if kl else ())
+    return COMMON + EXTRAS[loss_type] + (PSIS if psis else ()) + (KL if kl else ()) + (ROLLOUT if rollout else ())

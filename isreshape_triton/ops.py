@@ -14,15 +14,20 @@ context: ``psis_context.py``.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .custom_op import run_fused
 from .families import FAMILIES, kernel_family
-from .inputs import prepare_inputs
+from .inputs import Inputs, prepare_inputs
 from .kernels import layout
 from .metrics import metric_names
 from .options import as_number
-from .params import AggConfig, check_log_ratio_clamp, check_process_group, kl_config, make_params
+from .launch import acc_dtype
+from .params import (AggConfig, check_log_ratio_clamp, check_process_group, correction_args, kl_config, make_params,
+                     rollout_config)
+from .reference.rollout import rollout_terms
 from .psis_context import psis_context
 
 #: a family's metric → its slot in the metric vector (the common ones, then its extras in order)
@@ -36,7 +41,8 @@ def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=Non
                       global_token_count=None, global_batch_size=None, loss_scale_factor=None,
                       log_ratio_clamp=20.0, cu_seqlens=None, validate=False, rollout_is_weights=None,
                       ref_log_prob=None, kl_coef=None, kl_type="low_var_kl", kl_correction=None,
-                      process_group=None, params=None, **family_params):
+                      process_group=None, rollout_log_prob=None, rollout_correction=None, params=None,
+                      **family_params):
     """``irt.policy_loss`` on the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
 
     With ``process_group`` every rank merges the statistics records of all ranks, so γ
@@ -47,8 +53,9 @@ def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=Non
     params = make_params(loss_type, params, **family_params)
     agg = AggConfig(loss_agg_mode, dp_size, global_token_count, global_batch_size, loss_scale_factor)
     kl = kl_config(kl_coef, kl_type, ref_log_prob, kl_correction)
+    correction = rollout_config(rollout_is_weights, rollout_log_prob, rollout_correction)
     x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, log_ratio_clamp,
-                       cu_seqlens, validate, rollout_is_weights, ref_log_prob)
+                       cu_seqlens, validate, rollout_is_weights, ref_log_prob, rollout_log_prob)
     agg.check_device(x.log_prob.device)
     mask = x.response_mask
     if mask is not None and mask.dtype.is_floating_point and mask.element_size() == 1:
@@ -56,11 +63,29 @@ def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=Non
     fam = kernel_family(loss_type, params)
     gamma, extra = (None, {})
     if fam.psis:
-        gamma, extra = psis_context(x, params, fam, as_number(log_ratio_clamp), process_group)
+        gamma, extra = psis_context(_rejected(x, correction, log_ratio_clamp), params, fam,
+                                    as_number(log_ratio_clamp), process_group)
     write_grad = torch.is_grad_enabled() and x.log_prob.requires_grad
     loss, metric_vec = run_fused(x, mask, gamma, fam, agg, kl, as_number(log_ratio_clamp), write_grad,
-                                 process_group)
+                                 process_group, correction_args(correction))
     slots = _METRIC_SLOTS[loss_type]
     metrics = {name: extra[name] if name in extra else metric_vec[slots[name]]
-               for name in metric_names(loss_type, params, kl=x.ref_log_prob is not None)}
+               for name in metric_names(loss_type, params, kl=x.ref_log_prob is not None,
+                                        rollout=correction is not None)}
     return loss, metrics
+
+
+def _rejected(x: Inputs, correction, clamp) -> Inputs:
+    """``x`` with the rollout correction's rejected tokens out of the mask, for the PSIS context
+    (torch ops, as the context's own; the kernels reject the same tokens)."""
+    if correction is None or correction.reject is None:
+        return x
+    if x.response_mask is None:
+        counted = torch.ones(x.log_prob.shape, dtype=torch.bool, device=x.log_prob.device)
+    else:
+        counted = x.response_mask != 0
+    dt = acc_dtype(x.log_prob.dtype)
+    base = x.log_prob if correction.ratio_of == "current" else x.old_log_prob
+    _, keep, _ = rollout_terms(torch.where(counted, base.detach().to(dt), 0.0),
+                               torch.where(counted, x.rollout.detach().to(dt), 0.0), correction, as_number(clamp))
+    return dataclasses.replace(x, response_mask=counted & keep)

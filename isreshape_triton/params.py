@@ -1,12 +1,14 @@
 """The options of a call (SPEC §2-5), checked (SPEC §11): the family's parameters
 (``make_params``: the dataclass of ``loss_type``'s module in ``families/``), the
-aggregation (``AggConfig``), the KL term (``KLConfig``). ``LOSS_TYPES`` (derived from
+aggregation (``AggConfig``), the KL term (``KLConfig``), the rollout correction
+(``RolloutCorrection``). ``LOSS_TYPES`` (derived from
 the family modules) and ``AGG_MODES`` are the public name lists; number and name
 checks are ``options.py``'s.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Optional
@@ -27,7 +29,8 @@ AGG_MODES = (
 # keyword options of policy_loss that are not family parameters
 CALL_OPTIONS = ("loss_agg_mode", "dp_size", "global_token_count", "global_batch_size",
                 "loss_scale_factor", "log_ratio_clamp", "process_group", "cu_seqlens", "validate",
-                "rollout_is_weights", "ref_log_prob", "kl_coef", "kl_type", "kl_correction")
+                "rollout_is_weights", "ref_log_prob", "kl_coef", "kl_type", "kl_correction",
+                "rollout_log_prob", "rollout_correction")
 # verl's kl_penalty names (SPEC §4.1) → the kernels' KL_TYPE (kernels/kl.py); "+": verl's
 # straight-through k2 gradient (KL_STRAIGHT_THROUGH; "k2+" is k2 itself)
 KL_TYPES = {"kl": 1, "k1": 1, "abs": 2, "mse": 3, "k2": 3, "low_var_kl": 4, "k3": 4,
@@ -173,3 +176,110 @@ def make_params(loss_type: str, params=None, **kwargs):
                             f"got {type(params).__name__}")
         return dataclasses.replace(params, **kwargs) if kwargs else params
     return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- rollout correction
+ROLLOUT_WEIGHTS = ("truncate", "mask", None)  # kernels/rows.py: CORRECTION bits 0-1 = index + 1
+ROLLOUT_REJECTS = (None, "k1", "k2", "k3")  # bits 2-3
+ROLLOUT_RATIOS = ("old", "current")  # bit 4
+
+
+@dataclass(frozen=True)
+class RolloutCorrection(Options):
+    """The train/rollout mismatch correction computed per token from ``rollout_log_prob``.
+
+    x = log π_old − log π_rollout (``ratio_of="old"``; ``"current"``: log π − log π_rollout,
+    detached, verl's bypass mode where old_log_prob is the rollout's), clamped to
+    ±``log_ratio_clamp``; ρ = eˣ. The rollout IS weight r multiplies each token's policy term:
+
+    - ``weight="truncate"``: r = clamp(ρ, weight_min, weight_max) (TIS; TRL's ``token_truncate``);
+    - ``weight="mask"``: r = ρ where weight_min ≤ ρ ≤ weight_max, else 0 (IcePop, TRL's ``token_mask``);
+    - ``weight=None``: r = 1.
+
+    ``reject`` (verl's token ``rollout_rs``) takes a token out of the count mask, normalizers
+    included, unless ``"k1"``: reject_min ≤ ρ ≤ reject_max (compared as log bounds on x);
+    ``"k2"``: ½x² ≤ reject_max; ``"k3"``: eˣ − 1 − x ≤ reject_max. A bound left None is open.
+    """
+
+    weight: Optional[str] = "truncate"
+    weight_min: Optional[float] = None
+    weight_max: Optional[float] = 2.0
+    reject: Optional[str] = None
+    reject_min: Optional[float] = None
+    reject_max: Optional[float] = None
+    ratio_of: str = "old"
+
+    def __post_init__(self):
+        if self.weight not in ROLLOUT_WEIGHTS:
+            raise ValueError(f"weight must be one of {ROLLOUT_WEIGHTS}, got {self.weight!r}")
+        if self.reject not in ROLLOUT_REJECTS:
+            raise ValueError(f"reject must be one of {ROLLOUT_REJECTS}, got {self.reject!r}")
+        check_choice("ratio_of", self.ratio_of, ROLLOUT_RATIOS)
+        for name in ("weight_min", "weight_max", "reject_min", "reject_max"):
+            set_real(self, name, optional=True, lo=0.0, lo_open=True)
+        for lo, hi in (("weight_min", "weight_max"), ("reject_min", "reject_max")):
+            a, b = getattr(self, lo), getattr(self, hi)
+            if a is not None and b is not None and a > b:
+                raise ValueError(f"{lo} ({a}) must not exceed {hi} ({b})")
+        if self.reject is None and (self.reject_min is not None or self.reject_max is not None):
+            raise ValueError("reject_min / reject_max are given without reject: set reject to 'k1', 'k2' or 'k3'")
+        if self.reject in ("k2", "k3"):
+            if self.reject_min is not None:
+                raise ValueError(f"reject={self.reject!r} bounds a divergence from above only: reject_min must be "
+                                 f"None, got {self.reject_min!r}")
+            if self.reject_max is None:
+                raise ValueError(f"reject={self.reject!r} needs reject_max (the largest divergence kept)")
+        if self.reject == "k1" and self.reject_min is None and self.reject_max is None:
+            raise ValueError("reject='k1' needs reject_min or reject_max (the bounds of the ratio kept)")
+
+    @property
+    def code(self) -> int:
+        """The kernels' CORRECTION (``kernels/rows.py``): weight, rejection and ratio bits; never 0."""
+        return (ROLLOUT_WEIGHTS.index(self.weight) + 1 + 4 * ROLLOUT_REJECTS.index(self.reject)
+                + 16 * ROLLOUT_RATIOS.index(self.ratio_of))
+
+    @property
+    def floats(self) -> tuple:
+        """The kernels' runtime floats: (weight_min, weight_max, the low bound of the
+        ``rollout_is_fraction_low`` metric (weight_min, else 1/weight_max as verl), the bounds of x
+        kept: log reject_min, log reject_max for k1, reject_max for k2 and k3); open bounds ±inf."""
+        lo = 0.0 if self.weight_min is None else self.weight_min
+        hi = math.inf if self.weight_max is None else self.weight_max
+        low_metric = self.weight_min if self.weight_min is not None else (
+            0.0 if self.weight_max is None else 1.0 / self.weight_max)
+        if self.reject == "k1":
+            x_lo = -math.inf if self.reject_min is None else math.log(self.reject_min)
+            x_hi = math.inf if self.reject_max is None else math.log(self.reject_max)
+        else:
+            x_lo, x_hi = -math.inf, (math.inf if self.reject_max is None else self.reject_max)
+        return (lo, hi, low_metric, x_lo, x_hi)
+
+
+NO_CORRECTION = (0, (0.0, 0.0, 0.0, 0.0, 0.0))  # the kernels' (CORRECTION, floats) without a correction
+
+
+def correction_args(correction: Optional[RolloutCorrection]) -> tuple:
+    """The kernels' (CORRECTION, floats) of a correction (:data:`NO_CORRECTION` for None)."""
+    return NO_CORRECTION if correction is None else (correction.code, correction.floats)
+
+
+def rollout_config(rollout_is_weights, rollout_log_prob, rollout_correction) -> Optional[RolloutCorrection]:
+    """The rollout correction of a call (None: none, or weights given as ``rollout_is_weights``):
+    ``rollout_log_prob`` and ``rollout_is_weights`` exclude each other, and a correction needs
+    ``rollout_log_prob`` (a dict or a :class:`RolloutCorrection`; default: TIS at 2)."""
+    if rollout_log_prob is None:
+        if rollout_correction is not None:
+            raise ValueError("rollout_correction is given without rollout_log_prob: pass rollout_log_prob "
+                             "(the rollout policy's log-probs) or leave rollout_correction out")
+        return None
+    if rollout_is_weights is not None:
+        raise ValueError("rollout_is_weights and rollout_log_prob are both given: pass the weights, or the "
+                         "rollout log-probs with rollout_correction to compute them in the op, not both")
+    if rollout_correction is None:
+        return RolloutCorrection()
+    if isinstance(rollout_correction, dict):
+        return RolloutCorrection(**rollout_correction)
+    if not isinstance(rollout_correction, RolloutCorrection):
+        raise TypeError(f"rollout_correction must be a RolloutCorrection or a dict of its fields, got "
+                        f"{type(rollout_correction).__name__}")
+    return rollout_correction

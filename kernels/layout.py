@@ -97,6 +97,7 @@ PARTIAL_FIELDS = (
     Field("extras", 5, "sum", "extras"),  # the family's extra per-token terms
     Field("nonfinite", 1, "sum"),
     Field("rows", 1, "sum", "seq"),  # complete rows with n_b > 0
+    Field("rollout", 4, "sum", "rollout"),  # rollout correction: Σ m₀·r, Σ m₀·[ρ > hi], Σ m₀·[ρ < lo], rejected
 )
 PARTIAL_WIDTH = tl.constexpr(_declare("P_", PARTIAL_FIELDS))
 P_SUMS = tl.constexpr(_mask(PARTIAL_FIELDS, lambda f: f.merge == "sum"))
@@ -113,13 +114,14 @@ def partial_row(warps: int) -> int:
 
 
 def partial_slots(sign_groups: bool, group_moments: bool, has_kl: bool, gamma_stats: bool, seq_agg: bool,
-                  extra_terms: int) -> int:
+                  extra_terms: int, correction: bool = False) -> int:
     """Bit k set: a specialization fills partial slot k (the others are never reduced, stored
     nor read): the fields whose ``when`` holds, of the extras the family's first ``extra_terms``.
     ``when``: the A>0 / A<0 groups ("sign"; their moments of ℓ if ``group_moments``, else the
-    batch statistics have them), the γ_t statistics, the KL term, the row sums."""
+    batch statistics have them), the γ_t statistics, the KL term, the row sums, the rollout correction."""
     holds = {"": True, "sign": sign_groups, "group_moments": sign_groups and group_moments,
-             "gamma_stats": gamma_stats, "kl": has_kl, "seq": seq_agg, "seq_kl": seq_agg and has_kl, "extras": True}
+             "gamma_stats": gamma_stats, "kl": has_kl, "seq": seq_agg, "seq_kl": seq_agg and has_kl, "extras": True,
+             "rollout": correction}
     extras = _mask(PARTIAL_FIELDS, lambda f: f.when == "extras")
     first = extras & -extras  # the bit of its first slot
     extras &= (first << extra_terms) - first
@@ -131,6 +133,7 @@ METRIC_FIELDS = tuple(Field(name) for name in (
     "ess", "ess_ratio", "gamma_mean", "gamma_min", "gamma_max", "gamma", "gamma_pos",
     "gamma_neg", "sigma_sq_pos", "sigma_sq_neg", "gamma_base", "skewness", "kurtosis",
     "max_weight_ratio", "ess_pos", "ess_ratio_pos", "ess_neg", "ess_ratio_neg",
-    "nonfinite_tokens", "kl_loss")) + (Field("extras", 5),)
+    "nonfinite_tokens", "kl_loss", "rollout_is_mean", "rollout_is_fraction_high", "rollout_is_fraction_low",
+    "rollout_rs_masked_fraction")) + (Field("extras", 5),)
 METRIC_WIDTH = tl.constexpr(_declare("M_", METRIC_FIELDS))
 METRIC_SLOTS = {f.name: globals()[f"M_{f.name.upper()}"].value for f in METRIC_FIELDS if f.width == 1}

@@ -33,7 +33,7 @@ from .gamma import GAMMA_GIVEN, family_context, merge_sequence_sums
 from .kl import KL_NONE, kl_penalty
 from .layout import (E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, P_ESS, P_ESS_NEG, P_ESS_POS, P_EXTRAS,
                      P_G_MAX, P_GAMMA, P_KL, P_LOSS, P_M2, P_M2_NEG, P_M2_POS, P_N_ALL, P_N_NEG, P_N_POS,
-                     P_NEG_G_MIN, P_NONFINITE, P_PHI, P_PHI_MAX, P_ROWS, P_SEQ_KL, P_SEQ_LOSS, P_W, P_W_MAX,
+                     P_NEG_G_MIN, P_NONFINITE, P_PHI, P_PHI_MAX, P_ROLLOUT, P_ROWS, P_SEQ_KL, P_SEQ_LOSS, P_W, P_W_MAX,
                      P_Z_ALL, P_Z_NEG, P_Z_POS, PARTIAL_SCRATCH, PARTIAL_WIDTH, ROW_ENDS, ROW_STARTS)
 from .rows import (load_raw, locate_row, log_probs, piece_end, prologue_stop, row_elements, streams,
                    token_values)
@@ -91,7 +91,7 @@ def _lanes_init(like, FRAMED: tl.constexpr):
     """The program's lane accumulators (``_accumulate``), empty."""
     return (like, like, power_sums_init(like, FRAMED), moments_init(like), moments_init(like), like, like, like, like,
             expsum_init(like), expsum_init(like), expsum_init(like), like, like + float("inf"), like,
-            (like, like, like, like, like), like)
+            (like, like, like, like, like), like, (like, like, like, like))
 
 
 @triton.jit
@@ -129,16 +129,27 @@ def _row_add(row_sums, L, k, m, HAS_KL: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(acc, ell, w, A, m, bad, phi, g, x, L, k, frame, FRAMED: tl.constexpr, OWN_GROUPS: tl.constexpr,
-                SIGN_GROUPS: tl.constexpr, GAMMA_STATS: tl.constexpr, HAS_KL: tl.constexpr,
-                TOKEN_EXTRAS: tl.constexpr):
+def _rollout_add(sums, r, m, m0_rho, corr):
+    """The rollout correction's lane sums plus a tile's: Σ m₀·r, Σ m₀·[ρ > hi], Σ m₀·[ρ < lo]
+    (the weight's bounds, lo of the metric) and the rejected tokens, m₀ ∧ ¬m."""
+    m0, rho = m0_rho
+    _, w_hi, low, _, _ = corr
+    r_sum, high, below, rejected = sums
+    return (r_sum + tl.where(m0, r, 0.0), high + tl.where(m0 & (rho > w_hi), 1.0, 0.0),
+            below + tl.where(m0 & (rho < low), 1.0, 0.0), rejected + tl.where(m0 & ~m, 1.0, 0.0))
+
+
+@triton.jit
+def _accumulate(acc, ell, w, A, m, bad, phi, g, x, L, k, r, m0_rho, corr, frame, FRAMED: tl.constexpr,
+                OWN_GROUPS: tl.constexpr, SIGN_GROUPS: tl.constexpr, GAMMA_STATS: tl.constexpr, HAS_KL: tl.constexpr,
+                TOKEN_EXTRAS: tl.constexpr, CORRECTION: tl.constexpr):
     """The lane accumulators plus a tile's counted tokens: Σ m·L, Σ m·k, the moments of ℓ (in the
     batch frame if FRAMED; of the A>0 / A<0 groups if OWN_GROUPS), Σ and max of w and |φ|, the
     shifted exp sums of γ_t·ℓ (per sign group if SIGN_GROUPS), Σ, min, max of γ_t (GAMMA_STATS),
-    the family's extras (the first TOKEN_EXTRAS per-token terms, then row values) and the
-    non-finite tokens."""
+    the family's extras (the first TOKEN_EXTRAS per-token terms, then row values), the
+    non-finite tokens and the rollout correction's sums (CORRECTION ≠ 0, ``_rollout_add``)."""
     loss_acc, kl_acc, moments, pos, neg, w_sum, w_max, phi_sum, phi_max, ess_all, ess_pos, ess_neg, \
-        g_sum, g_min, g_max, extras, nonfinite = acc
+        g_sum, g_min, g_max, extras, nonfinite, rollout_sums = acc
     if HAS_KL:
         kl_acc += k
     loss_acc += L
@@ -164,8 +175,10 @@ def _accumulate(acc, ell, w, A, m, bad, phi, g, x, L, k, frame, FRAMED: tl.const
               _add_extra(e2, x2, m, bad, TOKEN_EXTRAS > 2), _add_extra(e3, x3, m, bad, TOKEN_EXTRAS > 3),
               _add_extra(e4, x4, m, bad, TOKEN_EXTRAS > 4))
     nonfinite += tl.where(bad, 1.0, 0.0)
+    if CORRECTION != 0:
+        rollout_sums = _rollout_add(rollout_sums, r, m, m0_rho, corr)
     return (loss_acc, kl_acc, moments, pos, neg, w_sum, w_max, phi_sum, phi_max, ess_all, ess_pos, ess_neg,
-            g_sum, g_min, g_max, extras, nonfinite)
+            g_sum, g_min, g_max, extras, nonfinite, rollout_sums)
 
 
 @triton.jit
@@ -199,7 +212,7 @@ def _partial_record(acc, seq, lanes, FRAMED: tl.constexpr):
     """The program's partial record (``layout.PARTIAL_FIELDS``) of its lane accumulators, by
     field (the row sums of the seq-* modes on lane 0)."""
     loss_acc, kl_acc, moments, pos, neg, w_sum, w_max, phi_sum, phi_max, ess_all, ess_pos, ess_neg, \
-        g_sum, g_min, g_max, extras, nonfinite = acc
+        g_sum, g_min, g_max, extras, nonfinite, rollout_sums = acc
     seq_loss, seq_kl, seq_rows = seq
     n, mean, m2, m3, m4 = power_sums_moments(moments, FRAMED)
     first = lanes == 0
@@ -232,6 +245,7 @@ def _partial_record(acc, seq, lanes, FRAMED: tl.constexpr):
     r = put(r, P_GAMMA, (g_sum,))
     r = put(r, P_EXTRAS, extras)
     r = put(r, P_NONFINITE, (nonfinite,))
+    r = put(r, P_ROLLOUT, rollout_sums)
     return put(r, P_ROWS, (tl.where(first, seq_rows, 0.0),))
 
 
@@ -273,13 +287,14 @@ def token_loss_kernel(
     N, T, S, chunk, n_chunks,
     s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r, s_mask_t,
     s_rollout_r, s_rollout_t, s_ref_r, s_ref_t,
-    clamp, gamma_rule, params, kl_coef, agg_mode,
+    clamp, gamma_rule, params, corr, kl_coef, agg_mode,
     dp_size, global_token_count, global_batch_size, loss_scale_factor,
     TOKEN: tl.constexpr, OPT: tl.constexpr, ROW_WEIGHT: tl.constexpr, ROLLOUT_IN_ROW: tl.constexpr,
     GROUPS: tl.constexpr,
     GAMMA_STATS: tl.constexpr, TOKEN_EXTRAS: tl.constexpr, GAMMA_MODE: tl.constexpr, KL_TYPE: tl.constexpr,
     BATCH_STATS: tl.constexpr, ROW_STATS: tl.constexpr, SIGN_GROUPS: tl.constexpr,
     ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
+    CORRECTION: tl.constexpr,
     PACKED: tl.constexpr, UNIT_STRIDE: tl.constexpr, WRITE_GRAD: tl.constexpr, SEQ_AGG: tl.constexpr,
     SEQ_GAMMA: tl.constexpr, COUNTS_ON_DEVICE: tl.constexpr, SLOTS: tl.constexpr, WARPS: tl.constexpr,
     KS: tl.constexpr, G: tl.constexpr, BLOCK_REC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -289,6 +304,8 @@ def token_loss_kernel(
     aggregation's index in ``AGG_MODES`` (SEQ_AGG: one of the seq-* modes). With rollout IS weights r
     and the KL term, L_t = −F_t·r_t + β·k(x_t) and ∂L_t/∂lp_t = −φ_t·r_t + β·k'(x_t)
     (ROLLOUT_IN_ROW, a family whose row weight takes r: r is in it, not per token); ``kl_coef`` = β.
+    CORRECTION ≠ 0: the rollout stream holds log π_rollout, of which the rollout correction
+    (``rows.token_values``, floats ``corr``) makes r and the tokens it rejects.
     The family: its device function ``TOKEN`` with its option OPT and float tuple ``params``, its
     ``ROW_WEIGHT`` (or None), the groups of its γ rule ``gamma_rule`` (``gamma.py``: GROUPS,
     GAMMA_MODE), whether it reports γ_t statistics (GAMMA_STATS) and how many of its extras are
@@ -338,8 +355,9 @@ def token_loss_kernel(
                 offs = t0 + lanes
                 ahead = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, offs + BLOCK_T, e,
                                  HAS_ADV, HAS_MASK, HAS_ROLLOUT, KL_TYPE != KL_NONE)  # the next tile
-                ell, A, m, bad, r, kl_x = token_values(raw, offs, e, start, end, clamp, ACC, HAS_ADV, HAS_MASK,
-                                                       HAS_ROLLOUT, KL_TYPE != KL_NONE, PACKED)
+                ell, A, m, bad, r, kl_x, m0_rho = token_values(raw, offs, e, start, end, clamp, corr, ACC, HAS_ADV,
+                                                               HAS_MASK, HAS_ROLLOUT, KL_TYPE != KL_NONE, PACKED,
+                                                               CORRECTION)
                 lp_t, olp_t = log_probs(raw, m, ACC)
                 raw = ahead
                 w = tl.exp(ell)
@@ -349,8 +367,8 @@ def token_loss_kernel(
                     tl.store(neg_phi_ptr + offs, dL, mask=offs < e)
                 if SEQ_AGG:
                     row_sums = _row_add(row_sums, L, k, m, KL_TYPE != KL_NONE)
-                acc = _accumulate(acc, ell, w, A, m, bad, phi, g, x, L, k, frame, FRAMED, OWN_GROUPS, SIGN_GROUPS,
-                                  GAMMA_STATS, KL_TYPE != KL_NONE, TOKEN_EXTRAS)
+                acc = _accumulate(acc, ell, w, A, m, bad, phi, g, x, L, k, r, m0_rho, corr, frame, FRAMED,
+                                  OWN_GROUPS, SIGN_GROUPS, GAMMA_STATS, KL_TYPE != KL_NONE, TOKEN_EXTRAS, CORRECTION)
             if SEQ_AGG:  # the piece's row sums: a complete row now, else a head / tail element
                 seq, head, tail = _finish_piece(row_sums, seq, head, tail, s, start, end, a, b, row_count_ptr)
             p = e

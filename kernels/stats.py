@@ -106,16 +106,19 @@ def batch_stats_kernel(
     N, T, S, chunk, n_chunks,
     s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r, s_mask_t,
     s_rollout_r, s_rollout_t, s_ref_r, s_ref_t,
-    clamp, gamma_rule, params,
+    clamp, gamma_rule, params, corr,
     ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
-    HAS_REF: tl.constexpr, PACKED: tl.constexpr, UNIT_STRIDE: tl.constexpr,
+    ROLLOUT_IN_ROW: tl.constexpr, CORRECTION: tl.constexpr, HAS_REF: tl.constexpr, PACKED: tl.constexpr,
+    UNIT_STRIDE: tl.constexpr,
     SIGN_GROUPS: tl.constexpr, ESS_EXACT: tl.constexpr, G: tl.constexpr, KS: tl.constexpr,
     ROW_STATS: tl.constexpr, ROW_TERM: tl.constexpr, WARPS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Statistics records of ℓ per piece (ROW_STATS) or per program (see module docstring).
     A row's sums: Σ m·ℓ, or with the family's ``ROW_TERM`` (z, a) = ROW_TERM(ℓ, A, params)
-    Σ m·z and Σ m·a; HAS_ROLLOUT (rollout IS weights that enter the row weight): Σ m·z also
-    sums log max(r, 1e-8). scratch_ptr:
+    Σ m·z and Σ m·a; ROLLOUT_IN_ROW (rollout IS weights that enter the row weight): Σ m·z also
+    sums log max(r, 1e-8). HAS_ROLLOUT: the rollout stream is read (for ROLLOUT_IN_ROW, or for the
+    rejection of a rollout correction (CORRECTION, ``corr``), which leaves the count mask).
+    scratch_ptr:
     a free row of ``scratch_stride`` ≥ 9·WARPS values per program (the loss pass's partials);
     WARPS: the launch's warps if BLOCK_T is a multiple of 32·WARPS, else 0."""
     lp, olp, adv, mask, rollout, ref = streams(lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr,
@@ -142,14 +145,13 @@ def batch_stats_kernel(
                 first = tl.zeros([BLOCK_T], tl.int32) + e
             # advantages are read only for the A>0 / A<0 groups and a row term (VESPO reads one per piece)
             raw = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, p + lanes, prologue_stop(e, b, PACKED),
-                           READ_ADV, HAS_MASK, HAS_ROLLOUT and ROW_STATS, False)
+                           READ_ADV, HAS_MASK, HAS_ROLLOUT, False)
             for t0 in range(p, e, BLOCK_T):
                 offs = t0 + lanes
                 ahead = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, offs + BLOCK_T, e,
-                                 READ_ADV, HAS_MASK, HAS_ROLLOUT and ROW_STATS, False)
-                ell, A, m, bad, r, x = token_values(raw, offs, e, start, end, clamp, ACC,
-                                                    READ_ADV, HAS_MASK,
-                                                    HAS_ROLLOUT and ROW_STATS, False, PACKED)
+                                 READ_ADV, HAS_MASK, HAS_ROLLOUT, False)
+                ell, A, m, bad, r, x, _ = token_values(raw, offs, e, start, end, clamp, corr, ACC,
+                                                       READ_ADV, HAS_MASK, HAS_ROLLOUT, False, PACKED, CORRECTION)
                 raw = ahead
                 if not SIGN_GROUPS:  # the sign family's γ± read only its groups
                     all_ = moments_add(all_, ell, m)
@@ -171,7 +173,7 @@ def batch_stats_kernel(
                         asum += tl.where(m, a_term, 0.0)
                     else:
                         lsum += ell
-                    if HAS_ROLLOUT:
+                    if ROLLOUT_IN_ROW:
                         lsum += tl.where(m, tl.log(max_nan(r, 1e-8)), 0.0)  # a NaN r (bad) keeps W NaN
                     first = tl.minimum(first, tl.where(m, offs, e))
             if ROW_STATS:

@@ -150,7 +150,7 @@ def test_config_encoding_round_trips(loss_type, opts):
         assert all(type(i) is int for i in ints) and all(type(f) is float for f in floats)
         tensors = [v if isinstance(v, torch.Tensor) else None for v in (agg.global_token_count,
                                                                         agg.global_batch_size)]
-        fam2, agg2, kl2, clamp, write_grad = custom_op.decode_config(mode, ints, floats, *tensors)
+        fam2, agg2, kl2, clamp, write_grad, _ = custom_op.decode_config(mode, ints, floats, *tensors)
         assert (fam2, agg2, kl2, clamp, write_grad) == (fam, agg, kl, 17.5, False)
 
 

@@ -438,11 +438,19 @@ def _pin_gammas(loss_type, opts, metrics):
     return {**opts, "gamma": float(metrics[key])} if torch.isfinite(metrics[key]) else opts
 
 
+ROLLOUT_CORRECTIONS = [
+    {}, {"weight": "mask", "weight_min": 0.6, "weight_max": 1.6}, {"weight": "truncate", "weight_min": 0.8},
+    {"weight": None, "reject": "k1", "reject_min": 0.7}, {"reject": "k2", "reject_max": 0.05, "ratio_of": "current"},
+    {"weight": "mask", "weight_max": 1.5, "reject": "k3", "reject_max": 0.04},
+]
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_fuzz_both_paths_agree(data):
     """Random family and parameters, shapes (padded, packed), dtypes, masks, advantages,
-    rollout IS weights, a KL term of any type and correction, aggregation, tiling and
+    rollout IS weights (given, or computed from rollout log-probs by any correction), a KL
+    term of any type and correction, aggregation, tiling and
     non-finite injections at counted and masked positions of every stream: the two paths give
     the same loss, metrics and gradient (NaN where the other has NaN)."""
     draw = data.draw
@@ -459,15 +467,20 @@ def test_fuzz_both_paths_agree(data):
     lp, olp, adv, mask, cu, counted = _draw_batch(draw, dtype)
     kw = dict(opts, log_ratio_clamp=draw(st.sampled_from([20.0, 3.0])), cu_seqlens=cu)
     g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
-    if draw(st.booleans()):
+    rollout = draw(st.sampled_from(["none", "weights", "log_prob"]))
+    if rollout == "weights":
         kw["rollout_is_weights"] = torch.exp(0.4 * torch.randn(lp.shape, generator=g, dtype=F64)).to(dtype)
+    elif rollout == "log_prob":  # the correction computed in the op: any weight, rejection and ratio
+        kw["rollout_log_prob"] = (olp.to(F64) + 0.4 * torch.randn(lp.shape, generator=g, dtype=F64)).to(dtype)
+        kw["rollout_correction"] = draw(st.sampled_from(ROLLOUT_CORRECTIONS))
     if draw(st.booleans()):
         kl_type = draw(st.sampled_from(sorted(KL_TYPES)))
         correction = None if kl_type.endswith("+") else draw(st.sampled_from(KL_CORRECTIONS))
         ref = (olp.to(F64) + 0.3 * torch.randn(lp.shape, generator=g, dtype=F64)).to(dtype)
         kw.update(ref_log_prob=ref, kl_coef=draw(st.sampled_from([0.05, 1.0])), kl_type=kl_type,
                   kl_correction=correction)
-    n_bad = _inject(draw, lp, olp, adv, counted, [kw[k] for k in ("rollout_is_weights", "ref_log_prob") if k in kw])
+    n_bad = _inject(draw, lp, olp, adv, counted, [kw[k] for k in ("rollout_is_weights", "rollout_log_prob",
+                                                                  "ref_log_prob") if k in kw])
     agg = draw(st.sampled_from(irt.AGG_MODES))
     # sometimes a count as a 0-dim tensor, good, 0 or bad (NaN / negative / ±inf: a NaN loss
     # where the mode divides by it)
@@ -489,8 +502,12 @@ def test_fuzz_both_paths_agree(data):
     per_row_exact = opts.get("gamma") == "ess_exact" and opts.get("gamma_granularity") == "sequence"
     rtol = 2e-3 if per_row_exact else (1e-6 if dtype == F64 else 1e-5)
     assert_paths_agree(k, r, rtol, GRAD_RTOL[dtype])
-    assert k[1]["nonfinite_tokens"].item() == n_bad
-    assert k[0].isnan() == (n_bad > 0 or count_bad)
+    n_nonfinite = k[1]["nonfinite_tokens"].item()
+    if kw.get("rollout_correction", {}).get("reject"):  # a bad token the rejection takes out is not counted
+        assert n_nonfinite <= n_bad
+    else:
+        assert n_nonfinite == n_bad
+    assert k[0].isnan() == (n_nonfinite > 0 or count_bad)
     assert torch.all(k[2][~counted.view(k[2].shape)] == 0)
 
 

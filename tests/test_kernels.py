@@ -108,7 +108,8 @@ def check_against_reference(lp, olp, adv, mask, loss_type, agg, opts, rtol=None,
         rtol = 1e-6 if lp.dtype == torch.float64 else 1e-5
     assert loss.dtype == r_loss.dtype and loss.shape == ()
     torch.testing.assert_close(loss, r_loss, rtol=rtol, atol=rtol * (1 + r_loss.abs().item()))
-    assert set(metrics) == set(r_metrics) == set(irt.metric_names(loss_type, fam_params))
+    assert set(metrics) == set(r_metrics) == set(irt.metric_names(loss_type, fam_params,
+                                                                  rollout="rollout_log_prob" in opts))
     for name, value in metrics.items():
         assert value.shape == () and value.device == lp.device, name
         assert torch.isfinite(value), name
@@ -349,14 +350,15 @@ def test_constant_log_ratio_gives_gamma_max(n_tokens):
 
 
 def test_float_parameters_are_runtime_arguments():
-    """Changing τ, ρ, γ bounds, clip ranges, B, T, N, S or the chunk size never recompiles:
-    floats are not constexpr and integer sizes are not specialised."""
+    """Changing τ, ρ, γ bounds, clip ranges, rollout-correction bounds, B, T, N, S or the chunk
+    size never recompiles: floats are not constexpr and integer sizes are not specialised."""
     structural = {"ACC", "HAS_ADV", "HAS_MASK", "PACKED", "SIGN_GROUPS", "ESS_EXACT", "G", "KS",
                   "ROW_STATS", "ROW_TERM", "BLOCK_T", "TOKEN", "ROW_WEIGHT", "ROLLOUT_IN_ROW", "GROUPS",
                   "GAMMA_STATS", "TOKEN_EXTRAS", "OPT", "GAMMA_MODE",
                   "BATCH_STATS", "WRITE_GRAD",
                   "BLOCK_REC", "SEQ_GAMMA", "AGG", "SEQ_AGG", "BLOCK_P", "BLOCK_E", "PER_ROW",
-                  "COUNTS_ON_DEVICE", "HAS_ROLLOUT", "HAS_REF", "KL_TYPE", "UNIT_STRIDE", "SLOTS", "WARPS"}
+                  "COUNTS_ON_DEVICE", "HAS_ROLLOUT", "CORRECTION", "HAS_REF", "KL_TYPE", "UNIT_STRIDE", "SLOTS",
+                  "WARPS"}
     for kernel in (batch_stats_kernel, token_loss_kernel, policy_grad_kernel):
         params = inspect.signature(kernel.fn).parameters
         constexprs = {n for n, p in params.items() if p.annotation is tl.constexpr}

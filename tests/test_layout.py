@@ -36,7 +36,7 @@ def test_every_metric_is_stored_by_name():
 
 
 def test_partial_slots_follow_the_capabilities():
-    every = layout.partial_slots(True, True, True, True, True, 5)
+    every = layout.partial_slots(True, True, True, True, True, 5, True)
     assert every == (1 << layout.PARTIAL_WIDTH.value) - 1
     base = layout.partial_slots(False, False, False, False, False, 0)
     names = [f.name for f in layout.PARTIAL_FIELDS if (base >> getattr(layout, "P_" + f.name.upper()).value) & 1]

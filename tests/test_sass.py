@@ -19,6 +19,7 @@ import sys
 import pytest
 
 import isreshape_triton as irt
+from isreshape_triton.params import RolloutCorrection
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -277,6 +278,9 @@ OP_CONFIGS = [(fam, "fp32", (), None) for fam in irt.LOSS_TYPES] + [
     ("is_reshape", "fp32", (("gamma", "psis"),), (16, 4096)),
     ("is_reshape_sign", "bf16", (("gamma", "ess_exact"),), (16, 4096)),
     ("ppo_clip", "bf16", (), (16, 4096)),
+    # the rollout correction: weights and rejection, in the loss pass and (rejection) the statistics pass
+    ("ppo_clip", "fp32", (("rollout_correction", RolloutCorrection("mask", 0.5, 2.0, "k3", None, 0.1)),), (16, 4096)),
+    ("is_reshape", "bf16", (("rollout_correction", RolloutCorrection(reject="k1", reject_min=0.5)),), (16, 4096)),
 ]
 
 

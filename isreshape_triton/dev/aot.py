@@ -159,22 +159,31 @@ def specs_from_plan(log_prob, old_log_prob, advantages, response_mask, loss_type
     from .. import launch
     from ..families import kernel_family
     from ..inputs import prepare_inputs
-    from ..params import AggConfig, KLConfig, make_params
+    from ..params import AggConfig, KLConfig, correction_args, make_params, rollout_config
 
     agg = AggConfig(options.pop("loss_agg_mode", "token-mean"))
     clamp = options.pop("log_ratio_clamp", 20.0)
     kl = KLConfig(options.pop("kl_coef", 0.0), options.pop("kl_type", "low_var_kl"), options.pop("kl_correction", None))
+    weights, rollout_lp = options.pop("rollout_is_weights", None), options.pop("rollout_log_prob", None)
+    correction = rollout_config(weights, rollout_lp, options.pop("rollout_correction", None))
     x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, clamp, options.pop("cu_seqlens", None),
-                       False, options.pop("rollout_is_weights", None), options.pop("ref_log_prob", None))
+                       False, weights, options.pop("ref_log_prob", None), rollout_lp)
     fam = kernel_family(loss_type, make_params(loss_type, **options))
     gamma = torch.zeros(2, dtype=launch.acc_dtype(log_prob.dtype)) if fam.psis else None
-    plan = launch.plan_launches(x, fam, agg, clamp, write_grad=log_prob.requires_grad, gamma=gamma, kl=kl)
+    plan = launch.plan_launches(x, fam, agg, clamp, write_grad=log_prob.requires_grad, gamma=gamma, kl=kl,
+                                correction=correction_args(correction))
     launches = [step for step in plan.steps if isinstance(step, launch.Launch)]
     if log_prob.requires_grad:
         launches.append(launch.backward_launch(plan.neg_phi, torch.empty_like(log_prob), plan.grad_scale,
                                                plan.loss, plan.row_count, x.cu_seqlens, plan.geometry,
                                                agg.loss_agg_mode == "seq-mean-token-mean"))
     return [launch_spec(step) for step in launches]
+
+
+# the rollout correction's weight and rejection modes, on a family without and with statistics
+ROLLOUT_CONFIGS = [("ppo_clip", {"weight": "mask", "weight_min": 0.5, "reject": "k3", "reject_max": 0.1}),
+                   ("is_reshape", {"weight": "truncate", "reject": "k1", "reject_min": 0.5, "ratio_of": "current"}),
+                   ("gspo", {"weight": None, "reject": "k2", "reject_max": 0.1})]
 
 
 def default_specs() -> list:
@@ -195,7 +204,8 @@ def default_specs() -> list:
         lp = torch.zeros(4, 37, dtype=dtype, requires_grad=True)
         for adv, mask in ((lp.detach(), torch.ones(4, 37, dtype=torch.bool)), (None, None),
                           (lp.detach(), None), (None, torch.ones(4, 37))):
-            for lt, opts in configs:
+            for lt, opts in configs + [(lt, {"rollout_log_prob": lp.detach(), "rollout_correction": c})
+                                       for lt, c in ROLLOUT_CONFIGS]:
                 for s in specs_from_plan(lp, lp.detach(), adv, mask, lt, **opts):
                     specs[spec_key(s)] = s
     for s in sampling_specs():

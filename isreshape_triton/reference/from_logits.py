@@ -75,8 +75,8 @@ def check_token_shapes(labels, advantages, response_mask, options) -> None:
     (``cu_seqlens`` in ``options``) advantages may be per token [N] or per sequence [S]:
     the log-prob op checks them."""
     shape = labels.shape
-    given = {"response_mask": response_mask, "rollout_is_weights": options.get("rollout_is_weights"),
-             "ref_log_prob": options.get("ref_log_prob")}
+    given = {"response_mask": response_mask, **{name: options.get(name) for name in (
+        "rollout_is_weights", "rollout_log_prob", "ref_log_prob")}}
     for name, t in given.items():
         if isinstance(t, torch.Tensor) and t.shape != shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} must equal labels shape {tuple(shape)}")

@@ -5,8 +5,8 @@ masked positions → ℓ (clamp that passes the gradient) → the family's batch
 statistics (detached) → per-token φ, F → aggregate(−F) → metrics.
 
 Non-finite policy (SPEC §11). A *non-finite token* is a counted token whose
-d = log_prob − old_log_prob (in the compute dtype), advantage, rollout IS weight or
-x = log_prob − ref_log_prob of the KL term is NaN or ±inf;
+d = log_prob − old_log_prob (in the compute dtype), advantage, rollout IS weight (given, or
+computed from rollout_log_prob) or x = log_prob − ref_log_prob of the KL term is NaN or ±inf;
 ``nonfinite_tokens`` counts them. A non-finite d makes the token's ℓ NaN (never
 clamped to ±C), so every statistic over a group that holds it (σ², γ of every
 rule, VESPO's row weight, the ℓ-metrics) is NaN. A non-finite advantage is read
@@ -24,11 +24,12 @@ import math
 import torch
 
 from ..inputs import pad_packed, prepare_inputs
-from ..params import AggConfig, check_log_ratio_clamp, check_process_group, kl_config, make_params
+from ..params import AggConfig, check_log_ratio_clamp, check_process_group, kl_config, make_params, rollout_config
 from .aggregation import aggregate
 from .diagnostics import compute_metrics
 from ..families import FAMILIES
 from .families import family_stats, split_psis
+from .rollout import rollout_metrics, rollout_terms
 from .shared import TokenTerms
 
 
@@ -56,21 +57,24 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                 dp_size=1, global_token_count=None, global_batch_size=None, loss_scale_factor=None,
                 log_ratio_clamp=20.0, cu_seqlens=None, validate=False, rollout_is_weights=None,
                 ref_log_prob=None, kl_coef=None, kl_type="low_var_kl", kl_correction=None, process_group=None,
-                params=None, **family_params):
+                rollout_log_prob=None, rollout_correction=None, params=None, **family_params):
     """Aggregated loss (0-dim, fp32 / fp64) and the metrics dict of ``loss_type``.
 
     ∂loss/∂log_prob_t = −s_t·m_t·φ_t; ``old_log_prob`` and ``advantages`` are
     treated as constants (no gradient flows to them).
     """
+    correction = rollout_config(rollout_is_weights, rollout_log_prob, rollout_correction)
     if cu_seqlens is not None:  # the padded form: every row rule applies per sequence
         x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, 20.0, cu_seqlens, validate,
-                           rollout_is_weights, ref_log_prob)
+                           rollout_is_weights, ref_log_prob, rollout_log_prob)
         longest = int((x.cu_seqlens[1:] - x.cu_seqlens[:-1]).max()) if x.rows else 0
         x = pad_packed(x, longest)
+        rollout = ({"rollout_is_weights": x.rollout} if correction is None
+                   else {"rollout_log_prob": x.rollout, "rollout_correction": correction})
         return policy_loss(x.log_prob, x.old_log_prob, x.advantages, x.response_mask, loss_type,
                            loss_agg_mode, dp_size=dp_size, global_token_count=global_token_count,
                            global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
-                           log_ratio_clamp=log_ratio_clamp, rollout_is_weights=x.rollout,
+                           log_ratio_clamp=log_ratio_clamp, **rollout,
                            ref_log_prob=x.ref_log_prob, kl_coef=kl_coef, kl_type=kl_type,
                            kl_correction=kl_correction,
                            process_group=process_group, params=params, **family_params)
@@ -82,13 +86,20 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
     agg = AggConfig(loss_agg_mode, dp_size, global_token_count, global_batch_size, loss_scale_factor)
     kl = kl_config(kl_coef, kl_type, ref_log_prob, kl_correction)
     x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, C, None, False,
-                       rollout_is_weights, ref_log_prob)
+                       rollout_is_weights, ref_log_prob, rollout_log_prob)
     agg.check_device(x.log_prob.device)
     dt = compute_dtype(x.log_prob)
 
     # Mask (binarized) and sanitized inputs: masked positions become 0 *before* any
-    # arithmetic, so NaN/inf there touch neither values nor gradients.
+    # arithmetic, so NaN/inf there touch neither values nor gradients. The rollout
+    # correction's rejection leaves the mask first.
     mask = counted(x.response_mask, x.log_prob)
+    if correction is not None:
+        mask0 = mask
+        base = x.log_prob if correction.ratio_of == "current" else x.old_log_prob
+        r_corr, keep, rho = rollout_terms(torch.where(mask0, base.detach().to(dt), 0.0),
+                                          torch.where(mask0, x.rollout.detach().to(dt), 0.0), correction, C)
+        mask = mask0 & keep
     lp = torch.where(mask, x.log_prob.to(dt), 0.0)
     olp = torch.where(mask, x.old_log_prob.detach().to(dt), 0.0)
     if x.advantages is None:
@@ -102,7 +113,10 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
     bad_d = mask & ~torch.isfinite(d.detach())
     bad = bad_d | (mask & torch.isnan(adv))
     r = None
-    if x.rollout is not None:  # rollout IS weights: detached, NaN where not finite
+    if correction is not None:  # computed from the rollout log-probs
+        r = torch.where(mask, r_corr, 1.0)
+        bad = bad | (mask & torch.isnan(r))
+    elif x.rollout is not None:  # rollout IS weights: detached, NaN where not finite
         r = torch.where(mask, x.rollout.detach().to(dt), 1.0)
         r = torch.where(torch.isfinite(r), r, math.nan)
         bad = bad | (mask & torch.isnan(r))
@@ -127,6 +141,8 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
     if k is not None:
         L = L + kl.kl_coef * k
         extra["kl_loss"] = aggregate(k.detach(), mask, agg).to(dt)
+    if correction is not None:
+        extra.update(rollout_metrics(r_corr, rho, mask0, keep, correction, dt))
     loss = aggregate(L, mask, agg)
     metrics = compute_metrics(loss_type, ell, adv, mask, terms, {**stats, **diag}, p, dt,
                               nonfinite=bad)
