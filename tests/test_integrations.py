@@ -125,7 +125,7 @@ def test_verl_mode_irt_equals_verl_mode(verl, verl_mode, mode):
     """<mode>_irt == verl's own <mode>: loss, gradient and every metric verl returns, for every
     aggregation mode with global batch info (0-dim tensor counts, dp_size 2) and rollout IS
     weights; a few tokens with w = e^1.5 beyond clip_ratio_c = 3 (dual clip, DPPO's truncation)."""
-    assert set(VERL_MODE_OPTIONS) == set(verl.adapter.VERL_MODES)
+    assert set(VERL_MODE_OPTIONS) == set(verl.adapter.VERL_MODES) - {"bypass_mode"}  # its own test below
     seed = AGG_MODES.index(mode) + 7 * list(VERL_MODE_OPTIONS).index(verl_mode)
     lp, old, adv, mask, weights, _ = batch(seed=seed)
     adv[2, :3] = -2.0
@@ -143,6 +143,61 @@ def test_verl_mode_irt_equals_verl_mode(verl, verl_mode, mode):
     for key, value in want[2][1].items():
         assert got[2][1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     assert "actor/irt/w_max" in got[2][1]
+
+
+# verl's bypass mode: (loss_type, rollout_is, its threshold, rollout_rs, its threshold), every branch active
+BYPASS_CASES = [
+    ("reinforce", "token", 1.3, None, None),
+    ("reinforce", "token", "0.8_1.25", "token_k1", "0.7_1.6"),
+    ("reinforce", None, 2.0, "token_k2", 0.05),
+    ("ppo_clip", "token", 1.3, "token_k3", 0.04),
+    ("ppo_clip", None, 2.0, "token_k1", 1.15),
+]
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("case", BYPASS_CASES, ids=[f"{c[0]}-{c[1]}-{c[3]}" for c in BYPASS_CASES])
+def test_verl_bypass_mode_irt_equals_bypass_mode(verl, case, mode):
+    """bypass_mode_irt == verl's bypass_mode (old_log_prob is the rollout's; the IS weights and the
+    rejection of π against it computed in the op): loss, gradient, verl's actor metrics and the
+    rollout_corr metrics we share (IS mean and fractions where applied, the rejected fraction),
+    for every aggregation with global batch info; the given weights are ignored, as verl does."""
+    from verl.trainer.config.algorithm import RolloutCorrectionConfig
+
+    loss_type, level, is_threshold, rs, rs_threshold = case
+    seed = AGG_MODES.index(mode) + 5 * BYPASS_CASES.index(case)
+    lp, old, adv, mask, weights, _ = batch(seed=seed)
+    rc = RolloutCorrectionConfig(rollout_is=level, rollout_is_threshold=is_threshold, rollout_rs=rs,
+                                 rollout_rs_threshold=rs_threshold, bypass_mode=True, loss_type=loss_type)
+    cfg = actor_config(verl, loss_mode="bypass_mode_irt", batch_info=GLOBAL_INFO, clip_ratio_high=0.28,
+                       policy_loss={"rollout_correction": rc})
+    want = loss_and_grad(lambda x: verl.core.get_policy_loss_fn("bypass_mode")(old, x, adv, mask, mode, cfg, weights),
+                         lp)
+    fn = verl.core.get_policy_loss_fn("bypass_mode_irt")
+    with LaunchCounter() as launches:
+        got = loss_and_grad(lambda x: fn(old, x, adv, mask, mode, cfg, weights), lp)
+    assert launches.launches > 0
+    close(got[0], want[0])
+    close(got[1], want[1])
+    shared = [k for k in got[2][1] if not k.startswith("actor/irt/")]
+    assert {k for k in shared if k.startswith("rollout_corr/")} == {
+        k for k in verl.adapter.VERL_ROLLOUT_METRICS
+        if (level is not None and loss_type == "reinforce" or "rollout_is" not in k) and (rs or "_rs_" not in k)}
+    for key in shared:
+        assert got[2][1][key] == pytest.approx(want[2][1].get(key, 0.0), rel=1e-5, abs=1e-6), key
+    if rs is not None:
+        assert 0 < want[2][1]["rollout_corr/rollout_rs_masked_fraction"] < 1  # the rejection acts
+
+
+def test_verl_bypass_mode_irt_refuses_the_sequence_level(verl):
+    """Sequence-level rollout correction is not in the op yet: a clear error, not another loss."""
+    from verl.trainer.config.algorithm import RolloutCorrectionConfig
+
+    lp, old, adv, mask, _, _ = batch(seed=0)
+    cfg = actor_config(verl, loss_mode="bypass_mode_irt", policy_loss={"rollout_correction": RolloutCorrectionConfig(
+        rollout_is="sequence", bypass_mode=True)})
+    with pytest.raises(NotImplementedError, match="rollout_is='sequence'"):
+        verl.core.get_policy_loss_fn("bypass_mode_irt")(old, lp, adv, mask, "token-mean", cfg)
 
 
 @pytest.mark.parametrize("loss_type, irt_params, mode", [

@@ -5,7 +5,8 @@ Importing this module registers, with verl's ``register_policy_loss``:
 
 - ``<mode>_irt`` for each of verl's modes in :data:`VERL_MODES` (``vanilla_irt``, ``sapo_irt``,
   ``gpg_irt``, ``cispo_irt``, ``gspo_irt``, ``geo_mean_irt``, ``dro_irt``, ``dppo_tv_irt``,
-  ``dppo_kl_irt``): verl's loss, gradient and
+  ``dppo_kl_irt``, ``bypass_mode_irt``, whose token-level rollout correction the op computes from
+  old_log_prob as the rollout's log-probs): verl's loss, gradient and
   metrics from the op, reading the options verl's own mode reads (``clip_ratio``,
   ``clip_ratio_low`` / ``clip_ratio_high`` with ``clip_ratio`` as their default, ``clip_ratio_c``,
   ``tau_pos`` / ``tau_neg``, ``policy_loss.dro_beta``);
@@ -40,7 +41,7 @@ of the op under ``actor/irt/<name>``, as Python floats read with a single device
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -48,6 +49,7 @@ from verl.trainer.ppo.core_algos import register_policy_loss
 from verl.workers.config import PolicyLossConfig
 
 from .. import api
+from ..params import RolloutCorrection
 
 
 def _clip_ratios(config) -> tuple:
@@ -91,15 +93,68 @@ def _dppo(divergence):
     return options
 
 
+def _rollout_correction(config) -> RolloutCorrection:
+    """verl's ``policy_loss.rollout_correction`` (token level) as the op's correction of π against
+    π_rollout (bypass mode: old_log_prob is the rollout's). ``rollout_is="token"``: TIS at
+    ``rollout_is_threshold``, or IcePop's mask for a "lower_upper" threshold; ``rollout_rs``
+    ``token_k1`` (ratio bounds "lower_upper", or upper and 1/upper: verl keeps log lower ≤ −x ≤
+    log upper, i.e. ρ in [1/upper, 1/lower]), ``token_k2``, ``token_k3`` (an upper bound)."""
+    rc = _section(_section(config, "policy_loss"), "rollout_correction")
+    level, rs = rc.get("rollout_is", "sequence"), rc.get("rollout_rs", None)
+    if level not in (None, "token") or rc.get("rollout_is_batch_normalize", False) or (
+            rs is not None and "," in rs) or (rs is not None and not rs.startswith("token_")):
+        raise NotImplementedError(
+            f"bypass_mode_irt computes token-level rollout correction in the op (rollout_is None or 'token', one "
+            f"token_k* rollout_rs, no batch normalization); got rollout_is={level!r}, rollout_rs={rs!r}, "
+            f"rollout_is_batch_normalize={rc.get('rollout_is_batch_normalize', False)!r}: use verl's bypass_mode")
+    weight = {"weight": None}
+    if level == "token":
+        lo, hi = _bounds(rc.get("rollout_is_threshold", 2.0))
+        weight = {"weight": "truncate", "weight_max": hi} if lo is None else {
+            "weight": "mask", "weight_min": lo, "weight_max": hi}
+    reject = {}
+    if rs is not None:
+        lo, hi = _bounds(rc.get("rollout_rs_threshold", None))
+        if rs == "token_k1":
+            reject = {"reject": "k1", "reject_min": 1.0 / hi, "reject_max": 1.0 / (1.0 / hi if lo is None else lo)}
+        else:
+            reject = {"reject": rs[len("token_"):], "reject_max": hi}
+    return RolloutCorrection(**weight, **reject, ratio_of="current")
+
+
+def _bounds(spec) -> tuple:
+    """(lower or None, upper) of verl's threshold: a number, or a "lower_upper" string."""
+    if spec is None:
+        raise ValueError("rollout_rs_threshold must be provided for rejection sampling")
+    if isinstance(spec, str) and "_" in spec:
+        lo, hi = spec.split("_", 1)
+        return float(lo), float(hi)
+    return None, float(spec)
+
+
+def _bypass(config) -> dict:
+    """verl's bypass mode (old_log_prob is the rollout's): its ``rollout_correction.loss_type``
+    "ppo_clip" (vanilla's options; IS weights not applied, the rejection is) or "reinforce"
+    (−A·log π·r: gpg with the weights)."""
+    correction = _rollout_correction(config)
+    rc = _section(_section(config, "policy_loss"), "rollout_correction")
+    if rc.get("loss_type", "ppo_clip") == "reinforce":
+        return {"loss_type": "gpg", "rollout_correction": correction}
+    return {"loss_type": "ppo_clip", **_vanilla(config), "rollout_correction": replace(correction, weight=None)}
+
+
 class Mode(NamedTuple):
     """A registered loss: our ``loss_type``, the family parameters it reads from verl's actor
     config, the aggregation verl's mode always uses (None: the ``loss_agg_mode`` argument) and
-    whether that is a mean over the micro-batch's rows whatever ``global_batch_info`` says."""
+    whether that is a mean over the micro-batch's rows whatever ``global_batch_info`` says;
+    ``bypass``: verl's bypass mode, whose options name the family (``loss_type``) and correct
+    against old_log_prob as the rollout's log-probs."""
 
     loss_type: str
     options: Callable = _no_options
     loss_agg_mode: Optional[str] = None
     local_rows: bool = False
+    bypass: bool = False
 
 
 #: verl's loss mode → how the op computes it; each is registered as ``<mode>_irt``
@@ -113,6 +168,7 @@ VERL_MODES = {
     "dro": Mode("dro", _dro),
     "dppo_tv": Mode("dppo", _dppo("tv")),
     "dppo_kl": Mode("dppo", _dppo("kl")),
+    "bypass_mode": Mode("ppo_clip", _bypass, bypass=True),
 }
 #: our families that verl lacks, by the name registered with verl (and ppo_clip_irt = vanilla_irt)
 VERL_NAMES = {
@@ -130,6 +186,11 @@ REGISTERED = {**{f"{mode}_irt": entry for mode, entry in VERL_MODES.items()},
 #: verl's metric name for our metric (0 where the family has none)
 VERL_METRICS = {"actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "ppo_kl",
                 "actor/pg_clipfrac_lower": "clipfrac_lower"}
+#: verl's rollout-correction metric name for our metric (the definitions agree at token level)
+VERL_ROLLOUT_METRICS = {"rollout_corr/rollout_is_mean": "rollout_is_mean",
+                        "rollout_corr/rollout_is_ratio_fraction_high": "rollout_is_fraction_high",
+                        "rollout_corr/rollout_is_ratio_fraction_low": "rollout_is_fraction_low",
+                        "rollout_corr/rollout_rs_masked_fraction": "rollout_rs_masked_fraction"}
 
 
 @dataclass
@@ -174,12 +235,20 @@ def aggregation_options(config, device) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def verl_metrics(metrics: dict) -> dict:
-    """verl's metric names plus ours under ``actor/irt/``, as floats (one host copy)."""
+def verl_metrics(metrics: dict, applied: Optional[RolloutCorrection] = None) -> dict:
+    """verl's metric names plus ours under ``actor/irt/``, as floats (one host copy); with a
+    rollout correction also verl's ``rollout_corr/`` names of the metrics we share (the IS
+    weight's only where it is applied)."""
     names = list(VERL_METRICS) + [f"actor/irt/{k}" for k in metrics]
     ref = next(iter(metrics.values()))
     zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
     values = [metrics.get(k, zero) for k in VERL_METRICS.values()] + list(metrics.values())
+    if applied is not None:
+        shared = {k: v for k, v in VERL_ROLLOUT_METRICS.items()
+                  if applied.weight is not None or not k.startswith("rollout_corr/rollout_is")}
+        shared = {k: v for k, v in shared.items() if applied.reject is not None or "_rs_" not in k}
+        names += list(shared)
+        values += [metrics[v] for v in shared.values()]
     return dict(zip(names, torch.stack([v.detach().to(ref.dtype) for v in values]).tolist()))
 
 
@@ -195,10 +264,13 @@ def make_policy_loss_fn(name: str):
         extra = {} if rollout_is_weights is None else {"rollout_is_weights": rollout_is_weights}
         agg = ({"global_batch_size": log_prob.shape[0]} if mode.local_rows
                else aggregation_options(config, log_prob.device))
-        loss, metrics = api.policy_loss(log_prob, old_log_prob, advantages, response_mask, mode.loss_type,
-                                        mode.loss_agg_mode or loss_agg_mode, **agg,
-                                        **family_params(name, config), **extra)
-        return loss, verl_metrics(metrics)
+        params = family_params(name, config)
+        loss_type = params.pop("loss_type", mode.loss_type)
+        if mode.bypass:  # verl ignores the given weights: the op computes them from old_log_prob
+            extra = {"rollout_log_prob": old_log_prob}
+        loss, metrics = api.policy_loss(log_prob, old_log_prob, advantages, response_mask, loss_type,
+                                        mode.loss_agg_mode or loss_agg_mode, **agg, **params, **extra)
+        return loss, verl_metrics(metrics, applied=params.get("rollout_correction"))
 
     policy_loss_fn.__name__ = policy_loss_fn.__qualname__ = f"compute_policy_loss_{name}"
     policy_loss_fn.__doc__ = (f"verl policy loss {name!r}: isreshape_triton.policy_loss(loss_type="
