@@ -189,8 +189,9 @@ def geometry(x: Inputs, tiling: Tiling = None) -> dict:
 def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, write_grad: bool,
                   gamma: Optional[torch.Tensor] = None, process_group=None,
                   kl: KLConfig = KLConfig(), correction: tuple = NO_CORRECTION) -> Plan:
-    """Allocate the outputs and list the steps of the forward pass: 1-2 kernel launches,
-    plus one all-gather of the statistics records with ``process_group``.
+    """Allocate the outputs and list the steps of the forward pass: 1-2 kernel launches (pass 1
+    for a family's statistics or a rollout correction's row quantity), plus one all-gather of the
+    statistics records with ``process_group``.
 
     ``gamma``: the (c0, c1) context computed on the device beforehand (PSIS), shape
     [2] for the batch or [rows, 2] per row. ``correction``: the rollout correction's
@@ -206,8 +207,11 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
     batch_stats = fam.needs_stats and not fam.per_row
     row_stats = fam.needs_stats and fam.per_row
     seq_agg = agg.loss_agg_mode in SEQ_AGG_MODES
+    code = correction[0] if x.rollout is not None else 0
+    corr_rows = code >= 32  # a row quantity of the rollout correction (kernels/rollout.py): pass 1 sums it
     empty = torch.empty(0, device=dev, dtype=acc)
     stats = empty
+    corr_rec = empty_buffer((2 * n_chunks + S, layout.CORR_WIDTH.value), acc, dev) if corr_rows else empty
     if row_stats:
         stats = empty_buffer((2 * n_chunks + S, KS), acc, dev)
     elif batch_stats:  # distributed: a fixed number of records per rank, unused ones neutral (n = 0)
@@ -227,24 +231,24 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
     tokens = dict(**streams, cu_ptr=cu, N=N, T=geo["T"], S=S, chunk=geo["chunk"], n_chunks=n_chunks,
                   clamp=float(clamp), gamma_rule=(fam.gamma_rule or GammaRule()).as_tuple(),
                   corr=tuple(float(v) for v in correction[1]))
-    code = correction[0] if x.rollout is not None else 0
     flags = dict(ACC=_tl_dtype(x.log_prob.dtype), UNIT_STRIDE=_unit_token_stride(x, streams),
                  HAS_ADV=x.advantages is not None,
                  HAS_MASK=x.response_mask is not None, HAS_ROLLOUT=x.rollout is not None,
                  CORRECTION=code, PACKED=x.packed, KS=KS, G=G)
     device = device_functions(fam.name)
     steps = []
-    if fam.needs_stats:
+    if fam.needs_stats or corr_rows:
         block, options = _tile(STATS_TILE_ESS_EXACT if fam.ess_exact else STATS_TILE, fp64)
         # pass 1 reads the rollout stream only where the weights enter a row weight (W), not a γ rule,
-        # or where a correction's rejection leaves the count mask
+        # where a correction's rejection leaves the count mask, or for the correction's row records
         in_row = x.rollout is not None and fam.rollout_in_row
-        pass1 = {**flags, "HAS_ROLLOUT": in_row or (code // 4) % 4 != 0, "ROLLOUT_IN_ROW": in_row}
+        pass1 = {**flags, "HAS_ROLLOUT": in_row or (code // 4) % 4 != 0 or corr_rows, "ROLLOUT_IN_ROW": in_row}
         steps.append(Launch(batch_stats_kernel, (programs,),
-                            dict(**tokens, rec_ptr=stats, scratch_ptr=partial, scratch_stride=partial.stride(0),
-                                 params=fam.params),
+                            dict(**tokens, rec_ptr=stats, corr_ptr=corr_rec, scratch_ptr=partial,
+                                 scratch_stride=partial.stride(0), params=fam.params),
                             dict(**pass1, HAS_REF=False, SIGN_GROUPS=fam.sign_groups, ESS_EXACT=fam.ess_exact,
-                                 ROW_STATS=row_stats, ROW_TERM=getattr(device, "row_term", None),
+                                 FAMILY_STATS=fam.needs_stats, ROW_STATS=row_stats,
+                                 ROW_TERM=getattr(device, "row_term", None),
                                  WARPS=_lane_warps(block, options), BLOCK_T=block),
                             options))
     records = stats
@@ -261,7 +265,7 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
     kl_type = kl.code if x.ref_log_prob is not None else 0
     steps.append(Launch(
         token_loss_kernel, (programs,),
-        dict(**tokens, stats_ptr=records, n_stats=records.shape[0] if batch_stats else 0,
+        dict(**tokens, stats_ptr=records, n_stats=records.shape[0] if batch_stats else 0, corr_ptr=corr_rec,
              gamma_ptr=gamma if gamma is not None else grad_scale,
              gamma_row_stride=2 if gamma is not None and gamma.dim() == 2 else 0,
              neg_phi_ptr=neg_phi if write_grad else grad_scale, element_ptr=elements,

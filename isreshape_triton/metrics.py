@@ -65,7 +65,7 @@ with ref_log_prob (SPEC §4.1)
 with rollout_log_prob (``RolloutCorrection``), over the n₀ tokens the mask counts before the
 correction's rejection (the others above count after it), with ρ = π_old/π_rollout (or π/π_rollout)
   rollout_is_mean             Σ r/n₀, the applied rollout IS weight
-  rollout_is_fraction_high    fraction with ρ > weight_max
+  rollout_is_fraction_high    fraction with ρ > weight_max (the sequence ratio: of the rows)
   rollout_is_fraction_low     fraction with ρ < weight_min (1/weight_max when it is None, as verl)
   rollout_rs_masked_fraction  fraction rejected
 """

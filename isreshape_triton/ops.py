@@ -25,9 +25,9 @@ from .kernels import layout
 from .metrics import metric_names
 from .options import as_number
 from .launch import acc_dtype
-from .params import (AggConfig, check_log_ratio_clamp, check_process_group, correction_args, kl_config, make_params,
-                     rollout_config)
-from .reference.rollout import rollout_terms
+from .params import (AggConfig, check_correction_family, check_log_ratio_clamp, check_process_group, correction_args,
+                     kl_config, make_params, rollout_config)
+from .reference.rollout import log_ratio, token_keep
 from .psis_context import psis_context
 
 #: a family's metric → its slot in the metric vector (the common ones, then its extras in order)
@@ -54,6 +54,7 @@ def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=Non
     agg = AggConfig(loss_agg_mode, dp_size, global_token_count, global_batch_size, loss_scale_factor)
     kl = kl_config(kl_coef, kl_type, ref_log_prob, kl_correction)
     correction = rollout_config(rollout_is_weights, rollout_log_prob, rollout_correction)
+    check_correction_family(correction, loss_type, params)
     x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, log_ratio_clamp,
                        cu_seqlens, validate, rollout_is_weights, ref_log_prob, rollout_log_prob)
     agg.check_device(x.log_prob.device)
@@ -76,16 +77,14 @@ def fused_policy_loss(log_prob, old_log_prob, advantages=None, response_mask=Non
 
 
 def _rejected(x: Inputs, correction, clamp) -> Inputs:
-    """``x`` with the rollout correction's rejected tokens out of the mask, for the PSIS context
-    (torch ops, as the context's own; the kernels reject the same tokens)."""
-    if correction is None or correction.reject is None:
+    """``x`` with the rollout correction's token rejection out of the mask, for the PSIS context
+    (torch ops, as the context's own; the kernels reject the same tokens). A row rejection only
+    goes with a per-row context (``check_correction_family``), where a rejected row's is unused."""
+    if correction is None or correction.reject is None or correction.reject_level != "token":
         return x
     if x.response_mask is None:
         counted = torch.ones(x.log_prob.shape, dtype=torch.bool, device=x.log_prob.device)
     else:
         counted = x.response_mask != 0
-    dt = acc_dtype(x.log_prob.dtype)
-    base = x.log_prob if correction.ratio_of == "current" else x.old_log_prob
-    _, keep, _ = rollout_terms(torch.where(counted, base.detach().to(dt), 0.0),
-                               torch.where(counted, x.rollout.detach().to(dt), 0.0), correction, as_number(clamp))
-    return dataclasses.replace(x, response_mask=counted & keep)
+    lr = log_ratio(x.log_prob, x.old_log_prob, x.rollout, counted, correction, acc_dtype(x.log_prob.dtype))
+    return dataclasses.replace(x, response_mask=counted & token_keep(lr, correction, as_number(clamp)))

@@ -182,23 +182,30 @@ def make_params(loss_type: str, params=None, **kwargs):
 ROLLOUT_WEIGHTS = ("truncate", "mask", None)  # kernels/rows.py: CORRECTION bits 0-1 = index + 1
 ROLLOUT_REJECTS = (None, "k1", "k2", "k3")  # bits 2-3
 ROLLOUT_RATIOS = ("old", "current")  # bit 4
+ROLLOUT_LEVELS = ("token", "sequence")  # the weight's level: bit 5
+REJECT_LEVELS = ("token", "sequence_sum", "sequence_mean", "sequence_max")  # bits 6-7
 
 
 @dataclass(frozen=True)
 class RolloutCorrection(Options):
-    """The train/rollout mismatch correction computed per token from ``rollout_log_prob``.
+    """The train/rollout mismatch correction computed from ``rollout_log_prob``.
 
-    x = log π_old − log π_rollout (``ratio_of="old"``; ``"current"``: log π − log π_rollout,
-    detached, verl's bypass mode where old_log_prob is the rollout's), clamped to
-    ±``log_ratio_clamp``; ρ = eˣ. The rollout IS weight r multiplies each token's policy term:
+    x = log π_old − log π_rollout per token (``ratio_of="old"``; ``"current"``: log π −
+    log π_rollout, detached, verl's bypass mode where old_log_prob is the rollout's). The ratio is
+    ρ = e^{clamp(x)} per token (``level="token"``), or per row ρ_b = e^{clamp(Σ_t x_t)} over the
+    row's tokens counted before any rejection (``level="sequence"``: TRL's and verl's sequence IS),
+    the clamp at ±``log_ratio_clamp``. The rollout IS weight r multiplies each token's policy term:
 
-    - ``weight="truncate"``: r = clamp(ρ, weight_min, weight_max) (TIS; TRL's ``token_truncate``);
-    - ``weight="mask"``: r = ρ where weight_min ≤ ρ ≤ weight_max, else 0 (IcePop, TRL's ``token_mask``);
+    - ``weight="truncate"``: r = clamp(ρ, weight_min, weight_max) (TIS; TRL's ``*_truncate``);
+    - ``weight="mask"``: r = ρ where weight_min ≤ ρ ≤ weight_max, else 0 (IcePop, TRL's ``*_mask``);
     - ``weight=None``: r = 1.
 
-    ``reject`` (verl's token ``rollout_rs``) takes a token out of the count mask, normalizers
-    included, unless ``"k1"``: reject_min ≤ ρ ≤ reject_max (compared as log bounds on x);
-    ``"k2"``: ½x² ≤ reject_max; ``"k3"``: eˣ − 1 − x ≤ reject_max. A bound left None is open.
+    ``reject`` (verl's ``rollout_rs``) takes tokens out of the count mask, normalizers included.
+    ``reject_level="token"``: a token unless ``"k1"``: reject_min ≤ ρ ≤ reject_max (compared as
+    log bounds on x); ``"k2"``: ½x² ≤ reject_max; ``"k3"``: eˣ − 1 − x ≤ reject_max.
+    ``"sequence_sum"`` / ``"sequence_mean"`` / ``"sequence_max"``: every token of a row whose sum,
+    mean or max (k2, k3) of the token statistics (k1: x) breaks the same bounds. x is clamped to
+    ±``log_ratio_clamp`` in the statistics. A bound left None is open.
     """
 
     weight: Optional[str] = "truncate"
@@ -208,6 +215,8 @@ class RolloutCorrection(Options):
     reject_min: Optional[float] = None
     reject_max: Optional[float] = None
     ratio_of: str = "old"
+    level: str = "token"
+    reject_level: str = "token"
 
     def __post_init__(self):
         if self.weight not in ROLLOUT_WEIGHTS:
@@ -215,6 +224,13 @@ class RolloutCorrection(Options):
         if self.reject not in ROLLOUT_REJECTS:
             raise ValueError(f"reject must be one of {ROLLOUT_REJECTS}, got {self.reject!r}")
         check_choice("ratio_of", self.ratio_of, ROLLOUT_RATIOS)
+        check_choice("level", self.level, ROLLOUT_LEVELS)
+        check_choice("reject_level", self.reject_level, REJECT_LEVELS)
+        if self.reject_level == "sequence_max" and self.reject == "k1":
+            raise ValueError("reject_level='sequence_max' bounds a divergence (k2, k3), not the ratio (k1)")
+        if self.reject_level != "token" and self.reject is None:
+            raise ValueError(f"reject_level={self.reject_level!r} is given without reject: set reject to 'k1', "
+                             f"'k2' or 'k3'")
         for name in ("weight_min", "weight_max", "reject_min", "reject_max"):
             set_real(self, name, optional=True, lo=0.0, lo_open=True)
         for lo, hi in (("weight_min", "weight_max"), ("reject_min", "reject_max")):
@@ -234,9 +250,15 @@ class RolloutCorrection(Options):
 
     @property
     def code(self) -> int:
-        """The kernels' CORRECTION (``kernels/rows.py``): weight, rejection and ratio bits; never 0."""
+        """The kernels' CORRECTION (``kernels/rows.py``): weight, rejection, ratio and level bits; never 0."""
         return (ROLLOUT_WEIGHTS.index(self.weight) + 1 + 4 * ROLLOUT_REJECTS.index(self.reject)
-                + 16 * ROLLOUT_RATIOS.index(self.ratio_of))
+                + 16 * ROLLOUT_RATIOS.index(self.ratio_of) + 32 * ROLLOUT_LEVELS.index(self.level)
+                + 64 * REJECT_LEVELS.index(self.reject_level))
+
+    @property
+    def per_row(self) -> bool:
+        """A row quantity (the sequence ratio, a sequence rejection): pass 1 sums it per row."""
+        return self.level == "sequence" or self.reject_level != "token"
 
     @property
     def floats(self) -> tuple:
@@ -256,6 +278,25 @@ class RolloutCorrection(Options):
 
 
 NO_CORRECTION = (0, (0.0, 0.0, 0.0, 0.0, 0.0))  # the kernels' (CORRECTION, floats) without a correction
+
+
+def check_correction_family(correction: Optional[RolloutCorrection], loss_type: str, params) -> None:
+    """The combinations the op does not compute: a sequence-level rejection with a γ rule of
+    batch statistics (they would need the rows' rejection before the batch pass), and a sequence
+    weight with a family whose row weight takes the rollout weights per token (VESPO)."""
+    if correction is None:
+        return
+    from .families import kernel_family
+
+    fam = kernel_family(loss_type, params)
+    if correction.reject_level != "token" and (fam.needs_stats or fam.psis) and not fam.per_row:
+        raise NotImplementedError(
+            f"reject_level={correction.reject_level!r} with {loss_type}'s batch statistics (gamma="
+            f"{getattr(params, 'gamma', None)!r}) is not computed: use reject_level='token', a fixed gamma or "
+            f"gamma_granularity='sequence'")
+    if correction.level == "sequence" and fam.rollout_in_row:
+        raise NotImplementedError(f"level='sequence' with {loss_type}, whose row weight takes the rollout weights "
+                                  f"per token, is not computed: use level='token'")
 
 
 def correction_args(correction: Optional[RolloutCorrection]) -> tuple:

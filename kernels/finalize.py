@@ -253,14 +253,15 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
              dp_size, global_token_count, global_batch_size, loss_scale_factor,
              agg, SEQ_AGG: tl.constexpr, SEQ_GAMMA: tl.constexpr, PACKED: tl.constexpr,
              COUNTS_ON_DEVICE: tl.constexpr, GROUPS_GIVEN: tl.constexpr, FRAMED: tl.constexpr, SLOTS: tl.constexpr,
-             WARPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+             ROW_FRACTIONS: tl.constexpr, WARPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
     """All n_part (≤ BLOCK_P) partial records (``partial_stride`` apart) merged in program
     order (``reduce_record``); the loss, metrics (``layout.METRIC_FIELDS``) and the
     gradient scale s of SPEC §2 (for seq-mean-token-mean the backward divides it by the
     row's n_b). COUNTS_ON_DEVICE: bit 0 global_token_count, bit 1 global_batch_size are 0-dim
     device tensors (a bad value gives NaN: ``_count``). Only the slots in SLOTS are read (``layout.partial_slots``); GROUPS_GIVEN:
     (count, M2) of the A>0 and A<0 groups are ``groups`` (the batch statistics), not slots;
-    FRAMED: the moments of ℓ are power sums in the batch ``frame`` (c, r, u)."""
+    FRAMED: the moments of ℓ are power sums in the batch ``frame`` (c, r, u). ROW_FRACTIONS: the
+    rollout ratio's fraction metrics count rows (a sequence ratio, over all S rows as verl)."""
     p = tl.arange(0, BLOCK_P)
     dt = partial_ptr.dtype.element_ty
     if SEQ_AGG:  # the rows that span chunks first, before the partials' registers are live
@@ -370,9 +371,12 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
     # the rollout correction: over the tokens the mask counts before its rejection (n + rejected)
     r_sum, high, below, rejected = rec[P_ROLLOUT:P_ROLLOUT + 4]
     n0 = n_all + rejected
+    units = n0
+    if ROW_FRACTIONS:
+        units = S + tl.zeros([], dt)
     tl.store(m + M_ROLLOUT_IS_MEAN, safe_div(r_sum, n0))
-    tl.store(m + M_ROLLOUT_IS_FRACTION_HIGH, safe_div(high, n0))
-    tl.store(m + M_ROLLOUT_IS_FRACTION_LOW, safe_div(below, n0))
+    tl.store(m + M_ROLLOUT_IS_FRACTION_HIGH, safe_div(high, units))
+    tl.store(m + M_ROLLOUT_IS_FRACTION_LOW, safe_div(below, units))
     tl.store(m + M_ROLLOUT_RS_MASKED_FRACTION, safe_div(rejected, n0))
     for k in tl.static_range(5):  # the family's extra metrics: token means of its extra terms
         tl.store(m + M_EXTRAS + k, safe_div(rec[P_EXTRAS + k], n_all))

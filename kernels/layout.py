@@ -8,6 +8,9 @@ program (batch γ) or one per piece (row rules, see ``rows.py``). Then for
 ``gamma="ess_exact"``, at ``S_GRID``, the grid sums Σe^{γ_jℓ}, Σe^{2γ_jℓ}, Σℓe^{γ_jℓ},
 Σℓe^{2γ_jℓ} of group a (all or A>0) and group b (A<0), G values each (+ k·G + j).
 
+Rollout-correction record (``C_``; ``batch_stats_kernel`` → ``token_loss_kernel``, a correction of
+a row quantity): one per piece, indexed as the row statistics: n₀, Σx, the rejection's Σ or max.
+
 Row-sum element (``E_``; ``token_loss_kernel``, seq-* aggregation): two per chunk, the
 chunk's head and tail piece (``rows.py``), with flags ROW_STARTS (a tail: its row starts
 here) and ROW_ENDS (a head whose row ends here).
@@ -64,6 +67,9 @@ STATS_FIELDS = (
 )
 S_BASE_WIDTH = _declare("S_", STATS_FIELDS)
 S_GRID = tl.constexpr(S_BASE_WIDTH)
+
+CORR_FIELDS = (Field("n0"), Field("xsum"), Field("kstat"))  # rollout correction per piece (``rollout.py``)
+CORR_WIDTH = tl.constexpr(_declare("C_", CORR_FIELDS))
 
 ELEMENT_FIELDS = (Field("count"), Field("loss"), Field("kl"), Field("row"), Field("flags"))  # Σ m, Σ m·L, Σ m·k
 ELEMENT_WIDTH = tl.constexpr(_declare("E_", ELEMENT_FIELDS))

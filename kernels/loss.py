@@ -31,10 +31,11 @@ from .common import (expsum_add, expsum_init, max_nan, min_nan, moments_add, mom
 from .finalize import finalize, reduce_record, store_record
 from .gamma import GAMMA_GIVEN, family_context, merge_sequence_sums
 from .kl import KL_NONE, kl_penalty
-from .layout import (E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, P_ESS, P_ESS_NEG, P_ESS_POS, P_EXTRAS,
-                     P_G_MAX, P_GAMMA, P_KL, P_LOSS, P_M2, P_M2_NEG, P_M2_POS, P_N_ALL, P_N_NEG, P_N_POS,
-                     P_NEG_G_MIN, P_NONFINITE, P_PHI, P_PHI_MAX, P_ROLLOUT, P_ROWS, P_SEQ_KL, P_SEQ_LOSS, P_W, P_W_MAX,
-                     P_Z_ALL, P_Z_NEG, P_Z_POS, PARTIAL_SCRATCH, PARTIAL_WIDTH, ROW_ENDS, ROW_STARTS)
+from .layout import (CORR_WIDTH, E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, P_ESS, P_ESS_NEG, P_ESS_POS,
+                     P_EXTRAS, P_G_MAX, P_GAMMA, P_KL, P_LOSS, P_M2, P_M2_NEG, P_M2_POS, P_N_ALL, P_N_NEG, P_N_POS,
+                     P_NEG_G_MIN, P_NONFINITE, P_PHI, P_PHI_MAX, P_ROLLOUT, P_ROWS, P_SEQ_KL, P_SEQ_LOSS, P_W,
+                     P_W_MAX, P_Z_ALL, P_Z_NEG, P_Z_POS, PARTIAL_SCRATCH, PARTIAL_WIDTH, ROW_ENDS, ROW_STARTS)
+from .rollout import per_row, row_correction, sequence_weight
 from .rows import (load_raw, locate_row, log_probs, piece_end, prologue_stop, row_elements, streams,
                    token_values)
 
@@ -129,18 +130,48 @@ def _row_add(row_sums, L, k, m, HAS_KL: tl.constexpr):
 
 
 @triton.jit
-def _rollout_add(sums, r, m, m0_rho, corr):
+def _rollout_add(sums, r, m, m0_x, corr, CORRECTION: tl.constexpr):
     """The rollout correction's lane sums plus a tile's: Σ m₀·r, Σ m₀·[ρ > hi], Σ m₀·[ρ < lo]
-    (the weight's bounds, lo of the metric) and the rejected tokens, m₀ ∧ ¬m."""
-    m0, rho = m0_rho
+    (the weight's bounds, lo of the metric; a sequence ratio's rows are counted per piece,
+    ``_rollout_rows_add``) and the rejected tokens, m₀ ∧ ¬m."""
+    m0, _, rho = m0_x
     _, w_hi, low, _, _ = corr
     r_sum, high, below, rejected = sums
-    return (r_sum + tl.where(m0, r, 0.0), high + tl.where(m0 & (rho > w_hi), 1.0, 0.0),
-            below + tl.where(m0 & (rho < low), 1.0, 0.0), rejected + tl.where(m0 & ~m, 1.0, 0.0))
+    if not sequence_weight(CORRECTION):
+        high += tl.where(m0 & (rho > w_hi), 1.0, 0.0)
+        below += tl.where(m0 & (rho < low), 1.0, 0.0)
+    return r_sum + tl.where(m0, r, 0.0), high, below, rejected + tl.where(m0 & ~m, 1.0, 0.0)
 
 
 @triton.jit
-def _accumulate(acc, ell, w, A, m, bad, phi, g, x, L, k, r, m0_rho, corr, frame, FRAMED: tl.constexpr,
+def _rollout_rows_add(rows, rho_b, first_piece, corr):
+    """A sequence ratio's rows above and below the fraction bounds plus row b's [ρ_b > hi] and
+    [ρ_b < lo], at the row's first piece (each row once)."""
+    _, w_hi, low, _, _ = corr
+    high, below = rows
+    return (high + tl.where(first_piece & (rho_b > w_hi), 1.0, 0.0),
+            below + tl.where(first_piece & (rho_b < low), 1.0, 0.0))
+
+
+@triton.jit
+def _row_rollout(corr_ptr, s, start, end, a, b, chunk, n_chunks, clamp, corr, ACC: tl.constexpr,
+                 CORR_ROWS: tl.constexpr, CORRECTION: tl.constexpr, BLOCK_REC: tl.constexpr):
+    """(r_b, keep_b, ρ_b) of row s from pass 1's correction records (one for a complete row, else
+    the tail of its first chunk and the heads of the others); (1, True, 1) without a row quantity."""
+    if CORR_ROWS:
+        complete = (start >= a) & (end <= b)
+        first, count = row_elements(0, start, end, chunk)
+        first = tl.where(complete, 2 * n_chunks + s, first)
+        count = tl.where(complete, 1, count)
+        return row_correction(corr_ptr, count, first, 2 * (start // chunk), 2, clamp, corr, CORRECTION, CORR_WIDTH,
+                              BLOCK_REC)
+    else:
+        one = tl.full([], 1.0, ACC)
+        return one, tl.full([], 1, tl.int1), one
+
+
+@triton.jit
+def _accumulate(acc, ell, w, A, m, bad, phi, g, x, L, k, r, m0_x, corr, frame, FRAMED: tl.constexpr,
                 OWN_GROUPS: tl.constexpr, SIGN_GROUPS: tl.constexpr, GAMMA_STATS: tl.constexpr, HAS_KL: tl.constexpr,
                 TOKEN_EXTRAS: tl.constexpr, CORRECTION: tl.constexpr):
     """The lane accumulators plus a tile's counted tokens: Σ m·L, Σ m·k, the moments of ℓ (in the
@@ -176,7 +207,7 @@ def _accumulate(acc, ell, w, A, m, bad, phi, g, x, L, k, r, m0_rho, corr, frame,
               _add_extra(e4, x4, m, bad, TOKEN_EXTRAS > 4))
     nonfinite += tl.where(bad, 1.0, 0.0)
     if CORRECTION != 0:
-        rollout_sums = _rollout_add(rollout_sums, r, m, m0_rho, corr)
+        rollout_sums = _rollout_add(rollout_sums, r, m, m0_x, corr, CORRECTION)
     return (loss_acc, kl_acc, moments, pos, neg, w_sum, w_max, phi_sum, phi_max, ess_all, ess_pos, ess_neg,
             g_sum, g_min, g_max, extras, nonfinite, rollout_sums)
 
@@ -208,9 +239,9 @@ def _finish_piece(row_sums, seq, head, tail, s, start, end, a, b, row_count_ptr)
 
 
 @triton.jit
-def _partial_record(acc, seq, lanes, FRAMED: tl.constexpr):
+def _partial_record(acc, seq, rollout_rows, lanes, FRAMED: tl.constexpr):
     """The program's partial record (``layout.PARTIAL_FIELDS``) of its lane accumulators, by
-    field (the row sums of the seq-* modes on lane 0)."""
+    field (the row sums of the seq-* modes and a sequence ratio's row counts on lane 0)."""
     loss_acc, kl_acc, moments, pos, neg, w_sum, w_max, phi_sum, phi_max, ess_all, ess_pos, ess_neg, \
         g_sum, g_min, g_max, extras, nonfinite, rollout_sums = acc
     seq_loss, seq_kl, seq_rows = seq
@@ -245,7 +276,9 @@ def _partial_record(acc, seq, lanes, FRAMED: tl.constexpr):
     r = put(r, P_GAMMA, (g_sum,))
     r = put(r, P_EXTRAS, extras)
     r = put(r, P_NONFINITE, (nonfinite,))
-    r = put(r, P_ROLLOUT, rollout_sums)
+    r_sum, high, below, rejected = rollout_sums
+    r = put(r, P_ROLLOUT, (r_sum, high + tl.where(first, rollout_rows[0], 0.0),
+                           below + tl.where(first, rollout_rows[1], 0.0), rejected))
     return put(r, P_ROWS, (tl.where(first, seq_rows, 0.0),))
 
 
@@ -280,7 +313,7 @@ def _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, ch
                                "s_olp_r", "s_olp_t", "s_adv_r", "s_adv_t", "s_mask_r", "s_mask_t",
                                "s_rollout_r", "s_rollout_t", "s_ref_r", "s_ref_t", "agg_mode"])
 def token_loss_kernel(
-    lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr, cu_ptr, stats_ptr, n_stats,
+    lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr, cu_ptr, stats_ptr, n_stats, corr_ptr,
     gamma_ptr, gamma_row_stride,
     neg_phi_ptr, element_ptr, row_count_ptr, partial_ptr, partial_stride, ticket_ptr,
     loss_ptr, metrics_ptr, grad_scale_ptr,
@@ -305,7 +338,8 @@ def token_loss_kernel(
     and the KL term, L_t = −F_t·r_t + β·k(x_t) and ∂L_t/∂lp_t = −φ_t·r_t + β·k'(x_t)
     (ROLLOUT_IN_ROW, a family whose row weight takes r: r is in it, not per token); ``kl_coef`` = β.
     CORRECTION ≠ 0: the rollout stream holds log π_rollout, of which the rollout correction
-    (``rows.token_values``, floats ``corr``) makes r and the tokens it rejects.
+    (``rollout.py``, floats ``corr``) makes r and the tokens it rejects; a row quantity's from
+    pass 1's records at corr_ptr.
     The family: its device function ``TOKEN`` with its option OPT and float tuple ``params``, its
     ``ROW_WEIGHT`` (or None), the groups of its γ rule ``gamma_rule`` (``gamma.py``: GROUPS,
     GAMMA_MODE), whether it reports γ_t statistics (GAMMA_STATS) and how many of its extras are
@@ -329,11 +363,13 @@ def token_loss_kernel(
     # sums in the batch frame (FRAMED: ``common.power_sums_add``)
     OWN_GROUPS: tl.constexpr = SIGN_GROUPS and not BATCH_STATS
     FRAMED: tl.constexpr = BATCH_STATS
+    CORR_ROWS: tl.constexpr = HAS_ROLLOUT and per_row(CORRECTION)
     batch_ctx, groups, frame = _batch_context(stats_ptr, n_stats, gamma_ptr, gamma_rule,
                                               record_scratch + PARTIAL_WIDTH * WARPS, GROUPS, GAMMA_MODE,
                                               BATCH_STATS, ACC, KS, G, BLOCK_REC, WARPS)
     acc = _lanes_init(like, FRAMED)  # the program's lane accumulators
     seq = (zero, zero, zero)  # complete rows of the seq-* modes: Σ (row loss)/n_b, Σ (row KL)/n_b, rows n_b > 0
+    rollout_rows = (zero, zero)  # a sequence ratio's rows above / below the fraction metrics' bounds
     for c in range(pid, n_chunks, tl.num_programs(0)):
         a = c * chunk
         b = tl.minimum(a + chunk, N)
@@ -350,14 +386,18 @@ def token_loss_kernel(
             ctx = _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, chunk,
                                n_chunks, clamp, gamma_rule, params, batch_ctx,
                                ROW_WEIGHT, GROUPS, GAMMA_MODE, ROW_STATS, ACC, KS, G, BLOCK_REC)
+            r_b, keep_b, rho_b = _row_rollout(corr_ptr, s, start, end, a, b, chunk, n_chunks, clamp, corr, ACC,
+                                              CORR_ROWS, CORRECTION, BLOCK_REC)
+            if CORR_ROWS and sequence_weight(CORRECTION):
+                rollout_rows = _rollout_rows_add(rollout_rows, rho_b, start >= a, corr)
             row_sums = (like, like, like)  # the piece's lane sums of m·L, m·k and m (seq-* modes)
             for t0 in range(p, e, BLOCK_T):
                 offs = t0 + lanes
                 ahead = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, offs + BLOCK_T, e,
                                  HAS_ADV, HAS_MASK, HAS_ROLLOUT, KL_TYPE != KL_NONE)  # the next tile
-                ell, A, m, bad, r, kl_x, m0_rho = token_values(raw, offs, e, start, end, clamp, corr, ACC, HAS_ADV,
-                                                               HAS_MASK, HAS_ROLLOUT, KL_TYPE != KL_NONE, PACKED,
-                                                               CORRECTION)
+                ell, A, m, bad, r, kl_x, m0_x = token_values(raw, offs, e, start, end, clamp, corr, (r_b, keep_b),
+                                                             ACC, HAS_ADV, HAS_MASK, HAS_ROLLOUT, KL_TYPE != KL_NONE,
+                                                             PACKED, CORRECTION)
                 lp_t, olp_t = log_probs(raw, m, ACC)
                 raw = ahead
                 w = tl.exp(ell)
@@ -367,7 +407,7 @@ def token_loss_kernel(
                     tl.store(neg_phi_ptr + offs, dL, mask=offs < e)
                 if SEQ_AGG:
                     row_sums = _row_add(row_sums, L, k, m, KL_TYPE != KL_NONE)
-                acc = _accumulate(acc, ell, w, A, m, bad, phi, g, x, L, k, r, m0_rho, corr, frame, FRAMED,
+                acc = _accumulate(acc, ell, w, A, m, bad, phi, g, x, L, k, r, m0_x, corr, frame, FRAMED,
                                   OWN_GROUPS, SIGN_GROUPS, GAMMA_STATS, KL_TYPE != KL_NONE, TOKEN_EXTRAS, CORRECTION)
             if SEQ_AGG:  # the piece's row sums: a complete row now, else a head / tail element
                 seq, head, tail = _finish_piece(row_sums, seq, head, tail, s, start, end, a, b, row_count_ptr)
@@ -377,7 +417,7 @@ def token_loss_kernel(
             _store_element(element_ptr + tl.cast(2 * c + 1, tl.int64) * ELEMENT_WIDTH, tail)
 
     # the program's partial record, merged over its lanes
-    record = _partial_record(acc, seq, lanes, FRAMED)
+    record = _partial_record(acc, seq, rollout_rows, lanes, FRAMED)
     store_record(partial_row, reduce_record(record, record_scratch, SLOTS, WARPS, FRAMED), SLOTS)
 
     # completion ticket: the last program to arrive merges every partial
@@ -388,5 +428,5 @@ def token_loss_kernel(
                  loss_ptr, metrics_ptr, grad_scale_ptr, record_scratch, batch_ctx, groups, frame, S, T,
                  dp_size, global_token_count, global_batch_size, loss_scale_factor,
                  agg_mode, SEQ_AGG, SEQ_GAMMA, PACKED, COUNTS_ON_DEVICE, SIGN_GROUPS and not OWN_GROUPS, FRAMED, SLOTS,
-                 WARPS, BLOCK_P, BLOCK_E)
+                 CORR_ROWS and sequence_weight(CORRECTION), WARPS, BLOCK_P, BLOCK_E)
         tl.store(ticket_ptr, 0)

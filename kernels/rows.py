@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .common import finite_or_nan
+from .rollout import token_correction
 
 
 SEARCH_PROBES = tl.constexpr(32)  # cu_seqlens values per search step: one warp's lanes, one L2 round trip
@@ -139,57 +140,21 @@ def load_raw(lp, olp, adv, mask, rollout, ref, s, origin, offs, piece_stop,
     return lp_v, olp_v, adv_v, mask_v, r_v, ref_v
 
 
-WEIGHT_TRUNCATE = tl.constexpr(1)  # CORRECTION bits 0-1 (params.ROLLOUT_WEIGHTS); 0: r is given
-WEIGHT_MASK = tl.constexpr(2)
-REJECT_K1 = tl.constexpr(1)  # bits 2-3 (params.ROLLOUT_REJECTS)
-REJECT_K2 = tl.constexpr(2)
-REJECT_K3 = tl.constexpr(3)
-
-
 @triton.jit
-def _rollout_correction(base, rollout_lp, clamp, corr, CORRECTION: tl.constexpr):
-    """(r, keep, ρ) of the rollout correction (``params.RolloutCorrection``) at a tile: x =
-    clamp(base − log π_rollout, ±clamp) (NaN where not finite), ρ = eˣ; r truncated to
-    [w_lo, w_hi] or masked outside it (or 1); keep: the rejection's bound of x (k1: log ρ in
-    [x_lo, x_hi]; k2: ½x² ≤ x_hi; k3: eˣ − 1 − x ≤ x_hi). A NaN x gives a NaN r and keeps its
-    token (counted, so it poisons the loss: SPEC §11)."""
-    w_lo, w_hi, _, x_lo, x_hi = corr
-    x = finite_or_nan(base - rollout_lp)
-    x = tl.where(x < -clamp, -clamp, tl.where(x > clamp, clamp, x))
-    rho = tl.exp(x)
-    WEIGHT: tl.constexpr = CORRECTION % 4
-    REJECT: tl.constexpr = (CORRECTION // 4) % 4
-    if WEIGHT == WEIGHT_TRUNCATE:
-        r = tl.where(rho > w_hi, w_hi, tl.where(rho < w_lo, w_lo, rho))
-    elif WEIGHT == WEIGHT_MASK:
-        r = tl.where((rho < w_lo) | (rho > w_hi), 0.0, rho)
-    else:
-        r = tl.where(x == x, 1.0, float("nan"))
-    if REJECT == REJECT_K1:
-        keep = ~((x < x_lo) | (x > x_hi))
-    elif REJECT == REJECT_K2:
-        keep = ~(0.5 * x * x > x_hi)
-    elif REJECT == REJECT_K3:
-        keep = ~(rho - 1.0 - x > x_hi)
-    else:
-        keep = (x == x) | (x != x)  # every token
-    return r, keep, rho
-
-
-@triton.jit
-def token_values(raw, offs, piece_stop, start, end, clamp, corr,
+def token_values(raw, offs, piece_stop, start, end, clamp, corr, row_corr,
                  ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr,
                  HAS_ROLLOUT: tl.constexpr, HAS_REF: tl.constexpr, PACKED: tl.constexpr,
                  CORRECTION: tl.constexpr):
     """ℓ, A, the count mask m, the non-finite flag of counted tokens, the rollout IS weight r
-    (1 when absent), x = lp − ref_lp of the KL term (0 when absent) and (m₀, ρ): the count mask
-    before the rollout correction's rejection and its ratio (CORRECTION ≠ 0, else (m, 1)).
+    (1 when absent), x = lp − ref_lp of the KL term (0 when absent) and (m₀, x_r, ρ): the count
+    mask before the rollout correction's rejection, its log-ratio and ratio (CORRECTION ≠ 0).
 
     The mask selects, so masked NaN/inf never leak (ℓ = A = x = 0, r = 1 there). At counted
     tokens ℓ = clamp(lp − olp, ±clamp); a non-finite lp − olp gives ℓ = NaN and a non-finite
-    A, r or x is read as NaN, each flagged in ``bad`` (SPEC §11). The rollout stream holds r
-    (CORRECTION = 0) or log π_rollout, of which ``_rollout_correction`` makes r and the
-    rejection (``corr``: its floats). Inputs are upcast to ACC first (no bf16/fp16 arithmetic).
+    A, r (its own: a row's weight poisons without flagging) or x is read as NaN, each flagged in
+    ``bad`` (SPEC §11). The rollout stream holds r (CORRECTION = 0) or log π_rollout, of which
+    ``rollout.token_correction`` makes r and the rejection (``corr``: its floats; ``row_corr``: the
+    row's weight and rejection). Inputs are upcast to ACC first (no bf16/fp16 arithmetic).
     """
     lp_v, olp_v, adv_v, mask_v, r_v, ref_v = raw
     m = offs < piece_stop
@@ -200,19 +165,23 @@ def token_values(raw, offs, piece_stop, start, end, clamp, corr,
     log_p = lp_v.to(ACC)
     d = finite_or_nan(log_p - olp_v.to(ACC))
     m0 = m
-    rho = tl.where(m, 1.0, 1.0).to(ACC)
-    r = rho
+    one = tl.where(m, 1.0, 1.0).to(ACC)
+    r = one
+    x_r = one
+    rho = one
+    bad = m & (d != d)
     if HAS_ROLLOUT:
         if CORRECTION == 0:
             r = finite_or_nan(r_v.to(ACC))
+            bad = bad | (m & (r != r))
         else:
-            base = log_p if CORRECTION // 16 == 1 else olp_v.to(ACC)  # bit 4: ratio_of="current"
-            r, keep, rho = _rollout_correction(base, r_v.to(ACC), clamp, corr, CORRECTION)
-            m = m & keep
+            r, kept, x_r, rho = token_correction(log_p, olp_v.to(ACC), r_v.to(ACC), m0, row_corr, clamp, corr,
+                                                 CORRECTION)
+            m = m & kept
+            bad = m & ((d != d) | (x_r != x_r))
             rho = tl.where(m0, rho, 1.0)
         r = tl.where(m0, r, 1.0)
     ell = tl.where(m, tl.where(d < -clamp, -clamp, tl.where(d > clamp, clamp, d)), 0.0)
-    bad = m & ((d != d) | (r != r))
     if HAS_ADV:
         a = finite_or_nan(adv_v.to(ACC))
         bad = bad | (m & (a != a))
@@ -224,7 +193,7 @@ def token_values(raw, offs, piece_stop, start, end, clamp, corr,
         x = finite_or_nan(log_p - ref_v.to(ACC))
         bad = bad | (m & (x != x))
         x = tl.where(m, x, 0.0)
-    return ell, a, m, bad, r, x, (m0, rho)
+    return ell, a, m, bad, r, x, (m0, x_r, rho)
 
 
 @triton.jit

@@ -14,7 +14,8 @@ import triton.language as tl
 
 from .common import lane_summaries, max_nan, moments_add, moments_init
 from .gamma import ess_grid_terms
-from .layout import S_AFIRST, S_ASUM, S_FRAME, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
+from .layout import CORR_WIDTH, S_AFIRST, S_ASUM, S_FRAME, S_GRID, S_LSUM, S_N_ALL, S_N_NEG, S_N_POS
+from .rollout import corr_add, corr_init, per_row, store_corr_record
 from .rows import load_raw, locate_row, piece_end, prologue_stop, streams, token_values
 
 
@@ -102,7 +103,7 @@ def _summaries(all_, pos, neg, frame, scratch_ptr, SIGN_GROUPS: tl.constexpr, FR
                                "s_olp_t", "s_adv_r", "s_adv_t", "s_mask_r", "s_mask_t",
                                "s_rollout_r", "s_rollout_t", "s_ref_r", "s_ref_t"])
 def batch_stats_kernel(
-    lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr, cu_ptr, rec_ptr, scratch_ptr, scratch_stride,
+    lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr, cu_ptr, rec_ptr, corr_ptr, scratch_ptr, scratch_stride,
     N, T, S, chunk, n_chunks,
     s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r, s_mask_t,
     s_rollout_r, s_rollout_t, s_ref_r, s_ref_t,
@@ -111,14 +112,17 @@ def batch_stats_kernel(
     ROLLOUT_IN_ROW: tl.constexpr, CORRECTION: tl.constexpr, HAS_REF: tl.constexpr, PACKED: tl.constexpr,
     UNIT_STRIDE: tl.constexpr,
     SIGN_GROUPS: tl.constexpr, ESS_EXACT: tl.constexpr, G: tl.constexpr, KS: tl.constexpr,
-    ROW_STATS: tl.constexpr, ROW_TERM: tl.constexpr, WARPS: tl.constexpr, BLOCK_T: tl.constexpr,
+    FAMILY_STATS: tl.constexpr, ROW_STATS: tl.constexpr, ROW_TERM: tl.constexpr, WARPS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """Statistics records of ℓ per piece (ROW_STATS) or per program (see module docstring).
     A row's sums: Σ m·ℓ, or with the family's ``ROW_TERM`` (z, a) = ROW_TERM(ℓ, A, params)
     Σ m·z and Σ m·a; ROLLOUT_IN_ROW (rollout IS weights that enter the row weight): Σ m·z also
     sums log max(r, 1e-8). HAS_ROLLOUT: the rollout stream is read (for ROLLOUT_IN_ROW, or for the
-    rejection of a rollout correction (CORRECTION, ``corr``), which leaves the count mask).
-    scratch_ptr:
+    rejection of a rollout correction (CORRECTION, ``corr``), which leaves the count mask). A
+    correction of a row quantity (``rollout.per_row``) writes one record per piece to corr_ptr
+    (``rollout.store_corr_record``, indexed as the row statistics); FAMILY_STATS: the family's
+    statistics (without, the pass runs for those records alone). scratch_ptr:
     a free row of ``scratch_stride`` ≥ 9·WARPS values per program (the loss pass's partials);
     WARPS: the launch's warps if BLOCK_T is a multiple of 32·WARPS, else 0."""
     lp, olp, adv, mask, rollout, ref = streams(lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr,
@@ -127,6 +131,8 @@ def batch_stats_kernel(
                                                PACKED)
     rho, fixed_a, fixed_b, a_lo, a_hi, b_lo, b_hi = gamma_rule
     READ_ADV: tl.constexpr = HAS_ADV and (SIGN_GROUPS or ROW_TERM is not None)
+    CORR_ROWS: tl.constexpr = HAS_ROLLOUT and per_row(CORRECTION)
+    no_row = (tl.full([], 1.0, ACC), tl.full([], 1, tl.int1))  # pass 1 knows no row's correction yet
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_T)
     all_, pos, neg, lsum, grid_a, grid_b = _lanes_init(BLOCK_T, G, ACC)
@@ -143,6 +149,8 @@ def batch_stats_kernel(
                 all_, pos, neg, lsum, grid_a, grid_b = _lanes_init(BLOCK_T, G, ACC)
                 asum = lsum
                 first = tl.zeros([BLOCK_T], tl.int32) + e
+            if CORR_ROWS:
+                corr_sums = corr_init(tl.zeros([BLOCK_T], ACC))
             # advantages are read only for the A>0 / A<0 groups and a row term (VESPO reads one per piece)
             raw = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, p + lanes, prologue_stop(e, b, PACKED),
                            READ_ADV, HAS_MASK, HAS_ROLLOUT, False)
@@ -150,10 +158,12 @@ def batch_stats_kernel(
                 offs = t0 + lanes
                 ahead = load_raw(lp, olp, adv, mask, rollout, ref, s, origin, offs + BLOCK_T, e,
                                  READ_ADV, HAS_MASK, HAS_ROLLOUT, False)
-                ell, A, m, bad, r, x, _ = token_values(raw, offs, e, start, end, clamp, corr, ACC,
-                                                       READ_ADV, HAS_MASK, HAS_ROLLOUT, False, PACKED, CORRECTION)
+                ell, A, m, bad, r, x, m0_x = token_values(raw, offs, e, start, end, clamp, corr, no_row, ACC,
+                                                          READ_ADV, HAS_MASK, HAS_ROLLOUT, False, PACKED, CORRECTION)
                 raw = ahead
-                if not SIGN_GROUPS:  # the sign family's γ± read only its groups
+                if CORR_ROWS:
+                    corr_sums = corr_add(corr_sums, m0_x[1], m0_x[0], clamp, CORRECTION)
+                if FAMILY_STATS and not SIGN_GROUPS:  # the sign family's γ± read only its groups
                     all_ = moments_add(all_, ell, m)
                 if SIGN_GROUPS:
                     pos = moments_add(pos, ell, m & (A > 0.0))
@@ -163,7 +173,7 @@ def batch_stats_kernel(
                         grid_b = _grid_add(grid_b, ell, m & (A < 0.0), b_lo, b_hi, G)
                 elif ESS_EXACT:
                     grid_a = _grid_add(grid_a, ell, m, a_lo, a_hi, G)
-                if not ROW_STATS:
+                if FAMILY_STATS and not ROW_STATS:
                     f_n, f_total, f_largest = frame
                     frame = (f_n + tl.where(m, 1.0, 0.0), f_total + ell, max_nan(f_largest, tl.abs(ell)))
                 if ROW_STATS:
@@ -176,14 +186,16 @@ def batch_stats_kernel(
                     if ROLLOUT_IN_ROW:
                         lsum += tl.where(m, tl.log(max_nan(r, 1e-8)), 0.0)  # a NaN r (bad) keeps W NaN
                     first = tl.minimum(first, tl.where(m, offs, e))
+            element = tl.where(start < a, 2 * c, 2 * c + 1)  # head / tail of the chunk
+            element = tl.where((start >= a) & (end <= b), 2 * n_chunks + s, element)  # complete row
+            if CORR_ROWS:
+                store_corr_record(corr_ptr + element.to(tl.int64) * CORR_WIDTH, corr_sums, CORRECTION)
             if ROW_STATS:
                 a_first = tl.zeros([], ACC) + 1.0
                 f = tl.min(first)
                 if HAS_ADV:
                     a_first = tl.load(adv_ptr + s.to(tl.int64) * s_adv_r + (f - origin).to(tl.int64) * s_adv_t,
                                       mask=f < e, other=1.0).to(ACC)
-                element = tl.where(start < a, 2 * c, 2 * c + 1)  # head / tail of the chunk
-                element = tl.where((start >= a) & (end <= b), 2 * n_chunks + s, element)  # complete row
                 s_all, s_pos, s_neg, s_frame = _summaries(all_, pos, neg, frame, scratch_ptr, SIGN_GROUPS, False, 0)
                 if ROW_TERM is not None:  # Σz and Σa in one reduction
                     z_total, a_total = tl.split(tl.sum(tl.join(lsum, asum), axis=0))
@@ -192,7 +204,7 @@ def batch_stats_kernel(
                 _store_record(rec_ptr + element.to(tl.int64) * KS, s_all, s_pos, s_neg, z_total, a_total,
                               a_first, s_frame, grid_a, grid_b, SIGN_GROUPS, ESS_EXACT, G)
             p = e
-    if not ROW_STATS:
+    if FAMILY_STATS and not ROW_STATS:
         all_, pos, neg, frame = _summaries(all_, pos, neg, frame, scratch_ptr + pid.to(tl.int64) * scratch_stride,
                                            SIGN_GROUPS, True, WARPS)
         zero = tl.zeros([], ACC)

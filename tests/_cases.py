@@ -52,6 +52,19 @@ FAMILY_CONFIGS = [
 ]
 
 
+def refused_correction(loss_type, opts, correction) -> bool:
+    """A rollout correction the op does not compute with this family (a sequence rejection with
+    batch statistics, a sequence weight with VESPO's row weight: ``check_correction_family``)."""
+    from isreshape_triton import make_params
+    from isreshape_triton.params import RolloutCorrection, check_correction_family
+
+    try:
+        check_correction_family(RolloutCorrection(**correction), loss_type, make_params(loss_type, **opts))
+    except NotImplementedError:
+        return True
+    return False
+
+
 def sampled(step: int) -> list:
     """Every ``step``-th configuration, and the first one of every family."""
     seen = set()

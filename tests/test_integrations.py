@@ -152,6 +152,10 @@ BYPASS_CASES = [
     ("reinforce", None, 2.0, "token_k2", 0.05),
     ("ppo_clip", "token", 1.3, "token_k3", 0.04),
     ("ppo_clip", None, 2.0, "token_k1", 1.15),
+    ("reinforce", "sequence", 1.5, "seq_mean_k2", 0.03),
+    ("reinforce", "sequence", "0.6_1.6", "seq_sum_k1", "0.6_1.6"),
+    ("ppo_clip", "sequence", 1.5, "seq_max_k3", 0.06),
+    ("reinforce", "sequence", 1.2, None, None),
 ]
 
 
@@ -167,6 +171,8 @@ def test_verl_bypass_mode_irt_equals_bypass_mode(verl, case, mode):
     loss_type, level, is_threshold, rs, rs_threshold = case
     seed = AGG_MODES.index(mode) + 5 * BYPASS_CASES.index(case)
     lp, old, adv, mask, weights, _ = batch(seed=seed)
+    old[0] = lp[0].detach() - 0.01  # a row every criterion keeps, one (x = 0.6 per token) each rejects
+    old[3] = lp[3].detach() - 0.6
     rc = RolloutCorrectionConfig(rollout_is=level, rollout_is_threshold=is_threshold, rollout_rs=rs,
                                  rollout_rs_threshold=rs_threshold, bypass_mode=True, loss_type=loss_type)
     cfg = actor_config(verl, loss_mode="bypass_mode_irt", batch_info=GLOBAL_INFO, clip_ratio_high=0.28,
@@ -187,16 +193,21 @@ def test_verl_bypass_mode_irt_equals_bypass_mode(verl, case, mode):
         assert got[2][1][key] == pytest.approx(want[2][1].get(key, 0.0), rel=1e-5, abs=1e-6), key
     if rs is not None:
         assert 0 < want[2][1]["rollout_corr/rollout_rs_masked_fraction"] < 1  # the rejection acts
+    if level is not None:  # the weight acts
+        assert want[2][1]["rollout_corr/rollout_is_ratio_fraction_high"] + want[2][1][
+            "rollout_corr/rollout_is_ratio_fraction_low"] > 0
 
 
-def test_verl_bypass_mode_irt_refuses_the_sequence_level(verl):
-    """Sequence-level rollout correction is not in the op yet: a clear error, not another loss."""
+@pytest.mark.parametrize("options", [{"rollout_rs": "token_k1,seq_mean_k3", "rollout_rs_threshold": "0.5_2,0.1"},
+                                     {"rollout_is_batch_normalize": True}])
+def test_verl_bypass_mode_irt_refuses_what_the_op_does_not_compute(verl, options):
+    """Chained rejections and the batch normalization of the weights: a clear error, not another loss."""
     from verl.trainer.config.algorithm import RolloutCorrectionConfig
 
     lp, old, adv, mask, _, _ = batch(seed=0)
     cfg = actor_config(verl, loss_mode="bypass_mode_irt", policy_loss={"rollout_correction": RolloutCorrectionConfig(
-        rollout_is="sequence", bypass_mode=True)})
-    with pytest.raises(NotImplementedError, match="rollout_is='sequence'"):
+        rollout_is="token", bypass_mode=True, **options)})
+    with pytest.raises(NotImplementedError, match="use verl's bypass_mode"):
         verl.core.get_policy_loss_fn("bypass_mode_irt")(old, lp, adv, mask, "token-mean", cfg)
 
 

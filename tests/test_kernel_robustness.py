@@ -28,7 +28,7 @@ from isreshape_triton.families import FAMILIES
 from isreshape_triton.dev.profiling import count_work
 from isreshape_triton.params import KL_CORRECTIONS, KL_TYPES
 
-from _cases import FAMILY_CONFIGS
+from _cases import FAMILY_CONFIGS, refused_correction
 from test_kernels import GRAD_RTOL, SMALL_TILING
 
 F32, F64 = torch.float32, torch.float64
@@ -442,6 +442,10 @@ ROLLOUT_CORRECTIONS = [
     {}, {"weight": "mask", "weight_min": 0.6, "weight_max": 1.6}, {"weight": "truncate", "weight_min": 0.8},
     {"weight": None, "reject": "k1", "reject_min": 0.7}, {"reject": "k2", "reject_max": 0.05, "ratio_of": "current"},
     {"weight": "mask", "weight_max": 1.5, "reject": "k3", "reject_max": 0.04},
+    {"level": "sequence", "weight_max": 3.0}, {"level": "sequence", "weight": "mask", "weight_min": 0.2},
+    {"weight": None, "reject": "k1", "reject_min": 0.2, "reject_max": 5.0, "reject_level": "sequence_sum"},
+    {"reject": "k2", "reject_max": 0.08, "reject_level": "sequence_mean", "ratio_of": "current"},
+    {"level": "sequence", "reject": "k3", "reject_max": 0.5, "reject_level": "sequence_max"},
 ]
 
 
@@ -472,7 +476,8 @@ def test_fuzz_both_paths_agree(data):
         kw["rollout_is_weights"] = torch.exp(0.4 * torch.randn(lp.shape, generator=g, dtype=F64)).to(dtype)
     elif rollout == "log_prob":  # the correction computed in the op: any weight, rejection and ratio
         kw["rollout_log_prob"] = (olp.to(F64) + 0.4 * torch.randn(lp.shape, generator=g, dtype=F64)).to(dtype)
-        kw["rollout_correction"] = draw(st.sampled_from(ROLLOUT_CORRECTIONS))
+        kw["rollout_correction"] = draw(st.sampled_from([c for c in ROLLOUT_CORRECTIONS if not refused_correction(
+            loss_type, opts, c)]))
     if draw(st.booleans()):
         kl_type = draw(st.sampled_from(sorted(KL_TYPES)))
         correction = None if kl_type.endswith("+") else draw(st.sampled_from(KL_CORRECTIONS))

@@ -95,8 +95,11 @@ def check_against_reference(lp, olp, adv, mask, loss_type, agg, opts, rtol=None,
     family_opts = {k: v for k, v in opts.items() if k not in irt.params.CALL_OPTIONS}
     fam_params = irt.make_params(loss_type, **family_opts)
     fam = kernel_family(loss_type, fam_params)
-    # the kernel path ran, within budget, without syncs (PSIS smooths with torch ops first)
-    assert work.forward.triton_launches == (2 if fam.needs_stats else 1), work.forward.kernels
+    # the kernel path ran, within budget, without syncs (PSIS smooths with torch ops first); pass 1
+    # runs for a family's statistics or a rollout correction's row quantity
+    correction = irt.params.rollout_config(None, opts.get("rollout_log_prob"), opts.get("rollout_correction"))
+    pass1 = fam.needs_stats or (correction is not None and correction.per_row)
+    assert work.forward.triton_launches == (2 if pass1 else 1), work.forward.kernels
     assert work.backward.triton_launches == 1, work.backward.kernels
     fp8_mask = mask is not None and mask.dtype.is_floating_point and mask.element_size() == 1
     assert work.forward.torch_launches <= int(fp8_mask) or fam.psis, work.forward.ops.ops

@@ -8,6 +8,7 @@ import pytest
 from isreshape_triton.kernels import finalize, layout, loss
 
 RECORDS = [("S_", layout.STATS_FIELDS, layout.S_BASE_WIDTH), ("E_", layout.ELEMENT_FIELDS, layout.ELEMENT_WIDTH),
+           ("C_", layout.CORR_FIELDS, layout.CORR_WIDTH),
            ("P_", layout.PARTIAL_FIELDS, layout.PARTIAL_WIDTH),
            ("M_", layout.METRIC_FIELDS, layout.METRIC_WIDTH)]
 

@@ -1,9 +1,10 @@
 """The rollout correction computed inside the op from ``rollout_log_prob`` (issue 18): the IS
-weight (TIS, IcePop's mask, none) and verl's token rejection (k1, k2, k3), of π_old or of π
-(verl's bypass mode) against π_rollout, on every family, kernels against the reference: loss,
-gradient, every metric; the rejection leaves the count mask in both passes (normalizers,
-statistics, PSIS context); NaN where a counted token's rollout log-prob is, nothing where a masked
-one's is; bad options name themselves."""
+weight (TIS, IcePop's mask, none) of the token or sequence ratio and verl's rejection (k1, k2,
+k3 per token, or a row's sum, mean, max), of π_old or of π (verl's bypass mode) against
+π_rollout, on every family, kernels against the reference: loss, gradient, every metric; the
+rejection leaves the count mask in both passes (normalizers, statistics, PSIS context); the
+combinations the op does not compute raise; NaN where a counted token's rollout log-prob is,
+nothing where a masked one's is; bad options name themselves."""
 import math
 
 import pytest
@@ -13,7 +14,7 @@ import isreshape_triton as irt
 from isreshape_triton import launch
 from isreshape_triton.params import RolloutCorrection
 
-from _cases import FAMILY_CONFIGS, make_batch, pairwise, sampled
+from _cases import FAMILY_CONFIGS, make_batch, pairwise, refused_correction, sampled
 from test_chunks import _packed_batch
 from test_kernels import SMALL_TILING, check_against_reference, fused_with_counts, reference
 
@@ -24,6 +25,12 @@ CORRECTIONS = [
     {"weight": None, "reject": "k1", "reject_min": 0.6, "reject_max": 1.7},
     {"reject": "k2", "reject_max": 0.08},
     {"weight": "mask", "weight_max": 1.4, "reject": "k3", "reject_max": 0.05, "ratio_of": "current"},
+    # the sequence ratio (verl's rollout_is="sequence", TRL's sequence_*) and the row rejections
+    {"level": "sequence", "weight_max": 3.0},
+    {"level": "sequence", "weight": "mask", "weight_min": 0.1, "weight_max": 10.0},
+    {"weight": None, "reject": "k1", "reject_min": 0.1, "reject_max": 10.0, "reject_level": "sequence_sum"},
+    {"level": "sequence", "reject": "k2", "reject_max": 0.08, "reject_level": "sequence_mean"},
+    {"weight": "truncate", "reject": "k3", "reject_max": 0.6, "reject_level": "sequence_max", "ratio_of": "current"},
 ]
 FAMILIES = sampled(3) + [c for c in FAMILY_CONFIGS if c[1].get("gamma") == "psis"][:1]
 CASES = pairwise({"family": FAMILIES, "correction": CORRECTIONS,
@@ -50,13 +57,17 @@ def test_correction_matches_the_reference(case, poisoned_outputs):
     """Loss, gradient and every metric (the rollout_* ones included), 1-2 launches, 0 syncs."""
     loss_type, opts = case["family"]
     i = CASES.index(case)
-    lp, olp, adv, mask = make_batch(3, 41, case["dtype"], special=case["special"], seed=i)
+    lp, olp, adv, mask = make_batch(4, 41, case["dtype"], special=case["special"], seed=i)
     rlp = _rollout_log_prob(olp, mask, i, case["special"] == "nan_masked")
     rtol = {torch.float64: 1e-6, torch.float32: 1e-5, torch.bfloat16: 1e-4}[case["dtype"]]
-    _, metrics, _ = check_against_reference(lp, olp, adv, mask, loss_type, case["agg"],
-                                            {**opts, "rollout_log_prob": rlp,
-                                             "rollout_correction": case["correction"]}, rtol=rtol)
-    if case["correction"].get("reject"):
+    options = {**opts, "rollout_log_prob": rlp, "rollout_correction": case["correction"]}
+    if refused_correction(loss_type, opts, case["correction"]):
+        for path in (fused_with_counts, reference):
+            with pytest.raises(NotImplementedError, match="is not computed"):
+                path(lp, olp, adv, mask, loss_type, case["agg"], **options)
+        return
+    _, metrics, _ = check_against_reference(lp, olp, adv, mask, loss_type, case["agg"], options, rtol=rtol)
+    if case["correction"].get("reject") and case["correction"].get("reject_level", "token") == "token":
         assert 0 < metrics["rollout_rs_masked_fraction"] < 1  # the rejection is active
 
 
@@ -67,7 +78,9 @@ def test_packed_rows_with_small_chunks(lengths, poisoned_outputs, monkeypatch):
     lp, olp, adv, mask, seq_adv, cu = _packed_batch(lengths, seed=len(lengths))
     rlp = _rollout_log_prob(olp, mask, 5)
     for loss_type, opts in (("gspo", {}), ("is_reshape", {"gamma_granularity": "sequence"}), ("vespo", {})):
-        for correction in CORRECTIONS[3:5]:
+        for correction in CORRECTIONS[3:5] + CORRECTIONS[7:]:
+            if refused_correction(loss_type, opts, correction):
+                continue
             check_against_reference(lp, olp, seq_adv, mask, loss_type, "seq-mean-token-mean",
                                     {**opts, "cu_seqlens": cu, "rollout_log_prob": rlp,
                                      "rollout_correction": correction})
@@ -99,10 +112,11 @@ def test_weights_and_rejection_by_hand():
         assert float(metrics["rollout_rs_masked_fraction"]) == pytest.approx(2 / 3)
 
 
-@pytest.mark.parametrize("correction", [CORRECTIONS[0], CORRECTIONS[3]])
+@pytest.mark.parametrize("correction", [CORRECTIONS[0], CORRECTIONS[3], CORRECTIONS[6], CORRECTIONS[8]])
 def test_nonfinite_rollout_log_prob(correction):
-    """A NaN rollout log-prob at a counted token: that token is non-finite (kept by the
-    rejection), the loss and rollout_is_mean NaN on both paths; at a masked token: nothing."""
+    """A NaN rollout log-prob at a counted token: that token is non-finite (kept by a token or row
+    rejection; a sequence weight is NaN on its whole row, which counts only the token), the loss
+    and rollout_is_mean NaN on both paths; at a masked token: nothing."""
     lp, olp, adv, mask = make_batch(2, 9, torch.float64, seed=3)
     rlp = _rollout_log_prob(olp, mask, 1)
     counted, masked = (mask.nonzero()[0].tolist(), (~mask).nonzero()[0].tolist())
@@ -124,6 +138,29 @@ def test_nonfinite_rollout_log_prob(correction):
     for name in metrics:
         torch.testing.assert_close(metrics[name], r_metrics[name], equal_nan=True, msg=name)
     torch.testing.assert_close(grad, r_grad, equal_nan=True)
+
+
+def test_sequence_weight_and_rejection_by_hand():
+    """Two rows of x = (ln 2, ln 2) and (ln 3, −ln 3): the sequence ratios 4 and 1; TIS at 2 →
+    r = (2, 2 | 1, 1); IcePop [0.5, 2] → (0, 0 | 1, 1) and one row of two above the bound; a row
+    k1 rejection on Σx with [0.5, 2] drops row 1 out of the token-mean's count."""
+    olp = torch.tensor([[-1.0, -2.0], [-0.5, -1.5]], dtype=torch.float64)
+    x = torch.tensor([[math.log(2.0), math.log(2.0)], [math.log(3.0), -math.log(3.0)]], dtype=torch.float64)
+    rlp, lp, adv = olp - x, olp.clone(), torch.ones(2, 2, dtype=torch.float64)
+    for weight, r in {"truncate": (2.0, 1.0), "mask": (0.0, 1.0)}.items():
+        corr = {"level": "sequence", "weight": weight, "weight_min": 0.5, "weight_max": 2.0}
+        for fn in (lambda *a, **k: fused_with_counts(*a, **k)[:3], reference):
+            loss, metrics, grad = fn(lp, olp, adv, None, "gpg", "token-sum", rollout_log_prob=rlp,
+                                     rollout_correction=corr)
+            torch.testing.assert_close(grad, -torch.tensor([[r[0]] * 2, [r[1]] * 2], dtype=torch.float64))
+            assert float(metrics["rollout_is_fraction_high"]) == pytest.approx(0.5)  # one row of two
+            assert float(metrics["rollout_is_fraction_low"]) == 0.0
+    corr = {"weight": None, "reject": "k1", "reject_min": 0.5, "reject_max": 2.0, "reject_level": "sequence_sum"}
+    for fn in (lambda *a, **k: fused_with_counts(*a, **k)[:3], reference):
+        loss, metrics, grad = fn(lp, olp, adv, None, "gpg", "token-mean", rollout_log_prob=rlp,
+                                 rollout_correction=corr)
+        torch.testing.assert_close(grad, torch.tensor([[0.0, 0.0], [-0.5, -0.5]], dtype=torch.float64))
+        assert float(metrics["token_count"]) == 2 and float(metrics["rollout_rs_masked_fraction"]) == 0.5
 
 
 def test_from_logits_takes_the_correction():
@@ -159,6 +196,10 @@ def test_from_logits_takes_the_correction():
     ({"rollout_correction": {"reject_max": 2.0}}, ValueError, "without reject"),
     ({"rollout_correction": {"ratio_of": "rollout"}}, ValueError, "ratio_of must be one of"),
     ({"rollout_correction": {"treshold": 2.0}}, TypeError, "unknown option 'treshold'"),
+    ({"rollout_correction": {"level": "row"}}, ValueError, "level must be one of"),
+    ({"rollout_correction": {"reject_level": "sequence_max", "reject": "k1", "reject_max": 2.0}}, ValueError,
+     "sequence_max' bounds a divergence"),
+    ({"rollout_correction": {"reject_level": "sequence_sum"}}, ValueError, "is given without reject"),
     ({"rollout_correction": 2.0}, TypeError, "rollout_correction must be a RolloutCorrection"),
     ({"rollout_log_prob": "shape"}, ValueError, "rollout_log_prob shape"),
     ({"rollout_log_prob": None, "rollout_correction": {}}, ValueError, "rollout_correction is given without"),

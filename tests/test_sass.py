@@ -281,6 +281,8 @@ OP_CONFIGS = [(fam, "fp32", (), None) for fam in irt.LOSS_TYPES] + [
     # the rollout correction: weights and rejection, in the loss pass and (rejection) the statistics pass
     ("ppo_clip", "fp32", (("rollout_correction", RolloutCorrection("mask", 0.5, 2.0, "k3", None, 0.1)),), (16, 4096)),
     ("is_reshape", "bf16", (("rollout_correction", RolloutCorrection(reject="k1", reject_min=0.5)),), (16, 4096)),
+    ("ppo_clip", "fp32", (("rollout_correction", RolloutCorrection(level="sequence", reject="k3", reject_max=0.1,
+                                                                   reject_level="sequence_max")),), (16, 4096)),
 ]
 
 

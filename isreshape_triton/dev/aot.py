@@ -180,10 +180,14 @@ def specs_from_plan(log_prob, old_log_prob, advantages, response_mask, loss_type
     return [launch_spec(step) for step in launches]
 
 
-# the rollout correction's weight and rejection modes, on a family without and with statistics
+# the rollout correction's weight and rejection modes and levels, on families without and with statistics
 ROLLOUT_CONFIGS = [("ppo_clip", {"weight": "mask", "weight_min": 0.5, "reject": "k3", "reject_max": 0.1}),
                    ("is_reshape", {"weight": "truncate", "reject": "k1", "reject_min": 0.5, "ratio_of": "current"}),
-                   ("gspo", {"weight": None, "reject": "k2", "reject_max": 0.1})]
+                   ("gspo", {"weight": None, "reject": "k2", "reject_max": 0.1}),
+                   ("ppo_clip", {"level": "sequence", "reject": "k2", "reject_max": 0.1,
+                                 "reject_level": "sequence_max"}),
+                   ("is_reshape", {"level": "sequence", "weight": "mask", "weight_min": 0.5}),
+                   ("vespo", {"reject": "k1", "reject_min": 0.5, "reject_level": "sequence_mean"})]
 
 
 def default_specs() -> list:

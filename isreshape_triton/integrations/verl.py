@@ -5,7 +5,7 @@ Importing this module registers, with verl's ``register_policy_loss``:
 
 - ``<mode>_irt`` for each of verl's modes in :data:`VERL_MODES` (``vanilla_irt``, ``sapo_irt``,
   ``gpg_irt``, ``cispo_irt``, ``gspo_irt``, ``geo_mean_irt``, ``dro_irt``, ``dppo_tv_irt``,
-  ``dppo_kl_irt``, ``bypass_mode_irt``, whose token-level rollout correction the op computes from
+  ``dppo_kl_irt``, ``bypass_mode_irt``, whose rollout correction the op computes from
   old_log_prob as the rollout's log-probs): verl's loss, gradient and
   metrics from the op, reading the options verl's own mode reads (``clip_ratio``,
   ``clip_ratio_low`` / ``clip_ratio_high`` with ``clip_ratio`` as their default, ``clip_ratio_c``,
@@ -93,32 +93,43 @@ def _dppo(divergence):
     return options
 
 
+#: verl's rollout_rs prefix → the op's reject_level
+_RS_LEVELS = {"token_": "token", "seq_sum_": "sequence_sum", "seq_mean_": "sequence_mean", "seq_max_": "sequence_max"}
+
+
 def _rollout_correction(config) -> RolloutCorrection:
-    """verl's ``policy_loss.rollout_correction`` (token level) as the op's correction of π against
-    π_rollout (bypass mode: old_log_prob is the rollout's). ``rollout_is="token"``: TIS at
-    ``rollout_is_threshold``, or IcePop's mask for a "lower_upper" threshold; ``rollout_rs``
-    ``token_k1`` (ratio bounds "lower_upper", or upper and 1/upper: verl keeps log lower ≤ −x ≤
-    log upper, i.e. ρ in [1/upper, 1/lower]), ``token_k2``, ``token_k3`` (an upper bound)."""
+    """verl's ``policy_loss.rollout_correction`` as the op's correction of π against π_rollout
+    (bypass mode: old_log_prob is the rollout's). ``rollout_is`` "token" or "sequence": TIS at
+    ``rollout_is_threshold``, or IcePop's mask for a "lower_upper" threshold, on the token or the
+    sequence ratio; ``rollout_rs``: one of verl's options, ``*_k1`` with ratio bounds "lower_upper"
+    (or upper and 1/upper: verl keeps log lower ≤ −x ≤ log upper, i.e. ρ in [1/upper, 1/lower]),
+    ``*_k2`` / ``*_k3`` with an upper bound, at the token level or on a row's sum, mean or max."""
     rc = _section(_section(config, "policy_loss"), "rollout_correction")
     level, rs = rc.get("rollout_is", "sequence"), rc.get("rollout_rs", None)
-    if level not in (None, "token") or rc.get("rollout_is_batch_normalize", False) or (
-            rs is not None and "," in rs) or (rs is not None and not rs.startswith("token_")):
+    if rc.get("rollout_is_batch_normalize", False) or (rs is not None and "," in rs):
         raise NotImplementedError(
-            f"bypass_mode_irt computes token-level rollout correction in the op (rollout_is None or 'token', one "
-            f"token_k* rollout_rs, no batch normalization); got rollout_is={level!r}, rollout_rs={rs!r}, "
-            f"rollout_is_batch_normalize={rc.get('rollout_is_batch_normalize', False)!r}: use verl's bypass_mode")
+            f"bypass_mode_irt computes one rollout_rs option and no batch normalization in the op; got "
+            f"rollout_rs={rs!r}, rollout_is_batch_normalize={rc.get('rollout_is_batch_normalize', False)!r}: use "
+            f"verl's bypass_mode")
+    if level not in (None, "token", "sequence"):
+        raise ValueError(f"rollout_is must be None, 'token' or 'sequence', got {level!r}")
     weight = {"weight": None}
-    if level == "token":
+    if level is not None:
         lo, hi = _bounds(rc.get("rollout_is_threshold", 2.0))
         weight = {"weight": "truncate", "weight_max": hi} if lo is None else {
             "weight": "mask", "weight_min": lo, "weight_max": hi}
+        weight["level"] = level
     reject = {}
     if rs is not None:
+        prefix = next((p for p in _RS_LEVELS if rs.startswith(p)), None)
+        if prefix is None or rs[len(prefix):] not in ("k1", "k2", "k3"):
+            raise ValueError(f"unknown rollout_rs option {rs!r}")
         lo, hi = _bounds(rc.get("rollout_rs_threshold", None))
-        if rs == "token_k1":
-            reject = {"reject": "k1", "reject_min": 1.0 / hi, "reject_max": 1.0 / (1.0 / hi if lo is None else lo)}
+        reject = {"reject": rs[len(prefix):], "reject_level": _RS_LEVELS[prefix]}
+        if reject["reject"] == "k1":
+            reject.update(reject_min=1.0 / hi, reject_max=1.0 / (1.0 / hi if lo is None else lo))
         else:
-            reject = {"reject": rs[len("token_"):], "reject_max": hi}
+            reject["reject_max"] = hi
     return RolloutCorrection(**weight, **reject, ratio_of="current")
 
 
@@ -140,7 +151,8 @@ def _bypass(config) -> dict:
     rc = _section(_section(config, "policy_loss"), "rollout_correction")
     if rc.get("loss_type", "ppo_clip") == "reinforce":
         return {"loss_type": "gpg", "rollout_correction": correction}
-    return {"loss_type": "ppo_clip", **_vanilla(config), "rollout_correction": replace(correction, weight=None)}
+    return {"loss_type": "ppo_clip", **_vanilla(config),
+            "rollout_correction": replace(correction, weight=None, level="token")}  # no weight: no ratio to sum
 
 
 class Mode(NamedTuple):
@@ -186,7 +198,7 @@ REGISTERED = {**{f"{mode}_irt": entry for mode, entry in VERL_MODES.items()},
 #: verl's metric name for our metric (0 where the family has none)
 VERL_METRICS = {"actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "ppo_kl",
                 "actor/pg_clipfrac_lower": "clipfrac_lower"}
-#: verl's rollout-correction metric name for our metric (the definitions agree at token level)
+#: verl's rollout-correction metric name for our metric (the definitions agree)
 VERL_ROLLOUT_METRICS = {"rollout_corr/rollout_is_mean": "rollout_is_mean",
                         "rollout_corr/rollout_is_ratio_fraction_high": "rollout_is_fraction_high",
                         "rollout_corr/rollout_is_ratio_fraction_low": "rollout_is_fraction_low",

@@ -24,12 +24,13 @@ import math
 import torch
 
 from ..inputs import pad_packed, prepare_inputs
-from ..params import AggConfig, check_log_ratio_clamp, check_process_group, kl_config, make_params, rollout_config
+from ..params import (AggConfig, check_correction_family, check_log_ratio_clamp, check_process_group, kl_config,
+                      make_params, rollout_config)
 from .aggregation import aggregate
 from .diagnostics import compute_metrics
 from ..families import FAMILIES
 from .families import family_stats, split_psis
-from .rollout import rollout_metrics, rollout_terms
+from .rollout import log_ratio, rollout_metrics, rollout_terms
 from .shared import TokenTerms
 
 
@@ -83,6 +84,7 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
         raise NotImplementedError("process_group is supported on the kernel path")
     C = check_log_ratio_clamp(log_ratio_clamp)
     p = make_params(loss_type, params, **family_params)
+    check_correction_family(correction, loss_type, p)
     agg = AggConfig(loss_agg_mode, dp_size, global_token_count, global_batch_size, loss_scale_factor)
     kl = kl_config(kl_coef, kl_type, ref_log_prob, kl_correction)
     x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, C, None, False,
@@ -96,9 +98,8 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
     mask = counted(x.response_mask, x.log_prob)
     if correction is not None:
         mask0 = mask
-        base = x.log_prob if correction.ratio_of == "current" else x.old_log_prob
-        r_corr, keep, rho = rollout_terms(torch.where(mask0, base.detach().to(dt), 0.0),
-                                          torch.where(mask0, x.rollout.detach().to(dt), 0.0), correction, C)
+        x_r = log_ratio(x.log_prob, x.old_log_prob, x.rollout, mask0, correction, dt)
+        r_corr, keep, rho = rollout_terms(x_r, mask0, correction, C)
         mask = mask0 & keep
     lp = torch.where(mask, x.log_prob.to(dt), 0.0)
     olp = torch.where(mask, x.old_log_prob.detach().to(dt), 0.0)
@@ -113,9 +114,9 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
     bad_d = mask & ~torch.isfinite(d.detach())
     bad = bad_d | (mask & torch.isnan(adv))
     r = None
-    if correction is not None:  # computed from the rollout log-probs
-        r = torch.where(mask, r_corr, 1.0)
-        bad = bad | (mask & torch.isnan(r))
+    if correction is not None:  # computed from the rollout log-probs; a token is bad by its own x (a row's
+        r = torch.where(mask, r_corr, 1.0)  # NaN weight poisons its tokens through r)
+        bad = bad | (mask & torch.isnan(x_r))
     elif x.rollout is not None:  # rollout IS weights: detached, NaN where not finite
         r = torch.where(mask, x.rollout.detach().to(dt), 1.0)
         r = torch.where(torch.isfinite(r), r, math.nan)

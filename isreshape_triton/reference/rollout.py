@@ -1,5 +1,5 @@
 """The rollout correction (``params.RolloutCorrection``) in plain PyTorch: the reference's, and
-the count mask of ``gamma="psis"``'s context on the kernel path (torch ops, no sync)."""
+the token rejection of ``gamma="psis"``'s context on the kernel path (torch ops, no sync)."""
 from __future__ import annotations
 
 import math
@@ -7,43 +7,94 @@ import math
 import torch
 
 
-def rollout_terms(base: torch.Tensor, rollout_lp: torch.Tensor, correction, clamp: float) -> tuple:
-    """(r, keep, ρ) per token, detached, in ``base``'s dtype: x = clamp(base − log π_rollout, ±clamp)
-    (NaN where not finite), ρ = eˣ; r = clamp(ρ, lo, hi) ("truncate"), ρ·[lo ≤ ρ ≤ hi] ("mask") or
-    1 (NaN where x is); ``keep``: the rejection's bound holds (k1: lo ≤ ρ ≤ hi as log bounds of
-    x; k2: ½x² ≤ hi; k3: eˣ − 1 − x ≤ hi), and where x is NaN (the token stays counted, poisoned)."""
-    c = correction
-    x = (base - rollout_lp).detach()
-    x = torch.where(torch.isfinite(x), x, math.nan).clamp(-clamp, clamp)
-    rho = torch.exp(x)
-    lo, hi, _, x_lo, x_hi = c.floats
-    if c.weight == "truncate":
+def _weight(log_rho, correction, clamp):
+    """(r, ρ): ρ = e^{clamp(log ρ)}, r its truncation, mask or 1 (NaN where log ρ is)."""
+    lo, hi, _, _, _ = correction.floats
+    rho = torch.exp(log_rho.clamp(-clamp, clamp))
+    if correction.weight == "truncate":
         r = torch.where(rho > hi, hi, torch.where(rho < lo, lo, rho))
-    elif c.weight == "mask":
+    elif correction.weight == "mask":
         r = torch.where((rho < lo) | (rho > hi), 0.0, rho)
     else:
-        r = torch.where(torch.isnan(x), math.nan, 1.0).to(x.dtype)
-    if c.reject == "k1":
-        keep = ~((x < x_lo) | (x > x_hi))
-    elif c.reject == "k2":
-        keep = ~(0.5 * x * x > x_hi)
-    elif c.reject == "k3":
-        keep = ~(rho - 1.0 - x > x_hi)
-    else:
-        keep = torch.ones_like(x, dtype=torch.bool)
+        r = torch.where(torch.isnan(rho), math.nan, 1.0).to(rho.dtype)
+    return r, rho
+
+
+def _divergence(x, correction, clamp):
+    """The rejection's token statistic of x clamped: k1 x, k2 ½x², k3 eˣ − 1 − x."""
+    xc = x.clamp(-clamp, clamp)
+    if correction.reject == "k1":
+        return xc
+    if correction.reject == "k2":
+        return 0.5 * xc * xc
+    return torch.exp(xc) - 1.0 - xc
+
+
+def _keep(stat, correction):
+    """The rejection's bounds hold (k1 two-sided on log bounds, else from above), or stat is NaN."""
+    _, _, _, x_lo, x_hi = correction.floats
+    if correction.reject is None:
+        return torch.ones_like(stat, dtype=torch.bool)
+    if correction.reject == "k1":
+        return ~((stat < x_lo) | (stat > x_hi))
+    return ~(stat > x_hi)
+
+
+def log_ratio(log_prob, old_log_prob, rollout_log_prob, counted, correction, dt):
+    """x per token, detached, in ``dt``: log π (``ratio_of="current"``) or log π_old minus
+    log π_rollout at counted tokens (0 elsewhere), NaN where not finite."""
+    base = log_prob if correction.ratio_of == "current" else old_log_prob
+    x = torch.where(counted, base.detach().to(dt) - rollout_log_prob.detach().to(dt), 0.0)
+    return torch.where(torch.isfinite(x), x, math.nan)
+
+
+def token_keep(x, correction, clamp):
+    """A token-level rejection's keep (every token at a sequence level, or without one)."""
+    if correction.reject_level != "token":
+        return torch.ones_like(x, dtype=torch.bool)
+    return _keep(_divergence(x, correction, clamp), correction)
+
+
+def rollout_terms(x, counted, correction, clamp) -> tuple:
+    """(r, keep, ρ for the fraction metrics) of ``[R, T]`` log-ratios x (0 where not counted):
+    per token, or per row (ρ_b = e^{clamp(Σ_t x_t)}; the rejection on the row's Σ, mean or max of
+    the token statistic; a row's values broadcast over its tokens; ρ per row ``[R]``)."""
+    r, rho = _weight(x, correction, clamp)
+    if correction.level == "sequence":
+        r, rho = _weight(x.sum(-1), correction, clamp)
+        r = r[:, None].expand_as(x)
+    keep = token_keep(x, correction, clamp)
+    if correction.reject_level != "token":
+        k = torch.where(counted, _divergence(x, correction, clamp), 0.0)
+        n0 = counted.sum(-1).to(x.dtype)
+        if correction.reject_level == "sequence_max":  # k2, k3 ≥ 0: 0 is an empty row's (as verl)
+            stat = k.amax(-1) if k.shape[-1] else k.sum(-1)
+            stat = torch.where(torch.isnan(k).any(-1), math.nan, stat)
+        elif correction.reject_level == "sequence_mean":
+            stat = torch.where(n0 > 0, k.sum(-1) / n0.clamp_min(1), 0.0)
+        else:
+            stat = k.sum(-1)
+        keep = (_keep(stat, correction)[:, None] | torch.isnan(x)).expand_as(x)
     return r, keep, rho
 
 
-def rollout_metrics(r, rho, mask0, keep, correction, dt) -> dict:
-    """The correction's metrics over the tokens the mask counts before its rejection (n₀):
-    mean r, the fractions with ρ above the weight's upper bound and below its metric's lower bound
-    (``RolloutCorrection.floats``), and the fraction rejected."""
+def rollout_metrics(r, rho, counted, keep, correction, dt) -> dict:
+    """The correction's metrics over the tokens the mask counts before its rejection (n₀): mean
+    r and the fraction rejected; the fractions of ρ above the weight's upper bound and below its
+    metric's lower bound (``RolloutCorrection.floats``) over those tokens, or over the rows for a
+    sequence ratio (every row, as verl)."""
     _, hi, low, _, _ = correction.floats
-    n0 = mask0.sum().to(torch.float64)
+    n0 = counted.sum().to(torch.float64)
 
-    def mean(v):
-        total = torch.where(mask0, v.to(torch.float64), 0.0).sum()
-        return torch.where(n0 > 0, total / n0.clamp_min(1), 0.0).to(dt)
+    def mean(v, over=counted, n=n0):
+        total = torch.where(over, v.to(torch.float64), 0.0).sum()
+        return torch.where(n > 0, total / n.clamp_min(1), 0.0).to(dt)
 
-    return {"rollout_is_mean": mean(r), "rollout_is_fraction_high": mean((rho > hi).to(dt)),
-            "rollout_is_fraction_low": mean((rho < low).to(dt)), "rollout_rs_masked_fraction": mean((~keep).to(dt))}
+    if correction.level == "sequence":
+        rows = torch.ones_like(rho, dtype=torch.bool)
+        high, low_ = (mean((rho > hi).to(dt), rows, rows.sum().to(torch.float64)),
+                      mean((rho < low).to(dt), rows, rows.sum().to(torch.float64)))
+    else:
+        high, low_ = mean((rho > hi).to(dt)), mean((rho < low).to(dt))
+    return {"rollout_is_mean": mean(r), "rollout_is_fraction_high": high, "rollout_is_fraction_low": low_,
+            "rollout_rs_masked_fraction": mean((~keep).to(dt))}
