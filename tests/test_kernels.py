@@ -360,7 +360,8 @@ def test_float_parameters_are_runtime_arguments():
                   "GAMMA_STATS", "TOKEN_EXTRAS", "OPT", "GAMMA_MODE",
                   "BATCH_STATS", "WRITE_GRAD",
                   "BLOCK_REC", "SEQ_GAMMA", "AGG", "SEQ_AGG", "BLOCK_P", "BLOCK_E", "PER_ROW",
-                  "COUNTS_ON_DEVICE", "HAS_ROLLOUT", "CORRECTION", "HAS_REF", "KL_TYPE", "UNIT_STRIDE", "SLOTS",
+                  "COUNTS_ON_DEVICE", "HAS_ROLLOUT", "CORRECTION", "FAMILY_STATS", "HAS_REF", "KL_TYPE", "UNIT_STRIDE",
+                  "SLOTS",
                   "WARPS"}
     for kernel in (batch_stats_kernel, token_loss_kernel, policy_grad_kernel):
         params = inspect.signature(kernel.fn).parameters
