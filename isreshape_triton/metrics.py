@@ -68,6 +68,8 @@ correction's rejection (the others above count after it), with ρ = π_old/π_ro
   rollout_is_fraction_high    fraction with ρ > weight_max (the sequence ratio: of the rows)
   rollout_is_fraction_low     fraction with ρ < weight_min (1/weight_max when it is None, as verl)
   rollout_rs_masked_fraction  fraction rejected
+  rollout_kl                  mean of −x = log π_rollout − log π_old (or − log π), unclamped: the
+                              k1 estimate of KL(π_rollout ‖ π_old), OpenRLHF's vllm_kl, verl's kl
 """
 from __future__ import annotations
 
@@ -80,7 +82,8 @@ EXTRAS = {name: (GAMMA_STATS if family.gamma_stats else ()) + family.metrics + f
           for name, family in FAMILIES.items()}
 PSIS = ("psis_k", "psis_unreliable")
 KL = ("kl_loss",)
-ROLLOUT = ("rollout_is_mean", "rollout_is_fraction_high", "rollout_is_fraction_low", "rollout_rs_masked_fraction")
+ROLLOUT = ("rollout_is_mean", "rollout_is_fraction_high", "rollout_is_fraction_low", "rollout_rs_masked_fraction",
+           "rollout_kl")
 
 
 def metric_names(loss_type: str, params=None, kl: bool = False, rollout: bool = False) -> tuple:

@@ -21,11 +21,12 @@ from .layout import (ELEMENT_WIDTH, E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, M_ESS
                      M_ESS_RATIO_NEG, M_ESS_RATIO_POS, M_EXTRAS, M_GAMMA, M_GAMMA_BASE, M_GAMMA_MAX, M_GAMMA_MEAN,
                      M_GAMMA_MIN, M_GAMMA_NEG, M_GAMMA_POS, M_KL_LOSS, M_KURTOSIS, M_MAX_WEIGHT_RATIO,
                      M_NONFINITE_TOKENS, M_PHI_ABS_MAX, M_PHI_MEAN, M_PPO_KL, M_ROLLOUT_IS_FRACTION_HIGH,
-                     M_ROLLOUT_IS_FRACTION_LOW, M_ROLLOUT_IS_MEAN, M_ROLLOUT_RS_MASKED_FRACTION, M_SIGMA_SQ,
-                     M_SIGMA_SQ_NEG, M_SIGMA_SQ_POS, M_SKEWNESS, M_TOKEN_COUNT, M_W_MAX, M_W_MEAN, PARTIAL_WIDTH, P_ESS,
-                     P_ESS_NEG, P_ESS_POS, P_EXTRAS, P_GAMMA, P_G_MAX, P_KL, P_LOSS, P_M2, P_M2_NEG, P_M2_POS, P_MAXIMA,
-                     P_NEG_G_MIN, P_NONFINITE, P_N_ALL, P_N_NEG, P_N_POS, P_PHI, P_PHI_MAX, P_ROLLOUT, P_ROWS, P_SEQ_KL,
-                     P_SEQ_LOSS, P_SUMS, P_W, P_W_MAX, P_Z_ALL, P_Z_NEG, P_Z_POS, ROW_ENDS, ROW_STARTS)
+                     M_ROLLOUT_IS_FRACTION_LOW, M_ROLLOUT_IS_MEAN, M_ROLLOUT_KL, M_ROLLOUT_RS_MASKED_FRACTION,
+                     M_SIGMA_SQ, M_SIGMA_SQ_NEG, M_SIGMA_SQ_POS, M_SKEWNESS, M_TOKEN_COUNT, M_W_MAX, M_W_MEAN,
+                     PARTIAL_WIDTH, P_ESS, P_ESS_NEG, P_ESS_POS, P_EXTRAS, P_GAMMA, P_G_MAX, P_KL, P_LOSS, P_M2,
+                     P_M2_NEG, P_M2_POS, P_MAXIMA, P_NEG_G_MIN, P_NONFINITE, P_N_ALL, P_N_NEG, P_N_POS, P_PHI,
+                     P_PHI_MAX, P_ROLLOUT, P_ROWS, P_SEQ_KL, P_SEQ_LOSS, P_SUMS, P_W, P_W_MAX, P_Z_ALL, P_Z_NEG,
+                     P_Z_POS, ROW_ENDS, ROW_STARTS)
 
 TOKEN_MEAN = tl.constexpr(0)
 TOKEN_SUM = tl.constexpr(1)
@@ -369,7 +370,7 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
     tl.store(m + M_NONFINITE_TOKENS, nonfinite)
     tl.store(m + M_KL_LOSS, kl_loss * dp_size)
     # the rollout correction: over the tokens the mask counts before its rejection (n + rejected)
-    r_sum, high, below, rejected = rec[P_ROLLOUT:P_ROLLOUT + 4]
+    r_sum, high, below, rejected, x_sum = rec[P_ROLLOUT:P_ROLLOUT + 5]
     n0 = n_all + rejected
     units = n0
     if ROW_FRACTIONS:
@@ -378,5 +379,6 @@ def finalize(partial_ptr, partial_stride, n_part, element_ptr, n_elements, row_c
     tl.store(m + M_ROLLOUT_IS_FRACTION_HIGH, safe_div(high, units))
     tl.store(m + M_ROLLOUT_IS_FRACTION_LOW, safe_div(below, units))
     tl.store(m + M_ROLLOUT_RS_MASKED_FRACTION, safe_div(rejected, n0))
+    tl.store(m + M_ROLLOUT_KL, -safe_div(x_sum, n0))
     for k in tl.static_range(5):  # the family's extra metrics: token means of its extra terms
         tl.store(m + M_EXTRAS + k, safe_div(rec[P_EXTRAS + k], n_all))

@@ -103,7 +103,7 @@ PARTIAL_FIELDS = (
     Field("extras", 5, "sum", "extras"),  # the family's extra per-token terms
     Field("nonfinite", 1, "sum"),
     Field("rows", 1, "sum", "seq"),  # complete rows with n_b > 0
-    Field("rollout", 4, "sum", "rollout"),  # rollout correction: Σ m₀·r, Σ m₀·[ρ > hi], Σ m₀·[ρ < lo], rejected
+    Field("rollout", 5, "sum", "rollout"),  # rollout correction: Σ m₀·r, Σ m₀·[ρ > hi], Σ m₀·[ρ < lo], rejected, Σ m₀·x
 )
 PARTIAL_WIDTH = tl.constexpr(_declare("P_", PARTIAL_FIELDS))
 P_SUMS = tl.constexpr(_mask(PARTIAL_FIELDS, lambda f: f.merge == "sum"))
@@ -140,6 +140,6 @@ METRIC_FIELDS = tuple(Field(name) for name in (
     "gamma_neg", "sigma_sq_pos", "sigma_sq_neg", "gamma_base", "skewness", "kurtosis",
     "max_weight_ratio", "ess_pos", "ess_ratio_pos", "ess_neg", "ess_ratio_neg",
     "nonfinite_tokens", "kl_loss", "rollout_is_mean", "rollout_is_fraction_high", "rollout_is_fraction_low",
-    "rollout_rs_masked_fraction")) + (Field("extras", 5),)
+    "rollout_rs_masked_fraction", "rollout_kl")) + (Field("extras", 5),)
 METRIC_WIDTH = tl.constexpr(_declare("M_", METRIC_FIELDS))
 METRIC_SLOTS = {f.name: globals()[f"M_{f.name.upper()}"].value for f in METRIC_FIELDS if f.width == 1}

@@ -92,7 +92,7 @@ def _lanes_init(like, FRAMED: tl.constexpr):
     """The program's lane accumulators (``_accumulate``), empty."""
     return (like, like, power_sums_init(like, FRAMED), moments_init(like), moments_init(like), like, like, like, like,
             expsum_init(like), expsum_init(like), expsum_init(like), like, like + float("inf"), like,
-            (like, like, like, like, like), like, (like, like, like, like))
+            (like, like, like, like, like), like, (like, like, like, like, like))
 
 
 @triton.jit
@@ -133,14 +133,15 @@ def _row_add(row_sums, L, k, m, HAS_KL: tl.constexpr):
 def _rollout_add(sums, r, m, m0_x, corr, CORRECTION: tl.constexpr):
     """The rollout correction's lane sums plus a tile's: Σ m₀·r, Σ m₀·[ρ > hi], Σ m₀·[ρ < lo]
     (the weight's bounds, lo of the metric; a sequence ratio's rows are counted per piece,
-    ``_rollout_rows_add``) and the rejected tokens, m₀ ∧ ¬m."""
-    m0, _, rho = m0_x
+    ``_rollout_rows_add``), the rejected tokens m₀ ∧ ¬m and Σ m₀·x."""
+    m0, x, rho = m0_x
     _, w_hi, low, _, _ = corr
-    r_sum, high, below, rejected = sums
+    r_sum, high, below, rejected, x_sum = sums
     if not sequence_weight(CORRECTION):
         high += tl.where(m0 & (rho > w_hi), 1.0, 0.0)
         below += tl.where(m0 & (rho < low), 1.0, 0.0)
-    return r_sum + tl.where(m0, r, 0.0), high, below, rejected + tl.where(m0 & ~m, 1.0, 0.0)
+    return (r_sum + tl.where(m0, r, 0.0), high, below, rejected + tl.where(m0 & ~m, 1.0, 0.0),
+            x_sum + tl.where(m0, x, 0.0))
 
 
 @triton.jit
@@ -276,9 +277,9 @@ def _partial_record(acc, seq, rollout_rows, lanes, FRAMED: tl.constexpr):
     r = put(r, P_GAMMA, (g_sum,))
     r = put(r, P_EXTRAS, extras)
     r = put(r, P_NONFINITE, (nonfinite,))
-    r_sum, high, below, rejected = rollout_sums
+    r_sum, high, below, rejected, x_sum = rollout_sums
     r = put(r, P_ROLLOUT, (r_sum, high + tl.where(first, rollout_rows[0], 0.0),
-                           below + tl.where(first, rollout_rows[1], 0.0), rejected))
+                           below + tl.where(first, rollout_rows[1], 0.0), rejected, x_sum))
     return put(r, P_ROWS, (tl.where(first, seq_rows, 0.0),))
 
 

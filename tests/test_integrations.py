@@ -189,6 +189,7 @@ def test_verl_bypass_mode_irt_equals_bypass_mode(verl, case, mode):
     assert {k for k in shared if k.startswith("rollout_corr/")} == {
         k for k in verl.adapter.VERL_ROLLOUT_METRICS
         if (level is not None and loss_type == "reinforce" or "rollout_is" not in k) and (rs or "_rs_" not in k)}
+    assert "rollout_corr/kl" in shared
     for key in shared:
         assert got[2][1][key] == pytest.approx(want[2][1].get(key, 0.0), rel=1e-5, abs=1e-6), key
     if rs is not None:
@@ -653,6 +654,8 @@ OPENRLHF_IS = [
     {"is_correction_level": "token", "is_correction_mode": "mask"},
     {"is_correction_level": "token", "is_correction_mode": "clip", "is_correction_threshold": (0.8, 1.2)},
     {"is_correction_level": "seq", "is_correction_gating": "tv", "is_correction_threshold": (0.0, 0.05)},
+    {"is_correction_level": "token", "is_correction_mode": "mask", "is_correction_threshold": (0.95, 1.05)},
+    {"is_correction_level": "seq", "is_correction_mode": "mask", "is_correction_threshold": (0.97, 1.03)},
 ]
 
 
@@ -691,6 +694,8 @@ def test_openrlhf_policy_loss_contract(openrlhf_loss, init, call):
         assert (a is None) == (b is None)
         if a is not None:
             close(a, b)
+    if init.get("is_correction_threshold") in ((0.95, 1.05), (0.97, 1.03)):
+        assert 0 < want[2][4] < 1  # the correction filters some tokens / rows
 
 
 def kl_part(kl_kwargs, lp, old, adv, mask, ref, loss_type="gpg"):

@@ -15,9 +15,12 @@ is OpenRLHF's ``policy_loss_type="ppo"``) and that family's parameters::
 Mapping: ``clip_eps_low/high`` and ``dual_clip`` are ppo_clip's clip ratios and
 ``clip_ratio_c``; ``token_level_loss`` selects token-mean (``batch_num_tokens`` is the
 global token count) or seq-mean-token-mean (``global_batch_size``); ``dp_size`` scales
-the loss where that global count is given, as OpenRLHF's ``aggregate_loss``. The train/rollout correction (``is_correction_*``) gives the per-token weight
-OpenRLHF multiplies the loss with (kept ratio exp(old − rollout), its clamp, or 0 for
-rejected units), passed to the op as ``rollout_is_weights`` (VESPO folds it into W).
+the loss where that global count is given, as OpenRLHF's ``aggregate_loss``. The train/rollout
+correction (``is_correction_*``) gives the per-token weight OpenRLHF multiplies the loss with
+(kept ratio exp(old − rollout), its clamp, or 0 for rejected units): at the token level with the
+ratio gate the op computes it from ``rollout_log_probs`` (``rollout_correction``: IcePop's mask
+or TIS with a floor) with ``is_filter_ratio`` and ``vllm_kl``; the sequence gate and the
+divergence gates are computed here and passed as ``rollout_is_weights`` (VESPO folds it into W).
 ``clip_ratio`` is the op's ``clipfrac`` (0 for families without clipping); every
 metric of the op is kept in ``self.metrics`` after a call.
 
@@ -34,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from .. import api
-from ..params import make_params
+from ..params import RolloutCorrection, make_params
 
 _GATINGS = ("ratio", "binary_kl", "tv")
 
@@ -77,6 +80,12 @@ class PolicyLoss(torch.nn.Module):
         self.loss_type = loss_type
         self.params = make_params(loss_type, **params)
         self.metrics = {}
+        # the token-level ratio gate is the op's rollout correction (the mask: IcePop's, the clip: TIS
+        # with a floor); the sequence level's gate keeps its rows in the count and the divergence
+        # gates read the probabilities: those weights are computed here (``correction``)
+        low, high = self.is_correction[3]
+        self.in_op = (RolloutCorrection("mask" if is_correction_mode == "mask" else "truncate", low, high)
+                      if is_correction_level == "token" and is_correction_gating == "ratio" and low > 0 else None)
 
     def correction(self, old_log_probs, rollout_log_probs, action_mask):
         """(per-token weight, filtered fraction, vllm_kl) of OpenRLHF's train/rollout correction."""
@@ -118,10 +127,16 @@ class PolicyLoss(torch.nn.Module):
         elif self.is_correction[0] != "off":
             if rollout_log_probs is None:
                 raise ValueError("rollout_log_probs is required when is_correction_level != 'off'")
-            options["rollout_is_weights"], filtered, vllm_kl = self.correction(
-                old_log_probs, rollout_log_probs, action_mask)
+            if self.in_op is not None:  # the op computes the weights and both metrics
+                options.update(rollout_log_prob=rollout_log_probs, rollout_correction=self.in_op)
+            else:
+                options["rollout_is_weights"], filtered, vllm_kl = self.correction(
+                    old_log_probs, rollout_log_probs, action_mask)
         mode = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
         loss, self.metrics = api.policy_loss(log_probs, old_log_probs, advantages, action_mask, self.loss_type,
                                              mode, params=self.params, **options)
+        if "rollout_log_prob" in options:  # OpenRLHF's filtered fraction: the ratio outside [low, high]
+            filtered = self.metrics["rollout_is_fraction_high"] + self.metrics["rollout_is_fraction_low"]
+            vllm_kl = self.metrics["rollout_kl"]
         clip_ratio = self.metrics.get("clipfrac", torch.zeros_like(self.metrics["ppo_kl"]))
         return loss, clip_ratio, self.metrics["ppo_kl"] if ppo_kl is None else ppo_kl, vllm_kl, filtered

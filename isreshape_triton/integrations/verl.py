@@ -202,7 +202,8 @@ VERL_METRICS = {"actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "ppo_kl",
 VERL_ROLLOUT_METRICS = {"rollout_corr/rollout_is_mean": "rollout_is_mean",
                         "rollout_corr/rollout_is_ratio_fraction_high": "rollout_is_fraction_high",
                         "rollout_corr/rollout_is_ratio_fraction_low": "rollout_is_fraction_low",
-                        "rollout_corr/rollout_rs_masked_fraction": "rollout_rs_masked_fraction"}
+                        "rollout_corr/rollout_rs_masked_fraction": "rollout_rs_masked_fraction",
+                        "rollout_corr/kl": "rollout_kl"}
 
 
 @dataclass

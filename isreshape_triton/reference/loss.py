@@ -143,7 +143,7 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
         L = L + kl.kl_coef * k
         extra["kl_loss"] = aggregate(k.detach(), mask, agg).to(dt)
     if correction is not None:
-        extra.update(rollout_metrics(r_corr, rho, mask0, keep, correction, dt))
+        extra.update(rollout_metrics(r_corr, rho, x_r, mask0, keep, correction, dt))
     loss = aggregate(L, mask, agg)
     metrics = compute_metrics(loss_type, ell, adv, mask, terms, {**stats, **diag}, p, dt,
                               nonfinite=bad)

@@ -78,9 +78,9 @@ def rollout_terms(x, counted, correction, clamp) -> tuple:
     return r, keep, rho
 
 
-def rollout_metrics(r, rho, counted, keep, correction, dt) -> dict:
+def rollout_metrics(r, rho, x, counted, keep, correction, dt) -> dict:
     """The correction's metrics over the tokens the mask counts before its rejection (n₀): mean
-    r and the fraction rejected; the fractions of ρ above the weight's upper bound and below its
+    r, the fraction rejected and the mean of −x (``rollout_kl``); the fractions of ρ above the weight's upper bound and below its
     metric's lower bound (``RolloutCorrection.floats``) over those tokens, or over the rows for a
     sequence ratio (every row, as verl)."""
     _, hi, low, _, _ = correction.floats
@@ -97,4 +97,4 @@ def rollout_metrics(r, rho, counted, keep, correction, dt) -> dict:
     else:
         high, low_ = mean((rho > hi).to(dt)), mean((rho < low).to(dt))
     return {"rollout_is_mean": mean(r), "rollout_is_fraction_high": high, "rollout_is_fraction_low": low_,
-            "rollout_rs_masked_fraction": mean((~keep).to(dt))}
+            "rollout_rs_masked_fraction": mean((~keep).to(dt)), "rollout_kl": -mean(x)}
