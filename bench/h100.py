@@ -294,12 +294,14 @@ def fused_model(tr: Trace, rows: List[dict], m: sm.H100Model = sm.H100, work=lau
     return FusedModel(total + aten, out, tr.aten_launches, aten, len(tr.launches))
 
 
-def roofline_bytes(loss_type: str, case: Case, dtype) -> int:
+def roofline_bytes(loss_type: str, case: Case, dtype, options: Optional[dict] = None) -> int:
     """SPEC §13 bytes: ``launch.traffic_model`` of the case (bool masks, per-token advantages, as in the
-    bench batch; the packed case by its padded stand-in until ``PACKED_INPUTS``)."""
+    bench batch; the packed case by its padded stand-in until ``PACKED_INPUTS``), with the
+    rollout stream of a ``rollout_correction`` among ``options``."""
     from isreshape_triton.launch import traffic_model
 
-    return int(traffic_model(loss_type, dtype, torch.bool, case.R, case.T, "BT"))
+    correction = (options or {}).get("rollout_correction")
+    return int(traffic_model(loss_type, dtype, torch.bool, case.R, case.T, "BT", correction=correction))
 
 
 _EAGER: Dict[str, dict] = {}
@@ -410,7 +412,8 @@ def model(configs: List[tuple], case_list: Optional[List[Case]] = None, measure:
         for case, tr in zip(case_list, trs):
             mine = [next(rows) for _ in tr.launches]
             fused = fused_model(tr, mine, m)
-            roof = roofline_bytes(loss_type, case, dtype) / m.hbm_bytes_per_s + fused.total_launches * m.launch_s
+            roof = (roofline_bytes(loss_type, case, dtype, dict(options)) / m.hbm_bytes_per_s
+                    + fused.total_launches * m.launch_s)
             counts = eager_counts(loss_type, case)
             results.append(Result(loss_type, dtype_name, case, fused, roof, eager_model(counts, m), counts,
                                   measure_gpu(loss_type, case, dtype) if measure else None, mine))

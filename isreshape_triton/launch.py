@@ -336,7 +336,8 @@ def backward_launch(neg_phi: torch.Tensor, grad: torch.Tensor, grad_scale: torch
 
 
 def traffic_model(loss_type: str, dtype: torch.dtype, mask_dtype: Optional[torch.dtype], B: int, T: int,
-                  adv_shape: str = "BT", params=None, backward: bool = True, split: bool = False):
+                  adv_shape: str = "BT", params=None, backward: bool = True, split: bool = False,
+                  correction=None):
     """Tensor bytes the fused op moves for a [B, T] batch (forward + backward), counting
     every tensor once per kernel that reads or writes it.
 
@@ -345,7 +346,9 @@ def traffic_model(loss_type: str, dtype: torch.dtype, mask_dtype: Optional[torch
     groups); the loss pass writes −m·φ in fp32 (fp64 for fp64); the backward reads it and
     writes the gradient in log_prob's dtype. Plus the O(B + chunks + programs) record,
     element and partial buffers. adv_shape: "BT", "B" or "none". ``split=True`` returns
-    (per-token streams, buffers) instead of their sum.
+    (per-token streams, buffers) instead of their sum. ``correction``: a ``RolloutCorrection``
+    (its rollout log-probs, read by the loss pass and by pass 1 where it rejects tokens or sums
+    rows; a row quantity runs pass 1 for a family without statistics, with its records).
     """
     params = make_params(loss_type, params)
     fam = kernel_family(loss_type, params)
@@ -360,6 +363,13 @@ def traffic_model(loss_type: str, dtype: torch.dtype, mask_dtype: Optional[torch
     programs = max(1, min(n_chunks, TILING.max_programs))
     if fam.needs_stats:
         streams += 2 * item * n + (adv_bytes if fam.sign_groups else 0) + mask_bytes
+    corr_rows = correction is not None and correction.per_row
+    if correction is not None:
+        streams += item * n  # the loss pass
+        if corr_rows and not fam.needs_stats:  # pass 1 for the row records alone
+            streams += 2 * item * n + mask_bytes
+        if (fam.needs_stats or corr_rows) and (corr_rows or correction.reject is not None or fam.rollout_in_row):
+            streams += item * n  # pass 1 reads the rollout stream
     if backward:
         streams += acc * n + acc * n + item * n
     # statistics records (written once, read by every program or by each piece of the row),
@@ -370,6 +380,9 @@ def traffic_model(loss_type: str, dtype: torch.dtype, mask_dtype: Optional[torch
         # row rules: one record per piece = rows + chunk boundaries that cut a row
         cuts = max(n_chunks - 1, 0) - (max(n - 1, 0) // math.lcm(chunk, T) if T else 0)
         records = 2 * ((B + cuts) if fam.per_row else programs) * ks
+    if corr_rows:  # the correction's records: one per piece, written once, read by the row's pieces
+        cuts = max(n_chunks - 1, 0) - (max(n - 1, 0) // math.lcm(chunk, T) if T else 0)
+        records += 2 * (B + cuts) * layout.CORR_WIDTH.value
     # a program's partial row: its record and its warps' (written and read once each)
     buffers = acc * (records + 2 * programs * layout.partial_row(LOSS_WARPS)
                      + 2 * 2 * n_chunks * layout.ELEMENT_WIDTH.value + 2 * B + 2 + layout.METRIC_WIDTH.value)
