@@ -18,8 +18,8 @@ from .layout import C_KSTAT, C_N0, C_XSUM
 WEIGHT_TRUNCATE = tl.constexpr(1)
 WEIGHT_MASK = tl.constexpr(2)
 REJECT_K1 = tl.constexpr(1)
-LEVEL_SUM = tl.constexpr(1)  # the rejection's row statistic: Σ, mean, max of the token statistic
-LEVEL_MEAN = tl.constexpr(2)
+REJECT_K2 = tl.constexpr(2)
+LEVEL_MEAN = tl.constexpr(2)  # the rejection's row statistic (1: Σ, the default): the mean, the max
 LEVEL_MAX = tl.constexpr(3)
 
 
@@ -85,7 +85,7 @@ def divergence(x, clamp, CORRECTION: tl.constexpr):
     xc = clamp_nan(x, -clamp, clamp)
     if reject_kind(CORRECTION) == REJECT_K1:
         return xc
-    elif reject_kind(CORRECTION) == 2:
+    elif reject_kind(CORRECTION) == REJECT_K2:
         return 0.5 * xc * xc
     else:
         return tl.exp(xc) - 1.0 - xc
