@@ -14,8 +14,8 @@ compares it (range guards, never a guard on its value), and it reaches the custo
 as a float64 tensor computed in the graph (``custom_op.split_symbolic``), so new values of
 a parameter schedule reuse the graph. Ints are made static here (they select kernel
 specializations and shapes). Tensors (the batch, ``cu_seqlens``, tensor-valued
-counts) are graph inputs: new values never recompile. The option dataclasses (``params=``) cross the boundary field by field
-(pytree dataclasses).
+counts) are graph inputs: new values never recompile. The option dataclasses (``params=``,
+``rollout_correction=``) cross the boundary field by field (pytree dataclasses).
 """
 from __future__ import annotations
 
@@ -24,18 +24,33 @@ import operator
 
 import torch
 
-from .params import PARAMS_BY_LOSS_TYPE
+from .params import PARAMS_BY_LOSS_TYPE, RolloutCorrection
 
-for _cls in PARAMS_BY_LOSS_TYPE.values():
+for _cls in (*PARAMS_BY_LOSS_TYPE.values(), RolloutCorrection):
     torch.utils._pytree.register_dataclass(_cls)
 
 
+class _Absent:
+    """``None`` across the boundary: ``nonstrict_trace`` refuses a ``None`` argument (an SFT
+    call's advantages, a missing mask, ``clip_ratio_c=None``), so it travels as this pytree
+    node without leaves and is ``None`` again inside."""
+
+
+ABSENT = _Absent()
+torch.utils._pytree.register_pytree_node(_Absent, lambda a: ((), None), lambda children, context: ABSENT)
+
+
 def static_number(v):
-    """``v``; a Python int as its exact value, which makes Dynamo specialize a symbolic one
-    (``operator.index`` has no symbolic form). Floats stay symbolic (ops.split_symbolic)."""
+    """``v`` for the boundary: a Python int as its exact value, which makes Dynamo specialize a
+    symbolic one (``operator.index`` has no symbolic form), ``None`` as :data:`ABSENT`. Floats
+    stay symbolic (ops.split_symbolic)."""
     if type(v) is int:
         return operator.index(v)
-    return v
+    return ABSENT if v is None else v
+
+
+def _present(v):
+    return None if v is ABSENT else v
 
 
 def compile_boundary(fn):
@@ -50,10 +65,14 @@ def compile_boundary(fn):
     a fresh wrapper that just calls ``fn``."""
 
     @functools.wraps(fn)
+    def opaque(*args, **kwargs):  # the body Dynamo does not trace: the arguments back from static_number
+        return fn(*map(_present, args), **{k: _present(v) for k, v in kwargs.items()})
+
+    @functools.wraps(fn)
     def entry(*args, **kwargs):
         if torch.compiler.is_compiling():
-            return torch._dynamo.nonstrict_trace(fn)(*map(static_number, args),
-                                                     **{k: static_number(v) for k, v in kwargs.items()})
+            return torch._dynamo.nonstrict_trace(opaque)(*map(static_number, args),
+                                                         **{k: static_number(v) for k, v in kwargs.items()})
         return fn(*args, **kwargs)
 
     return entry

@@ -202,6 +202,33 @@ def test_compiled_training_step_fullgraph(loss_type, agg, opts, case):
     assert not counters["graph_break"]
 
 
+@pytest.mark.parametrize("options", [
+    {"advantages": None, "response_mask": None},  # SFT over every token
+    {"clip_ratio_c": None},  # a family parameter set to None
+    {"rollout_correction": irt.RolloutCorrection(level="sequence", weight_max=None, reject="k2", reject_max=0.1)},
+])
+def test_compiled_call_with_none_arguments_and_a_correction(options):
+    """``None`` arguments (missing advantages or mask, an option turned off) and a
+    ``RolloutCorrection`` cross the boundary under fullgraph=True: one graph, eager results
+    (``nonstrict_trace`` refuses a bare ``None``: the boundary carries it as a leafless node)."""
+    torch._dynamo.reset()
+    counters.clear()
+    lp, olp, adv, mask = make_batch(3, 10, seed=5)
+    args = {"advantages": adv, "response_mask": mask, **{k: options[k] for k in ("advantages", "response_mask")
+                                                          if k in options}}
+    kwargs = {k: v for k, v in options.items() if k not in args}
+    if "rollout_correction" in kwargs:
+        kwargs["rollout_log_prob"] = olp - 0.1 * torch.randn(olp.shape, generator=torch.Generator().manual_seed(1))
+
+    def step(x):
+        return irt.policy_loss(x, olp, args["advantages"], args["response_mask"], "ppo_clip", **kwargs)[0]
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got, want = _loss_and_grad(compiled, lp), _loss_and_grad(step, lp)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
 @pytest.mark.parametrize("loss_type,name,values", [
     ("sapo", "tau_pos", (1.0, 2.5, 0.7, 3.0)),
     ("is_reshape", "rho_min", (0.3, 0.5, 0.6, 0.2)),  # with gamma="psis": torch ops before the op
