@@ -28,6 +28,7 @@ from .inputs import Inputs
 from .kernels import finalize as kfin
 from .kernels import gamma as kg
 from .kernels import layout
+from .kernels import rollout as kro
 from .kernels.backward import policy_grad_kernel
 from .kernels.loss import token_loss_kernel
 from .kernels.stats import batch_stats_kernel
@@ -208,7 +209,7 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
     row_stats = fam.needs_stats and fam.per_row
     seq_agg = agg.loss_agg_mode in SEQ_AGG_MODES
     code = correction[0] if x.rollout is not None else 0
-    corr_rows = code >= 32  # a row quantity of the rollout correction (kernels/rollout.py): pass 1 sums it
+    corr_rows = kro.per_row(code)  # a row quantity of the rollout correction: pass 1 sums it
     empty = torch.empty(0, device=dev, dtype=acc)
     stats = empty
     corr_rec = empty_buffer((2 * n_chunks + S, layout.CORR_WIDTH.value), acc, dev) if corr_rows else empty
@@ -242,7 +243,7 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
         # pass 1 reads the rollout stream only where the weights enter a row weight (W), not a γ rule,
         # where a correction's rejection leaves the count mask, or for the correction's row records
         in_row = x.rollout is not None and fam.rollout_in_row
-        pass1 = {**flags, "HAS_ROLLOUT": in_row or (code // 4) % 4 != 0 or corr_rows, "ROLLOUT_IN_ROW": in_row}
+        pass1 = {**flags, "HAS_ROLLOUT": in_row or kro.reject_kind(code) != 0 or corr_rows, "ROLLOUT_IN_ROW": in_row}
         steps.append(Launch(batch_stats_kernel, (programs,),
                             dict(**tokens, rec_ptr=stats, corr_ptr=corr_rec, scratch_ptr=partial,
                                  scratch_stride=partial.stride(0), params=fam.params),
@@ -375,14 +376,13 @@ def traffic_model(loss_type: str, dtype: torch.dtype, mask_dtype: Optional[torch
     # statistics records (written once, read by every program or by each piece of the row),
     # partials (written, read), seq elements (written, read), row counts, outputs
     records = 0
+    # row records: one per piece = rows + chunk boundaries that cut a row
+    pieces = B + max(n_chunks - 1, 0) - (max(n - 1, 0) // math.lcm(chunk, T) if T else 0)
     if fam.needs_stats:
         ks = layout.S_BASE_WIDTH + (8 * ESS_GRID_POINTS if fam.ess_exact else 0)
-        # row rules: one record per piece = rows + chunk boundaries that cut a row
-        cuts = max(n_chunks - 1, 0) - (max(n - 1, 0) // math.lcm(chunk, T) if T else 0)
-        records = 2 * ((B + cuts) if fam.per_row else programs) * ks
-    if corr_rows:  # the correction's records: one per piece, written once, read by the row's pieces
-        cuts = max(n_chunks - 1, 0) - (max(n - 1, 0) // math.lcm(chunk, T) if T else 0)
-        records += 2 * (B + cuts) * layout.CORR_WIDTH.value
+        records = 2 * (pieces if fam.per_row else programs) * ks
+    if corr_rows:  # the correction's records: written once, read by the row's pieces
+        records += 2 * pieces * layout.CORR_WIDTH.value
     # a program's partial row: its record and its warps' (written and read once each)
     buffers = acc * (records + 2 * programs * layout.partial_row(LOSS_WARPS)
                      + 2 * 2 * n_chunks * layout.ELEMENT_WIDTH.value + 2 * B + 2 + layout.METRIC_WIDTH.value)

@@ -27,6 +27,7 @@ from .options import as_number
 from .launch import acc_dtype
 from .params import (AggConfig, check_correction_family, check_log_ratio_clamp, check_process_group, correction_args,
                      kl_config, make_params, rollout_config)
+from .reference.loss import counted
 from .reference.rollout import log_ratio, token_keep
 from .psis_context import psis_context
 
@@ -82,9 +83,6 @@ def _rejected(x: Inputs, correction, clamp) -> Inputs:
     goes with a per-row context (``check_correction_family``), where a rejected row's is unused."""
     if correction is None or correction.reject is None or correction.reject_level != "token":
         return x
-    if x.response_mask is None:
-        counted = torch.ones(x.log_prob.shape, dtype=torch.bool, device=x.log_prob.device)
-    else:
-        counted = x.response_mask != 0
-    lr = log_ratio(x.log_prob, x.old_log_prob, x.rollout, counted, correction, acc_dtype(x.log_prob.dtype))
-    return dataclasses.replace(x, response_mask=counted & token_keep(lr, correction, as_number(clamp)))
+    mask = counted(x.response_mask, x.log_prob)
+    lr = log_ratio(x.log_prob, x.old_log_prob, x.rollout, mask, correction, acc_dtype(x.log_prob.dtype))
+    return dataclasses.replace(x, response_mask=mask & token_keep(lr, correction, as_number(clamp)))

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .families import FAMILIES
+from .families import FAMILIES, kernel_family
 from .options import FP32_MAX, Options, check_choice, real_in, set_real, shown, unknown_option
 
 LOSS_TYPES = tuple(FAMILIES)
@@ -286,8 +286,6 @@ def check_correction_family(correction: Optional[RolloutCorrection], loss_type: 
     weight with a family whose row weight takes the rollout weights per token (VESPO)."""
     if correction is None:
         return
-    from .families import kernel_family
-
     fam = kernel_family(loss_type, params)
     if correction.reject_level != "token" and (fam.needs_stats or fam.psis) and not fam.per_row:
         raise NotImplementedError(

@@ -110,10 +110,12 @@ def token_correction(log_p, olp, rollout_lp, m0, row, clamp, corr, CORRECTION: t
     (``row`` = (r_b, keep_b) of ``row_correction``); x the token's log-ratio (NaN where not
     finite: the token is non-finite), ρ its ratio (the fraction metrics' at token level)."""
     x = log_ratio(log_p, olp, rollout_lp, CORRECTION)
-    r, rho = weight(x, clamp, corr, CORRECTION)
     r_b, keep_b = row
-    if sequence_weight(CORRECTION):
+    if sequence_weight(CORRECTION):  # the row's weight; its ratio is counted per row
         r = tl.where(m0, r_b, 1.0)
+        rho = tl.full(x.shape, 1.0, x.dtype)
+    else:
+        r, rho = weight(x, clamp, corr, CORRECTION)
     if reject_level(CORRECTION) == 0:
         kept = keep(divergence(x, clamp, CORRECTION), corr, CORRECTION)
     else:

@@ -169,18 +169,19 @@ def token_values(raw, offs, piece_stop, start, end, clamp, corr, row_corr,
     r = one
     x_r = one
     rho = one
-    bad = m & (d != d)
+    r_bad = tl.zeros(m.shape, tl.int1)  # the token's own rollout input is not finite
     if HAS_ROLLOUT:
         if CORRECTION == 0:
             r = finite_or_nan(r_v.to(ACC))
-            bad = bad | (m & (r != r))
+            r_bad = r != r
         else:
             r, kept, x_r, rho = token_correction(log_p, olp_v.to(ACC), r_v.to(ACC), m0, row_corr, clamp, corr,
                                                  CORRECTION)
             m = m & kept
-            bad = m & ((d != d) | (x_r != x_r))
+            r_bad = x_r != x_r
             rho = tl.where(m0, rho, 1.0)
         r = tl.where(m0, r, 1.0)
+    bad = m & ((d != d) | r_bad)
     ell = tl.where(m, tl.where(d < -clamp, -clamp, tl.where(d > clamp, clamp, d)), 0.0)
     if HAS_ADV:
         a = finite_or_nan(adv_v.to(ACC))

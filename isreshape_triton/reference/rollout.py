@@ -59,10 +59,11 @@ def rollout_terms(x, counted, correction, clamp) -> tuple:
     """(r, keep, ρ for the fraction metrics) of ``[R, T]`` log-ratios x (0 where not counted):
     per token, or per row (ρ_b = e^{clamp(Σ_t x_t)}; the rejection on the row's Σ, mean or max of
     the token statistic; a row's values broadcast over its tokens; ρ per row ``[R]``)."""
-    r, rho = _weight(x, correction, clamp)
     if correction.level == "sequence":
         r, rho = _weight(x.sum(-1), correction, clamp)
         r = r[:, None].expand_as(x)
+    else:
+        r, rho = _weight(x, correction, clamp)
     keep = token_keep(x, correction, clamp)
     if correction.reject_level != "token":
         k = torch.where(counted, _divergence(x, correction, clamp), 0.0)
@@ -80,21 +81,17 @@ def rollout_terms(x, counted, correction, clamp) -> tuple:
 
 def rollout_metrics(r, rho, x, counted, keep, correction, dt) -> dict:
     """The correction's metrics over the tokens the mask counts before its rejection (n₀): mean
-    r, the fraction rejected and the mean of −x (``rollout_kl``); the fractions of ρ above the weight's upper bound and below its
-    metric's lower bound (``RolloutCorrection.floats``) over those tokens, or over the rows for a
-    sequence ratio (every row, as verl)."""
+    r, the fraction rejected and the mean of −x (``rollout_kl``); the fractions of ρ above the
+    weight's upper bound and below its metric's lower bound (``RolloutCorrection.floats``) over
+    those tokens, or over the rows for a sequence ratio (every row, as verl)."""
     _, hi, low, _, _ = correction.floats
-    n0 = counted.sum().to(torch.float64)
+    over = torch.ones_like(rho, dtype=torch.bool) if correction.level == "sequence" else counted
 
-    def mean(v, over=counted, n=n0):
+    def mean(v, over=counted):
+        n = over.sum().to(torch.float64)
         total = torch.where(over, v.to(torch.float64), 0.0).sum()
         return torch.where(n > 0, total / n.clamp_min(1), 0.0).to(dt)
 
-    if correction.level == "sequence":
-        rows = torch.ones_like(rho, dtype=torch.bool)
-        high, low_ = (mean((rho > hi).to(dt), rows, rows.sum().to(torch.float64)),
-                      mean((rho < low).to(dt), rows, rows.sum().to(torch.float64)))
-    else:
-        high, low_ = mean((rho > hi).to(dt)), mean((rho < low).to(dt))
-    return {"rollout_is_mean": mean(r), "rollout_is_fraction_high": high, "rollout_is_fraction_low": low_,
+    return {"rollout_is_mean": mean(r), "rollout_is_fraction_high": mean(rho > hi, over),
+            "rollout_is_fraction_low": mean(rho < low, over),
             "rollout_rs_masked_fraction": mean((~keep).to(dt)), "rollout_kl": -mean(x)}

@@ -71,53 +71,45 @@ def sech2_half(x):
     return 4.0 * torch.sigmoid(x) * torch.sigmoid(-x)
 
 
-class _Sigmoid(torch.autograd.Function):
-    """σ(x), ∂/∂x = σ(x)·σ(−x): autograd's σ·(1 − σ) loses every digit where σ → 1 (fp32:
-    x ≳ 17), the kernels' derivative does not. Differentiable torch ops (double backward)."""
+def _with_derivative(value, derivative, doc: str):
+    """An autograd Function computing ``value(x)`` whose backward is ``derivative(x)``, written in
+    differentiable torch ops (double backward)."""
 
-    generate_vmap_rule = True
+    class WithDerivative(torch.autograd.Function):
+        generate_vmap_rule = True
 
-    @staticmethod
-    def forward(x):
-        return torch.sigmoid(x)
+        @staticmethod
+        def forward(x):
+            return value(x)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, = ctx.saved_tensors
-        return grad * 0.25 * sech2_half(x)
+        @staticmethod
+        def backward(ctx, grad):
+            x, = ctx.saved_tensors
+            return grad * derivative(x)
+
+    WithDerivative.__doc__ = doc
+    return WithDerivative
 
 
-class _Tanh(torch.autograd.Function):
-    """tanh(x), ∂/∂x = sech²(x) = 4·σ(2x)·σ(−2x): autograd's 1 − tanh² loses every digit
-    where |tanh| → 1. Differentiable torch ops (double backward)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, = ctx.saved_tensors
-        return grad * sech2_half(2.0 * x)
+_Sigmoid = _with_derivative(torch.sigmoid, lambda x: 0.25 * sech2_half(x),
+                            "σ(x), ∂/∂x = σ(x)·σ(−x): autograd's σ·(1 − σ) loses every digit where σ → 1 "
+                            "(fp32: x ≳ 17), the kernels' derivative does not.")
+_Tanh = _with_derivative(torch.tanh, lambda x: sech2_half(2.0 * x),
+                         "tanh(x), ∂/∂x = sech²(x) = 4·σ(2x)·σ(−2x): autograd's 1 − tanh² loses every digit "
+                         "where |tanh| → 1.")
 
 
 def sigmoid(x):
-    """σ(x) whose gradient keeps its digits where σ saturates (:class:`_Sigmoid`)."""
+    """σ(x) whose gradient keeps its digits where σ saturates (``_Sigmoid``)."""
     return _Sigmoid.apply(x)
 
 
 def tanh(x):
-    """tanh(x) whose gradient keeps its digits where tanh saturates (:class:`_Tanh`)."""
+    """tanh(x) whose gradient keeps its digits where tanh saturates (``_Tanh``)."""
     return _Tanh.apply(x)
 
 
