@@ -38,7 +38,7 @@ _CONFIG_INTS = ("family", "opt", "gamma_mode", "gamma_rule", "needs_stats", "per
                 "write_grad", "kl_type", "extra_terms", "correction")
 _CONFIG_FLOATS = ("clamp", "rho_min", "fixed_a", "fixed_b", "range_a_lo", "range_a_hi", "range_b_lo",
                   "range_b_hi", "global_token_count", "global_batch_size", "loss_scale_factor",
-                  "kl_coef", "w_lo", "w_hi", "w_low_metric", "x_lo", "x_hi")  # + params
+                  "kl_coef", "w_lo", "w_hi", "w_low_metric", "x_lo", "x_hi", "select_ratio")  # + params
 
 
 def encode_config(fam: KernelFamily, agg: AggConfig, kl: KLConfig, clamp: float, write_grad: bool,
@@ -54,7 +54,7 @@ def encode_config(fam: KernelFamily, agg: AggConfig, kl: KLConfig, clamp: float,
     counts = [-1.0 if v is None or isinstance(v, torch.Tensor) else as_number(v)
               for v in (agg.global_token_count, agg.global_batch_size, agg.loss_scale_factor)]
     floats = [as_number(clamp), *(fam.gamma_rule or GammaRule()).as_tuple(), *counts, as_number(kl.kl_coef),
-              *correction[1], *fam.params]
+              *correction[1], as_number(fam.select_ratio), *fam.params]
     return agg.loss_agg_mode, ints, floats
 
 
@@ -79,7 +79,8 @@ def decode_config(loss_agg_mode: str, ints, floats, global_token_count=None, glo
     rule = GammaRule(f["rho_min"], f["fixed_a"], f["fixed_b"], (f["range_a_lo"], f["range_a_hi"]),
                      (f["range_b_lo"], f["range_b_hi"])) if i["gamma_rule"] else None
     fam = bind(KernelFamily(tuple(floats[len(_CONFIG_FLOATS):]), i["opt"], rule, GAMMA_MODES[i["gamma_mode"]],
-                            bool(i["needs_stats"]), bool(i["per_row"]), bool(i["sign_groups"]), i["extra_terms"]),
+                            bool(i["needs_stats"]), bool(i["per_row"]), bool(i["sign_groups"]), i["extra_terms"],
+                            select_ratio=f["select_ratio"]),
                list(FAMILIES)[i["family"]])
     gtc, gbs, lsf = (None if f[k] < 0 else f[k] for k in ("global_token_count", "global_batch_size",
                                                           "loss_scale_factor"))

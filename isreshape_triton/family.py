@@ -24,7 +24,8 @@ from typing import Callable, Optional
 
 from .options import as_number
 
-GAMMA_MODES = ("fixed", "ess", "ess_exact", "psis")  # KernelFamily.gamma_mode: how the γ rule resolves
+# KernelFamily.gamma_mode: how the context resolves ("given": a token selection's, ``selection.py``)
+GAMMA_MODES = ("fixed", "ess", "ess_exact", "psis", "given")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class KernelFamily:
     rollout_in_row: bool = False  # the family's ``Family.rollout_in_row``
     token_extras: int = 0  # the first extras are per-token terms (its ``extra_metrics``: NaN at a non-finite
     # token), the others row values of its γ rule (NaN only through their row's statistics)
+    select_ratio: float = 0.0  # a token selection's k = max(1, ⌊n·ratio⌋) (``selection.py``); 0: none
 
     @property
     def ess_exact(self) -> bool:
@@ -71,6 +73,11 @@ class KernelFamily:
     @property
     def psis(self) -> bool:
         return self.gamma_mode == "psis"
+
+    @property
+    def given(self) -> bool:
+        """The context is computed on the device before the loss pass (PSIS, a token selection)."""
+        return self.gamma_mode in ("psis", "given")
 
 
 def floats(*values) -> tuple:
@@ -100,7 +107,10 @@ class Family:
     ``row_weight``: its context is a per-row weight of the row's sums (Σ of ℓ or of its device
     ``row_term``, token count, first advantage; device ``row_weight``); ``rollout_in_row``: rollout IS weights enter that weight
     (Σ log r with Σℓ), not each token. ``log_probs``: its reference reads the log-probs (the device
-    function always gets them).
+    function always gets them), and so does its ``stats`` (keywords ``lp``, ``olp``, detached).
+    A family that selects tokens (``selection.py``) defines a device ``select``, sets
+    ``KernelFamily.select_ratio`` and ``gamma_mode="given"``; its ``token`` gets ctx = (c0, c1,
+    selected).
     """
 
     name: str

@@ -196,3 +196,14 @@ def prepare_inputs(log_prob, old_log_prob, advantages, response_mask,
     rollout, ref = (None if t is None else _rows_view(name, t, rows, T)
                     for name, t in ((rollout_name, rollout_is_weights), ("ref_log_prob", ref_log_prob)))
     return Inputs(lp, olp, adv, mask, shape, None, rollout, ref)
+
+
+def per_token_advantages(x: Inputs) -> torch.Tensor:
+    """[N] advantages of a packed batch ([S] ones repeated over each sequence's tokens)."""
+    adv = x.advantages
+    n = x.log_prob.shape[0]
+    if adv.shape[0] == n:
+        return adv
+    pos = torch.arange(n, device=adv.device)
+    row = torch.searchsorted(x.cu_seqlens.to(torch.int64), pos, right=True) - 1
+    return adv[row.clamp(0, adv.shape[0] - 1)]

@@ -15,6 +15,7 @@ import functools
 import importlib
 import math
 import os
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Optional
@@ -24,11 +25,12 @@ import triton.language as tl
 
 from .families import kernel_family
 from .family import GammaRule, KernelFamily
-from .inputs import Inputs
+from .inputs import Inputs, per_token_advantages
 from .kernels import finalize as kfin
 from .kernels import gamma as kg
 from .kernels import layout
 from .kernels import rollout as kro
+from .kernels import select as ksel
 from .kernels.backward import policy_grad_kernel
 from .kernels.loss import token_loss_kernel
 from .kernels.stats import batch_stats_kernel
@@ -192,10 +194,11 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
                   kl: KLConfig = KLConfig(), correction: tuple = NO_CORRECTION) -> Plan:
     """Allocate the outputs and list the steps of the forward pass: 1-2 kernel launches (pass 1
     for a family's statistics or a rollout correction's row quantity), plus one all-gather of the
-    statistics records with ``process_group``.
+    statistics records with ``process_group``, after a token selection's steps.
 
-    ``gamma``: the (c0, c1) context computed on the device beforehand (PSIS), shape
-    [2] for the batch or [rows, 2] per row. ``correction``: the rollout correction's
+    ``gamma``: PSIS's (c0, c1) computed on the device beforehand, shape [2] for the batch or
+    [rows, 2] per row; a family's token selection plans its own [5] context first (3 launches
+    and a sort, ``selection.py``). ``correction``: the rollout correction's
     (CORRECTION, floats) (``params.correction_args``); then ``x.rollout`` holds log π_rollout.
     """
     dev = x.log_prob.device
@@ -238,6 +241,10 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
                  CORRECTION=code, PACKED=x.packed, KS=KS, G=G)
     device = device_functions(fam.name)
     steps = []
+    select = getattr(device, "select", None)
+    if select is not None:
+        gamma, selection = _selection_steps(x, fam, select, flags, clamp, programs)
+        steps += selection
     if fam.needs_stats or corr_rows:
         block, options = _tile(STATS_TILE_ESS_EXACT if fam.ess_exact else STATS_TILE, fp64)
         # pass 1 reads the rollout stream only where the weights enter a row weight (W), not a γ rule,
@@ -268,7 +275,7 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
         token_loss_kernel, (programs,),
         dict(**tokens, stats_ptr=records, n_stats=records.shape[0] if batch_stats else 0, corr_ptr=corr_rec,
              gamma_ptr=gamma if gamma is not None else grad_scale,
-             gamma_row_stride=2 if gamma is not None and gamma.dim() == 2 else 0,
+             gamma_row_stride=gamma.shape[-1] if gamma is not None and gamma.dim() == 2 else 0,
              neg_phi_ptr=neg_phi if write_grad else grad_scale, element_ptr=elements,
              row_count_ptr=row_count, partial_ptr=partial, partial_stride=partial.stride(0),
              ticket_ptr=completion_ticket(dev),
@@ -278,6 +285,7 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
              global_batch_size=given(agg.global_batch_size),
              loss_scale_factor=given(agg.loss_scale_factor)),
         dict(**flags, **_family_constexprs(fam, device), KL_TYPE=kl_type,
+             CTX_WIDTH=gamma.shape[-1] if gamma is not None else 2,
              BATCH_STATS=batch_stats, ROW_STATS=row_stats, SIGN_GROUPS=fam.sign_groups,
              WRITE_GRAD=write_grad, SEQ_AGG=seq_agg,
              COUNTS_ON_DEVICE=(isinstance(agg.global_token_count, torch.Tensor)
@@ -292,8 +300,55 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
     return Plan(steps, loss, metrics, neg_phi, grad_scale, row_count, geo)
 
 
+SELECT_TILE = {False: (1024, dict(num_warps=8)), True: (512, dict(num_warps=8))}  # 16-byte stores per thread
+
+
+def fp32_parts(value: float) -> tuple:
+    """Three fp32 values whose sum in fp64 is the double ``value`` exactly (the selection's ratio
+    reaches the kernel through Triton's fp32 scalars; k = ⌊n·ratio⌋ is computed in fp64)."""
+    parts = []
+    for _ in range(3):
+        part = struct.unpack("f", struct.pack("f", value))[0]
+        parts.append(part)
+        value -= part
+    return tuple(parts)
+
+
+def _selection_steps(x: Inputs, fam: KernelFamily, select, flags: dict, clamp: float, programs: int) -> tuple:
+    """(context, steps) of a family's token selection (``selection.py``): the statistics, every
+    token's key, a stable sort of the keys (torch, on the device) and the k-th key and position,
+    into the [5] context the loss pass reads."""
+    dev, acc = x.log_prob.device, acc_dtype(x.log_prob.dtype)
+    if x.packed and x.advantages is not None and x.advantages.shape[0] != x.log_prob.shape[0]:
+        x = Inputs(x.log_prob, x.old_log_prob, per_token_advantages(x), x.response_mask, x.shape, x.cu_seqlens)
+    streams = {k: v for k, v in _streams(x).items() if "rollout" not in k and "ref" not in k}
+    N = x.log_prob.numel()
+    T = 0 if x.packed else x.log_prob.shape[1]
+    sums = empty_buffer((programs, ksel.SUM_FIELDS.value), acc, dev)
+    keys = empty_buffer((N,), acc, dev)
+    ordered = (empty_buffer((N,), acc, dev), torch.empty((N,), dtype=torch.int64, device=dev))
+    context = empty_buffer((5,), acc, dev)
+    block, options = _tile(SELECT_TILE, acc == torch.float64)
+    tokens = dict(**streams, N=N, T=T, clamp=float(clamp))
+    flat = all(streams[f"s_{name}_t"] == 1 and (x.packed or streams[f"s_{name}_r"] == T)
+               for name, t in (("lp", x.log_prob), ("olp", x.old_log_prob), ("adv", x.advantages),
+                               ("mask", x.response_mask)) if t is not None)
+    common = dict(ACC=flags["ACC"], HAS_ADV=flags["HAS_ADV"], HAS_MASK=flags["HAS_MASK"], FLAT=flat, BLOCK_T=block)
+    block_p = max(_pow2(programs), 32)
+    steps = [Launch(ksel.selection_sums_kernel, (programs,), dict(**tokens, sums_ptr=sums), common, options),
+             Launch(ksel.selection_keys_kernel, (programs,),
+                    dict(**tokens, sums_ptr=sums, n_parts=programs, ctx_ptr=context, key_ptr=keys, params=fam.params),
+                    dict(**common, SELECT=select, BLOCK_P=block_p), options),
+             functools.partial(torch.sort, keys, stable=True, out=ordered),
+             Launch(ksel.selection_threshold_kernel, (1,),
+                    dict(sums_ptr=sums, n_parts=programs, ratio=fp32_parts(fam.select_ratio),
+                         sorted_ptr=ordered[0], order_ptr=ordered[1], ctx_ptr=context, N=N),
+                    dict(BLOCK_P=block_p), {"num_warps": 1, "num_stages": 1})]
+    return context, steps
+
+
 _GAMMA_MODE_CODE = {"fixed": kg.GAMMA_FIXED.value, "ess": kg.GAMMA_ESS.value, "ess_exact": kg.GAMMA_ESS_EXACT.value,
-                    "psis": kg.GAMMA_GIVEN.value}
+                    "psis": kg.GAMMA_GIVEN.value, "given": kg.GAMMA_GIVEN.value}
 
 
 @functools.cache
@@ -304,10 +359,11 @@ def device_functions(name: str):
 
 def _family_constexprs(fam: KernelFamily, device) -> dict:
     """The loss kernel's family constexprs: its device functions (``device``:
-    ``token``, ``row_weight`` where it has one), OPT, its per-token extras, the groups of its γ rule
-    and its mode."""
+    ``token``, ``row_weight`` and ``select`` where it has them), OPT, its per-token extras, the groups of
+    its γ rule and its mode."""
     groups = kg.GROUPS_NONE if fam.gamma_rule is None else kg.GROUPS_SIGN if fam.sign_groups else kg.GROUPS_ALL
     return dict(TOKEN=device.token, OPT=fam.opt, ROW_WEIGHT=device.row_weight if fam.row_weight else None,
+                SELECT=getattr(device, "select", None),
                 ROLLOUT_IN_ROW=fam.rollout_in_row, GROUPS=groups.value, GAMMA_STATS=fam.gamma_stats,
                 TOKEN_EXTRAS=fam.token_extras, GAMMA_MODE=_GAMMA_MODE_CODE[fam.gamma_mode])
 
@@ -349,7 +405,10 @@ def traffic_model(loss_type: str, dtype: torch.dtype, mask_dtype: Optional[torch
     element and partial buffers. adv_shape: "BT", "B" or "none". ``split=True`` returns
     (per-token streams, buffers) instead of their sum. ``correction``: a ``RolloutCorrection``
     (its rollout log-probs, read by the loss pass and by pass 1 where it rejects tokens or sums
-    rows; a row quantity runs pass 1 for a family without statistics, with its records).
+    rows; a row quantity runs pass 1 for a family without statistics, with its records). A token
+    selection reads the batch twice, writes the keys, and its sort reads them and writes the
+    sorted keys and int64 positions (as ``dev.profiling`` counts a torch op: its inputs and
+    outputs once; CUB's radix sort makes about four passes over keys and positions, uncounted).
     """
     params = make_params(loss_type, params)
     fam = kernel_family(loss_type, params)
@@ -371,6 +430,8 @@ def traffic_model(loss_type: str, dtype: torch.dtype, mask_dtype: Optional[torch
             streams += 2 * item * n + mask_bytes
         if (fam.needs_stats or corr_rows) and (corr_rows or correction.reject is not None or fam.rollout_in_row):
             streams += item * n  # pass 1 reads the rollout stream
+    if fam.select_ratio:  # the selection (``selection.py``): two passes over the batch, the keys, their sort
+        streams += 2 * (2 * item * n + adv_bytes + mask_bytes) + acc * n + (2 * acc + 8) * n
     if backward:
         streams += acc * n + acc * n + item * n
     # statistics records (written once, read by every program or by each piece of the row),

@@ -7,7 +7,7 @@ program finalizes the loss, the metrics and the gradient scale). Backward:
 ``policy_grad_kernel``, grad = (−m·φ)·s·grad_out, in log_prob's dtype. So 1 or
 2 launches forward, 1 backward, no host sync: every count, γ and denominator
 stays on the device, also for ``gamma="psis"``, whose smoothing runs as torch
-ops before the loss pass.
+ops before the loss pass. A family's token selection adds its launches (``selection.py``).
 
 Launch planning: ``launch.py``; the custom op and its autograd: ``custom_op.py``; the PSIS
 context: ``psis_context.py``.

@@ -282,16 +282,21 @@ NO_CORRECTION = (0, (0.0, 0.0, 0.0, 0.0, 0.0))  # the kernels' (CORRECTION, floa
 
 def check_correction_family(correction: Optional[RolloutCorrection], loss_type: str, params) -> None:
     """The combinations the op does not compute: a sequence-level rejection with a γ rule of
-    batch statistics (they would need the rows' rejection before the batch pass), and a sequence
-    weight with a family whose row weight takes the rollout weights per token (VESPO)."""
+    batch statistics (they would need the rows' rejection before the batch pass), a rejection with
+    a token selection (kl_cov, clip_cov: its pass counts every token), and a sequence weight with
+    a family whose row weight takes the rollout weights per token (VESPO)."""
     if correction is None:
         return
     fam = kernel_family(loss_type, params)
-    if correction.reject_level != "token" and (fam.needs_stats or fam.psis) and not fam.per_row:
+    if correction.reject_level != "token" and (fam.needs_stats or fam.given) and not fam.per_row:
+        gamma = getattr(params, "gamma", None)
         raise NotImplementedError(
-            f"reject_level={correction.reject_level!r} with {loss_type}'s batch statistics (gamma="
-            f"{getattr(params, 'gamma', None)!r}) is not computed: use reject_level='token', a fixed gamma or "
-            f"gamma_granularity='sequence'")
+            f"reject_level={correction.reject_level!r} with {loss_type}'s batch statistics"
+            + (f" (gamma={gamma!r}) is not computed: use reject_level='token', a fixed gamma or "
+               f"gamma_granularity='sequence'" if gamma is not None else " is not computed: use reject_level='token'"))
+    if correction.reject is not None and fam.select_ratio:
+        raise NotImplementedError(f"a rollout rejection with {loss_type}'s token selection is not computed: use "
+                                  f"reject=None (the rollout IS weights apply)")
     if correction.level == "sequence" and fam.rollout_in_row:
         raise NotImplementedError(f"level='sequence' with {loss_type}, whose row weight takes the rollout weights "
                                   f"per token, is not computed: use level='token'")

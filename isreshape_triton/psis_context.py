@@ -9,7 +9,7 @@ import math
 import torch
 
 from .family import KernelFamily
-from .inputs import Inputs, pad_packed
+from .inputs import Inputs, pad_packed, per_token_advantages
 from .launch import acc_dtype
 from .psis import K_HAT_THRESHOLD, psis_gamma
 
@@ -40,21 +40,10 @@ def _psis_rows(x: Inputs, per_row: bool) -> Inputs:
     if per_row:
         longest = int((x.cu_seqlens[1:] - x.cu_seqlens[:-1]).max()) if x.rows else 0
         return pad_packed(x, longest)
-    adv = None if x.advantages is None else _per_token_advantages(x)
+    adv = None if x.advantages is None else per_token_advantages(x)
     one_row = [None if t is None else t.reshape(1, -1)
                for t in (x.log_prob, x.old_log_prob, adv, x.response_mask)]
     return Inputs(*one_row, x.shape)
-
-
-def _per_token_advantages(x: Inputs) -> torch.Tensor:
-    """[N] advantages of a packed batch ([S] ones repeated over each sequence's tokens)."""
-    adv = x.advantages
-    n = x.log_prob.shape[0]
-    if adv.shape[0] == n:
-        return adv
-    pos = torch.arange(n, device=adv.device)
-    row = torch.searchsorted(x.cu_seqlens.to(torch.int64), pos, right=True) - 1
-    return adv[row.clamp(0, adv.shape[0] - 1)]
 
 
 def psis_context(x: Inputs, params, fam: KernelFamily, clamp: float, process_group=None):

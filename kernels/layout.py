@@ -71,6 +71,9 @@ S_GRID = tl.constexpr(S_BASE_WIDTH)
 CORR_FIELDS = (Field("n0"), Field("xsum"), Field("kstat"))  # rollout correction per piece (``rollout.py``)
 CORR_WIDTH = tl.constexpr(_declare("C_", CORR_FIELDS))
 
+# a token position in a given selection context: hi·2²⁴ + lo, both exact fp32 integers (``selection.py``)
+POSITION_SPLIT = tl.constexpr(1 << 24)
+
 ELEMENT_FIELDS = (Field("count"), Field("loss"), Field("kl"), Field("row"), Field("flags"))  # Σ m, Σ m·L, Σ m·k
 ELEMENT_WIDTH = tl.constexpr(_declare("E_", ELEMENT_FIELDS))
 ROW_STARTS = tl.constexpr(1)

@@ -34,7 +34,8 @@ from .kl import KL_NONE, kl_penalty
 from .layout import (CORR_WIDTH, E_COUNT, E_FLAGS, E_KL, E_LOSS, E_ROW, ELEMENT_WIDTH, P_ESS, P_ESS_NEG, P_ESS_POS,
                      P_EXTRAS, P_G_MAX, P_GAMMA, P_KL, P_LOSS, P_M2, P_M2_NEG, P_M2_POS, P_N_ALL, P_N_NEG, P_N_POS,
                      P_NEG_G_MIN, P_NONFINITE, P_PHI, P_PHI_MAX, P_ROLLOUT, P_ROWS, P_SEQ_KL, P_SEQ_LOSS, P_W,
-                     P_W_MAX, P_Z_ALL, P_Z_NEG, P_Z_POS, PARTIAL_SCRATCH, PARTIAL_WIDTH, ROW_ENDS, ROW_STARTS)
+                     P_W_MAX, P_Z_ALL, P_Z_NEG, P_Z_POS, PARTIAL_SCRATCH, PARTIAL_WIDTH, POSITION_SPLIT, ROW_ENDS,
+                     ROW_STARTS)
 from .rollout import per_row, row_correction, sequence_weight
 from .rows import (load_raw, locate_row, log_probs, piece_end, prologue_stop, row_elements, streams,
                    token_values)
@@ -70,15 +71,38 @@ def _store_element(ptr, element):
 
 
 @triton.jit
+def _given_context(ptr, ACC: tl.constexpr, CTX_WIDTH: tl.constexpr):
+    """The context given on the device at ptr: (c0, c1), or with a token selection (CTX_WIDTH = 5)
+    also its k-th (key, position) (``selection.py``)."""
+    ctx = (tl.load(ptr).to(ACC), tl.load(ptr + 1).to(ACC))
+    if CTX_WIDTH == 5:
+        ctx = (ctx[0], ctx[1], tl.load(ptr + 2).to(ACC), tl.load(ptr + 3).to(ACC), tl.load(ptr + 4).to(ACC))
+    return ctx
+
+
+@triton.jit
+def _selected(ell, w, A, lp, olp, ctx, params, offs, SELECT: tl.constexpr):
+    """The family's context for ``TOKEN`` with its token selection: (c0, c1, selected), selected the
+    tokens whose (key, position) precede the k-th one's, (key, eligible) from the family's
+    ``SELECT`` (``selection.py``); the position is the flat token index."""
+    c0, c1, tau_key, tau_hi, tau_lo = ctx
+    pos = offs.to(tl.int64)
+    key, eligible = SELECT(ell, w, A, lp, olp, (c0, c1), params, pos)
+    last = tau_hi.to(tl.int64) * POSITION_SPLIT + tau_lo.to(tl.int64)
+    selected = eligible & ((key < tau_key) | ((key == tau_key) & (pos <= last)))
+    return c0, c1, selected
+
+
+@triton.jit
 def _batch_context(stats_ptr, n_stats, gamma_ptr, gamma_rule, scratch_ptr, GROUPS: tl.constexpr,
                    GAMMA_MODE: tl.constexpr, BATCH_STATS: tl.constexpr, ACC: tl.constexpr, KS: tl.constexpr,
-                   G: tl.constexpr, BLOCK_REC: tl.constexpr, WARPS: tl.constexpr):
-    """The batch context, identical in every program (same records, same order): the γ given on
-    the device (PSIS), or ``gamma.family_context`` of pass 1's program records (with its groups
-    and frame)."""
+                   G: tl.constexpr, BLOCK_REC: tl.constexpr, WARPS: tl.constexpr, CTX_WIDTH: tl.constexpr):
+    """The batch context, identical in every program (same records, same order): the context
+    given on the device (PSIS's γ, a family's ``context``), or ``gamma.family_context`` of pass 1's
+    program records (with its groups and frame)."""
     if GAMMA_MODE == GAMMA_GIVEN:
         zero = tl.zeros([], ACC)
-        ctx = (tl.load(gamma_ptr).to(ACC), tl.load(gamma_ptr + 1).to(ACC))
+        ctx = _given_context(gamma_ptr, ACC, CTX_WIDTH)
         groups = (zero, zero, zero, zero)
         frame = (zero, zero, zero)
     else:
@@ -287,15 +311,15 @@ def _partial_record(acc, seq, rollout_rows, lanes, FRAMED: tl.constexpr):
 def _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, chunk, n_chunks,
                  clamp, gamma_rule, params, batch_ctx,
                  ROW_WEIGHT: tl.constexpr, GROUPS: tl.constexpr, GAMMA_MODE: tl.constexpr, ROW_STATS: tl.constexpr,
-                 ACC: tl.constexpr, KS: tl.constexpr, G: tl.constexpr, BLOCK_REC: tl.constexpr):
+                 ACC: tl.constexpr, KS: tl.constexpr, G: tl.constexpr, BLOCK_REC: tl.constexpr,
+                 CTX_WIDTH: tl.constexpr):
     """The family context of row s: the batch context, the given γ of the row (PSIS),
     or merged from the row's piece records (one for a complete row, else the tail of its
     first chunk and the heads of the others): the family's ``ROW_WEIGHT`` of the row's sums
     (``gamma.merge_sequence_sums``), or its γ rule on the row's groups."""
     ctx = batch_ctx
     if GAMMA_MODE == GAMMA_GIVEN:
-        row = gamma_ptr + s.to(tl.int64) * gamma_row_stride
-        ctx = (tl.load(row).to(ACC), tl.load(row + 1).to(ACC))
+        ctx = _given_context(gamma_ptr + s.to(tl.int64) * gamma_row_stride, ACC, CTX_WIDTH)
     elif ROW_STATS:
         complete = (start >= a) & (end <= b)
         first, count = row_elements(0, start, end, chunk)
@@ -324,7 +348,7 @@ def token_loss_kernel(
     clamp, gamma_rule, params, corr, kl_coef, agg_mode,
     dp_size, global_token_count, global_batch_size, loss_scale_factor,
     TOKEN: tl.constexpr, OPT: tl.constexpr, ROW_WEIGHT: tl.constexpr, ROLLOUT_IN_ROW: tl.constexpr,
-    GROUPS: tl.constexpr,
+    GROUPS: tl.constexpr, CTX_WIDTH: tl.constexpr, SELECT: tl.constexpr,
     GAMMA_STATS: tl.constexpr, TOKEN_EXTRAS: tl.constexpr, GAMMA_MODE: tl.constexpr, KL_TYPE: tl.constexpr,
     BATCH_STATS: tl.constexpr, ROW_STATS: tl.constexpr, SIGN_GROUPS: tl.constexpr,
     ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
@@ -343,7 +367,8 @@ def token_loss_kernel(
     pass 1's records at corr_ptr.
     The family: its device function ``TOKEN`` with its option OPT and float tuple ``params``, its
     ``ROW_WEIGHT`` (or None), the groups of its γ rule ``gamma_rule`` (``gamma.py``: GROUPS,
-    GAMMA_MODE), whether it reports γ_t statistics (GAMMA_STATS) and how many of its extras are
+    GAMMA_MODE; a given context has CTX_WIDTH values), its token selection's ``SELECT`` (or
+    None), whether it reports γ_t statistics (GAMMA_STATS) and how many of its extras are
     per-token terms (TOKEN_EXTRAS, ``_accumulate``); global_* < 0 means "not given" (or device
     tensors, see ``finalize``); SLOTS: the partial slots filled (``layout.partial_slots``);
     WARPS: the launch's num_warps."""
@@ -367,7 +392,7 @@ def token_loss_kernel(
     CORR_ROWS: tl.constexpr = HAS_ROLLOUT and per_row(CORRECTION)
     batch_ctx, groups, frame = _batch_context(stats_ptr, n_stats, gamma_ptr, gamma_rule,
                                               record_scratch + PARTIAL_WIDTH * WARPS, GROUPS, GAMMA_MODE,
-                                              BATCH_STATS, ACC, KS, G, BLOCK_REC, WARPS)
+                                              BATCH_STATS, ACC, KS, G, BLOCK_REC, WARPS, CTX_WIDTH)
     acc = _lanes_init(like, FRAMED)  # the program's lane accumulators
     seq = (zero, zero, zero)  # complete rows of the seq-* modes: Σ (row loss)/n_b, Σ (row KL)/n_b, rows n_b > 0
     rollout_rows = (zero, zero)  # a sequence ratio's rows above / below the fraction metrics' bounds
@@ -386,7 +411,7 @@ def token_loss_kernel(
                            HAS_ADV, HAS_MASK, HAS_ROLLOUT, KL_TYPE != KL_NONE)  # the piece's first tile
             ctx = _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, chunk,
                                n_chunks, clamp, gamma_rule, params, batch_ctx,
-                               ROW_WEIGHT, GROUPS, GAMMA_MODE, ROW_STATS, ACC, KS, G, BLOCK_REC)
+                               ROW_WEIGHT, GROUPS, GAMMA_MODE, ROW_STATS, ACC, KS, G, BLOCK_REC, CTX_WIDTH)
             r_b, keep_b, rho_b = _row_rollout(corr_ptr, s, start, end, a, b, chunk, n_chunks, clamp, corr, ACC,
                                               CORR_ROWS, CORRECTION, BLOCK_REC)
             if CORR_ROWS and sequence_weight(CORRECTION):
@@ -402,7 +427,10 @@ def token_loss_kernel(
                 lp_t, olp_t = log_probs(raw, m, ACC)
                 raw = ahead
                 w = tl.exp(ell)
-                phi, g, x, L, dL, k = _token_loss(ell, w, A, lp_t, olp_t, m, bad, r, kl_x, ctx, params, kl_coef,
+                token_ctx = ctx
+                if SELECT is not None:
+                    token_ctx = _selected(ell, w, A, lp_t, olp_t, ctx, params, offs, SELECT)
+                phi, g, x, L, dL, k = _token_loss(ell, w, A, lp_t, olp_t, m, bad, r, kl_x, token_ctx, params, kl_coef,
                                                   TOKEN, OPT, HAS_ROLLOUT and not ROLLOUT_IN_ROW, KL_TYPE)
                 if WRITE_GRAD:
                     tl.store(neg_phi_ptr + offs, dL, mask=offs < e)
@@ -426,7 +454,8 @@ def token_loss_kernel(
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == tl.num_programs(0) - 1:
         finalize(partial_ptr, partial_stride, tl.num_programs(0), element_ptr, 2 * n_chunks, row_count_ptr, cu_ptr,
-                 loss_ptr, metrics_ptr, grad_scale_ptr, record_scratch, batch_ctx, groups, frame, S, T,
+                 loss_ptr, metrics_ptr, grad_scale_ptr, record_scratch, (batch_ctx[0], batch_ctx[1]), groups, frame,
+                 S, T,
                  dp_size, global_token_count, global_batch_size, loss_scale_factor,
                  agg_mode, SEQ_AGG, SEQ_GAMMA, PACKED, COUNTS_ON_DEVICE, SIGN_GROUPS and not OWN_GROUPS, FRAMED, SLOTS,
                  CORR_ROWS and sequence_weight(CORRECTION), WARPS, BLOCK_P, BLOCK_E)

@@ -411,7 +411,7 @@ def _locality(loss_type, opts):
     """'token': a token's φ depends on that token only (no statistics); 'row': on its row (per-row
     statistics); 'batch'."""
     fam = kernel_family(loss_type, irt.make_params(loss_type, **opts))
-    if not (fam.needs_stats or fam.psis):
+    if not (fam.needs_stats or fam.given):
         return "token"
     return "row" if fam.per_row else "batch"
 
@@ -499,7 +499,8 @@ def test_fuzz_nonfinite_policy(data):
     assert all(met2[k].isnan() for k in PHI_METRICS + (ELL_METRICS if in_log_probs else ()))
     assert torch.all(g2[bad].isnan()) and torch.all(g2[~counted] == 0)
     # a bad A reaches only what A's sign keys: the sign family's groups (it leaves its group), VESPO's row
-    locality = _locality(loss_type, opts) if in_log_probs or loss_type in SIGN_KEYED else "token"
+    a_keyed = loss_type in SIGN_KEYED or kernel_family(loss_type, irt.make_params(loss_type, **opts)).select_ratio
+    locality = _locality(loss_type, opts) if in_log_probs or a_keyed else "token"  # a selection's Ā holds A
     if locality == "token":
         keep = counted & ~bad
     elif locality == "row":

@@ -58,17 +58,21 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                 dp_size=1, global_token_count=None, global_batch_size=None, loss_scale_factor=None,
                 log_ratio_clamp=20.0, cu_seqlens=None, validate=False, rollout_is_weights=None,
                 ref_log_prob=None, kl_coef=None, kl_type="low_var_kl", kl_correction=None, process_group=None,
-                rollout_log_prob=None, rollout_correction=None, params=None, **family_params):
+                rollout_log_prob=None, rollout_correction=None, params=None, _token_position=None,
+                **family_params):
     """Aggregated loss (0-dim, fp32 / fp64) and the metrics dict of ``loss_type``.
 
     ∂loss/∂log_prob_t = −s_t·m_t·φ_t; ``old_log_prob`` and ``advantages`` are
-    treated as constants (no gradient flows to them).
+    treated as constants (no gradient flows to them). ``_token_position`` (internal): the kernels'
+    number of each [R, T] slot, by which a token selection breaks ties (default r·T + t; packed
+    inputs: the packed index).
     """
     correction = rollout_config(rollout_is_weights, rollout_log_prob, rollout_correction)
     if cu_seqlens is not None:  # the padded form: every row rule applies per sequence
         x = prepare_inputs(log_prob, old_log_prob, advantages, response_mask, 20.0, cu_seqlens, validate,
                            rollout_is_weights, ref_log_prob, rollout_log_prob)
         longest = int((x.cu_seqlens[1:] - x.cu_seqlens[:-1]).max()) if x.rows else 0
+        position = x.cu_seqlens[:-1, None].to(torch.int64) + torch.arange(longest, device=x.cu_seqlens.device)
         x = pad_packed(x, longest)
         rollout = ({"rollout_is_weights": x.rollout} if correction is None
                    else {"rollout_log_prob": x.rollout, "rollout_correction": correction})
@@ -77,8 +81,8 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                            global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
                            log_ratio_clamp=log_ratio_clamp, **rollout,
                            ref_log_prob=x.ref_log_prob, kl_coef=kl_coef, kl_type=kl_type,
-                           kl_correction=kl_correction,
-                           process_group=process_group, params=params, **family_params)
+                           kl_correction=kl_correction, process_group=process_group, params=params,
+                           _token_position=position, **family_params)
     check_process_group(process_group)
     if process_group is not None:
         raise NotImplementedError("process_group is supported on the kernel path")
@@ -131,9 +135,11 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
     nan = torch.where(bad, math.nan, 0.0).to(dt)
 
     family = FAMILIES[loss_type]
+    position = (torch.arange(lp.numel(), device=lp.device).reshape(lp.shape) if _token_position is None
+                else _token_position)
     in_row = family.rollout_in_row  # rollout IS weights enter the row weight, not each token
     log_rollout = torch.log(r.clamp_min(1e-8)) if in_row and r is not None else None
-    stats, diag = split_psis(family_stats(loss_type, ell, adv, mask, p, C, log_rollout))
+    stats, diag = split_psis(family_stats(loss_type, ell, adv, mask, p, C, log_rollout, lp, olp, position))
     log_probs = {"lp": lp, "olp": olp} if family.log_probs else {}
     terms = poison(family.reference(ell, adv, params=p, **log_probs, **stats), nan, ell)
 
