@@ -313,6 +313,35 @@ def gmpo(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode="token
                      "pg_clipfrac_lower": pg_clipfrac_lower.item()}
 
 
+def _covariance(log_prob, advantages, mask):
+    """verl's cov of the Cov families: (A − masked mean A)·(log π − masked mean log π)."""
+    return (advantages - masked_mean(advantages, mask)) * (log_prob - masked_mean(log_prob.detach(), mask))
+
+
+def kl_cov(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+           kl_cov_ratio=0.0002, ppo_kl_coef=0.1):
+    """verl's compute_policy_loss_kl_cov: the counted tokens copied to the host for a CPU topk."""
+    mask = response_mask.float()
+    negative_approx_kl, ratio = _log_ratio(log_prob, old_log_prob)
+    abs_kl = negative_approx_kl.abs()
+    ppo_kl_abs = masked_mean(abs_kl, mask)
+    pg_losses = -advantages * ratio
+    pg_losses_kl = pg_losses + ppo_kl_coef * abs_kl
+    valid = mask > 0
+    valid_idx = torch.nonzero(valid.reshape(-1), as_tuple=True)[0]
+    adv = advantages[valid].detach().reshape(-1).cpu()
+    logp = log_prob[valid].detach().reshape(-1).float().cpu()
+    if len(adv):
+        cov = (adv - adv.mean()) * (logp - logp.mean())
+        large = torch.topk(cov, max(1, int(len(cov) * kl_cov_ratio)), largest=True).indices
+        idx = valid_idx[large.to(valid_idx.device)]
+        T = advantages.shape[1]
+        pg_losses = pg_losses.clone()
+        pg_losses[idx // T, idx % T] = pg_losses_kl[idx // T, idx % T]
+    pg_loss = agg_loss(pg_losses, mask, loss_agg_mode)
+    return pg_loss, {"ppo_kl": ppo_kl_abs.item()}
+
+
 EAGER = {fn.__name__: _fp32_advantages(fn)
          for fn in (is_reshape, is_reshape_sign, is_reshape_tr, is_reshape_var, ppo_clip, sapo, vespo, gpg, cispo,
-                    dro, dppo, gspo, gmpo)}
+                    dro, dppo, gspo, gmpo, kl_cov)}
