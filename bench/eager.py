@@ -318,6 +318,30 @@ def _covariance(log_prob, advantages, mask):
     return (advantages - masked_mean(advantages, mask)) * (log_prob - masked_mean(log_prob.detach(), mask))
 
 
+def clip_cov(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+             clip_ratio=0.2, clip_cov_ratio=0.0002, clip_cov_lb=1.0, clip_cov_ub=5.0):
+    """verl's compute_policy_loss_clip_cov: boolean indexing, .item() and a CPU randperm."""
+    mask = response_mask.float()
+    negative_approx_kl, ratio = _log_ratio(log_prob, old_log_prob)
+    ppo_kl = masked_mean(-negative_approx_kl, mask)
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1 - clip_ratio, 1 + clip_ratio)
+    clip_by_origin = (pg_losses2 > pg_losses1) & (mask > 0)
+    cov_all = _covariance(log_prob.float(), advantages, mask)
+    cov_all[mask == 0] = -torch.inf
+    cov_all[clip_by_origin] = -torch.inf
+    clip_num = max(int(clip_cov_ratio * mask.sum().item()), 1)
+    top_k_idx = torch.nonzero((cov_all < clip_cov_ub) & (cov_all > clip_cov_lb) & (mask > 0))
+    if len(top_k_idx) > 0:
+        perm = torch.randperm(len(top_k_idx))
+        top_k_idx = top_k_idx[perm[: min(clip_num, len(top_k_idx))].to(top_k_idx.device)]
+    corr = torch.ones_like(advantages)
+    corr[top_k_idx[:, 0], top_k_idx[:, 1]] = 0
+    pg_clipfrac = masked_mean((corr == 0).float(), mask)
+    pg_loss = agg_loss(torch.maximum(pg_losses1, pg_losses2) * corr, mask, loss_agg_mode)
+    return pg_loss, {"pg_clipfrac": pg_clipfrac.item(), "ppo_kl": ppo_kl.item()}
+
+
 def kl_cov(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode="token-mean",
            kl_cov_ratio=0.0002, ppo_kl_coef=0.1):
     """verl's compute_policy_loss_kl_cov: the counted tokens copied to the host for a CPU topk."""
@@ -344,4 +368,4 @@ def kl_cov(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode="tok
 
 EAGER = {fn.__name__: _fp32_advantages(fn)
          for fn in (is_reshape, is_reshape_sign, is_reshape_tr, is_reshape_var, ppo_clip, sapo, vespo, gpg, cispo,
-                    dro, dppo, gspo, gmpo, kl_cov)}
+                    dro, dppo, gspo, gmpo, clip_cov, kl_cov)}

@@ -50,6 +50,7 @@ FAMILY_CONFIGS = [
     ("gmpo", {"clip_ratio_low": 0.1, "clip_ratio_high": 0.15}),
     ("gspo", {"clip_ratio_low": 0.1, "clip_ratio_high": 0.1, "delta": 1.05, "clip_ratio_c": 1.02}),
     ("kl_cov", {"kl_cov_ratio": 0.05, "ppo_kl_coef": 0.5}),
+    ("clip_cov", {"clip_cov_ratio": 0.05, "clip_cov_lb": 0.05, "seed": 3}),
 ]
 
 
