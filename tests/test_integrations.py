@@ -116,6 +116,10 @@ VERL_MODE_OPTIONS = {
     "dro": {"policy_loss": {"dro_beta": 0.4}},
     "dppo_tv": {"clip_ratio_low": 0.03, "clip_ratio_high": 0.05},
     "dppo_kl": {"clip_ratio_low": 0.01, "clip_ratio_high": 0.02},
+    # clip_cov: every candidate dropped (verl's random choice is then no choice; see the test below)
+    "clip_cov": {"clip_ratio_high": 0.28, "policy_loss": {"clip_cov_ratio": 1.0, "clip_cov_lb": 0.05,
+                                                          "clip_cov_ub": 3.0}},
+    "kl_cov": {"policy_loss": {"kl_cov_ratio": 0.2, "ppo_kl_coef": 0.5}},
 }
 
 
@@ -143,6 +147,42 @@ def test_verl_mode_irt_equals_verl_mode(verl, verl_mode, mode):
     for key, value in want[2][1].items():
         assert got[2][1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     assert "actor/irt/w_max" in got[2][1]
+    if verl_mode in ("clip_cov", "kl_cov"):
+        assert got[2][1]["actor/irt/cov_selected"] > 0
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_verl_clip_cov_irt_draws_as_verl_would(verl, mode, monkeypatch):
+    """With more candidates than clip_cov drops, clip_cov_irt drops the clip_num of smallest seeded
+    key: verl's own clip_cov equals it when its randperm returns the candidates in key order."""
+    from isreshape_triton.families.clip_cov import random_key
+
+    lp, old, adv, mask, weights, _ = batch(B=6, T=40, seed=11 + AGG_MODES.index(mode))
+    options = {"clip_cov_ratio": 0.02, "clip_cov_lb": 0.02, "clip_cov_ub": 3.0}
+    cfg = actor_config(verl, loss_mode="clip_cov_irt", irt_params={"seed": 12345}, batch_info=GLOBAL_INFO,
+                       policy_loss=options)
+    key = random_key(12345, torch.arange(lp.numel()).reshape(lp.shape))
+    randperm = torch.randperm
+
+    def in_key_order(n, **kwargs):  # verl's candidates come in row-major order (torch.nonzero)
+        cov = (adv - adv[mask].mean()) * (lp.detach() - lp.detach()[mask].mean())
+        w = torch.exp(lp.detach() - old)
+        clipped = -adv * torch.clamp(w, 0.8, 1.2) > -adv * w
+        cand = mask & ~clipped & (cov > options["clip_cov_lb"]) & (cov < options["clip_cov_ub"])
+        assert int(cand.sum()) == n > max(1, int(int(mask.sum()) * 0.02))  # a choice to make
+        return torch.argsort(key[cand], stable=True)
+
+    monkeypatch.setattr(torch, "randperm", in_key_order)
+    want = loss_and_grad(lambda x: verl.core.get_policy_loss_fn("clip_cov")(old, x, adv, mask, mode, cfg, weights), lp)
+    monkeypatch.setattr(torch, "randperm", randperm)
+    got = loss_and_grad(lambda x: verl.core.get_policy_loss_fn("clip_cov_irt")(old, x, adv, mask, mode, cfg,
+                                                                               weights), lp)
+    close(got[0], want[0])
+    close(got[1], want[1])
+    for key_name, value in want[2][1].items():
+        assert got[2][1][key_name] == pytest.approx(value, rel=1e-5, abs=1e-6), key_name
+    n = int(mask.sum())
+    assert got[2][1]["actor/pg_clipfrac"] * n == pytest.approx(max(1, int(n * 0.02)))
 
 
 # verl's bypass mode: (loss_type, rollout_is, its threshold, rollout_rs, its threshold), every branch active

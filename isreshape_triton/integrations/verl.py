@@ -6,10 +6,13 @@ Importing this module registers, with verl's ``register_policy_loss``:
 - ``<mode>_irt`` for each of verl's modes in :data:`VERL_MODES` (``vanilla_irt``, ``sapo_irt``,
   ``gpg_irt``, ``cispo_irt``, ``gspo_irt``, ``geo_mean_irt``, ``dro_irt``, ``dppo_tv_irt``,
   ``dppo_kl_irt``, ``bypass_mode_irt``, whose rollout correction the op computes from
-  old_log_prob as the rollout's log-probs): verl's loss, gradient and
-  metrics from the op, reading the options verl's own mode reads (``clip_ratio``,
+  old_log_prob as the rollout's log-probs, ``clip_cov_irt``, ``kl_cov_irt``): verl's loss,
+  gradient and metrics from the op, reading the options verl's own mode reads (``clip_ratio``,
   ``clip_ratio_low`` / ``clip_ratio_high`` with ``clip_ratio`` as their default, ``clip_ratio_c``,
-  ``tau_pos`` / ``tau_neg``, ``policy_loss.dro_beta``);
+  ``tau_pos`` / ``tau_neg``, ``policy_loss.dro_beta``, ``policy_loss.clip_cov_*``,
+  ``kl_cov_ratio``, ``ppo_kl_coef``). ``clip_cov_irt`` draws its tokens with a seeded hash
+  (``families/clip_cov.py``), not verl's ``randperm``: the same count from the same candidates,
+  another random choice where there are more candidates than it drops;
 - our families under the names of :data:`VERL_NAMES` (``is_reshape``, ..., ``ppo_clip_irt``
   = ``vanilla_irt``, ``vespo_irt``).
 
@@ -49,6 +52,7 @@ from verl.trainer.ppo.core_algos import register_policy_loss
 from verl.workers.config import PolicyLossConfig
 
 from .. import api
+from ..families.clip_cov import SEED_LIMIT
 from ..params import RolloutCorrection
 
 
@@ -91,6 +95,25 @@ def _dppo(divergence):
         return {"divergence": divergence, "clip_divergence_low": low, "clip_divergence_high": high,
                 "clip_ratio_c": config.get("clip_ratio_c", 20.0)}
     return options
+
+
+def _cov_option(config, name):
+    """``policy_loss.<name>`` of verl's actor config, verl's default where unset."""
+    value = _section(config, "policy_loss").get(name, None)
+    return PolicyLossConfig.__dataclass_fields__[name].default if value is None else value
+
+
+def _clip_cov(config) -> dict:
+    """verl's clip_cov options; the draw's seed from torch's CPU generator per call (verl draws its
+    ``randperm`` from it), unless ``policy_loss.irt`` fixes it."""
+    low, high = _clip_ratios(config)
+    return {"clip_ratio_low": low, "clip_ratio_high": high,
+            **{k: _cov_option(config, k) for k in ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub")},
+            "seed": int(torch.randint(SEED_LIMIT, (), device="cpu"))}
+
+
+def _kl_cov(config) -> dict:
+    return {k: _cov_option(config, k) for k in ("kl_cov_ratio", "ppo_kl_coef")}
 
 
 #: verl's rollout_rs prefix → the op's reject_level
@@ -160,13 +183,15 @@ class Mode(NamedTuple):
     config, the aggregation verl's mode always uses (None: the ``loss_agg_mode`` argument) and
     whether that is a mean over the micro-batch's rows whatever ``global_batch_info`` says;
     ``bypass``: verl's bypass mode, whose options name the family (``loss_type``) and correct
-    against old_log_prob as the rollout's log-probs."""
+    against old_log_prob as the rollout's log-probs; ``metrics``: verl's metric names this mode
+    reports differently (over :data:`VERL_METRICS`)."""
 
     loss_type: str
     options: Callable = _no_options
     loss_agg_mode: Optional[str] = None
     local_rows: bool = False
     bypass: bool = False
+    metrics: dict = {}
 
 
 #: verl's loss mode → how the op computes it; each is registered as ``<mode>_irt``
@@ -181,6 +206,8 @@ VERL_MODES = {
     "dppo_tv": Mode("dppo", _dppo("tv")),
     "dppo_kl": Mode("dppo", _dppo("kl")),
     "bypass_mode": Mode("ppo_clip", _bypass, bypass=True),
+    "clip_cov": Mode("clip_cov", _clip_cov, metrics={"actor/pg_clipfrac": "cov_selected"}),
+    "kl_cov": Mode("kl_cov", _kl_cov, metrics={"actor/ppo_kl": "kl_abs"}),
 }
 #: our families that verl lacks, by the name registered with verl (and ppo_clip_irt = vanilla_irt)
 VERL_NAMES = {
@@ -248,14 +275,16 @@ def aggregation_options(config, device) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def verl_metrics(metrics: dict, applied: Optional[RolloutCorrection] = None) -> dict:
-    """verl's metric names plus ours under ``actor/irt/``, as floats (one host copy); with a
-    rollout correction also verl's ``rollout_corr/`` names of the metrics we share (the IS
-    weight's only where it is applied)."""
-    names = list(VERL_METRICS) + [f"actor/irt/{k}" for k in metrics]
+def verl_metrics(metrics: dict, applied: Optional[RolloutCorrection] = None, names: Optional[dict] = None) -> dict:
+    """verl's metric names plus ours under ``actor/irt/``, as floats (one host copy); ``names``:
+    a mode's own sources of verl's names (over :data:`VERL_METRICS`); with a rollout correction
+    also verl's ``rollout_corr/`` names of the metrics we share (the IS weight's only where it is
+    applied)."""
+    sources = {**VERL_METRICS, **(names or {})}
+    names = list(sources) + [f"actor/irt/{k}" for k in metrics]
     ref = next(iter(metrics.values()))
     zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
-    values = [metrics.get(k, zero) for k in VERL_METRICS.values()] + list(metrics.values())
+    values = [metrics.get(k, zero) for k in sources.values()] + list(metrics.values())
     if applied is not None:
         shared = {k: v for k, v in VERL_ROLLOUT_METRICS.items()
                   if applied.weight is not None or not k.startswith("rollout_corr/rollout_is")}
@@ -283,7 +312,7 @@ def make_policy_loss_fn(name: str):
             extra = {"rollout_log_prob": old_log_prob}
         loss, metrics = api.policy_loss(log_prob, old_log_prob, advantages, response_mask, loss_type,
                                         mode.loss_agg_mode or loss_agg_mode, **agg, **params, **extra)
-        return loss, verl_metrics(metrics, applied=params.get("rollout_correction"))
+        return loss, verl_metrics(metrics, applied=params.get("rollout_correction"), names=mode.metrics)
 
     policy_loss_fn.__name__ = policy_loss_fn.__qualname__ = f"compute_policy_loss_{name}"
     policy_loss_fn.__doc__ = (f"verl policy loss {name!r}: isreshape_triton.policy_loss(loss_type="
