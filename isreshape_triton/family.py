@@ -107,7 +107,8 @@ class Family:
     ``row_weight``: its context is a per-row weight of the row's sums (Σ of ℓ or of its device
     ``row_term``, token count, first advantage; device ``row_weight``); ``rollout_in_row``: rollout IS weights enter that weight
     (Σ log r with Σℓ), not each token. ``log_probs``: its reference reads the log-probs (the device
-    function always gets them), and so does its ``stats`` (keywords ``lp``, ``olp``, detached).
+    function always gets them), and its ``stats`` get ``lp`` (detached) and ``position`` (the
+    kernels' token numbers).
     A family that selects tokens (``selection.py``) defines a device ``select``, sets
     ``KernelFamily.select_ratio`` and ``gamma_mode="given"``; its ``token`` gets ctx = (c0, c1,
     selected).

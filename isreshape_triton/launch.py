@@ -15,7 +15,6 @@ import functools
 import importlib
 import math
 import os
-import struct
 import threading
 from dataclasses import dataclass
 from typing import Optional
@@ -34,6 +33,7 @@ from .kernels import select as ksel
 from .kernels.backward import policy_grad_kernel
 from .kernels.loss import token_loss_kernel
 from .kernels.stats import batch_stats_kernel
+from .options import fp32
 from .params import AGG_MODES, NO_CORRECTION, AggConfig, KLConfig, make_params
 
 _AGG_CODE = {name: i for i, name in enumerate(AGG_MODES)}
@@ -275,7 +275,7 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
         token_loss_kernel, (programs,),
         dict(**tokens, stats_ptr=records, n_stats=records.shape[0] if batch_stats else 0, corr_ptr=corr_rec,
              gamma_ptr=gamma if gamma is not None else grad_scale,
-             gamma_row_stride=gamma.shape[-1] if gamma is not None and gamma.dim() == 2 else 0,
+             gamma_row_stride=2 if gamma is not None and gamma.dim() == 2 else 0,
              neg_phi_ptr=neg_phi if write_grad else grad_scale, element_ptr=elements,
              row_count_ptr=row_count, partial_ptr=partial, partial_stride=partial.stride(0),
              ticket_ptr=completion_ticket(dev),
@@ -285,7 +285,6 @@ def plan_launches(x: Inputs, fam: KernelFamily, agg: AggConfig, clamp: float, wr
              global_batch_size=given(agg.global_batch_size),
              loss_scale_factor=given(agg.loss_scale_factor)),
         dict(**flags, **_family_constexprs(fam, device), KL_TYPE=kl_type,
-             CTX_WIDTH=gamma.shape[-1] if gamma is not None else 2,
              BATCH_STATS=batch_stats, ROW_STATS=row_stats, SIGN_GROUPS=fam.sign_groups,
              WRITE_GRAD=write_grad, SEQ_AGG=seq_agg,
              COUNTS_ON_DEVICE=(isinstance(agg.global_token_count, torch.Tensor)
@@ -308,7 +307,7 @@ def fp32_parts(value: float) -> tuple:
     reaches the kernel through Triton's fp32 scalars; k = ⌊n·ratio⌋ is computed in fp64)."""
     parts = []
     for _ in range(3):
-        part = struct.unpack("f", struct.pack("f", value))[0]
+        part = fp32(value)
         parts.append(part)
         value -= part
     return tuple(parts)

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import math
 import numbers
+import struct
 from typing import Union
 
 import torch
@@ -39,6 +40,11 @@ def as_number(v):
 def shown(value):
     """``value`` for an error message: a symbolic float's traced example value."""
     return value.node.hint if isinstance(value, torch.SymFloat) else value
+
+
+def fp32(value: float) -> float:
+    """``value`` rounded to the nearest fp32, as a kernel's scalar argument receives it."""
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def as_real(name: str, value) -> float:

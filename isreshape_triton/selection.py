@@ -1,7 +1,7 @@
 """Token selection: the k eligible tokens of smallest key, ties broken by position (the flat token
 index: r·T + t padded, the packed index), for a family whose loss treats them apart (verl's
 Clip-Cov and KL-Cov: ``families/clip_cov.py``, ``families/kl_cov.py``). A family selects when its
-device module defines ``select(ell, w, A, lp, olp, (c0, c1), params) -> (key, eligible)`` and its
+device module defines ``select(ell, w, A, lp, olp, (c0, c1), params, pos) -> (key, eligible)`` and its
 ``KernelFamily.select_ratio`` gives k = max(1, ⌊n·ratio⌋) of the n counted tokens (verl's
 ``int(n * ratio)``).
 
@@ -35,14 +35,16 @@ def _mean(x: torch.Tensor, good: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return torch.where(lo == hi, lo, torch.where(good, x, 0.0).sum() / n)
 
 
-def covariance(lp: torch.Tensor, adv: torch.Tensor, counted: torch.Tensor, good: torch.Tensor) -> tuple:
-    """(Ā, λ̄, cov) over the ``counted`` tokens (any shape; Ā, λ̄ 0-dim): all NaN if a counted
-    token is not ``good`` (SPEC §11: a statistic over a group holding a non-finite token)."""
+def covariance(lp: torch.Tensor, ell: torch.Tensor, adv: torch.Tensor, counted: torch.Tensor) -> tuple:
+    """(cov, good, taint) over the ``counted`` tokens of the references' ℓ and A (NaN where not
+    finite): good, the counted tokens with finite ℓ and A; cov NaN and taint (0-dim) NaN if a
+    counted token is not good (SPEC §11: a statistic over a group holding a non-finite token),
+    else taint 0."""
+    good = counted & torch.isfinite(ell) & torch.isfinite(adv)
     n = counted.sum().clamp_min(1)
-    nan = torch.where((counted & ~good).any(), float("nan"), 0.0).to(lp.dtype)
-    a_mean = _mean(adv, good, n) + nan
-    lp_mean = _mean(lp, good, n) + nan
-    return a_mean, lp_mean, (adv - a_mean) * (lp - lp_mean)
+    taint = torch.where((counted & ~good).any(), float("nan"), 0.0).to(lp.dtype)
+    a_mean = _mean(adv, good, n) + taint
+    return (adv - a_mean) * (lp - (_mean(lp, good, n) + taint)), good, taint
 
 
 def selection_count(n: torch.Tensor, ratio) -> torch.Tensor:
@@ -51,13 +53,12 @@ def selection_count(n: torch.Tensor, ratio) -> torch.Tensor:
     return torch.clamp(torch.floor(n.to(torch.float64) * ratio), min=1.0).to(torch.int64)
 
 
-def first_by_position(keys: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor,
-                      position: torch.Tensor) -> torch.Tensor:
-    """The first k (device k) eligible ``keys`` in ascending order, ties by ``position`` (the
-    kernels' token numbering): exactly k of them (all, for fewer); the references' selection (a
-    rank, no host sync)."""
+def first_by_position(keys: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The first k (device k) eligible ``keys`` of an [R, T] batch in ascending order, ties by
+    position: exactly k of them (all, for fewer); the references' selection (a rank, no host
+    sync). Row-major order is the kernels' token order at eligible tokens, the padded form of a
+    packed batch included (its padding is never eligible), so a stable sort breaks the ties."""
     flat = torch.where(eligible, keys, float("inf")).reshape(-1)
-    by_position = torch.sort(position.reshape(-1), stable=True).indices
-    order = by_position[torch.sort(flat[by_position], stable=True).indices]
+    order = torch.sort(flat, stable=True).indices
     rank = torch.empty_like(order).scatter_(0, order, torch.arange(flat.numel(), device=flat.device))
     return (rank < k).reshape(keys.shape) & eligible

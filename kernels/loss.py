@@ -71,11 +71,11 @@ def _store_element(ptr, element):
 
 
 @triton.jit
-def _given_context(ptr, ACC: tl.constexpr, CTX_WIDTH: tl.constexpr):
-    """The context given on the device at ptr: (c0, c1), or with a token selection (CTX_WIDTH = 5)
-    also its k-th (key, position) (``selection.py``)."""
+def _given_context(ptr, ACC: tl.constexpr, SELECT: tl.constexpr):
+    """The context given on the device at ptr: (c0, c1), and with a token selection (``SELECT``)
+    its k-th (key, position) (``selection.py``)."""
     ctx = (tl.load(ptr).to(ACC), tl.load(ptr + 1).to(ACC))
-    if CTX_WIDTH == 5:
+    if SELECT is not None:
         ctx = (ctx[0], ctx[1], tl.load(ptr + 2).to(ACC), tl.load(ptr + 3).to(ACC), tl.load(ptr + 4).to(ACC))
     return ctx
 
@@ -96,13 +96,13 @@ def _selected(ell, w, A, lp, olp, ctx, params, offs, SELECT: tl.constexpr):
 @triton.jit
 def _batch_context(stats_ptr, n_stats, gamma_ptr, gamma_rule, scratch_ptr, GROUPS: tl.constexpr,
                    GAMMA_MODE: tl.constexpr, BATCH_STATS: tl.constexpr, ACC: tl.constexpr, KS: tl.constexpr,
-                   G: tl.constexpr, BLOCK_REC: tl.constexpr, WARPS: tl.constexpr, CTX_WIDTH: tl.constexpr):
+                   G: tl.constexpr, BLOCK_REC: tl.constexpr, WARPS: tl.constexpr, SELECT: tl.constexpr):
     """The batch context, identical in every program (same records, same order): the context
-    given on the device (PSIS's γ, a family's ``context``), or ``gamma.family_context`` of pass 1's
+    given on the device (PSIS's γ, a token selection's), or ``gamma.family_context`` of pass 1's
     program records (with its groups and frame)."""
     if GAMMA_MODE == GAMMA_GIVEN:
         zero = tl.zeros([], ACC)
-        ctx = _given_context(gamma_ptr, ACC, CTX_WIDTH)
+        ctx = _given_context(gamma_ptr, ACC, SELECT)
         groups = (zero, zero, zero, zero)
         frame = (zero, zero, zero)
     else:
@@ -312,14 +312,14 @@ def _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, ch
                  clamp, gamma_rule, params, batch_ctx,
                  ROW_WEIGHT: tl.constexpr, GROUPS: tl.constexpr, GAMMA_MODE: tl.constexpr, ROW_STATS: tl.constexpr,
                  ACC: tl.constexpr, KS: tl.constexpr, G: tl.constexpr, BLOCK_REC: tl.constexpr,
-                 CTX_WIDTH: tl.constexpr):
-    """The family context of row s: the batch context, the given γ of the row (PSIS),
-    or merged from the row's piece records (one for a complete row, else the tail of its
-    first chunk and the heads of the others): the family's ``ROW_WEIGHT`` of the row's sums
-    (``gamma.merge_sequence_sums``), or its γ rule on the row's groups."""
+                 SELECT: tl.constexpr):
+    """The family context of row s: the batch context, the given context of the row (PSIS's γ, a
+    token selection's), or merged from the row's piece records (one for a complete row, else the
+    tail of its first chunk and the heads of the others): the family's ``ROW_WEIGHT`` of the row's
+    sums (``gamma.merge_sequence_sums``), or its γ rule on the row's groups."""
     ctx = batch_ctx
     if GAMMA_MODE == GAMMA_GIVEN:
-        ctx = _given_context(gamma_ptr + s.to(tl.int64) * gamma_row_stride, ACC, CTX_WIDTH)
+        ctx = _given_context(gamma_ptr + s.to(tl.int64) * gamma_row_stride, ACC, SELECT)
     elif ROW_STATS:
         complete = (start >= a) & (end <= b)
         first, count = row_elements(0, start, end, chunk)
@@ -348,7 +348,7 @@ def token_loss_kernel(
     clamp, gamma_rule, params, corr, kl_coef, agg_mode,
     dp_size, global_token_count, global_batch_size, loss_scale_factor,
     TOKEN: tl.constexpr, OPT: tl.constexpr, ROW_WEIGHT: tl.constexpr, ROLLOUT_IN_ROW: tl.constexpr,
-    GROUPS: tl.constexpr, CTX_WIDTH: tl.constexpr, SELECT: tl.constexpr,
+    GROUPS: tl.constexpr, SELECT: tl.constexpr,
     GAMMA_STATS: tl.constexpr, TOKEN_EXTRAS: tl.constexpr, GAMMA_MODE: tl.constexpr, KL_TYPE: tl.constexpr,
     BATCH_STATS: tl.constexpr, ROW_STATS: tl.constexpr, SIGN_GROUPS: tl.constexpr,
     ACC: tl.constexpr, HAS_ADV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
@@ -367,11 +367,10 @@ def token_loss_kernel(
     pass 1's records at corr_ptr.
     The family: its device function ``TOKEN`` with its option OPT and float tuple ``params``, its
     ``ROW_WEIGHT`` (or None), the groups of its γ rule ``gamma_rule`` (``gamma.py``: GROUPS,
-    GAMMA_MODE; a given context has CTX_WIDTH values), its token selection's ``SELECT`` (or
-    None), whether it reports γ_t statistics (GAMMA_STATS) and how many of its extras are
-    per-token terms (TOKEN_EXTRAS, ``_accumulate``); global_* < 0 means "not given" (or device
-    tensors, see ``finalize``); SLOTS: the partial slots filled (``layout.partial_slots``);
-    WARPS: the launch's num_warps."""
+    GAMMA_MODE), its token selection's ``SELECT`` (or None), whether it reports γ_t statistics
+    (GAMMA_STATS) and how many of its extras are per-token terms (TOKEN_EXTRAS, ``_accumulate``);
+    global_* < 0 means "not given" (or device tensors, see ``finalize``); SLOTS: the partial slots
+    filled (``layout.partial_slots``); WARPS: the launch's num_warps."""
     lp, olp, adv, mask, rollout, ref = streams(lp_ptr, olp_ptr, adv_ptr, mask_ptr, rollout_ptr, ref_ptr,
                                                s_lp_r, s_lp_t, s_olp_r, s_olp_t, s_adv_r, s_adv_t, s_mask_r,
                                                s_mask_t, s_rollout_r, s_rollout_t, s_ref_r, s_ref_t, UNIT_STRIDE,
@@ -392,7 +391,7 @@ def token_loss_kernel(
     CORR_ROWS: tl.constexpr = HAS_ROLLOUT and per_row(CORRECTION)
     batch_ctx, groups, frame = _batch_context(stats_ptr, n_stats, gamma_ptr, gamma_rule,
                                               record_scratch + PARTIAL_WIDTH * WARPS, GROUPS, GAMMA_MODE,
-                                              BATCH_STATS, ACC, KS, G, BLOCK_REC, WARPS, CTX_WIDTH)
+                                              BATCH_STATS, ACC, KS, G, BLOCK_REC, WARPS, SELECT)
     acc = _lanes_init(like, FRAMED)  # the program's lane accumulators
     seq = (zero, zero, zero)  # complete rows of the seq-* modes: Σ (row loss)/n_b, Σ (row KL)/n_b, rows n_b > 0
     rollout_rows = (zero, zero)  # a sequence ratio's rows above / below the fraction metrics' bounds
@@ -411,7 +410,7 @@ def token_loss_kernel(
                            HAS_ADV, HAS_MASK, HAS_ROLLOUT, KL_TYPE != KL_NONE)  # the piece's first tile
             ctx = _row_context(stats_ptr, gamma_ptr, gamma_row_stride, s, start, end, a, b, chunk,
                                n_chunks, clamp, gamma_rule, params, batch_ctx,
-                               ROW_WEIGHT, GROUPS, GAMMA_MODE, ROW_STATS, ACC, KS, G, BLOCK_REC, CTX_WIDTH)
+                               ROW_WEIGHT, GROUPS, GAMMA_MODE, ROW_STATS, ACC, KS, G, BLOCK_REC, SELECT)
             r_b, keep_b, rho_b = _row_rollout(corr_ptr, s, start, end, a, b, chunk, n_chunks, clamp, corr, ACC,
                                               CORR_ROWS, CORRECTION, BLOCK_REC)
             if CORR_ROWS and sequence_weight(CORRECTION):

@@ -368,7 +368,7 @@ def test_float_parameters_are_runtime_arguments():
     size never recompiles: floats are not constexpr and integer sizes are not specialised."""
     structural = {"ACC", "HAS_ADV", "HAS_MASK", "PACKED", "SIGN_GROUPS", "ESS_EXACT", "G", "KS",
                   "ROW_STATS", "ROW_TERM", "BLOCK_T", "TOKEN", "ROW_WEIGHT", "ROLLOUT_IN_ROW", "GROUPS",
-                  "GAMMA_STATS", "TOKEN_EXTRAS", "OPT", "GAMMA_MODE", "CTX_WIDTH", "SELECT",
+                  "GAMMA_STATS", "TOKEN_EXTRAS", "OPT", "GAMMA_MODE", "SELECT",
                   "BATCH_STATS", "WRITE_GRAD",
                   "BLOCK_REC", "SEQ_GAMMA", "AGG", "SEQ_AGG", "BLOCK_P", "BLOCK_E", "PER_ROW",
                   "COUNTS_ON_DEVICE", "HAS_ROLLOUT", "CORRECTION", "FAMILY_STATS", "HAS_REF", "KL_TYPE", "UNIT_STRIDE",

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import struct
 from dataclasses import dataclass
 
 import torch
 
 from ..selection import covariance, first_by_position, selection_count
 from ..family import Family, KernelFamily, floats
-from ..options import Options, set_real
+from ..options import Options, fp32, set_real
 from ..reference.shared import TokenTerms, ones_like
 
 SEED_LIMIT = 1 << 24  # a seed is an exact fp32 integer: the kernels take it as a runtime float
@@ -56,8 +55,7 @@ class ClipCovParams(Options):
     @property
     def log_bounds(self) -> tuple:
         """(log(1−ε_low), log(1+ε_high)) rounded to fp32, as the kernels get them."""
-        return tuple(struct.unpack("f", struct.pack("f", math.log1p(v)))[0]
-                     for v in (-float(self.clip_ratio_low), float(self.clip_ratio_high)))
+        return tuple(fp32(math.log1p(v)) for v in (-float(self.clip_ratio_low), float(self.clip_ratio_high)))
 
 
 def _mix(x):
@@ -82,16 +80,14 @@ def candidates(ell, adv, cov, good, p) -> torch.Tensor:
     return good & ~clipped & (cov > p.clip_cov_lb) & (cov < p.clip_cov_ub)
 
 
-def stats(ell, adv, mask, p, log_ratio_clamp, log_rollout=None, *, lp, olp, position):
+def stats(ell, adv, mask, p, log_ratio_clamp, log_rollout=None, *, lp, position):
     """``selected``: the min(k, #candidates) candidates of smallest key (first by position among
-    equals), k = max(1, ⌊n·clip_cov_ratio⌋) of the n counted tokens; ``taint``: 0, or NaN with the
-    covariance's means."""
-    good = mask & torch.isfinite(ell) & torch.isfinite(adv)
-    a_mean, _, cov = covariance(lp, adv, mask, good)
+    equals), k = max(1, ⌊n·clip_cov_ratio⌋) of the n counted tokens, the key a hash of the token's
+    ``position`` (the kernels' numbering); ``taint``: 0, or NaN with the covariance's means."""
+    cov, good, taint = covariance(lp, ell, adv, mask)
     k = selection_count(mask.sum(), p.clip_cov_ratio)
-    cand = candidates(ell, adv, cov, good, p)
     key = random_key(p.seed, position).to(ell.dtype)
-    return {"selected": first_by_position(key, cand, k, position), "taint": a_mean * 0.0}
+    return {"selected": first_by_position(key, candidates(ell, adv, cov, good, p), k), "taint": taint}
 
 
 def clip_cov(ell, adv, *, selected, taint, params, lp, olp):

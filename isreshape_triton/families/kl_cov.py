@@ -32,13 +32,12 @@ class KLCovParams(Options):
         set_real(self, "ppo_kl_coef", lo=0.0)
 
 
-def stats(ell, adv, mask, p, log_ratio_clamp, log_rollout=None, *, lp, olp, position):
+def stats(ell, adv, mask, p, log_ratio_clamp, log_rollout=None, *, lp, position):
     """``selected``: the k = max(1, ⌊n·kl_cov_ratio⌋) tokens of largest cov (first by position among
     equals), n the counted tokens; ``taint``: 0, or NaN with the covariance's means."""
-    good = mask & torch.isfinite(ell) & torch.isfinite(adv)
-    a_mean, _, cov = covariance(lp, adv, mask, good)
+    cov, _, taint = covariance(lp, ell, adv, mask)
     k = selection_count(mask.sum(), p.kl_cov_ratio)
-    return {"selected": first_by_position(-cov, mask & torch.isfinite(cov), k, position), "taint": a_mean * 0.0}
+    return {"selected": first_by_position(-cov, mask & torch.isfinite(cov), k), "taint": taint}
 
 
 def kl_cov(ell, adv, *, selected, taint, params, lp, olp):

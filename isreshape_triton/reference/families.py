@@ -45,15 +45,14 @@ def phi_F(loss_type, ell, adv=None, params=None, lp=None, **stats) -> TokenTerms
 
 
 def family_stats(loss_type, ell, adv, mask, params, log_ratio_clamp=20.0, log_rollout=None, lp=None,
-                 olp=None, position=None) -> dict:
+                 position=None) -> dict:
     """The batch statistics of ``loss_type`` (detached, broadcastable to ``[R, T]``);
     ``log_rollout``: log max(r, 1e-8) of rollout IS weights where the family's row weight takes them;
-    ``lp``, ``olp``, ``position``: log π and log π_old (masked to 0) and the kernels' token numbers,
-    passed to the statistics of a family that reads the log-probs.
+    ``lp``, ``position``: log π (masked to 0) and the kernels' token numbers, passed to the
+    statistics of a family that reads the log-probs.
 
     With ``gamma="psis"`` also ``psis_k`` (all k̂ values, flattened; a diagnostic,
     ignored by :func:`phi_F`)."""
     family = _DECLARED[loss_type]
-    log_probs = ({"lp": lp.detach(), "olp": olp.detach(), "position": position}
-                 if family.log_probs and family.stats else {})
+    log_probs = {"lp": lp.detach(), "position": position} if family.log_probs and family.stats else {}
     return STATS[loss_type](ell.detach(), adv, mask, params, log_ratio_clamp, log_rollout, **log_probs)

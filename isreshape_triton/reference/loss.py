@@ -64,7 +64,7 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
 
     ∂loss/∂log_prob_t = −s_t·m_t·φ_t; ``old_log_prob`` and ``advantages`` are
     treated as constants (no gradient flows to them). ``_token_position`` (internal): the kernels'
-    number of each [R, T] slot, by which a token selection breaks ties (default r·T + t; packed
+    number of each [R, T] slot, which clip_cov's random key hashes (default r·T + t; packed
     inputs: the packed index).
     """
     correction = rollout_config(rollout_is_weights, rollout_log_prob, rollout_correction)
@@ -139,7 +139,7 @@ def policy_loss(log_prob, old_log_prob, advantages=None, response_mask=None,
                 else _token_position)
     in_row = family.rollout_in_row  # rollout IS weights enter the row weight, not each token
     log_rollout = torch.log(r.clamp_min(1e-8)) if in_row and r is not None else None
-    stats, diag = split_psis(family_stats(loss_type, ell, adv, mask, p, C, log_rollout, lp, olp, position))
+    stats, diag = split_psis(family_stats(loss_type, ell, adv, mask, p, C, log_rollout, lp, position))
     log_probs = {"lp": lp, "olp": olp} if family.log_probs else {}
     terms = poison(family.reference(ell, adv, params=p, **log_probs, **stats), nan, ell)
 
